@@ -1,0 +1,1 @@
+"""Editing methods. Each module registers its editor with ``@register_editor``; see ``base.Editor``."""

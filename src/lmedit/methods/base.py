@@ -1,0 +1,129 @@
+"""The Editor interface every method implements, and the shared request/config plumbing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import Config, ConfigError
+from ..edits import Edit
+from ..types import EditInputError, EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; the benchmark and CLI branch on these, never on method names.
+
+    Attributes:
+        batch: one ``compute`` can take many requests at once.
+        sequential: edits can be stacked on an already-edited model.
+        needs_fit: the editor must be trained (``fit``) or loaded before it can edit.
+        edit_kind: the :class:`~lmedit.edits.Edit` subclass it returns.
+        encoder_decoder: it can edit encoder-decoder (T5) models.
+    """
+
+    batch: bool = False
+    sequential: bool = True
+    needs_fit: bool = False
+    edit_kind: str = "weight_delta"
+    encoder_decoder: bool = True
+
+
+class Editor(ABC):
+    """Computes edits. ``compute`` must leave the model bit-identical (enforced by the contract tests).
+
+    Subclasses set ``Config`` (a :class:`~lmedit.config.Config` dataclass), ``capabilities``, optional
+    ``presets`` (preset name -> overrides, see ``models/architectures.py:PRESET_SHAPES``), and implement
+    ``_compute``. ``resolve`` fills model-dependent defaults (e.g. layers chosen from the model's depth).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[Config]] = Config
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: Config | dict | str | Path | None = None, **overrides: Any) -> None:
+        if isinstance(config, str | Path):
+            config = self.Config.from_file(config).to_dict()
+        if isinstance(config, Config):
+            if not isinstance(config, self.Config):
+                raise ConfigError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+            config = config.to_dict()
+        self._overrides: dict[str, Any] = {**(config or {}), **overrides}
+        self.Config.from_dict(self._overrides)  # fail now on unknown keys or bad values
+
+    # --- configuration -----------------------------------------------------------------------------
+    def config_for(self, handle: Any) -> Config:
+        """Defaults, then the preset for this model's shape, then the user's values; then ``resolve``."""
+        preset = self.presets.get(handle.preset or "", {})
+        cfg = self.Config.from_dict({**preset, **self._overrides})
+        return self.resolve(handle, cfg)
+
+    def resolve(self, handle: Any, cfg: Config) -> Config:
+        return cfg
+
+    # --- editing -----------------------------------------------------------------------------------
+    def compute(self, handle: Any, requests: list[EditRequest] | EditRequest) -> Edit:
+        """Compute an edit for ``requests`` without changing the model."""
+        requests = self._check_requests(handle, requests)
+        cfg = self.config_for(handle)
+        t0 = time.perf_counter()
+        edit = self._compute(handle, requests, cfg)
+        seconds = time.perf_counter() - t0
+        edit.meta.update({
+            "method": self.name,
+            "config": cfg.to_dict(),
+            "config_hash": cfg.hash(),
+            "requests": [r.to_dict() for r in requests],
+            "model_name": handle.name,
+            "model_fingerprint": handle.fingerprint,
+            "compute_seconds": seconds,
+        })
+        log.info("%s computed an edit of %d request(s) in %.2f s", self.name, len(requests), seconds)
+        return edit
+
+    def edit(self, handle: Any, requests: list[EditRequest] | EditRequest) -> Edit:
+        """``compute`` then ``apply``; returns the applied edit (``edit.revert(handle)`` undoes it)."""
+        return self.compute(handle, requests).apply(handle)
+
+    @abstractmethod
+    def _compute(self, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit: ...
+
+    def _check_requests(self, handle: Any, requests: list[EditRequest] | EditRequest) -> list[EditRequest]:
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        requests = list(requests)
+        if not requests:
+            raise EditInputError("no requests given")
+        for r in requests:
+            if not isinstance(r, EditRequest):
+                raise EditInputError(f"expected EditRequest objects, got {type(r).__name__}")
+        if len(requests) > 1 and not self.capabilities.batch:
+            raise EditInputError(f"{self.name} edits one request at a time; got {len(requests)}")
+        if handle.is_encoder_decoder and not self.capabilities.encoder_decoder:
+            raise EditInputError(
+                f"{self.name} cannot edit encoder-decoder models such as {type(handle.model).__name__}"
+            )
+        return requests
+
+    # --- trained editors ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, overrides={self._overrides})"
+
+
+def depth_layer(handle: Any, fraction: float) -> int:
+    """The layer at ``fraction`` of the model's depth (0 = first, 1 = last)."""
+    n = handle.n_layers
+    return min(n - 1, max(0, round(fraction * (n - 1))))

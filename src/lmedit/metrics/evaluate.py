@@ -1,0 +1,136 @@
+"""Score cases before and after an edit with the paper's metrics.
+
+Token-accuracy protocol (Yao et al. 2023, tag ``token_acc``):
+  reliability, generalization, portability_<group>: teacher-forced token accuracy of the answer;
+  locality: agreement of the edited model's predicted tokens with the *original* model's (computed once,
+  before any edit, in :func:`baseline`).
+CounterFact probability protocol (ROME, tag ``prob_compare``), when the case knows the true answer:
+  efficacy_score / paraphrase_score: P(new) > P(true); neighborhood_score: P(true) > P(new) on other subjects;
+  *_magnitude: the probability differences. The summary adds score_s, their harmonic mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..types import EditCase
+from .records import PROB_COMPARE, TOKEN_ACC, CaseResult, Score
+from .scoring import TargetScore, score_targets
+
+ALL_PROTOCOLS = (TOKEN_ACC, PROB_COMPARE)
+
+
+@dataclass
+class Baseline:
+    """Outputs of the unedited model, computed once before any edit (locality compares against these)."""
+
+    locality: list[list[TargetScore]] = field(default_factory=list)
+    pre: list[dict[str, Score]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    case: int
+    metric: str
+    prompt: str
+    answer: str
+
+
+def _items(cases: Sequence[EditCase], protocols: Sequence[str]) -> list[_Item]:
+    items: list[_Item] = []
+    for i, c in enumerate(cases):
+        r = c.request
+        if TOKEN_ACC in protocols:
+            items.append(_Item(i, "reliability", r.text, r.target_new))
+            items += [_Item(i, "generalization", p, r.target_new) for p in c.paraphrases]
+            items += [_Item(i, "locality", q.prompt, q.answer) for q in c.locality]
+            for group, qas in c.portability.items():
+                items += [_Item(i, f"portability_{group}", q.prompt, q.answer) for q in qas]
+        if PROB_COMPARE in protocols and r.target_true:
+            for name, prompts in (("efficacy", [r.text]), ("paraphrase", list(c.paraphrases)),
+                                  ("neighborhood", list(c.neighborhood))):
+                for p in prompts:
+                    items.append(_Item(i, f"{name}:new", p, r.target_new))
+                    items.append(_Item(i, f"{name}:true", p, r.target_true))
+    return items
+
+
+def _score(handle: Any, items: list[_Item], batch_size: int) -> list[TargetScore]:
+    return score_targets(handle, [it.prompt for it in items], [it.answer for it in items], batch_size)
+
+
+def _aggregate(cases: Sequence[EditCase], items: list[_Item], scores: list[TargetScore],
+               base_loc: list[list[TargetScore]] | None) -> tuple[list[dict[str, Score]], list[list[TargetScore]]]:
+    per_case: list[dict[str, list[float]]] = [{} for _ in cases]
+    loc_scores: list[list[TargetScore]] = [[] for _ in cases]
+    pairs: dict[tuple[int, str], list[TargetScore]] = {}
+    for it, s in zip(items, scores, strict=True):
+        bucket = per_case[it.case]
+        if it.metric == "locality":
+            k = len(loc_scores[it.case])
+            loc_scores[it.case].append(s)
+            if base_loc is not None:
+                bucket.setdefault("locality", []).append(s.agreement(base_loc[it.case][k]))
+        elif ":" in it.metric:
+            pairs.setdefault((it.case, it.metric), []).append(s)
+        else:
+            bucket.setdefault(it.metric, []).append(s.accuracy)
+    out: list[dict[str, Score]] = []
+    for i, bucket in enumerate(per_case):
+        rec = {m: Score(sum(v) / len(v), TOKEN_ACC, len(v)) for m, v in bucket.items() if v}
+        for name in ("efficacy", "paraphrase", "neighborhood"):
+            new, true = pairs.get((i, f"{name}:new"), []), pairs.get((i, f"{name}:true"), [])
+            if not new:
+                continue
+            if name == "neighborhood":  # the true answer should stay ahead
+                wins = [t.prob > n.prob for n, t in zip(new, true, strict=True)]
+                gaps = [t.prob - n.prob for n, t in zip(new, true, strict=True)]
+            else:
+                wins = [n.prob > t.prob for n, t in zip(new, true, strict=True)]
+                gaps = [n.prob - t.prob for n, t in zip(new, true, strict=True)]
+            rec[f"{name}_score"] = Score(sum(wins) / len(wins), PROB_COMPARE, len(wins))
+            rec[f"{name}_magnitude"] = Score(sum(gaps) / len(gaps), PROB_COMPARE, len(gaps))
+        out.append(rec)
+    return out, loc_scores
+
+
+def baseline(handle: Any, cases: Sequence[EditCase], *, protocols: Sequence[str] = ALL_PROTOCOLS,
+             batch_size: int = 32) -> Baseline:
+    """Score the unedited model once: pre-edit metrics and the locality predictions to compare against."""
+    if handle.contexts:
+        raise RuntimeError("baseline must be computed on the unedited model, but in-context edits are active")
+    items = _items(cases, protocols)
+    scores = _score(handle, items, batch_size)
+    pre, loc = _aggregate(cases, items, scores, None)
+    return Baseline(locality=loc, pre=pre)
+
+
+def score_cases(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
+                protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32) -> list[dict[str, Score]]:
+    """Score the model as it is now (edited) against the baseline of the original model."""
+    items = _items(cases, protocols)
+    scores = _score(handle, items, batch_size)
+    post, _ = _aggregate(cases, items, scores, base.locality)
+    return post
+
+
+def evaluate(handle: Any, cases: Sequence[EditCase], edit: Any = None, *,
+             protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
+             base: Baseline | None = None) -> list[CaseResult]:
+    """Per-case results for ``edit`` on ``cases``: pre-edit scores, then the edit applied, scored, reverted.
+
+    With ``edit=None`` the model is scored as it is (post == the current model) -- for edits already
+    applied, pass the ``base`` computed before applying them.
+    """
+    cases = list(cases)
+    if base is None:
+        base = baseline(handle, cases, protocols=protocols, batch_size=batch_size)
+    if edit is None:
+        post = score_cases(handle, cases, base, protocols=protocols, batch_size=batch_size)
+    else:
+        with edit.applied(handle):
+            post = score_cases(handle, cases, base, protocols=protocols, batch_size=batch_size)
+    return [CaseResult(c.case_id, post=p, pre={k: v for k, v in pre.items()})
+            for c, p, pre in zip(cases, post, base.pre, strict=True)]

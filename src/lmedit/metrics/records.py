@@ -1,0 +1,83 @@
+"""Result records and summaries. A Score always says which protocol produced it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Protocol tags. Numbers with different tags are never averaged together.
+TOKEN_ACC = "token_acc"  # teacher-forced token accuracy (Yao et al. 2023 / EasyEdit)
+PROB_COMPARE = "prob_compare"  # CounterFact probability comparison (ROME: ES/PS/NS and magnitudes)
+GENERATION = "generation"  # free generation (fluency n-gram entropy)
+EFFICIENCY = "efficiency"  # seconds, bytes
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float
+    protocol: str
+    n: int = 1  # how many prompts went into this value
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CaseResult:
+    """Everything measured for one case: post-edit scores, pre-edit scores, efficiency, notes."""
+
+    case_id: Any
+    post: dict[str, Score] = field(default_factory=dict)
+    pre: dict[str, Score] = field(default_factory=dict)
+    efficiency: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "post": {k: v.to_dict() for k, v in self.post.items()},
+            "pre": {k: v.to_dict() for k, v in self.pre.items()},
+            "efficiency": self.efficiency,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaseResult:
+        return cls(
+            d["case_id"],
+            {k: Score(**v) for k, v in d.get("post", {}).items()},
+            {k: Score(**v) for k, v in d.get("pre", {}).items()},
+            dict(d.get("efficiency", {})),
+            dict(d.get("info", {})),
+        )
+
+
+class ProtocolMixError(ValueError):
+    """Scores of different protocols were about to be averaged together."""
+
+
+def summarize(results: list[CaseResult], which: str = "post") -> dict[str, dict[str, Any]]:
+    """Mean of each metric over cases (each case counts once), with its protocol and case count.
+
+    Raises ProtocolMixError if one metric name carries different protocols in different cases.
+    """
+    buckets: dict[str, list[Score]] = {}
+    for r in results:
+        for name, s in getattr(r, which).items():
+            buckets.setdefault(name, []).append(s)
+    out: dict[str, dict[str, Any]] = {}
+    for name, scores in buckets.items():
+        protocols = {s.protocol for s in scores}
+        if len(protocols) > 1:
+            raise ProtocolMixError(f"metric {name!r} mixes protocols {sorted(protocols)}; refusing to average")
+        vals = [s.value for s in scores if not math.isnan(s.value)]
+        out[name] = {"mean": (sum(vals) / len(vals)) if vals else float("nan"),
+                     "protocol": protocols.pop(), "cases": len(vals)}
+    return out
+
+
+def harmonic_mean(values: list[float]) -> float:
+    if not values or any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)

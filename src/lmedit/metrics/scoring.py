@@ -1,0 +1,98 @@
+"""Teacher-forced scoring of answers: one batched forward gives token accuracy, predictions and NLL.
+
+For a prompt p and answer a, the model reads p ++ a (see ``lmedit.tokens``) and at each answer position we
+read the argmax prediction and the log-probability of the true next token. From that:
+- token accuracy (the paper's / EasyEdit's Reliability, Generalization, Portability): mean(pred == label);
+- predicted ids (Locality: agreement of the edited model's predictions with the original model's);
+- mean per-token NLL (CounterFact's probability comparisons: P(a|p) = exp(-NLL)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Scores of one (prompt, answer) pair."""
+
+    pred: tuple[int, ...]  # argmax prediction at each answer position
+    labels: tuple[int, ...]  # the answer's ids
+    logprobs: tuple[float, ...]  # log p(label_j | prompt, label_<j)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p == y for p, y in zip(self.pred, self.labels, strict=True)) / len(self.labels)
+
+    @property
+    def nll(self) -> float:
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        """Per-token geometric-mean probability exp(-NLL)."""
+        return float(torch.tensor(-self.nll).exp())
+
+    def agreement(self, other: TargetScore) -> float:
+        """Fraction of positions where two models predicted the same token (Locality)."""
+        if self.labels != other.labels:
+            raise ValueError("agreement needs scores of the same answer tokens")
+        return sum(a == b for a, b in zip(self.pred, other.pred, strict=True)) / len(self.pred)
+
+
+@torch.no_grad()
+def score_targets(handle, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[TargetScore]:
+    """Score each (prompt, answer) pair by teacher forcing on the handle's model as it is now.
+
+    Prompts are rendered through ``handle.render`` (so in-context edits apply). Rows are batched by length
+    to limit padding; padding is on the right, so no position of a real token moves.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    rendered = [handle.render(p) for p in prompts]
+    lengths = [len(handle.tokens.prompt_ids(p)) + len(handle.tokens.target_ids(p, a))
+               for p, a in zip(rendered, answers, strict=True)]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[TargetScore | None] = [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = handle.tokens.teacher_forced([rendered[i] for i in idx], [answers[i] for i in idx])
+        rows, cols = [], []
+        for r in range(len(idx)):
+            pos = batch.pred_positions(r)
+            rows.extend([r] * len(pos))
+            cols.extend(pos)
+        logits = _logits_at(handle, batch, rows, cols)  # [n_positions, vocab]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        labels = torch.tensor([y for lab in batch.labels for y in lab], device=logp.device)
+        picked = logp.gather(1, labels[:, None])[:, 0].tolist()
+        pred = logp.argmax(-1).tolist()
+        k = 0
+        for r, i in enumerate(idx):
+            n = len(batch.labels[r])
+            out[i] = TargetScore(tuple(pred[k : k + n]), tuple(batch.labels[r]), tuple(picked[k : k + n]))
+            k += n
+    return out  # type: ignore[return-value]
+
+
+def _logits_at(handle, batch, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """Logits at the given (row, position) pairs only: the unembedding runs on those positions alone."""
+    model = handle.model
+    inputs = batch.model_inputs(handle.device)
+    if handle.is_encoder_decoder:
+        return model(**inputs).logits[rows, cols]
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or _has_logit_processing(model):
+        return model(**inputs).logits[rows, cols]
+    hidden = body(**inputs).last_hidden_state  # [batch, seq, d]
+    return head(hidden[rows, cols])
+
+
+def _has_logit_processing(model) -> bool:
+    """Models that post-process logits (Gemma-2 soft-capping, scaled heads) go through their own forward."""
+    cfg = model.config
+    return bool(getattr(cfg, "final_logit_softcapping", None)) or bool(getattr(cfg, "logit_scale", None))

@@ -1,0 +1,105 @@
+"""Tiny random models of every adapter family, built in-process (no network, no downloads).
+
+The tokenizer is a small byte-level BPE trained here on a few sentences, so " target" and "target"
+tokenize differently as they do for real GPT-2/Llama tokenizers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "The mother tongue of Danielle Darrieux is French. Danielle Darrieux was an actress.",
+    "The capital of France is Paris. The capital of Italy is Rome. English is a language.",
+    "What university did Watts Humphrey attend? He went to Trinity College and the University of Michigan.",
+    "Michel Rocard is a native speaker of French. Toko Yasuda plays the guitar. Apple makes the iPhone.",
+    "The Eiffel Tower is located in Paris. Barack Obama was born in Hawaii. Tokyo is in Japan.",
+    "nq question: who played desmond doss father in hacksaw ridge? Hugo Weaving played him.",
+    "Where is he from? people speak the language of Germany, Spain, England and Russia.",
+]
+
+
+def make_tokenizer(kind: str = "bpe"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_model(family: str, vocab: int = 400):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+        m = tf.GPT2LMHeadModel(cfg)
+    elif family == "gptj":
+        cfg = tf.GPTJConfig(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=256, **common)
+        m = tf.GPTJForCausalLM(cfg)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=256, **common)
+        m = tf.GPTNeoXForCausalLM(cfg)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=48, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        m = tf.LlamaForCausalLM(cfg)
+    elif family == "t5":
+        cfg = tf.T5Config(d_model=32, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4, d_kv=8,
+                          decoder_start_token_id=0, **common)
+        m = tf.T5ForConditionalGeneration(cfg)
+    else:
+        raise ValueError(family)
+    return m.eval()
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
+DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def make_handle(family: str, tokenizer=None):
+    from lmedit.models.handle import ModelHandle
+
+    return ModelHandle(make_model(family), tokenizer or make_tokenizer(), name=f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request, tokenizer):
+    """A fresh tiny model of each family (function-scoped: tests may edit it)."""
+    return make_handle(request.param, tokenizer)
+
+
+@pytest.fixture(params=DECODER_FAMILIES)
+def tiny_decoder(request, tokenizer):
+    return make_handle(request.param, tokenizer)
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    return make_handle("llama", tokenizer)
+
+
+@pytest.fixture
+def request_darrieux():
+    from lmedit.types import EditRequest
+
+    return EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
+                       target_true="French", case_id=0)
