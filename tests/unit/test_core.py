@@ -1,0 +1,230 @@
+"""Core records, configs, registry, adapters, token policy and Edit kinds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmedit.config import Config, ConfigError, option
+from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
+from lmedit.models.adapter import UnsupportedArchitectureError, adapter_for
+from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.types import EditInputError, EditRequest, to_template
+
+
+# --- records ---------------------------------------------------------------------------------------
+def test_request_template_from_literal_subject():
+    r = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux", target_new="English")
+    assert r.template == "The mother tongue of {} is"
+    assert r.text == "The mother tongue of Danielle Darrieux is"
+
+
+def test_request_keeps_literal_braces():
+    assert to_template("Set {a} for Bob now", "Bob").format("Bob") == "Set {a} for Bob now"
+
+
+@pytest.mark.parametrize(
+    "prompt,subject,target,match",
+    [
+        ("The capital of France is", "Italy", "Rome", "does not occur"),
+        ("Paris is Paris", "Paris", "x", "occurs 2 times"),
+        ("The capital of {} is", "France", " ", "target_new is empty"),
+        ("The capital of {} and {} is", "France", "Paris", "slots"),
+        ("The capital of {} is", " ", "Paris", "subject is empty"),
+    ],
+)
+def test_request_bad_input(prompt, subject, target, match):
+    with pytest.raises(EditInputError, match=match):
+        EditRequest(prompt=prompt, subject=subject, target_new=target)
+
+
+def test_request_from_dict_rejects_unknown():
+    with pytest.raises(EditInputError, match="unknown request field"):
+        EditRequest.from_dict({"prompt": "{} is", "subject": "a", "target_new": "b", "tgt": 1})
+
+
+# --- configs ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Cfg(Config):
+    layers: list[int] | None = option(None, "layers")
+    lr: float = option(0.5, "step size")
+    steps: int = option(10, "steps")
+    flag: bool = option(False, "a flag")
+
+
+def test_config_coercion_and_roundtrip():
+    c = _Cfg.from_dict({"lr": "5e-1", "steps": "20", "layers": [1, "2"], "flag": "true"})
+    assert c.lr == 0.5 and c.steps == 20 and c.layers == [1, 2] and c.flag is True
+    assert _Cfg.from_dict(c.to_dict()) == c
+    assert c.hash() == _Cfg.from_dict(c.to_dict()).hash()
+    assert c.hash() != c.replace(lr=0.1).hash()
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown _Cfg key"):
+        _Cfg.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        _Cfg.from_dict({"steps": 1.5})
+
+
+# --- adapters --------------------------------------------------------------------------------------
+def test_adapter_unsupported_architecture_names_it():
+    class Weird(torch.nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedArchitectureError, match="(?s)Weird.*register_adapter"):
+        adapter_for(Weird())
+
+
+def test_adapter_paths_resolve(tiny):
+    a, m = tiny.adapter, tiny.model
+    n = tiny.n_layers
+    assert n >= 2
+    for i in range(n):
+        assert a.module(m, a.mlp_out, i) is not None
+        assert a.module(m, a.layer(i)) is not None
+    out_proj = a.module(m, a.mlp_out, 0)
+    w = a.weight_out_in(out_proj)
+    hidden = m.config.n_embd if hasattr(m.config, "n_embd") else m.config.hidden_size if hasattr(m.config, "hidden_size") else m.config.d_model
+    assert w.shape[0] == hidden  # [out = d_model, in = d_ff] whatever the storage layout
+    with pytest.raises(ValueError, match="out of range"):
+        a.check_layers(m, [n])
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+def test_target_ids_use_leading_space(tiny_llama):
+    t = tiny_llama.tokens
+    spaced = t.encode(" English")
+    assert t.target_ids("The mother tongue of Danielle Darrieux is", "English") == spaced
+    assert spaced != t.encode("English")
+
+
+def test_teacher_forced_positions_left_and_right(tiny_llama):
+    t = tiny_llama.tokens
+    prompts, targets = ["The capital of France is", "Paris"], ["Paris", "is in France"]
+    for side in ("left", "right"):
+        b = t.teacher_forced(prompts, targets, side=side)
+        for i in range(2):
+            start, n = b.spans[i]
+            assert b.input_ids[i, start : start + n].tolist() == b.labels[i]
+    right = t.teacher_forced(prompts, targets, "right")
+    left = t.teacher_forced(prompts, targets, "left")
+    with torch.no_grad():
+        lr_ = tiny_llama.logits(right)
+        ll_ = tiny_llama.logits(left)
+    for i in range(2):
+        a = lr_[i, right.pred_positions(i)]
+        b = ll_[i, left.pred_positions(i)]
+        assert torch.allclose(a, b, atol=1e-4), "left padding must not move positions"
+
+
+# --- edits -----------------------------------------------------------------------------------------
+def _delta(handle, scale=0.5):
+    name = handle.adapter.mlp_out.format(0) + ".weight"
+    p = handle.model.get_parameter(name)
+    return name, WeightDelta({name: torch.randn_like(p) * scale}, {name: tensor_digest(p)},
+                             meta={"model_fingerprint": handle.fingerprint, "model_name": handle.name})
+
+
+def test_weight_delta_apply_revert_bit_exact(tiny, tmp_path):
+    before = tiny.state_digest()
+    name, d = _delta(tiny)
+    with d.applied(tiny):
+        assert tiny.state_digest() != before
+        with pytest.raises(EditError, match="already applied"):
+            d.apply(tiny)
+    assert tiny.state_digest() == before
+    with pytest.raises(EditError, match="not applied"):
+        d.revert(tiny)
+    d.save(tmp_path / "e")
+    d2 = Edit.load(tmp_path / "e")
+    d2.apply(tiny)
+    p = tiny.model.get_parameter(name)
+    d2.revert(tiny)
+    assert tiny.state_digest() == before
+    assert "WeightDelta" in d2.describe()
+    assert p is not None
+
+
+def test_weight_delta_low_rank(tiny_llama):
+    name = tiny_llama.adapter.mlp_out.format(1) + ".weight"
+    p = tiny_llama.model.get_parameter(name)
+    a, b = torch.randn(p.shape[0], 1), torch.randn(p.shape[1], 1)
+    before = p.detach().clone()
+    with WeightDelta({name: (a, b)}).applied(tiny_llama):
+        assert torch.allclose(p, before + a @ b.T, atol=1e-6)
+    assert torch.equal(p, before)
+
+
+def test_weight_delta_refuses_nan_and_leaves_model(tiny_llama):
+    before = tiny_llama.state_digest()
+    n1 = tiny_llama.adapter.mlp_out.format(0) + ".weight"
+    n2 = tiny_llama.adapter.mlp_out.format(1) + ".weight"
+    good = torch.zeros_like(tiny_llama.model.get_parameter(n1))
+    bad = torch.full_like(tiny_llama.model.get_parameter(n2), float("nan"))
+    with pytest.raises(EditError, match="NaN"):
+        WeightDelta({n1: good + 1.0, n2: bad}).apply(tiny_llama)
+    assert tiny_llama.state_digest() == before
+
+
+def test_weight_delta_refuses_other_model(tokenizer):
+    from conftest import make_model
+
+    h1 = ModelHandle(make_model("llama"), tokenizer)
+    m2 = make_model("llama")
+    with torch.no_grad():
+        m2.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    h2 = ModelHandle(m2, tokenizer)
+    _, d = _delta(h1)
+    with pytest.raises(EditMismatchError, match="fingerprint"):
+        d.apply(h2)
+
+
+def test_weight_delta_strict_base_values(tiny_llama):
+    _, d1 = _delta(tiny_llama)
+    _, d2 = _delta(tiny_llama)
+    d1.apply(tiny_llama)
+    with pytest.raises(EditMismatchError, match="does not hold the values"):
+        d2.apply(tiny_llama)
+    d2.apply(tiny_llama, strict=False)
+    d2.revert(tiny_llama)
+    d1.revert(tiny_llama)
+
+
+def test_prompt_context_changes_inputs_not_weights(tiny_llama, tmp_path):
+    before = tiny_llama.state_digest()
+    e = PromptContext("New Fact: x\n")
+    with e.applied(tiny_llama):
+        assert tiny_llama.render("q") == "New Fact: x\nq"
+    assert tiny_llama.render("q") == "q" and tiny_llama.state_digest() == before
+    e.save(tmp_path / "c")
+    assert Edit.load(tmp_path / "c").context == "New Fact: x\n"
+
+
+def test_load_reports_corruption(tmp_path):
+    (tmp_path / "edit.json").write_text("{not json")
+    with pytest.raises(EditError, match="corrupted"):
+        Edit.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a saved edit"):
+        Edit.load(tmp_path / "nothing")
+
+
+# --- registry --------------------------------------------------------------------------------------
+def test_registry_unknown_method_suggests():
+    from lmedit.registry import UnknownMethodError, get_editor, list_editors
+
+    names = list_editors()
+    assert names == sorted(names)
+    with pytest.raises(UnknownMethodError, match="unknown editing method"):
+        get_editor("definitely-not-a-method")
+
+
+def test_import_lmedit_loads_no_method():
+    import subprocess
+    import sys
+
+    code = "import lmedit, sys; print(any(m.startswith('lmedit.methods.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
