@@ -1,0 +1,102 @@
+"""Helpers shared by the subcommands: quiet third-party output, config overrides, small tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def quiet_libraries(args: argparse.Namespace, *, quiet_lmedit: bool = False) -> None:
+    """Silence transformers' advisory warnings; with ``quiet_lmedit`` also lmedit's INFO lines (unless -v)."""
+    if getattr(args, "verbose", 0):
+        return
+    warnings.filterwarnings("ignore", module=r"transformers(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a hard dependency; only an unusual install lands here
+        pass
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if quiet_lmedit:
+        logging.getLogger("lmedit").setLevel(logging.WARNING)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set key=value`` (repeatable) for the editor's Config."""
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file with the editor's config values")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set layers=[4] --set lr=5e-4")
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML syntax for lists/numbers/booleans (``[4,5]``, ``true``), else the plain string.
+
+    Strings such as ``1e-3`` stay strings here; the editor's Config coerces them to the field's type.
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def config_overrides(method: str, config: str | None, sets: list[str],
+                     checkpoint: str | None = None) -> dict[str, Any]:
+    """Merge ``--config FILE``, ``--set`` values and ``--editor-checkpoint`` into one override dict.
+
+    Unknown keys are rejected by the editor's Config (ConfigError names the known keys).
+    """
+    from ..registry import editor_class
+
+    cls = editor_class(method)
+    overrides: dict[str, Any] = {}
+    if config:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config file {config} does not exist")
+        overrides.update(cls.Config.from_file(config).to_dict())
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: write it as key=value, e.g. --set lr=5e-4")
+        overrides[key.strip()] = parse_value(value)
+    if checkpoint is not None:
+        if "checkpoint" not in cls.Config.field_types():
+            raise ValueError(f"method {cls.name!r} takes no trained checkpoint (its config has no 'checkpoint' "
+                             "field); drop --editor-checkpoint")
+        overrides["checkpoint"] = checkpoint
+    if cls.capabilities.needs_fit and not getattr(cls.Config.from_dict(overrides), "checkpoint", None):
+        raise ValueError(f"method {cls.name!r} must be trained before it can edit; pass "
+                         "--editor-checkpoint DIR with a trained editor")
+    return overrides
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A plain aligned text table (no third-party formatting)."""
+    if not rows:
+        return "(none)"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -1,0 +1,60 @@
+"""``lmedit bench``: run a method over a dataset (a thin layer over :func:`lmedit.benchmark.run_benchmark`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import DEFAULT_MODEL, add_config_args, config_overrides, quiet_libraries
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark a method on a dataset",
+                              description="Edit N cases of a dataset and score them; writes cases.jsonl, "
+                                          "summary.json and table.md to the output directory.")
+    p.add_argument("--method", required=True, help="editing method (see `lmedit methods`)")
+    p.add_argument("--dataset", required=True, help="dataset name (see `lmedit data`)")
+    p.add_argument("--n", type=int, required=True, help="number of cases")
+    p.add_argument("--offset", type=int, default=0, help="skip this many cases first")
+    p.add_argument("--setting", choices=("single", "batch", "sequential"), default="single",
+                   help="single: edit, score, revert per case; batch: one edit per --batch-size cases; "
+                        "sequential: edits accumulate")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per edit (batch/sequential settings)")
+    p.add_argument("--eval-timing", choices=("immediate", "final"), default="final",
+                   help="score each case right after its edit, or after all edits (sequential)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<method>-<dataset>-<setting>-n<N>)")
+    p.add_argument("--resume", action="store_true", help="skip cases already in DIR/cases.jsonl")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
+    p.add_argument("--data", metavar="PATH", help="read the dataset from this file instead of the default")
+    add_config_args(p)
+    p.add_argument("--editor-checkpoint", metavar="DIR", help="trained editor state, for methods that need training")
+    p.set_defaults(func=run)
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    return Path("runs") / f"{args.method}-{args.dataset}-{args.setting}-n{args.n}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load_model
+    from ..benchmark import run_benchmark
+    from ..data import load_dataset
+    from ..registry import get_editor
+
+    quiet_libraries(args)
+    if args.n < 1 or args.offset < 0 or args.batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1 and --offset at least 0")
+    overrides = config_overrides(args.method, args.config, args.overrides, args.editor_checkpoint)
+    editor = get_editor(args.method, overrides)
+    cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
+    handle = load_model(args.model)
+    out = Path(args.out) if args.out else default_out(args)
+    run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
+                "model": args.model, "data": args.data, "overrides": overrides}
+    run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
+                  eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info)
+    table = out / "table.md"
+    if table.exists():
+        print(table.read_text().rstrip())
+    print(f"\nresults: {out}/ (cases.jsonl, summary.json, table.md)")
+    return 0

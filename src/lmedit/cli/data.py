@@ -1,0 +1,21 @@
+"""``lmedit data``: the datasets lmedit can load, where they were found and how many cases they hold."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="list the datasets found and their sizes")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import list_datasets
+
+    rows = list_datasets()
+    print("Datasets (use with `lmedit bench --dataset NAME`; --data PATH reads another copy)")
+    print(table(rows))
+    return 0
