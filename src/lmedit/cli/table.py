@@ -1,0 +1,113 @@
+"""``lmedit table``: the paper's Table 1 in one command (a thin layer over :func:`lmedit.table.build_table`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ._common import DEFAULT_MODEL, quiet_libraries
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "table", help="regenerate the paper's Table 1 (every method x dataset)",
+        description="Benchmark every (method, dataset) cell and write table1.md/.csv/.json, efficiency.md, "
+                    "table1.png and efficiency.png. Cells are cached under OUT/cells: a rerun computes only "
+                    "missing or stale cells, and an interrupted cell resumes its finished cases.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
+    p.add_argument("--methods", default="paper",
+                   help="'paper' (the paper's ten methods, default), 'all' (every registered editor) or m1,m2")
+    p.add_argument("--datasets", default="zsre,counterfact,zsre-portability,mquake",
+                   help="comma-separated dataset names (default: %(default)s)")
+    p.add_argument("--n", type=int, default=100, help="cases per dataset (default 100; 20 for a quick look)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many valid records of each dataset first")
+    p.add_argument("--setting", choices=("single", "sequential"), default="single",
+                   help="single: each case edited alone then reverted; sequential: edits accumulate")
+    p.add_argument("--edits", type=int, default=100, help="sequential: edits stacked per sequence (T)")
+    p.add_argument("--eval-timing", choices=("final", "immediate"), default="final",
+                   help="sequential: score after all T edits (final) or right after each edit (immediate)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per edit for methods that batch")
+    p.add_argument("--out", default="results/table1", help="output folder (default %(default)s)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="where cells run")
+    p.add_argument("--address", help="ray: address of an existing cluster (default: start a local one)")
+    p.add_argument("--workers", type=int, default=2, help="ray: actors (and CPUs of the local cluster)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 per ray worker)")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed set at the start of every cell")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
+                   help="trained editor for a method that needs training (repeatable)")
+    p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.set_defaults(func=run)
+
+
+class BarProgress:
+    """Two tqdm bars: cells (with the current cell's name and the table's ETA) and cases of the current cell."""
+
+    def __init__(self, n_cells: int, inner_bars: bool) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.inner_bars = inner_bars
+        self.cells = tqdm(total=n_cells, desc="cells", unit="cell", position=0, file=sys.stderr)
+        self.cases: Any = None
+
+    def cell_started(self, spec: Any, n_cases: int) -> None:
+        self.cells.set_postfix_str(spec.name)
+        if not self.inner_bars:  # run_benchmark draws the case bar itself when inner_bars is on
+            self.cases = self._tqdm(total=n_cases, desc=spec.name, unit="case", position=1, leave=False,
+                                    file=sys.stderr)
+
+    def case_done(self) -> None:
+        if self.cases is not None:
+            self.cases.update(1)
+
+    def cell_done(self, result: Any) -> None:
+        if self.cases is not None:
+            self.cases.close()
+            self.cases = None
+        state = "cached" if result.cached else result.status
+        self.cells.set_postfix_str(f"{result.spec.name}: {state}")
+        self.cells.update(1)
+
+    def close(self) -> None:
+        self.cells.close()
+
+
+def _checkpoints(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        method, sep, path = item.partition("=")
+        if not sep or not method.strip() or not path.strip():
+            raise ValueError(f"--checkpoint {item!r}: write it as METHOD=DIR, e.g. --checkpoint mend=ckpt/mend")
+        out[method.strip()] = path.strip()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..table import build_table, resolve_methods
+
+    quiet_libraries(args, quiet_lmedit=True)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if not datasets:
+        raise ValueError("--datasets is empty; give e.g. zsre,counterfact")
+    names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
+    n_cells = (len(names) - len(unavailable)) * len(datasets)
+    progress = BarProgress(n_cells, inner_bars=False) if not args.quiet else None
+    t0 = time.time()
+    try:
+        result = build_table(
+            args.model, methods=args.methods, datasets=datasets, n=args.n, offset=args.offset,
+            setting=args.setting, edits=args.edits, eval_timing=args.eval_timing, batch_size=args.batch_size,
+            out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
+            checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
+            plots=not args.no_plots, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    print(result.markdown.rstrip())
+    cached = sum(c.cached for c in result.cells)
+    print(f"\n{len(result.cells)} cells ({cached} from cache) in {time.time() - t0:.0f} s; wrote "
+          + ", ".join(str(p) for p in result.files.values()))
+    return 0

@@ -1,0 +1,119 @@
+"""Efficiency numbers of a cell, from the per-case records of :func:`lmedit.benchmark.run_benchmark`.
+
+Per case the benchmark records ``seconds`` (the editor's ``compute`` wall-clock divided by the requests in
+that edit: time per edit, scoring excluded), ``peak_rss_bytes`` (process RSS peak during the compute) and,
+on CUDA, ``cuda_peak_bytes``. A cell's canonical numbers (what efficiency.md and the plot read):
+
+- ``seconds_per_edit``: mean of the per-case ``seconds``; ``median_seconds_per_edit`` as well;
+- ``peak_memory_bytes``: the largest CUDA peak when there is one, else the largest RSS peak (``memory_kind``
+  says which);
+- ``one_off_seconds``: one-time costs a method reports in its edit statistics (``info["stats"]`` keys
+  ending in ``_seconds``, e.g. covariance statistics or index building), each counted once (its largest
+  value over the cell), also listed as ``one_off:<name>``. Methods that report none get no entry.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _values(results: list[Any], key: str) -> list[float]:
+    return [x for x in (_num(r.efficiency.get(key)) for r in results if "error" not in r.info) if x is not None]
+
+
+def _one_off(results: list[Any]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for r in results:
+        stats = r.info.get("stats") if isinstance(r.info, dict) else None
+        for k, v in (stats or {}).items():
+            x = _num(v)
+            if x is not None and k.endswith("_seconds"):
+                found[k] = max(found.get(k, 0.0), x)  # paid once: repeated in later edits' stats at most
+    return found
+
+
+def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Canonical efficiency numbers of one cell (see the module docstring)."""
+    out: dict[str, Any] = {}
+    secs = _values(results, "seconds")
+    if secs:
+        out["seconds_per_edit"] = statistics.fmean(secs)
+        out["median_seconds_per_edit"] = statistics.median(secs)
+        out["total_edit_seconds"] = sum(secs)
+    cuda, rss = _values(results, "cuda_peak_bytes"), _values(results, "peak_rss_bytes")
+    if cuda:
+        out["peak_memory_bytes"], out["memory_kind"] = max(cuda), "cuda_max_allocated"
+    elif rss:
+        out["peak_memory_bytes"], out["memory_kind"] = max(rss), "cpu_peak_rss"
+    one_off = _one_off(results)
+    for k, v in one_off.items():
+        out[f"one_off:{k}"] = v
+    if one_off:
+        out["one_off_seconds"] = sum(one_off.values())
+    walls = [_num(s.get("wall_seconds")) for s in summaries or []]
+    if walls and all(w is not None for w in walls):
+        out["benchmark_wall_seconds"] = sum(walls)  # type: ignore[arg-type]
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def method_summary(cells: list[Any], rows: list[Any], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: seconds per edit (mean over its cells), one-off seconds and peak memory (max over cells),
+    and mean quality = mean of its ``token_acc`` table values (R/G/L/P; other protocols are not mixed in)."""
+    out = []
+    for m in methods:
+        ok = [c for c in cells if c.spec.method == m and c.status == "ok"]
+        spe = {c.spec.dataset: c.efficiency["seconds_per_edit"] for c in ok if "seconds_per_edit" in c.efficiency}
+        one_off = [c.efficiency["one_off_seconds"] for c in ok if "one_off_seconds" in c.efficiency]
+        peaks = [c.efficiency["peak_memory_bytes"] for c in ok if "peak_memory_bytes" in c.efficiency]
+        quality = [r.values[m] for r in rows if r.protocol == "token_acc" and r.values.get(m) is not None]
+        out.append({"method": m, "cells_ok": len(ok), "seconds_per_edit": _mean(list(spe.values())),
+                    "seconds_per_edit_by_dataset": spe, "one_off_seconds": max(one_off) if one_off else None,
+                    "peak_memory_bytes": max(peaks) if peaks else None,
+                    "mean_quality": _mean(quality), "quality_values": len(quality)})
+    return out
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _secs(v: float | None) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta: dict[str, Any]) -> str:
+    """efficiency.md: time per edit (per dataset and mean), one-off costs, peak memory, mean quality."""
+    head = ["Method", "s/edit (mean)", *[f"s/edit {d}" for d in datasets], "one-off (s)", "peak memory",
+            "mean quality (token_acc, x100)"]
+    lines = [f"# Efficiency on {meta['model']}", "",
+             f"Setting: {meta['setting_label']}; device: {meta.get('device', 'cpu')}; torch threads: "
+             f"{meta.get('threads', '?')}. Time per edit is the wall-clock of the edit computation only "
+             "(scoring excluded). One-off costs (statistics, training) are counted once, not per edit. Peak "
+             "memory is what the benchmark measured during editing (n/a when it reported none).", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for s in summary:
+        by = s["seconds_per_edit_by_dataset"]
+        q = s["mean_quality"]
+        vals = [s["method"], _secs(s["seconds_per_edit"]), *[_secs(by.get(d)) for d in datasets],
+                _secs(s["one_off_seconds"]) if s["one_off_seconds"] is not None else "-",
+                _human_bytes(s["peak_memory_bytes"]), "n/a" if q is None else f"{100 * q:.1f}"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"

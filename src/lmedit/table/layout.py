@@ -1,0 +1,187 @@
+"""Turn cell results into the paper's Table 1 (markdown), a long CSV and a JSON document.
+
+Layout (Yao et al. 2023, Table 1, transposed to one column per method): a block of rows per dataset --
+Reliability / Generalization / Locality for ZsRE and CounterFact, Portability (one row per question group)
+for the ZsRE portability set, Multi-hop for MQuAKE. Values are x100. In each row the best value among
+the method columns is bold (ties: all of them). A cell that could not run, or a metric the dataset cannot
+provide, is ``-`` with a footnote that says why. The pre-edit column is the unedited model, not bolded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cells import CellResult
+
+DATASET_LABELS = {"zsre": "ZsRE", "counterfact": "CounterFact", "zsre-portability": "ZsRE (portability)",
+                  "mquake": "MQuAKE (multi-hop)"}
+METRIC_LABELS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
+                 "multihop": "Multi-hop"}
+CORE_ROWS = ("reliability", "generalization", "locality")
+# Blocks whose rows differ from CORE_ROWS (+ any portability groups the cells report).
+BLOCK_ROWS = {"zsre-portability": ("portability",), "mquake": ("multihop",)}
+METRIC_FIELDS = {"generalization": "paraphrases", "locality": "locality", "portability": "portability"}
+# Protocol of a row when no cell reported it (every cell failed): what the metric would have used.
+DEFAULT_PROTOCOL = {"multihop": "greedy_exact"}
+
+
+@dataclass
+class Row:
+    """One table row: a metric of a dataset, one value (or a reason) per method."""
+
+    dataset: str
+    metric: str
+    values: dict[str, float | None] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    cases: dict[str, int] = field(default_factory=dict)
+    protocol: str = "token_acc"
+    pre: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.metric.startswith("portability_"):
+            return f"Portability ({self.metric.removeprefix('portability_').replace('_', '-')})"
+        return METRIC_LABELS.get(self.metric, self.metric.replace("_", " ").capitalize())
+
+    def best(self) -> set[str]:
+        nums = {m: v for m, v in self.values.items() if v is not None}
+        if len(nums) < 2 or max(nums.values()) == min(nums.values()):
+            return set()  # nothing stands out when every method scores the same
+        top = max(nums.values())
+        return {m for m, v in nums.items() if math.isclose(v, top, abs_tol=1e-12)}
+
+
+def _mean(stat: dict[str, Any] | None) -> float | None:
+    if not stat or stat.get("mean") is None:
+        return None
+    v = float(stat["mean"])
+    return v if math.isfinite(v) else None
+
+
+def _row_metrics(dataset: str, cells: list[CellResult]) -> list[str]:
+    wanted = BLOCK_ROWS.get(dataset, CORE_ROWS + ("portability",))
+    found = sorted({m for c in cells for m in c.post if m.startswith("portability_")})
+    rows: list[str] = []
+    for m in wanted:
+        if m != "portability":
+            rows.append(m)
+        elif found:
+            rows.extend(found)
+        elif dataset in BLOCK_ROWS:  # a portability block without portability numbers still shows its row
+            rows.append("portability")
+    return rows
+
+
+def _missing_reason(cell: CellResult, metric: str) -> str:
+    field_name = METRIC_FIELDS.get(metric.split("_")[0])
+    if field_name and cell.fields.get(field_name, 1) == 0:
+        return f"the {cell.spec.dataset} cases have no '{field_name}' field, which {metric} needs"
+    return f"{cell.spec.method} reported no {metric} on {cell.spec.dataset}"
+
+
+def build_rows(cells: list[CellResult], methods: list[str], datasets: list[str]) -> list[Row]:
+    """The table's rows in display order, from the cells (any order)."""
+    by = {(c.spec.method, c.spec.dataset): c for c in cells}
+    rows: list[Row] = []
+    for ds in datasets:
+        ds_cells = [c for c in cells if c.spec.dataset == ds]
+        for metric in _row_metrics(ds, [c for c in ds_cells if c.status == "ok"]):
+            row = Row(ds, metric, protocol=DEFAULT_PROTOCOL.get(metric, "token_acc"))
+            for m in methods:
+                cell = by.get((m, ds))
+                stat = cell.post.get(metric) if cell is not None else None
+                if cell is None:
+                    row.values[m], row.reasons[m] = None, f"{m} was not run on {ds}"
+                elif cell.status != "ok":
+                    row.values[m], row.reasons[m] = None, cell.reason
+                elif _mean(stat) is None:
+                    row.values[m], row.reasons[m] = None, _missing_reason(cell, metric)
+                else:
+                    row.values[m] = _mean(stat)
+                    row.protocol = stat.get("protocol", row.protocol)
+                    row.cases[m] = int(stat.get("cases", 0))
+                    if row.pre is None and _mean(cell.pre.get(metric)) is not None:
+                        row.pre = _mean(cell.pre.get(metric))
+            rows.append(row)
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
+    """Table 1 as GitHub markdown, with a provenance header and footnotes for every '-'."""
+    notes: dict[str, int] = {}
+    lines = [f"# Table 1: knowledge editing on {meta['model']}", "",
+             f"Model `{meta['model']}` (fingerprint `{meta['model_fingerprint']}`), lmedit {meta['lmedit_version']}"
+             f" (commit `{meta.get('commit') or 'unknown'}`). Setting: {meta['setting_label']}. "
+             f"N = {meta['n']} cases per dataset (per-cell N in table1.csv). Values x100; "
+             "best per row in **bold**.", "",
+             "| Dataset | Metric | Protocol | Pre-edit | " + " | ".join(methods) + " |",
+             "|---|---|---|---:|" + "---:|" * len(methods)]
+    last = None
+    for row in rows:
+        best = row.best()
+        cells = []
+        for m in methods:
+            v = row.values.get(m)
+            if v is None:
+                k = notes.setdefault(row.reasons.get(m, "not run"), len(notes) + 1)
+                cells.append(f"-[^{k}]")
+            else:
+                cells.append(f"**{_fmt(v)}**" if m in best else _fmt(v))
+        ds = DATASET_LABELS.get(row.dataset, row.dataset) if row.dataset != last else ""
+        last = row.dataset
+        lines.append(f"| {ds} | {row.label} | {row.protocol} | {_fmt(row.pre)} | " + " | ".join(cells) + " |")
+    lines += ["", "Protocols: " + "; ".join(f"`{p}`: {PROTOCOL_TEXT.get(p, p)}"
+                                            for p in dict.fromkeys(r.protocol for r in rows)) + "."]
+    if notes:
+        lines.append("")
+        lines += [f"[^{k}]: {reason}" for reason, k in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
+PROTOCOL_TEXT = {
+    "token_acc": "teacher-forced token accuracy of the answer after the prompt (EasyEdit); Locality = agreement "
+                 "of the edited model's argmax tokens with the unedited model's",
+    "greedy_exact": "a case counts if, after all its edits, the greedy continuation of any of its multi-hop "
+                    "questions begins with the new answer or an alias (checked by teacher forcing: every "
+                    "answer token is the argmax)",
+    "prob_compare": "CounterFact probability comparison P(new) > P(true) (ROME)",
+}
+
+CSV_COLUMNS = ("dataset", "metric", "method", "value", "protocol", "n_cases", "status", "reason", "setting",
+               "model", "model_fingerprint", "config_hash", "lmedit_version", "commit")
+
+
+def long_records(rows: list[Row], cells: list[CellResult], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per (row, method): the number with its protocol, N and provenance."""
+    by = {(c.spec.method, c.spec.dataset): c for c in cells}
+    out = []
+    for row in rows:
+        for m, v in row.values.items():
+            cell = by.get((m, row.dataset))
+            out.append({
+                "dataset": row.dataset, "metric": row.metric, "method": m, "value": v,
+                "protocol": row.protocol if v is not None else None, "n_cases": row.cases.get(m),
+                "status": cell.status if cell else "not run", "reason": row.reasons.get(m, ""),
+                "setting": meta["setting_label"], "model": meta["model"],
+                "model_fingerprint": meta["model_fingerprint"],
+                "config_hash": cell.key.get("config_hash") if cell else None,
+                "lmedit_version": meta["lmedit_version"], "commit": meta.get("commit"),
+            })
+    return out
+
+
+def to_csv(records: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()

@@ -1,0 +1,161 @@
+"""Run one cell on a loaded model: check it can run, read the cache, else benchmark and store the result.
+
+Both backends call :func:`run_cell`, so a cell computed locally and one computed on a Ray worker go through
+the same code with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..metrics.records import CaseResult, summarize
+from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, git_commit
+from .efficiency import efficiency_stats
+
+log = logging.getLogger(__name__)
+
+# Metric -> the EditCase field it needs; explains a missing row ("dataset has no <field>").
+METRIC_FIELDS = {"generalization": "paraphrases", "locality": "locality", "portability": "portability"}
+
+
+class CellSkipped(Exception):
+    """The cell cannot run for a reason the user can act on; the table shows '-' with this reason."""
+
+
+def dataset_kind(name: str) -> str:
+    from ..data import get_dataset
+
+    return get_dataset(name).kind
+
+
+def load_cases(spec: CellSpec, data_path: str | None = None) -> list[Any]:
+    """The dataset slice of a cell: EditCases, or MultiHopCases for a multi-hop dataset."""
+    from .. import data
+
+    if dataset_kind(spec.dataset) == "multihop":
+        return data.load_mquake(n=spec.n, offset=spec.offset, path=data_path)
+    return data.load_dataset(spec.dataset, n=spec.n, offset=spec.offset, path=data_path)
+
+
+def field_counts(cases: list[Any]) -> dict[str, int]:
+    """How many cases carry each field a metric needs (a zero explains a '-' in the table)."""
+    return {f: sum(bool(getattr(c, f, ())) for c in cases) for f in ("paraphrases", "locality", "portability")}
+
+
+def cannot_run(editor_cls: Any, handle: Any, spec: CellSpec, multihop: bool) -> str | None:
+    """Why this method cannot run this cell (from its capabilities), or None."""
+    caps = editor_cls.capabilities
+    if handle.is_encoder_decoder and not caps.encoder_decoder:
+        return f"{spec.method} cannot edit encoder-decoder models such as {type(handle.model).__name__}"
+    if spec.setting == "sequential" and not caps.sequential:
+        return f"{spec.method} cannot stack edits, so it has no sequential setting"
+    if multihop and not (caps.batch or caps.sequential):
+        return f"{spec.method} can neither batch nor stack edits, so a multi-edit MQuAKE case cannot be applied"
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is a dependency; without it there is simply nothing to seed
+        pass
+
+
+def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
+               run_info: dict[str, Any], progress: bool) -> tuple[list[CaseResult], list[dict[str, Any]]]:
+    """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential)."""
+    from ..benchmark import run_benchmark
+
+    if spec.setting == "sequential":
+        chunks = [cases[i:i + spec.edits] for i in range(0, len(cases), spec.edits)]
+        setting = "sequential"
+    else:
+        chunks = [cases]
+        setting = "batch" if spec.batch_size > 1 else "single"
+    results: list[CaseResult] = []
+    summaries: list[dict[str, Any]] = []
+    for i, chunk in enumerate(chunks):
+        out = run_benchmark(editor, handle, chunk, setting=setting, batch_size=spec.batch_size,
+                            eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}", resume=resume,
+                            progress=progress, run_info={**run_info, "sequence": i})
+        results.extend(out.results)
+        summaries.append(out.summary)
+    return results, summaries
+
+
+def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
+             data_path: str | None = None, progress: bool = False,
+             on_case: Callable[[], None] | None = None) -> CellResult:
+    """The result of one cell: from the cache when intact and current, else computed now and stored.
+
+    Raises:
+        CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
+    """
+    from ..registry import editor_class, get_editor
+    from .multihop import CannotStackEdits, run_multihop
+
+    seed_everything(spec.seed)
+    multihop = dataset_kind(spec.dataset) == "multihop"
+    cls = editor_class(spec.method)
+    reason = cannot_run(cls, handle, spec, multihop)
+    if reason:
+        raise CellSkipped(reason)
+    overrides = spec.config_overrides()
+    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
+        ckpt = (checkpoints or {}).get(spec.method)
+        if not ckpt or not Path(ckpt).exists():
+            raise CellSkipped(missing_checkpoint(spec.method, handle.name, ckpt))
+        overrides["checkpoint"] = ckpt
+    editor = get_editor(spec.method, overrides)
+    cases = load_cases(spec, data_path)
+    config = editor.config_for(handle)
+    key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
+                   data_digest=cases_digest(cases), extra={"checkpoint": overrides.get("checkpoint")})
+    hit = cache.load(spec, key)
+    if hit is not None:
+        log.info("cell %s: cached", spec.name)
+        return hit
+    folder, resume = cache.prepare(spec, key)
+    run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
+    seed_everything(spec.seed)
+    if multihop:
+        try:
+            results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
+        except CannotStackEdits as e:
+            raise CellSkipped(str(e)) from None
+        summaries: list[dict[str, Any]] = []
+    else:
+        results, summaries = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress)
+    result = CellResult(
+        spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
+        efficiency=efficiency_stats(results, summaries), fields=field_counts(cases), key=key,
+        info={"model": handle.name, "cases": len(results), "config": config.to_dict(), "commit": git_commit(),
+              "setting_label": setting_label(spec)})
+    cache.store(result)
+    return result
+
+
+def missing_checkpoint(method: str, model: str, where: str | None) -> str:
+    got = f" ({where} does not exist)" if where else ""
+    return (f"{method} must be trained before it can edit and no checkpoint was given{got}; train one with "
+            f"`lmedit train --method {method} --model {model} --out ckpt/{method}` and pass "
+            f"`--checkpoint {method}=ckpt/{method}`")
+
+
+def setting_label(spec: CellSpec) -> str:
+    """How the numbers were produced, as printed under the table."""
+    if spec.setting == "sequential":
+        return f"sequential, T={spec.edits} edits per sequence, {spec.eval_timing} evaluation"
+    if spec.batch_size > 1:
+        return f"batch edits of {spec.batch_size}"
+    return "single edits (each case edited alone, then reverted)"
