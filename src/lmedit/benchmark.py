@@ -1,0 +1,462 @@
+"""Benchmark runner: edit cases one by one, in batches, or cumulatively, and score every edit.
+
+Settings (methods-spec A.3):
+
+- ``single``: for each case, compute an edit on the unedited model, apply it, score the case, revert.
+- ``batch``: chunks of ``batch_size`` cases; one edit per chunk; every member is scored on the
+  chunk-edited model; then revert. Per-case time = chunk time / chunk size (the chunk time is kept too).
+- ``sequential``: chunks are applied cumulatively and never reverted in between. ``eval_timing`` is
+  ``"immediate"`` (score a chunk's cases right after applying it) or ``"final"`` (score every case on the
+  model holding all edits). At the end every edit is reverted in reverse order.
+
+Scores always compare against a :class:`~lmedit.metrics.evaluate.Baseline` computed once, on the unedited
+model, before any edit (so sequential locality is measured against the *original* model). Timing covers the
+editor's ``compute`` only (A.5); ``apply`` time is recorded separately.
+
+Output folder: ``cases.jsonl`` (one line per finished case, flushed as it finishes), ``summary.json``,
+``table.md``, ``run.json`` (what the run is, checked on resume) and, for sequential runs, ``edits/<chunk>/``
+(each applied edit, so that ``resume=True`` can rebuild the edited model). An edit that fails with
+:class:`EditInputError` or :class:`EditError` is recorded in its cases' ``info["error"]`` and the run goes on;
+failed cases are left out of the metric means and counted in ``summary["n_errors"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .edits import Edit, EditError
+from .hooks import get_parameter
+from .metrics.efficiency import Measurement, measure
+from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
+from .metrics.records import CaseResult, harmonic_mean, summarize
+from .types import EditCase, EditInputError
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("single", "batch", "sequential")
+EVAL_TIMINGS = ("immediate", "final")
+CASES_FILE, SUMMARY_FILE, TABLE_FILE, RUN_FILE, EDITS_DIR = "cases.jsonl", "summary.json", "table.md", "run.json", "edits"
+RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
+SCORE_S_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy", "paraphrase", "neighborhood")
+
+
+class BenchmarkError(RuntimeError):
+    """The run cannot go on as asked (a resume that does not match, a model that was not restored)."""
+
+
+@dataclass
+class BenchmarkResult:
+    results: list[CaseResult]
+    summary: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """State of one run: inputs, the baseline, finished results, the output folder and progress bar."""
+
+    editor: Any
+    handle: Any
+    cases: list[EditCase]
+    keys: list[Any]
+    setting: str
+    batch_size: int
+    eval_timing: str | None
+    protocols: tuple[str, ...]
+    out: Path | None
+    done: dict[Any, CaseResult] = field(default_factory=dict)
+    base: dict[Any, tuple[dict, list]] = field(default_factory=dict)  # key -> (pre scores, locality preds)
+    chunk_stats: list[dict[str, Any]] = field(default_factory=list)
+    bar: Any = None
+
+    def chunks(self) -> list[list[int]]:
+        step = 1 if self.setting == "single" else self.batch_size
+        return [list(range(s, min(s + step, len(self.cases)))) for s in range(0, len(self.cases), step)]
+
+    def todo(self, chunk: list[int]) -> list[int]:
+        return [i for i in chunk if self.keys[i] not in self.done]
+
+    def sub_base(self, idx: list[int]) -> Baseline:
+        return Baseline(locality=[self.base[self.keys[i]][1] for i in idx], pre=[self.base[self.keys[i]][0] for i in idx])
+
+    def score(self, idx: list[int]) -> list[dict]:
+        return score_cases(self.handle, [self.cases[i] for i in idx], self.sub_base(idx), protocols=self.protocols)
+
+    def record(self, i: int, post: dict, efficiency: dict, info: dict, chunk: int) -> None:
+        """Store one finished case, append it to cases.jsonl (flushed) and advance the progress bar."""
+        key, pre = self.keys[i], self.base[self.keys[i]][0]
+        info = {"source": self.cases[i].source, **info}
+        if "reliability" in pre and pre["reliability"].value == 1.0:
+            info["already_true"] = True
+            log.info("case %s: the model already gives the new target before the edit", key)
+        res = CaseResult(key, post=post, pre=pre, efficiency=efficiency, info=info)
+        self.done[key] = res
+        if self.out is not None:
+            line = {**res.to_dict(), "setting": {"setting": self.setting, "batch_size": self.batch_size,
+                                                 "eval_timing": self.eval_timing, "chunk": chunk}}
+            with open(self.out / CASES_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, default=str) + "\n")
+                f.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            means = summarize([r for r in self.done.values() if r.post])
+            self.bar.set_postfix({k[:3]: f"{means[k]['mean']:.2f}" for k in METRIC_ORDER[:3] if k in means})
+
+
+def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
+                  batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
+                  resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
+                  run_info: dict[str, Any] | None = None) -> BenchmarkResult:
+    """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
+
+    Args:
+        setting: ``"single"``, ``"batch"`` or ``"sequential"``.
+        batch_size: cases per edit (batch and sequential settings).
+        eval_timing: ``"immediate"`` or ``"final"`` (sequential only).
+        out_dir: folder for cases.jsonl / summary.json / table.md (None: nothing is written).
+        resume: continue a run in ``out_dir``: finished cases are kept, finished chunks are not redone.
+        progress: show a tqdm progress bar.
+        protocols: scoring protocols (``token_acc``, ``prob_compare``).
+        run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
+    Returns:
+        per-case results in case order, and the summary.
+    """
+    t0 = time.perf_counter()
+    cases = list(cases)
+    _check_args(editor, handle, cases, setting, batch_size, eval_timing)
+    keys = [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
+    if len(set(map(str, keys))) != len(keys):
+        raise EditInputError("case ids are not unique; give every case its own case_id")
+    cfg = editor.config_for(handle)
+    timing = eval_timing if setting == "sequential" else None
+    run = _Run(editor, handle, cases, keys, setting, batch_size, timing, tuple(protocols),
+               Path(out_dir) if out_dir is not None else None)
+    header = {"method": editor.name or type(editor).__name__, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+              "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
+              "batch_size": batch_size if setting != "single" else 1, "eval_timing": timing,
+              "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str))}
+    if run.out is not None:
+        _prepare_out(run, header, resume)
+    start_digest = handle.state_digest()
+    pending = [i for i in range(len(cases)) if keys[i] not in run.done]
+    if pending:
+        log.info("scoring the unedited model on %d case(s) (baseline)", len(pending))
+        b = baseline(handle, [cases[i] for i in pending], protocols=run.protocols)
+        run.base = {keys[i]: (pre, loc) for i, pre, loc in zip(pending, b.pre, b.locality, strict=True)}
+    if progress:
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=len(cases), initial=len(cases) - len(pending), unit="case", desc=header["method"])
+    try:
+        if setting == "sequential":
+            _run_sequential(run)
+        else:
+            _run_independent(run)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    end_digest = handle.state_digest()
+    restored = end_digest == start_digest
+    log.info("model digest after the run: %s (start %s)%s", end_digest, start_digest, "" if restored else " MISMATCH")
+    results = [run.done[k] for k in keys]
+    summary = build_summary(results, {**{k: v for k, v in header.items() if k != "case_ids"},
+                                      "data": dict(run_info or {}), "n_cases": len(cases),
+                                      "model_restored": restored, "wall_seconds": time.perf_counter() - t0})
+    if run.chunk_stats:
+        summary["chunk_stats"] = run.chunk_stats
+    if run.out is not None:
+        _write_json(run.out / SUMMARY_FILE, summary)
+        (run.out / TABLE_FILE).write_text(render_table(summary), encoding="utf-8")
+    if not restored:
+        raise BenchmarkError(f"the model's weights differ after reverting every edit (digest {end_digest}, was "
+                             f"{start_digest}); results were written, but the model in memory is not the original")
+    return BenchmarkResult(results, summary)
+
+
+def _check_args(editor: Any, handle: Any, cases: list, setting: str, batch_size: int, eval_timing: str) -> None:
+    name = editor.name or type(editor).__name__
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r} is not one of {SETTINGS}")
+    if eval_timing not in EVAL_TIMINGS:
+        raise ValueError(f"eval_timing {eval_timing!r} is not one of {EVAL_TIMINGS}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if setting == "single" and batch_size != 1:
+        raise ValueError("setting 'single' edits one case at a time; use setting='batch' for batch_size > 1")
+    if batch_size > 1 and not editor.capabilities.batch:
+        raise ValueError(f"{name} cannot edit several requests at once (capabilities.batch is false); "
+                         "use batch_size=1")
+    if setting == "sequential" and not editor.capabilities.sequential:
+        raise ValueError(f"{name} cannot stack edits (capabilities.sequential is false); use setting 'single'")
+    if not cases or not all(isinstance(c, EditCase) for c in cases):
+        raise EditInputError("run_benchmark needs a non-empty list of EditCase records")
+    if handle.contexts:
+        raise BenchmarkError("in-context edits are active on this handle; revert them before benchmarking")
+
+
+# --- editing ---------------------------------------------------------------------------------------------
+
+def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, Any], str | None]:
+    """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message."""
+    requests = [run.cases[i].request for i in idx]
+    m = Measurement()
+    try:
+        with measure() as m:
+            edit = run.editor.compute(run.handle, requests)
+        t = time.perf_counter()
+        edit.apply(run.handle)
+        apply_s = time.perf_counter() - t
+    except RECOVERABLE as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
+        return None, _efficiency(m, len(idx), None), msg
+    return edit, _efficiency(m, len(idx), apply_s), None
+
+
+def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:
+    eff = {"seconds": m.seconds / n, "chunk_seconds": m.seconds, "chunk_size": n, "apply_seconds": apply_s,
+           "peak_rss_bytes": m.peak_rss_bytes, "rss_delta_bytes": m.rss_delta_bytes,
+           "cuda_peak_bytes": m.cuda_peak_bytes}
+    return {k: v for k, v in eff.items() if v is not None}
+
+
+def _check_reverted(handle: Any, edit: Edit) -> None:
+    """Cheap check after a revert: every parameter the edit touched holds its base values again."""
+    from .models.handle import tensor_digest
+
+    for name, digest in getattr(edit, "base_digests", {}).items():
+        if tensor_digest(get_parameter(handle.model, name)) != digest:
+            raise BenchmarkError(f"parameter {name} was not restored by reverting the edit")
+    if handle.contexts:
+        raise BenchmarkError("an in-context edit is still active after its revert")
+
+
+def _info(edit: Edit | None, chunk: int, err: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"chunk": chunk}
+    if err:
+        info["error"] = err
+    elif edit is not None and edit.meta.get("stats"):
+        info["stats"] = edit.meta["stats"]
+    return info
+
+
+def _run_independent(run: _Run) -> None:
+    """single and batch: every chunk starts from the unedited model."""
+    for k, chunk in enumerate(run.chunks()):
+        todo = run.todo(chunk)
+        if not todo:
+            continue
+        edit, eff, err = _compute_apply(run, chunk)
+        if edit is not None:
+            try:
+                posts = run.score(todo)
+            finally:
+                edit.revert(run.handle)
+                _check_reverted(run.handle, edit)
+        else:
+            posts = [{} for _ in todo]
+        for i, post in zip(todo, posts, strict=True):
+            run.record(i, post, eff, _info(edit, k, err), k)
+
+
+def _run_sequential(run: _Run) -> None:
+    """Chunks applied cumulatively; every applied edit is reverted in reverse order at the end."""
+    applied: list[Edit] = []
+    later: dict[int, tuple[dict, dict, int]] = {}  # case index -> (efficiency, info, chunk): scored at the end
+    chunks = run.chunks()
+    try:
+        for k, chunk in enumerate(chunks):
+            saved = _load_chunk(run, k, chunk)
+            if saved is None:
+                edit, eff, err = _compute_apply(run, chunk)
+            else:
+                edit, eff, err = saved
+                if edit is not None:
+                    edit.apply(run.handle)  # strict: refuses weights other than those it was computed on
+            if edit is not None:
+                applied.append(edit)
+                if edit.meta.get("stats"):
+                    run.chunk_stats.append({"chunk": k, "stats": edit.meta["stats"]})
+            if saved is None:
+                _save_chunk(run, k, chunk, edit, eff, err)
+            todo, info = run.todo(chunk), _info(edit, k, err)
+            if err or run.eval_timing == "immediate":
+                posts = [{} for _ in todo] if err else (run.score(todo) if todo else [])
+                for i, post in zip(todo, posts, strict=True):
+                    run.record(i, post, eff, info, k)
+            else:
+                later.update({i: (eff, info, k) for i in todo})
+        for k, chunk in enumerate(chunks):  # final timing: chunk by chunk, so a crash keeps what was scored
+            todo = [i for i in chunk if i in later]
+            for i, post in zip(todo, run.score(todo) if todo else [], strict=True):
+                run.record(i, post, *later[i])
+    finally:
+        for edit in reversed(applied):
+            edit.revert(run.handle)
+
+
+# --- output folder ---------------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
+    """Create the folder; on resume check that it holds the same run and read its finished cases."""
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    cases_file = out / CASES_FILE
+    if not resume:
+        if (cases_file.exists() and cases_file.stat().st_size) or (out / EDITS_DIR).exists():
+            raise BenchmarkError(f"{out} already holds a run; pass resume=True to continue it, or use another folder")
+        _write_json(out / RUN_FILE, header)
+        cases_file.write_text("")
+        return
+    if (out / RUN_FILE).exists():
+        old = json.loads((out / RUN_FILE).read_text())
+        diff = sorted(k for k in header if old.get(k) != header[k])
+        if diff:
+            raise BenchmarkError(f"cannot resume {out}: it was run with different {', '.join(diff)}; use the same "
+                                 "method, config, model, data slice and setting, or another folder")
+    _write_json(out / RUN_FILE, header)
+    run.done = _read_cases(cases_file, set(map(str, run.keys)))
+    log.info("resuming %s: %d of %d case(s) already done", out, len(run.done), len(run.keys))
+
+
+def _read_cases(path: Path, wanted: set[str]) -> dict[Any, CaseResult]:
+    """Finished cases of an earlier try; a torn last line (a crash mid-write) is dropped and the file rewritten."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done: dict[Any, CaseResult] = {}
+    keep: list[str] = []
+    for j, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            res = CaseResult.from_dict(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if j == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (the earlier run stopped while writing it)", path)
+                continue
+            raise BenchmarkError(f"{path} line {j + 1} is not a case record ({e}); fix or delete the file") from None
+        if str(res.case_id) not in wanted:
+            raise BenchmarkError(f"{path} holds case {res.case_id!r}, which is not in this run's cases")
+        if res.case_id not in done:
+            done[res.case_id] = res
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return done
+
+
+def _save_chunk(run: _Run, k: int, chunk: list[int], edit: Edit | None, eff: dict, err: str | None) -> None:
+    """Keep an applied sequential edit (or its failure) so that a resumed run can rebuild the edited model."""
+    if run.out is None:
+        return
+    d = run.out / EDITS_DIR / str(k)
+    if d.exists():
+        shutil.rmtree(d)  # an unfinished earlier try of this chunk
+    if edit is not None:
+        edit.save(d)
+    d.mkdir(parents=True, exist_ok=True)
+    keys = json.loads(json.dumps([run.keys[i] for i in chunk], default=str))
+    _write_json(d / "chunk.json", {"case_ids": keys, "efficiency": eff, "error": err})  # written last: "done"
+
+
+def _load_chunk(run: _Run, k: int, chunk: list[int]) -> tuple[Edit | None, dict, str | None] | None:
+    if run.out is None or not (run.out / EDITS_DIR / str(k) / "chunk.json").exists():
+        return None
+    d = run.out / EDITS_DIR / str(k)
+    rec = json.loads((d / "chunk.json").read_text())
+    if rec["case_ids"] != json.loads(json.dumps([run.keys[i] for i in chunk], default=str)):
+        raise BenchmarkError(f"{d} was saved for other cases; resume with the same data slice and batch size")
+    edit = Edit.load(d) if rec["error"] is None else None
+    log.info("resume: re-applying saved chunk %d", k)
+    return edit, rec["efficiency"], rec["error"]
+
+
+# --- summary ---------------------------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_summary(results: list[CaseResult], header: dict[str, Any]) -> dict[str, Any]:
+    """Per-metric means (post and pre; refuses protocol mixes), Score S, counts and efficiency."""
+    from . import __version__
+
+    ok = [r for r in results if "error" not in r.info]
+    summary = {**header, "lmedit_version": __version__, "git_commit": _git_commit(),
+               "n_errors": len(results) - len(ok), "n_already_true": sum(bool(r.info.get("already_true")) for r in results),
+               "post": summarize(ok, "post"), "pre": summarize(results, "pre")}
+    for which in ("post", "pre"):
+        parts = [summary[which].get(m, {}).get("mean") for m in SCORE_S_PARTS]
+        if all(p is not None and not math.isnan(p) for p in parts):
+            summary[which]["score_s"] = {"mean": harmonic_mean(parts), "protocol": summary[which][SCORE_S_PARTS[0]]["protocol"],
+                                         "cases": min(summary[which][m]["cases"] for m in SCORE_S_PARTS)}
+    secs = [r.efficiency["seconds"] for r in ok if "seconds" in r.efficiency]
+    rss = [r.efficiency["peak_rss_bytes"] for r in results if "peak_rss_bytes" in r.efficiency]
+    cuda = [r.efficiency["cuda_peak_bytes"] for r in results if "cuda_peak_bytes" in r.efficiency]
+    summary["efficiency"] = {
+        "median_seconds_per_edit": statistics.median(secs) if secs else None,
+        "mean_seconds_per_edit": statistics.fmean(secs) if secs else None,
+        "total_edit_seconds": sum(r.efficiency.get("seconds", 0.0) for r in results),
+        "max_peak_rss_bytes": max(rss) if rss else None, "max_cuda_peak_bytes": max(cuda) if cuda else None,
+    }
+    return summary
+
+
+def _metric_key(name: str) -> tuple[int, str]:
+    for rank, prefix in enumerate(METRIC_ORDER):
+        if name.startswith(prefix):
+            return rank, name
+    return (len(METRIC_ORDER) + (name == "score_s"), name)
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    """A readable markdown table of a summary: metric, protocol, post ×100, pre ×100, N; then efficiency."""
+    post, pre = summary["post"], summary["pre"]
+    setting = summary["setting"] + (f", batch size {summary['batch_size']}" if summary["setting"] != "single" else "")
+    if summary.get("eval_timing"):
+        setting += f", eval timing {summary['eval_timing']}"
+    data = ", ".join(f"{k}={v}" for k, v in summary.get("data", {}).items())
+    lines = [f"# {summary['method']} on {summary['model']['name']}", "",
+             f"Setting: {setting}. Cases: {summary['n_cases']} (errors: {summary['n_errors']}, already true "
+             f"before the edit: {summary['n_already_true']}).{' Data: ' + data + '.' if data else ''}", "",
+             "| metric | protocol | post ×100 | pre ×100 | N |", "|---|---|---:|---:|---:|"]
+    for name in sorted(set(post) | set(pre), key=_metric_key):
+        p, q = post.get(name, {}), pre.get(name, {})
+        fmt = lambda s: f"{100 * s['mean']:.2f}" if s and not math.isnan(s["mean"]) else "–"  # noqa: E731
+        lines.append(f"| {name} | {p.get('protocol') or q.get('protocol')} | {fmt(p)} | {fmt(q)} | "
+                     f"{p.get('cases', q.get('cases', 0))} |")
+    eff = summary["efficiency"]
+    lines += ["", "Efficiency (editor compute only):"]
+    if eff["median_seconds_per_edit"] is not None:
+        lines.append(f"- seconds per edit: median {eff['median_seconds_per_edit']:.3f}, "
+                     f"mean {eff['mean_seconds_per_edit']:.3f}; total {eff['total_edit_seconds']:.1f} s")
+    if eff["max_peak_rss_bytes"]:
+        lines.append(f"- max peak RSS: {eff['max_peak_rss_bytes'] / 2**20:,.0f} MiB")
+    if eff["max_cuda_peak_bytes"]:
+        lines.append(f"- max CUDA memory: {eff['max_cuda_peak_bytes'] / 2**20:,.0f} MiB")
+    lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""Efficiency of one block of work: wall-clock seconds, CPU memory (RSS) and CUDA memory (methods-spec A.5).
+
+    with measure() as m:
+        edit = editor.compute(handle, requests)
+    m.seconds, m.peak_rss_bytes, m.rss_delta_bytes, m.cuda_peak_bytes
+
+Peak RSS is the larger of two readings:
+- a background thread samples the process's resident set size every ``interval`` seconds (5 ms by
+  default; from ``/proc/self/statm`` on Linux, else ``psutil`` if installed), so short spikes between two
+  samples can be missed;
+- ``getrusage(RUSAGE_SELF).ru_maxrss``, the lifetime peak of the process, used only when it *rose during
+  the block* (then that new peak was reached inside the block; otherwise it dates from earlier work and says
+  nothing about this block).
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start (None without
+CUDA). It counts tensors allocated by PyTorch, not the caching allocator's reserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` saw. Fields are filled when the block exits."""
+
+    seconds: float = 0.0
+    peak_rss_bytes: int | None = None  # max RSS during the block (see the module docstring)
+    rss_delta_bytes: int | None = None  # RSS after minus RSS before
+    cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated during the block
+    rss_samples: int = 0  # how many background samples were taken
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def _rss_reader() -> Callable[[], int] | None:
+    """A cheap function returning the current RSS in bytes, or None where none is available."""
+    if os.path.exists("/proc/self/statm"):
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def statm() -> int:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * page
+
+        return statm
+    try:
+        import psutil
+    except ImportError:
+        return None
+    proc = psutil.Process()
+    return lambda: int(proc.memory_info().rss)
+
+
+def _maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+class _Sampler(threading.Thread):
+    def __init__(self, read: Callable[[], int], interval: float) -> None:
+        super().__init__(daemon=True, name="lmedit-rss-sampler")
+        self.read, self.interval = read, interval
+        self.peak, self.count = read(), 1
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, self.read())
+            self.count += 1
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, self.read())
+        self.count += 1
+
+
+def _cuda():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda
+    return None
+
+
+@contextlib.contextmanager
+def measure(interval: float = 0.005) -> Iterator[Measurement]:
+    """Measure the block's wall-clock time and memory; yields a :class:`Measurement` filled on exit.
+
+    Args:
+        interval: seconds between background RSS samples.
+    """
+    m = Measurement()
+    read = _rss_reader()
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+    rss0 = read() if read else None
+    maxrss0 = _maxrss_bytes()
+    sampler = _Sampler(read, interval) if read else None
+    if sampler:
+        sampler.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if cuda is not None:
+            cuda.synchronize()  # count the queued kernels in the time
+        m.seconds = time.perf_counter() - t0
+        peak = None
+        if sampler:
+            sampler.stop()
+            peak, m.rss_samples = sampler.peak, sampler.count
+            m.rss_delta_bytes = read() - rss0
+        maxrss1 = _maxrss_bytes()
+        if maxrss1 > maxrss0:  # a new lifetime peak was set inside the block
+            peak = max(peak or 0, maxrss1)
+        m.peak_rss_bytes = peak
+        if cuda is not None:
+            m.cuda_peak_bytes = int(cuda.max_memory_allocated())

@@ -1,0 +1,220 @@
+"""The benchmark runner on a tiny model with a throwaway editor (never registered)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+
+import pytest
+import torch
+
+from lmedit.benchmark import BenchmarkError, build_summary, run_benchmark
+from lmedit.config import Config, option
+from lmedit.edits import WeightDelta
+from lmedit.methods.base import Capabilities, Editor
+from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC, CaseResult, ProtocolMixError, Score
+from lmedit.models.handle import tensor_digest
+from lmedit.types import QA, EditCase, EditInputError, EditRequest
+
+
+@dataclasses.dataclass
+class _ToyConfig(Config):
+    scale: float = option(0.3, "size of the random update")
+    layer: int = option(1, "layer whose MLP output projection changes")
+
+
+class ToyEditor(Editor):
+    """Adds a random update (seeded by the requests' text) to one MLP output projection."""
+
+    Config = _ToyConfig
+    capabilities = Capabilities(batch=True, sequential=True)
+
+    def __init__(self, *a, fail_on=(), crash_after=None, **kw):
+        super().__init__(*a, **kw)
+        self.fail_on, self.crash_after, self.calls = set(fail_on), crash_after, 0
+
+    def _compute(self, handle, requests, cfg):
+        self.calls += 1
+        if self.crash_after is not None and self.calls > self.crash_after:
+            raise RuntimeError("simulated crash")
+        if any(r.case_id in self.fail_on for r in requests):
+            raise EditInputError("toy editor refuses this case")
+        name = handle.adapter.mlp_out.format(cfg.layer) + ".weight"
+        p = handle.model.get_parameter(name)
+        seed = zlib.crc32("|".join(r.text + r.target_new for r in requests).encode())
+        g = torch.Generator().manual_seed(seed)
+        delta = torch.randn(p.shape, generator=g) * cfg.scale
+        return WeightDelta({name: delta}, {name: tensor_digest(p)},
+                           meta={"stats": {"relative_norm": {name: float(delta.norm() / p.norm())}}})
+
+
+class SingleOnly(ToyEditor):
+    capabilities = Capabilities(batch=False, sequential=False)
+
+
+def _cases(n=6):
+    subjects = ["Danielle Darrieux", "Michel Rocard", "Toko Yasuda", "Barack Obama", "Watts Humphrey", "Apple",
+                "Tokyo", "Paris"]
+    out = []
+    for i in range(n):
+        s = subjects[i % len(subjects)]
+        req = EditRequest(prompt="The mother tongue of {} is", subject=s, target_new="English",
+                          target_true="French", case_id=i)
+        out.append(EditCase(req, paraphrases=(f"Where {s} is from, people speak the language of",),
+                            locality=(QA("The capital of France is", "Paris"),),
+                            neighborhood=("Michel Rocard is a native speaker of",), source=f"toy#{i}"))
+    return out
+
+
+def _lines(path):
+    return [json.loads(line) for line in (path / "cases.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("setting,batch_size,timing", [
+    ("single", 1, "final"), ("batch", 3, "final"), ("sequential", 2, "immediate"), ("sequential", 2, "final"),
+])
+def test_settings_write_files_and_restore_model(tiny_llama, tmp_path, setting, batch_size, timing):
+    before = tiny_llama.state_digest()
+    cases = _cases(6)
+    res = run_benchmark(ToyEditor(), tiny_llama, cases, setting=setting, batch_size=batch_size,
+                        eval_timing=timing, out_dir=tmp_path, run_info={"dataset": "toy", "n": 6})
+    assert tiny_llama.state_digest() == before
+    assert [r.case_id for r in res.results] == list(range(6))
+    lines = _lines(tmp_path)
+    assert sorted(d["case_id"] for d in lines) == list(range(6))
+    assert all(d["setting"]["setting"] == setting for d in lines)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["setting"] == setting and summary["model_restored"] is True
+    assert summary["data"] == {"dataset": "toy", "n": 6}
+    assert summary["config"] == {"scale": 0.3, "layer": 1} and summary["config_hash"]
+    for m in ("reliability", "generalization", "locality", "efficacy_score", "neighborhood_score"):
+        assert summary["post"][m]["cases"] == 6, m
+        assert m in summary["pre"] or m == "locality"  # pre locality is agreement with itself: not scored
+    assert 0 <= summary["post"]["score_s"]["mean"] <= 1
+    assert summary["efficiency"]["median_seconds_per_edit"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| reliability | token_acc |" in table and "seconds per edit" in table
+    eff = res.results[0].efficiency
+    assert eff["chunk_size"] == (1 if setting == "single" else batch_size)
+    assert eff["seconds"] == pytest.approx(eff["chunk_seconds"] / eff["chunk_size"])
+    if setting == "sequential":
+        assert len(summary["chunk_stats"]) == 3
+        assert summary["eval_timing"] == timing
+
+
+def test_edits_change_scores_and_baseline_is_original(tiny_llama):
+    cases = _cases(4)
+    res = run_benchmark(ToyEditor(scale=2.0), tiny_llama, cases, setting="sequential", batch_size=1,
+                        eval_timing="final")
+    # a big cumulative random change moves predictions away from the original model's
+    assert res.summary["post"]["locality"]["mean"] < 1.0
+    assert all(r.post["locality"].protocol == "token_acc" for r in res.results)
+
+
+def test_immediate_and_final_differ_for_early_cases(tiny_llama):
+    cases = _cases(4)
+    imm = run_benchmark(ToyEditor(scale=2.0), tiny_llama, cases, setting="sequential", eval_timing="immediate")
+    fin = run_benchmark(ToyEditor(scale=2.0), tiny_llama, cases, setting="sequential", eval_timing="final")
+    # the last case is scored on the same model either way; the first is not
+    assert imm.results[-1].post == fin.results[-1].post
+    assert imm.results[0].post != fin.results[0].post
+
+
+def test_recoverable_error_is_recorded_and_run_goes_on(tiny_llama, tmp_path):
+    res = run_benchmark(ToyEditor(fail_on={2}), tiny_llama, _cases(4), out_dir=tmp_path)
+    bad = res.results[2]
+    assert "toy editor refuses" in bad.info["error"] and bad.post == {}
+    assert res.summary["n_errors"] == 1 and res.summary["post"]["reliability"]["cases"] == 3
+    assert "errors: 1" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize("setting,batch_size,timing", [
+    ("single", 1, "final"), ("batch", 2, "final"), ("sequential", 2, "immediate"), ("sequential", 2, "final"),
+])
+def test_resume_after_crash(tiny_llama, tmp_path, setting, batch_size, timing):
+    before = tiny_llama.state_digest()
+    cases = _cases(6)
+    kw = dict(setting=setting, batch_size=batch_size, eval_timing=timing, out_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_benchmark(ToyEditor(crash_after=2), tiny_llama, cases, **kw)
+    assert tiny_llama.state_digest() == before  # the crash reverted what was applied
+    partial = _lines(tmp_path)
+    # two chunks finished before the crash; final timing scores nothing until every chunk is applied
+    assert len(partial) == (0 if timing == "final" and setting == "sequential" else 2 * batch_size)
+    with pytest.raises(BenchmarkError, match="resume=True"):
+        run_benchmark(ToyEditor(), tiny_llama, cases, **kw)
+    editor = ToyEditor()
+    res = run_benchmark(editor, tiny_llama, cases, resume=True, **kw)
+    assert editor.calls == (4 if setting == "single" else 1)  # only unfinished chunks are computed again
+    assert tiny_llama.state_digest() == before
+    ids = [d["case_id"] for d in _lines(tmp_path)]
+    assert sorted(ids) == list(range(6)) and len(ids) == 6
+    # a resumed run gives the same numbers as an uninterrupted one
+    fresh = run_benchmark(ToyEditor(), tiny_llama, cases, setting=setting, batch_size=batch_size, eval_timing=timing)
+    assert [r.post for r in res.results] == [r.post for r in fresh.results]
+
+
+def test_resume_drops_torn_last_line(tiny_llama, tmp_path):
+    cases = _cases(3)
+    run_benchmark(ToyEditor(), tiny_llama, cases, out_dir=tmp_path)
+    text = (tmp_path / "cases.jsonl").read_text().splitlines()
+    (tmp_path / "cases.jsonl").write_text(text[0] + "\n" + text[1][:25])  # crash while writing line 2
+    editor = ToyEditor()
+    run_benchmark(editor, tiny_llama, cases, out_dir=tmp_path, resume=True)
+    assert editor.calls == 2
+    assert sorted(d["case_id"] for d in _lines(tmp_path)) == [0, 1, 2]
+
+
+def test_resume_refuses_other_settings(tiny_llama, tmp_path):
+    cases = _cases(2)
+    run_benchmark(ToyEditor(), tiny_llama, cases, out_dir=tmp_path)
+    with pytest.raises(BenchmarkError, match="config"):
+        run_benchmark(ToyEditor(scale=0.1), tiny_llama, cases, out_dir=tmp_path, resume=True)
+
+
+def test_already_true_is_marked(tiny_llama):
+    # make the target the model's own greedy answer, so pre reliability is 1
+    prompt = "The capital of France is"
+    ids = tiny_llama.tokens.prompt_ids(prompt)
+    with torch.no_grad():
+        nxt = int(tiny_llama.model(torch.tensor([ids])).logits[0, -1].argmax())
+    word = tiny_llama.tokenizer.decode([nxt])
+    target_ids = tiny_llama.tokens.target_ids(prompt, word.strip())
+    if target_ids != [nxt]:
+        pytest.skip(f"greedy token {word!r} does not round-trip as a spaced target in the tiny tokenizer")
+    case = EditCase(EditRequest(prompt=prompt, subject="France", target_new=word.strip(), case_id="x"))
+    res = run_benchmark(ToyEditor(), tiny_llama, [case])
+    assert res.results[0].info.get("already_true") is True
+
+
+def test_bad_arguments(tiny_llama):
+    cases = _cases(2)
+    with pytest.raises(ValueError, match="capabilities.batch"):
+        run_benchmark(SingleOnly(), tiny_llama, cases, setting="batch", batch_size=2)
+    with pytest.raises(ValueError, match="sequential"):
+        run_benchmark(SingleOnly(), tiny_llama, cases, setting="sequential")
+    with pytest.raises(ValueError, match="setting"):
+        run_benchmark(ToyEditor(), tiny_llama, cases, setting="lifelong")
+    with pytest.raises(ValueError, match="eval_timing"):
+        run_benchmark(ToyEditor(), tiny_llama, cases, setting="sequential", eval_timing="later")
+    dup = [cases[0], cases[0]]
+    with pytest.raises(EditInputError, match="unique"):
+        run_benchmark(ToyEditor(), tiny_llama, dup)
+
+
+def test_summary_refuses_protocol_mix():
+    a = CaseResult(0, post={"reliability": Score(1.0, TOKEN_ACC)})
+    b = CaseResult(1, post={"reliability": Score(0.0, PROB_COMPARE)})
+    header = {"method": "toy", "setting": "single", "model": {"name": "m"}}
+    with pytest.raises(ProtocolMixError):
+        build_summary([a, b], header)
+    s = build_summary([a, CaseResult(1, post={"reliability": Score(0.5, TOKEN_ACC)})], header)
+    assert s["post"]["reliability"]["mean"] == 0.75
+
+
+def test_progress_bar_runs(tiny_llama, capsys):
+    run_benchmark(ToyEditor(), tiny_llama, _cases(2), progress=True)
+    assert "rel" in capsys.readouterr().err
+    run_benchmark(ToyEditor(), tiny_llama, _cases(2))
+    assert capsys.readouterr() == ("", "")  # the library prints nothing without progress=True
