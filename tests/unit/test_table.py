@@ -1,0 +1,253 @@
+"""lmedit table: the cell cache, the layout, and whole (tiny) tables through the local backend.
+
+The tables run a throwaway in-context editor (registered for the test only) on a tiny random Llama saved to
+disk, over 2-case slices of the real benchmark files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from lmedit.config import Config, option
+from lmedit.edits import PromptContext
+from lmedit.methods.base import Capabilities, Editor
+from lmedit.registry import UnknownMethodError, register_editor
+from lmedit.table import build_table, resolve_methods
+from lmedit.table.cells import CellCache, CellResult, CellSpec, cell_key
+from lmedit.table.layout import build_rows, markdown
+
+TOY = "table-toy"
+TOY_FIT = "table-toy-fit"
+
+
+@dataclasses.dataclass
+class ToyConfig(Config):
+    template: str = option("Fact: {} {}. ", "context written before every prompt")
+
+
+class ToyEditor(Editor):
+    """Puts the new fact in front of every prompt; counts its computes and can be told to crash."""
+
+    Config = ToyConfig
+    capabilities = Capabilities(batch=True, sequential=True, edit_kind="prompt_context")
+    calls: ClassVar[int] = 0
+    crash_after: ClassVar[int | None] = None
+
+    def _compute(self, handle: Any, requests: list, cfg: ToyConfig) -> PromptContext:
+        if ToyEditor.crash_after is not None and ToyEditor.calls >= ToyEditor.crash_after:
+            raise RuntimeError("simulated crash")
+        ToyEditor.calls += 1
+        return PromptContext("".join(cfg.template.format(r.text, r.target_new) for r in requests))
+
+
+class ToyFitEditor(ToyEditor):
+    capabilities = Capabilities(batch=False, sequential=False, needs_fit=True, edit_kind="prompt_context")
+
+
+@pytest.fixture
+def toy():
+    from lmedit import registry
+
+    registry.list_editors()  # discover the real editors first, so ours is only added
+    register_editor(TOY)(ToyEditor)
+    register_editor(TOY_FIT)(ToyFitEditor)
+    ToyEditor.calls, ToyEditor.crash_after = 0, None
+    yield ToyEditor
+    registry._EDITORS.pop(TOY, None)
+    registry._EDITORS.pop(TOY_FIT, None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import make_model, make_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _table(model_dir, out, **kw):
+    kw.setdefault("methods", TOY)
+    kw.setdefault("datasets", ["zsre"])
+    kw.setdefault("n", 2)
+    return build_table(model_dir, out=out, threads=1, **kw)
+
+
+# --- cache -----------------------------------------------------------------------------------------------
+
+def _cell(spec: CellSpec, key: dict, value: float = 0.5) -> CellResult:
+    return CellResult(spec, "ok", post={"reliability": {"mean": value, "protocol": "token_acc", "cases": 2}}, key=key)
+
+
+def test_cache_hit_stale_and_corrupt(tmp_path):
+    cache = CellCache(tmp_path)
+    spec = CellSpec("m", "zsre", n=2)
+    key = cell_key(spec, fingerprint="f", config_hash="c", data_digest="d")
+    assert cache.load(spec, key) is None
+    folder, resume = cache.prepare(spec, key)
+    assert not resume and (folder / "key.json").exists()
+    assert cache.prepare(spec, key)[1], "a partial run with the same key resumes"
+    cache.store(_cell(spec, key))
+    hit = cache.load(spec, key)
+    assert hit is not None and hit.cached and hit.post["reliability"]["mean"] == 0.5
+
+    stale = cell_key(spec, fingerprint="f", config_hash="other", data_digest="d")
+    assert cache.load(spec, stale) is None and not folder.exists(), "a stale cell is wiped"
+
+    cache.prepare(spec, key)
+    cache.store(_cell(spec, key))
+    path = folder / "cell.json"
+    doc = json.loads(path.read_text())
+    doc["body"]["post"]["reliability"]["mean"] = 0.99  # tampered: the digest no longer matches
+    path.write_text(json.dumps(doc))
+    assert cache.load(spec, key) is None and not folder.exists(), "a corrupt cell is not trusted"
+    cache.prepare(spec, key)
+    path.write_text('{"sha256": "x", "bo')  # torn write
+    assert cache.load(spec, key) is None
+
+
+def test_key_changes_with_every_component():
+    spec = CellSpec("m", "zsre", n=2)
+    base = cell_key(spec, fingerprint="f", config_hash="c", data_digest="d")
+    variants = [cell_key(dataclasses.replace(spec, n=3), fingerprint="f", config_hash="c", data_digest="d"),
+                cell_key(dataclasses.replace(spec, setting="sequential"), fingerprint="f", config_hash="c",
+                         data_digest="d"),
+                cell_key(spec, fingerprint="g", config_hash="c", data_digest="d"),
+                cell_key(spec, fingerprint="f", config_hash="e", data_digest="d"),
+                cell_key(spec, fingerprint="f", config_hash="c", data_digest="x")]
+    assert all(v != base for v in variants)
+
+
+# --- layout ----------------------------------------------------------------------------------------------
+
+def test_layout_bold_pre_and_footnotes():
+    def ok(method, rel, gen=None, fields=None):
+        post = {"reliability": {"mean": rel, "protocol": "token_acc", "cases": 2},
+                "locality": {"mean": 1.0, "protocol": "token_acc", "cases": 2}}
+        if gen is not None:
+            post["generalization"] = {"mean": gen, "protocol": "token_acc", "cases": 2}
+        pre = {"reliability": {"mean": 0.25, "protocol": "token_acc", "cases": 2}}
+        return CellResult(CellSpec(method, "zsre", n=2), "ok", post=post, pre=pre,
+                          fields=fields or {"paraphrases": 2, "locality": 2, "portability": 0})
+
+    cells = [ok("a", 0.5, 0.4), ok("b", 0.9, None, {"paraphrases": 0, "locality": 2, "portability": 0}),
+             CellResult(CellSpec("c", "zsre", n=2), "skipped", "c needs a checkpoint")]
+    rows = build_rows(cells, ["a", "b", "c"], ["zsre"])
+    assert [r.metric for r in rows] == ["reliability", "generalization", "locality"]
+    meta = {"model": "tiny", "model_fingerprint": "f", "lmedit_version": "0", "commit": "abc",
+            "setting_label": "single edits", "n": 2}
+    md = markdown(rows, ["a", "b", "c"], meta)
+    rel = next(line for line in md.splitlines() if "Reliability" in line)
+    assert "| 25.0 | 50.0 | **90.0** | -[^" in rel, rel
+    loc = next(line for line in md.splitlines() if "Locality" in line)
+    assert "**" not in loc, "equal values are not bolded"
+    assert "c needs a checkpoint" in md
+    assert "the zsre cases have no 'paraphrases' field, which generalization needs" in md
+
+
+# --- whole tables ----------------------------------------------------------------------------------------
+
+def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
+    t = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"table1.md", "table1.csv", "table1.json", "efficiency.md", "table1.png", "efficiency.png"} <= files
+    assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r.metric for r in t.rows] == ["reliability", "generalization", "locality", "multihop"]
+    assert all(c.status == "ok" for c in t.cells), [c.reason for c in t.cells]
+    doc = json.loads((tmp_path / "table1.json").read_text())
+    rec = [r for r in doc["rows"] if r["method"] == TOY]
+    assert {r["protocol"] for r in rec} == {"token_acc", "greedy_exact"}
+    assert all(r["n_cases"] == 2 and r["model_fingerprint"] == doc["meta"]["model_fingerprint"] for r in rec)
+    assert doc["meta"]["lmedit_version"] and "config_hash" in rec[0]
+    header = (tmp_path / "table1.csv").read_text().splitlines()[0]
+    assert header.startswith("dataset,metric,method,value,protocol,n_cases")
+    assert "s/edit zsre" in (tmp_path / "efficiency.md").read_text()
+    calls = toy.calls
+    assert calls == 2 + 2, "one edit per ZsRE case; one batched edit of 4 requests per MQuAKE case"
+
+    again = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    assert toy.calls == calls, "a rerun computes nothing"
+    assert all(c.cached for c in again.cells)
+    assert again.markdown.split("\n", 4)[4] == t.markdown.split("\n", 4)[4]  # same body (the header has the time)
+
+    cell_file = tmp_path / "cells" / f"{TOY}__zsre" / "cell.json"
+    cell_file.write_text(cell_file.read_text()[:-20])  # corrupt one entry
+    third = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    assert [c.cached for c in third.cells] == [False, True]
+    assert toy.calls == calls + 2, "only the corrupt cell was recomputed"
+
+
+def test_mquake_edits_are_batched_or_stacked(toy, model_dir, tmp_path):
+    _table(model_dir, tmp_path, datasets=["mquake"], n=1)
+    assert toy.calls == 1, "a batching editor applies the 4 MQuAKE edits as one batch"
+    ToyEditor.capabilities = Capabilities(batch=False, sequential=True, edit_kind="prompt_context")
+    try:
+        _table(model_dir, tmp_path / "seq", datasets=["mquake"], n=1)
+    finally:
+        ToyEditor.capabilities = Capabilities(batch=True, sequential=True, edit_kind="prompt_context")
+    assert toy.calls == 1 + 4, "a non-batching editor stacks them one at a time"
+
+
+def test_interrupted_cell_resumes_finished_cases(toy, model_dir, tmp_path):
+    toy.crash_after = 1  # the second edit crashes: one case is finished and on disk
+    t = _table(model_dir, tmp_path, n=3)
+    assert t.cells[0].status == "failed" and "simulated crash" in t.cells[0].reason
+    assert "-[^1]" in t.markdown
+    lines = (tmp_path / "cells" / f"{TOY}__zsre" / "run-000" / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    toy.crash_after = None
+    t = _table(model_dir, tmp_path, n=3)
+    assert t.cells[0].status == "ok" and t.cells[0].info["cases"] == 3
+    assert toy.calls == 3, "the finished case was not edited again"
+
+
+def test_sequential_setting_same_shape(toy, model_dir, tmp_path):
+    single = _table(model_dir, tmp_path / "s")
+    seq = _table(model_dir, tmp_path / "q", setting="sequential", edits=2, eval_timing="immediate")
+    assert [r.metric for r in seq.rows] == [r.metric for r in single.rows]
+    assert "sequential, T=2 edits per sequence, immediate evaluation" in seq.markdown
+
+
+def test_unknown_method_lists_available(toy):
+    with pytest.raises(UnknownMethodError, match="Available: .*table-toy"):
+        resolve_methods("table-toy,nope")
+
+
+def test_cli_unknown_method(toy, capsys):
+    from lmedit.cli import main
+
+    assert main(["table", "--methods", "nope", "--out", "unused"]) == 1
+    assert "Available:" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_path):
+    t = _table(model_dir, tmp_path, methods=f"{TOY},{TOY_FIT}")
+    fit = next(c for c in t.cells if c.spec.method == TOY_FIT)
+    assert fit.status == "skipped" and "lmedit train --method table-toy-fit" in fit.reason
+    names, missing = resolve_methods("paper")
+    assert len(names) == 10 and all("registered" in r for r in missing.values())
+
+
+def test_multihop_leaves_model_untouched(toy, model_dir):
+    from lmedit.data import load_mquake
+    from lmedit.models.loading import load_model
+    from lmedit.table.multihop import CannotStackEdits, apply_all, revert_all, score_multihop
+
+    handle = load_model(model_dir)
+    case = load_mquake(n=1)[0]
+    before = score_multihop(handle, case)
+    assert before["multihop"].protocol == "greedy_exact" and before["multihop"].n >= 3
+    edits, eff = apply_all(ToyEditor(), handle, list(case.requests))
+    assert handle.contexts and eff["seconds"] >= 0 and eff["edits"] == 4
+    revert_all(handle, edits)
+    assert handle.contexts == []
+    with pytest.raises(CannotStackEdits):
+        apply_all(ToyFitEditor(), handle, list(case.requests))
+    torch.testing.assert_close(score_multihop(handle, case)["multihop_token_acc"].value,
+                               before["multihop_token_acc"].value)
