@@ -1,0 +1,64 @@
+"""MEND -- Model Editor Networks with Gradient Decomposition (Mitchell et al., ICLR 2022).
+
+    editor = lmedit.get_editor("mend", checkpoint="runs/mend")        # trained with `lmedit train --method mend`
+    edit = editor.compute(handle, [request])                           # a low-rank WeightDelta
+
+Training (``editor.fit`` or ``lmedit train``) meta-learns the editor network on (edit, rephrase, locality)
+triples; see :mod:`.network` for the network and :mod:`.objective` for the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ...config import ConfigError, option
+from ...edits import Edit
+from ...methods.base import Capabilities
+from ...registry import register_editor
+from ...training.editor import TrainedConfig, TrainedEditor
+from ...types import EditRequest
+from .objective import MENDObjective
+
+
+@dataclass
+class MENDConfig(TrainedConfig):
+    layers: list[int] | None = option(None, "layers whose MLP matrices are edited (None: the last 3)")
+    matrices: Literal["in", "out", "both"] = option("both", "which MLP matrices: input projection(s), output, both")
+    rank: int = option(1920, "rank of the editor MLP's hidden layer (capped at d_in + d_out; paper: 1920)")
+    edit_lr: float = option(1e-4, "initial per-matrix step size α_ℓ (learned)")
+    lr_lr: float = option(1e-3, "Adam learning rate of the step sizes α_ℓ")
+    cedit: float = option(1.0, "weight c_edit of the edit loss on the edit and rephrase prompts")
+    cloc: float = option(1.0, "weight c_loc of the locality KL")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("layers is empty; give at least one layer or None for the last 3")
+
+
+@register_editor("mend")
+class MEND(TrainedEditor):
+    """Meta-trained low-rank gradient transform -> WeightDelta; batch-capable."""
+
+    Config: ClassVar[type] = MENDConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
+                                                         edit_kind="weight_delta", encoder_decoder=True)
+    quick: ClassVar[dict[str, Any]] = {"steps": 40, "batch_size": 2, "rank": 16, "lr": 1e-3, "lr_lr": 1e-2,
+                                       "edit_lr": 1e-3, "val_every": 20, "val_size": 2, "val_batches": 1,
+                                       "patience": 0}
+
+    def resolve(self, handle: Any, cfg: MENDConfig) -> MENDConfig:
+        if cfg.layers is None:
+            n = handle.n_layers
+            cfg = cfg.replace(layers=list(range(max(0, n - 3), n)))
+        handle.adapter.check_layers(handle.model, cfg.layers)
+        return cfg
+
+    def build(self, handle: Any, cfg: MENDConfig) -> MENDObjective:
+        return MENDObjective(handle, self.resolve(handle, cfg))
+
+    def edit_from(self, obj: MENDObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+        return obj.edit(requests, {"checkpoint": cfg.checkpoint})

@@ -1,0 +1,141 @@
+"""Checkpoints of trained editors: tensors in safetensors, everything else in a JSON file next to them.
+
+Layout of an output directory::
+
+    editor.json + editor.safetensors     the trained editor (best validation state) -- what ``checkpoint=`` loads
+    train.json  + train.safetensors      the last training state (editor, optimiser, counters) -- for --resume
+    best.safetensors                     the best editor state so far (copied into editor.* at the end)
+
+Each JSON file records the method, the base model's name and fingerprint, the editor configuration, and the
+sha256 of every safetensors file it refers to, so a checkpoint for another model or method is refused with
+a message that says so, and a truncated or altered file is detected before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+EDITOR = "editor"
+TRAIN = "train"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message says why and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write tensors atomically; returns the file's sha256."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    _atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+          extra_files: dict[str, str] | None = None) -> Path:
+    """Save ``<stem>.safetensors`` then ``<stem>.json`` (the JSON last: a crash leaves the old pair valid
+    only if the tensor file was not yet replaced, which the hash check then reports)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = save_tensors(directory / f"{stem}.safetensors", tensors)
+    files = {f"{stem}.safetensors": digest, **(extra_files or {})}
+    body = {"format": FORMAT, **info, "files": files}
+    _atomic_write_bytes(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
+    return directory / f"{stem}.json"
+
+
+def read(directory: str | Path, stem: str, *, method: str, fingerprint: str | None,
+         model_name: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load ``<stem>.json`` + its tensors, checking format, method, base model and file hashes."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / f"{stem}.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no {stem}.json in {directory}: not a trained-editor checkpoint directory")
+    try:
+        info = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {meta_path} is corrupted ({e}); retrain, or resume from a copy") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not an lmedit checkpoint of format {FORMAT}")
+    if info.get("method") != method:
+        raise CheckpointError(
+            f"checkpoint {directory} was trained for method {info.get('method')!r}, not {method!r}; "
+            f"train one with: lmedit train --method {method} --model <model> --dataset zsre --out DIR")
+    if fingerprint is not None and info.get("model_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {directory} was trained on model {info.get('model_name')!r} (fingerprint "
+            f"{info.get('model_fingerprint')}), not on {model_name!r} (fingerprint {fingerprint}); a trained "
+            f"editor only works for the model it was trained on: run lmedit train --method {method} "
+            f"--model {model_name} ...")
+    tensor_file = f"{stem}.safetensors"
+    path = directory / tensor_file
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {directory} lacks {tensor_file}; the directory is incomplete")
+    want = info.get("files", {}).get(tensor_file)
+    got = _sha256(path)
+    if want != got:
+        raise CheckpointError(f"{path} is corrupted or was changed after saving (sha256 {got[:12]}..., "
+                              f"expected {str(want)[:12]}...); retrain, or resume from an intact copy")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types on bad files)
+        raise CheckpointError(f"{path} cannot be read ({e}); retrain, or resume from an intact copy") from e
+    return info, tensors
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix.`` with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser's state as flat tensors + a JSON description (param groups without the params)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in info.get("scalars", {}).items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})

@@ -1,0 +1,140 @@
+"""The trained-editor base: shared config fields, ``fit``, checkpoint loading and the "train me first" error.
+
+A method subclasses :class:`TrainedEditor`, declares a Config derived from :class:`TrainedConfig`, and
+implements ``build(handle, cfg) -> Objective`` (its networks + losses) and ``edit_from(objective, handle,
+requests, cfg) -> Edit``. Trained state lives in the editor instance, keyed by the base model's fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import Config, ConfigError, option
+from ..edits import Edit
+from ..methods.base import Capabilities, Editor
+from ..types import EditCase, EditRequest
+from . import checkpoint as ckpt
+from .data import examples_from_cases, split
+from .trainer import Objective, Trainer, TrainResult, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedConfig(Config):
+    """Fields every trained editor has (training length, optimiser, validation, checkpoint)."""
+
+    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + editor.safetensors)")
+    steps: int = option(2000, "training steps (one batch of edits each)")
+    batch_size: int = option(4, "edits per training step")
+    lr: float = option(1e-4, "Adam learning rate of the editor network")
+    val_every: int = option(100, "validate and checkpoint every this many steps")
+    val_batches: int = option(10, "validation batches per validation (0 = the whole held-back slice)")
+    val_size: int = option(100, "training cases held back for validation (the last ones)")
+    patience: int = option(5, "stop after this many validations without improvement (0 = never)")
+    seed: int = option(0, "seed of the batch order and the network initialisation")
+    grad_clip: float = option(100.0, "gradient-norm clip of the outer optimiser")
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+class NotTrainedError(RuntimeError):
+    """A trained editor asked to edit before it was trained or loaded."""
+
+
+class TrainedEditor(Editor):
+    """Base class of editors that must be trained (``capabilities.needs_fit``)."""
+
+    Config: ClassVar[type[Config]] = TrainedConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, needs_fit=True)
+    quick: ClassVar[dict[str, Any]] = {}
+    default_dataset: ClassVar[str] = "zsre"
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._trained: dict[str, Objective] = {}  # base-model fingerprint -> trained objective
+
+    # --- for subclasses ----------------------------------------------------------------------------
+    def build(self, handle: Any, cfg: Any) -> Objective:
+        raise NotImplementedError
+
+    def edit_from(self, obj: Any, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+        raise NotImplementedError
+
+    # --- training ----------------------------------------------------------------------------------
+    def train_command(self, handle: Any) -> str:
+        return (f"lmedit train --method {self.name} --model {handle.name} --dataset {self.default_dataset} "
+                f"--out runs/{self.name}")
+
+    def _info(self, handle: Any, cfg: Any) -> dict[str, Any]:
+        return {"method": self.name, "model_name": handle.name, "model_fingerprint": handle.fingerprint,
+                "config": cfg.to_dict()}
+
+    def fit(self, handle: Any, cases: list[EditCase], *, quick: bool = False, steps: int | None = None,
+            out: str | Path | None = None, progress: bool = False, resume: bool = False,
+            on_step: Any = None) -> TrainResult:
+        """Train the editor for ``handle``'s model on ``cases`` (the last ``val_size`` are held back).
+
+        Args:
+            quick: use the class's ``quick`` settings (seconds on the tiny test models).
+            steps: override the number of training steps.
+            out: directory for checkpoints and the final ``editor.*`` files (None: keep in memory only).
+            resume: continue the run saved in ``out`` (at most one checkpoint interval is lost).
+        """
+        cfg = self.config_for(handle)
+        if quick:
+            cfg = cfg.replace(**{**self.quick, **self._overrides})
+        if steps is not None:
+            cfg = cfg.replace(steps=steps)
+        train, val = split(examples_from_cases(cases), cfg.val_size)
+        obj = self.build(handle, cfg)
+        settings = TrainSettings(cfg.steps, cfg.batch_size, cfg.val_every, cfg.val_batches, cfg.patience,
+                                 cfg.seed, cfg.grad_clip)
+        trainer = Trainer(obj, settings, self._info(handle, cfg), out=out, progress=progress, on_step=on_step)
+        if resume:
+            trainer.resume()
+        log.info("training %s on %d cases (%d held back) for up to %d steps", self.name, len(train), len(val),
+                 cfg.steps)
+        result = trainer.run(train, val)
+        self._trained[handle.fingerprint] = obj
+        if out is not None:
+            ckpt.write(out, ckpt.EDITOR, obj.state_tensors(),
+                       {**self._info(handle, cfg), "steps_done": result.steps_done, "best_val": result.best_val,
+                        "stopped_early": result.stopped_early, "history": result.history})
+        return result
+
+    def load_checkpoint(self, handle: Any, directory: str | Path) -> Objective:
+        """Load ``editor.*`` from ``directory`` for ``handle`` (refuses other models and methods)."""
+        info, tensors = ckpt.read(directory, ckpt.EDITOR, method=self.name, fingerprint=handle.fingerprint,
+                                  model_name=handle.name)
+        cfg = self.Config.from_dict({**info["config"], "checkpoint": str(directory)})
+        obj = self.build(handle, cfg)
+        try:
+            obj.load_state_tensors(tensors)
+        except (KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {directory} does not fit this {self.name} editor: {e}") from e
+        self._trained[handle.fingerprint] = obj
+        return obj
+
+    def trained_for(self, handle: Any, cfg: Any) -> Objective:
+        if handle.fingerprint in self._trained:
+            return self._trained[handle.fingerprint]
+        if cfg.checkpoint:
+            return self.load_checkpoint(handle, cfg.checkpoint)
+        raise NotTrainedError(
+            f"{self.name} must be trained for model {handle.name!r} before it can edit. Train it with\n"
+            f"    {self.train_command(handle)}\n"
+            f"and then pass checkpoint='runs/{self.name}' (get_editor('{self.name}', checkpoint=...)), "
+            "or call editor.fit(handle, cases) in Python.")
+
+    def _compute(self, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+        obj = self.trained_for(handle, cfg)
+        return self.edit_from(obj, handle, requests, cfg)
