@@ -272,6 +272,10 @@ class SwapModule(nn.Module):
     def get_config(self) -> dict[str, Any]:
         return {}
 
+    def bind(self, handle: Any) -> None:
+        """Called by :meth:`ModuleSwap.apply` before installing: modules that need the handle (its tokenizer,
+        adapter or caches) at run time take it here; it is never saved."""
+
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
@@ -300,6 +304,7 @@ class ModuleSwap(Edit):
                 if ref is not None:
                     m.to(device=ref.device)
                 m.base = original
+                m.bind(handle)
                 set_module(handle.model, path, m)
                 installed.append((path, original))
         except Exception:
