@@ -86,7 +86,13 @@ class ModelAdapter:
 
     def unembedding(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_U [vocab, d] and its bias. Works for tied embeddings (no ``lm_head.weight`` parameter)."""
-        head = get_module(model, self.lm_head)
+        try:
+            head = get_module(model, self.lm_head)
+        except LookupError:
+            # renamed across transformers versions (GPT-NeoX: embed_out in 4.x, lm_head in 5.x)
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if head is None:
+                raise
         return head.weight, getattr(head, "bias", None)
 
     # --- outputs -----------------------------------------------------------------------------------

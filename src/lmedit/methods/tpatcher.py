@@ -1,0 +1,277 @@
+"""T-Patcher (Huang et al., ICLR 2023): one extra FFN neuron ("patch") per edit in the last FFN layer.
+
+A patch is a key k_p ∈ R^d with bias b_p and a value v_p ∈ R^d. On the FFN input x it adds
+    FFN'(x) = FFN(x) + act(k_pᵀ x + b_p) · v_p
+to the FFN output. For a plain FFN (W_out·act(W_in x + b)) that is exactly one more row of W_in (with its
+bias) and one more column of W_out; for a gated FFN (W_down·(act(W_gate x) ⊙ W_up x)) it is one more row
+of W_gate (k_p, bias b_p) and of W_up (zero weights, bias 1) and one more column of W_down. It is built as
+a ModuleSwap around the FFN module instead of resizing the model's weights, so patches nest (sequential
+edits) and each edit's patches are reverted exactly.
+
+Init: k_p = h̄/‖h̄‖² (h̄ the mean FFN input over the activation positions, so z = k_pᵀh̄ + b_p = 1), b_p = 0,
+v_p = e ⊙ s with e random and s = ``amplify`` (the paper's amplify_con). Loss (paper Eq. 5-7):
+    L = L_edit + alc·L_act + mlc·L_mem
+    L_edit: label-smoothed NLL of the target tokens;
+    L_act  = mean over the top-5 of exp(margin_act − z_edit)           (keep the patch firing on the edit);
+    L_mem  = mean top-k exp(z_mem − margin_mem) + mean top-k exp(z_mem − (min z_edit − margin_gap))
+             (keep it silent on a memory of FFN inputs from ordinary text: WikiText, cached per model).
+Training stops once the edit holds (argmax = target at every answer position) and L_act < ``stop_act``;
+if a patch cannot make it hold within ``steps``, another neuron is added (at most ``max_patches``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError, option
+from ..edits import ModuleSwap
+from ..hooks import trace
+from ..models.loading import lmedit_home
+from ..registry import register_editor
+from ..types import EditRequest
+from ._ffn import (
+    AddToOutput,
+    FFNInfo,
+    act_fn,
+    answer_batch,
+    answer_logits,
+    ffn_info,
+    frozen_prefix,
+    prompt_views,
+    trainable,
+)
+from .base import Capabilities, Editor
+
+log = logging.getLogger(__name__)
+
+CORPUS = Path("/work/shared/data/corpus/wikitext-2_valid.tokens.txt")
+
+
+@dataclass
+class TPatcherConfig(Config):
+    layer: int | None = option(None, "FFN layer that gets the patches; None = the last layer")
+    max_patches: int = option(5, "most neurons added for one edit")
+    steps: int = option(100, "most training steps per patch")
+    lr: float = option(1e-2, "Adam learning rate")
+    weight_decay: float = option(0.01, "Adam weight decay")
+    alc: float = option(1.0, "weight of the activation loss L_act")
+    mlc: float = option(10.0, "weight of the memory loss L_mem")
+    margin_act: float = option(0.0, "the patch's pre-activation on the edit should exceed this")
+    margin_mem: float = option(-3.0, "the patch's pre-activation on memory should stay below this")
+    margin_gap: float = option(3.0, "... and below (min edit pre-activation − margin_gap)")
+    memory_topk: int = option(1000, "memory losses average the top-k largest terms")
+    label_smoothing: float = option(0.1, "label smoothing of the edit loss")
+    amplify: float = option(10.0, "initial scale s of the value v_p = e ⊙ s")
+    stop_act: float = option(0.1, "stop once the edit holds and L_act is below this")
+    act_positions: Literal["target", "last_prompt"] = option(
+        "target", "where the patch must fire: every answer-predicting position, or the last prompt token")
+    activation: str | None = option(None, "patch activation; None = the model's FFN activation")
+    memory_size: int = option(20000, "FFN inputs from WikiText kept as memory (cached per model and layer)")
+    memory_chunk: int = option(128, "tokens per WikiText chunk when collecting the memory")
+    corpus: str = option(str(CORPUS), "plain-text corpus the memory is collected from")
+    prompt_prefixes: list[str] = option([], "extra training views: the request prompt after each prefix")
+    seed: int = option(0, "seed of the random value direction e")
+
+    def validate(self) -> None:
+        if self.max_patches < 1 or self.steps < 1 or self.memory_size < 1:
+            raise ConfigError("TPatcherConfig.max_patches, steps and memory_size must be ≥ 1")
+
+
+class Patches(AddToOutput):
+    """FFN output + Σ_p act(k_pᵀ x + b_p) · (e_p ⊙ s_p): ``n`` patch neurons beside the FFN."""
+
+    def __init__(self, d_model: int, n: int, activation: str) -> None:
+        super().__init__()
+        self._cfg = {"d_model": d_model, "n": n, "activation": activation}
+        self.key = nn.Parameter(torch.zeros(n, d_model))  # [n, d]
+        self.bias = nn.Parameter(torch.zeros(n))  # [n]
+        self.value_dir = nn.Parameter(torch.zeros(n, d_model))  # e [n, d]
+        self.value_scale = nn.Parameter(torch.ones(n, d_model))  # s [n, d]
+        self.act = act_fn(activation)
+        self.last_z: torch.Tensor | None = None  # pre-activations of the last forward, kept while training
+        self.record = False
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.key.T + self.bias  # [..., n]
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.pre(x)
+        if self.record:
+            self.last_z = z
+        return self.act(z) @ (self.value_dir * self.value_scale)  # [..., d]
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._cfg)
+
+    @classmethod
+    def concat(cls, parts: list[Patches]) -> Patches:
+        """One module holding the neurons of several (same output as nesting them)."""
+        d, act = parts[0]._cfg["d_model"], parts[0]._cfg["activation"]
+        out = cls(d, sum(p._cfg["n"] for p in parts), act)
+        with torch.no_grad():
+            for name in ("key", "bias", "value_dir", "value_scale"):
+                getattr(out, name).copy_(torch.cat([getattr(p, name) for p in parts]))
+        out.requires_grad_(False)
+        return out
+
+
+# --- memory of ordinary FFN inputs ----------------------------------------------------------------------
+
+def _corpus_chunks(handle: Any, path: Path, chunk: int, n_tokens: int) -> list[list[int]]:
+    if not path.exists():
+        raise FileNotFoundError(f"memory corpus {path} not found; set TPatcherConfig.corpus to a text file")
+    ids: list[int] = []
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("="):  # blank lines and WikiText section headings
+                continue
+            ids += handle.tokens.encode(" " + line)
+            if len(ids) >= n_tokens + chunk:
+                break
+    return [ids[i:i + chunk] for i in range(0, len(ids) - chunk + 1, chunk)]
+
+
+@torch.no_grad()
+def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
+    """``memory_size`` FFN inputs [M, d] of layer ``info.layer`` on WikiText (handle + disk cache)."""
+    key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{Path(cfg.corpus).name}"
+    if key in handle.cache:
+        return handle.cache[key]
+    file = (lmedit_home() / "cache" / "ffn_memory" /
+            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{Path(cfg.corpus).stem}.pt")
+    if file.exists():
+        mem = torch.load(file, map_location=handle.device)
+    else:
+        mem = _collect_memory(handle, info, cfg)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(mem.cpu(), file)
+        log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
+    handle.cache[key] = mem.to(handle.device)
+    return handle.cache[key]
+
+
+def _collect_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
+    chunks = _corpus_chunks(handle, Path(cfg.corpus), cfg.memory_chunk, cfg.memory_size)
+    tp, dev, out, have = handle.tokens, handle.device, [], 0
+    for s in range(0, len(chunks), 8):
+        rows = [tp.bos + c if not handle.is_encoder_decoder else c for c in chunks[s:s + 8]]
+        ids = torch.tensor(rows, device=dev)  # [b, chunk]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if handle.is_encoder_decoder:  # the decoder re-reads the chunk, teacher forced
+            start = torch.full((len(rows), 1), tp.decoder_start_id, device=dev)
+            inputs["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], 1)
+        with trace(handle.model, info.mlp, input=True, output=False, stop=True) as t:
+            handle.model(**inputs, use_cache=False)
+        x = t.input.float().reshape(-1, info.d_model)  # [b·chunk, d]
+        out.append(x)
+        have += len(x)
+        if have >= cfg.memory_size:
+            break
+    return torch.cat(out)[: cfg.memory_size]
+
+
+# --- the editor -----------------------------------------------------------------------------------------
+
+def _top_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(x.flatten(), min(k, x.numel())).values.mean()
+
+
+@register_editor("t-patcher")
+class TPatcher(Editor):
+    """Add up to ``max_patches`` trained neurons to the last FFN until the edit holds."""
+
+    Config = TPatcherConfig
+    capabilities = Capabilities(batch=False, sequential=True, edit_kind="module_swap")
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smollm2-135m": {"layer": 29, "lr": 1e-2, "alc": 1.0, "mlc": 10.0, "memory_size": 20000},
+    }
+    quick: ClassVar[dict[str, Any]] = {"memory_size": 300, "memory_chunk": 32, "steps": 40, "max_patches": 2, "mlc": 1.0,
+                                       "memory_topk": 100}
+
+    def resolve(self, handle: Any, cfg: TPatcherConfig) -> TPatcherConfig:
+        return cfg.replace(layer=handle.n_layers - 1) if cfg.layer is None else cfg
+
+    def _compute(self, handle: Any, requests: list[EditRequest], cfg: TPatcherConfig) -> ModuleSwap:
+        (req,) = requests
+        info = ffn_info(handle, cfg.layer)
+        activation = cfg.activation or info.activation
+        memory = ffn_input_memory(handle, info, cfg)  # [M, d]
+        views = prompt_views(req, cfg.prompt_prefixes)
+        ab = answer_batch(handle, views, [req.target_new] * len(views))
+        act_rows, act_cols = ab.rows, ab.cols
+        if cfg.act_positions == "last_prompt":  # the first prediction of each row
+            first = torch.ones_like(ab.rows, dtype=torch.bool)
+            first[1:] = ab.rows[1:] != ab.rows[:-1]
+            act_rows, act_cols = ab.rows[first], ab.cols[first]
+        parts: list[Patches] = []
+        history = []
+        with frozen_prefix(handle, info.layer, ab.inputs):
+            for n in range(cfg.max_patches):
+                patch = Patches(info.d_model, 1, activation).to(handle.device)
+                self._init_patch(handle, info, ab, act_rows, act_cols, patch, cfg.amplify, cfg.seed + n)
+                held, steps = self._train(handle, info, ab, act_rows, act_cols, memory, parts, patch, cfg)
+                parts.append(patch)
+                history.append(steps)
+                if held:
+                    break
+        log.info("t-patcher: %d patch(es), steps %s, edit %s", len(parts), history, "holds" if held else "fails")
+        stats = {"patches": len(parts), "steps": history, "held": held, "layer": info.layer}
+        return ModuleSwap({info.mlp: Patches.concat(parts)}, meta={"stats": stats})
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_patch(handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
+                    patch: Patches, amplify: float, seed: int) -> None:
+        """k = h̄/‖h̄‖², b = 0, v = e ⊙ s with e a random unit vector and s = amplify."""
+        with trace(handle.model, info.mlp, input=True, output=False, stop=True) as t:
+            handle.model(**ab.inputs, use_cache=False)
+        h = t.input[rows, cols].float().mean(0)  # [d]
+        patch.key.copy_((h / h.pow(2).sum())[None])
+        g = torch.Generator().manual_seed(seed)
+        e = torch.randn(info.d_model, generator=g)
+        patch.value_dir.copy_((e / e.norm())[None])
+        patch.value_scale.fill_(amplify)
+
+    def _train(self, handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
+               memory: torch.Tensor, earlier: list[Patches], patch: Patches,
+               cfg: TPatcherConfig) -> tuple[bool, int]:
+        """Train one patch (earlier ones fixed, installed beneath it); True once the edit holds."""
+        modules = [Patches.concat(earlier)] if earlier else []
+        swaps = [ModuleSwap({info.mlp: m}) for m in [*modules, patch]]
+        patch.record = True
+        held, step = False, 0
+        try:
+            for s in swaps:
+                s.apply(handle)
+            with trainable(patch) as params:
+                opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                while step < cfg.steps:
+                    step += 1
+                    logits = answer_logits(handle, ab)  # [n, vocab]
+                    z_edit = patch.last_z[rows, cols, 0]  # [n_act]
+                    l_edit = F.cross_entropy(logits, ab.labels, label_smoothing=cfg.label_smoothing)
+                    l_act = _top_mean(torch.exp(cfg.margin_act - z_edit), 5)
+                    z_mem = patch.pre(memory)[:, 0]  # [M]
+                    l_mem = (_top_mean(torch.exp(z_mem - cfg.margin_mem), cfg.memory_topk)
+                             + _top_mean(torch.exp(z_mem - (z_edit.min().detach() - cfg.margin_gap)), cfg.memory_topk))
+                    held = bool((logits.argmax(-1) == ab.labels).all()) and l_act.item() < cfg.stop_act
+                    if held:
+                        break
+                    loss = l_edit + cfg.alc * l_act + cfg.mlc * l_mem
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        finally:
+            patch.record, patch.last_z = False, None
+            for s in reversed(swaps):
+                if s.is_applied(handle):
+                    s.revert(handle)
+        return held, step
