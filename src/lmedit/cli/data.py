@@ -16,6 +16,14 @@ def run(args: argparse.Namespace) -> int:
     from ..data import list_datasets
 
     rows = list_datasets()
+    shown = [{"name": r.get("name"), "kind": r.get("kind", ""),
+              "records": r["records"] if r.get("records") is not None else "missing",
+              "description": r.get("description", "")} for r in rows]
     print("Datasets (use with `lmedit bench --dataset NAME`; --data PATH reads another copy)")
-    print(table(rows))
+    print(table(shown))
+    found = sorted({str(r["where"]) for r in rows if r.get("records") is not None and r.get("where")})
+    if found:
+        print("\nFiles read:")
+        for path in found:
+            print(f"  {path}")
     return 0
