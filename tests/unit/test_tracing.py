@@ -94,18 +94,19 @@ def test_corruption_lowers_probability(tiny_llama):
         np.testing.assert_allclose(res.scores[:b], res.low_score, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["hidden", "mlp"])
-def test_batched_equals_unbatched(tiny_decoder, kind):
+def test_batched_equals_unbatched(tiny_decoder):
     h = sharpen(tiny_decoder)
     tr = Tracer(h, MID_PROMPT, "Danielle Darrieux", samples=3, noise=1.0)
-    batched = tr.trace(kind, window=3, max_rows=10_000)
-    one_by_one = tr.trace(kind, window=3, max_rows=1)  # one restoration set (S rows) per forward
-    np.testing.assert_allclose(batched.scores, one_by_one.scores, rtol=1e-5, atol=1e-6)
-    # and a few cells against a hand-written reference: corrupt, restore one layer output, read p(answer)
     b, e = tr.subject_range
-    for t, layer in [(b, 0), (e - 1, 1), (len(tr.ids) - 1, h.n_layers - 1)]:
-        paths = tr.module_paths(kind, layer, 3)
-        assert batched.scores[t, layer] == pytest.approx(_reference(tr, paths, t), rel=1e-5, abs=1e-7)
+    rows = [b, e - 1, len(tr.ids) - 1]
+    for kind in ("hidden", "mlp", "attn"):
+        batched = tr.trace(kind, window=3, max_rows=10_000)
+        one_by_one = tr.trace(kind, window=3, token_range=rows, max_rows=1)  # one set (S rows) per forward
+        np.testing.assert_allclose(batched.scores[rows], one_by_one.scores[rows], rtol=1e-5, atol=1e-6)
+        # and a few cells against a hand-written reference: corrupt, restore, read p(answer)
+        for t, layer in [(b, 0), (e - 1, 1), (rows[-1], h.n_layers - 1)]:
+            paths = tr.module_paths(kind, layer, 3)
+            assert batched.scores[t, layer] == pytest.approx(_reference(tr, paths, t), rel=1e-5, abs=1e-7)
 
 
 def _reference(tr, paths, t):

