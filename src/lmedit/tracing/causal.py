@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..hooks import trace
+from ..hooks import trace as hook_trace
 from .noise import resolve_noise
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Tracer:
         h, ad = self.handle, self.handle.adapter
         paths = [ad.embed] + [t.format(i) for i in range(h.n_layers) for t in (ad.layers, ad.mlp, ad.attn)]
         with contextlib.ExitStack() as stack:
-            traces = [stack.enter_context(trace(h.model, p)) for p in paths]
+            traces = [stack.enter_context(hook_trace(h.model, p)) for p in paths]
             logits = h.model(**self.batch.model_inputs(h.device), **self._keep).logits  # [1, seq|1, vocab]
         self.clean = {p: ad.hidden(t.output)[0] for p, t in zip(paths, traces, strict=True)}  # each [seq, d]
         probs = torch.softmax(logits[0, -1].float(), -1)  # [vocab]
@@ -227,7 +227,7 @@ class Tracer:
         inputs = {k: v.expand(rows, -1) for k, v in self.batch.model_inputs(h.device).items()}
         with contextlib.ExitStack() as stack:
             for path in dict.fromkeys([ad.embed, *sites]):
-                stack.enter_context(trace(h.model, path, output=False, edit_output=edit(path)))
+                stack.enter_context(hook_trace(h.model, path, output=False, edit_output=edit(path)))
             logits = h.model(**inputs, **self._keep).logits  # [rows, seq|1, vocab]
         p = torch.softmax(logits[:, -1].float(), -1)[:, self.answer_id]  # [rows]
         return p.view(len(chunk), S).mean(1).double().cpu().numpy()

@@ -77,6 +77,8 @@ def draw_trace(ax: Any, result: TraceResult, *, title: str | None = None, model_
 
 def _colorbar(fig: Any, mesh: Any, ax: Any, label: str) -> None:
     cb = fig.colorbar(mesh, ax=ax)
+    cb.formatter.set_useOffset(False)  # an offset label would overlap the title on near-flat tables
+    cb.update_ticks()
     cb.ax.tick_params(labelsize=6)
     cb.ax.set_title(label, fontsize=7, y=-0.12)
 
