@@ -207,7 +207,11 @@ def test_average_and_suggest(tiny_llama, tmp_path, monkeypatch):
     np.testing.assert_allclose(back.effects, avg.effects)
     sug = suggest_layers(h, n_facts=10, kind="mlp", facts=facts, samples=2, noise=2.0, window=2)
     assert 0 <= sug.layer < h.n_layers
-    assert sug.layer == int(np.nanargmax(sug.evidence.effects[2]))
+    assert sug.layer == int(np.nanargmax(sug.evidence.effects[2])) == sug.ranked()[0]
+    span = sug.span(2)
+    assert len(span) == 2 and span[1] == span[0] + 1
+    row = sug.evidence.effects[2]
+    assert row[span].sum() == pytest.approx(max(row[i:i + 2].sum() for i in range(len(row) - 1)))
     assert suggest_layers(h, n_facts=10, kind="mlp", facts=facts, samples=2, noise=2.0, window=2) is sug
 
 

@@ -181,6 +181,20 @@ class LayerSuggestion(NamedTuple):
     layer: int
     evidence: AverageEffect
 
+    def ranked(self) -> list[int]:
+        """Layers by AIE at the last subject token, largest first."""
+        row = np.nan_to_num(self.evidence.effects[LAST_SUBJECT], nan=-np.inf)
+        return [int(i) for i in np.argsort(-row, kind="stable")]
+
+    def span(self, k: int) -> list[int]:
+        """The ``k`` consecutive layers with the largest summed AIE at the last subject token (MEMIT's range)."""
+        row = np.nan_to_num(self.evidence.effects[LAST_SUBJECT], nan=0.0)
+        if not 1 <= k <= len(row):
+            raise ValueError(f"span of {k} layers: choose 1..{len(row)}")
+        sums = np.convolve(row, np.ones(k), mode="valid")  # [layers - k + 1]
+        start = int(np.argmax(sums))
+        return list(range(start, start + k))
+
 
 def suggest_layers(handle, n_facts: int = 20, kind: str = "mlp", *, facts: Sequence[dict] | None = None,
                    samples: int = 10, noise: float | str | None = None, window: int = 10,
