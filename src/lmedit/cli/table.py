@@ -36,14 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 per ray worker)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed set at the start of every cell")
     p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
-                   help="trained editor for a method that needs training (repeatable)")
+                   help="trained editor (an `lmedit train --out` folder) for a method that needs training; default "
+                        "runs/METHOD when it exists (repeatable)")
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
 
 
 class BarProgress:
-    """Two tqdm bars: cells (with the current cell's name and the table's ETA) and cases of the current cell."""
+    """Progress bars: one over cells (the current cell's name, the table's ETA), one over the current cell's
+    cases with its ETA (drawn by run_benchmark, or here for multi-hop cells, which report each case)."""
 
     def __init__(self, n_cells: int, inner_bars: bool) -> None:
         from tqdm import tqdm
@@ -52,16 +54,17 @@ class BarProgress:
         self.inner_bars = inner_bars
         self.cells = tqdm(total=n_cells, desc="cells", unit="cell", position=0, file=sys.stderr)
         self.cases: Any = None
+        self._current: tuple[str, int] = ("", 0)
 
     def cell_started(self, spec: Any, n_cases: int) -> None:
         self.cells.set_postfix_str(spec.name)
-        if not self.inner_bars:  # run_benchmark draws the case bar itself when inner_bars is on
-            self.cases = self._tqdm(total=n_cases, desc=spec.name, unit="case", position=1, leave=False,
-                                    file=sys.stderr)
+        self._current = (spec.name, n_cases)
 
     def case_done(self) -> None:
-        if self.cases is not None:
-            self.cases.update(1)
+        if self.cases is None:  # created on the first report: cells run by run_benchmark draw their own
+            name, n = self._current
+            self.cases = self._tqdm(total=n, desc=name, unit="case", position=1, leave=False, file=sys.stderr)
+        self.cases.update(1)
 
     def cell_done(self, result: Any) -> None:
         if self.cases is not None:
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--datasets is empty; give e.g. zsre,counterfact")
     names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
     n_cells = (len(names) - len(unavailable)) * len(datasets)
-    progress = BarProgress(n_cells, inner_bars=False) if not args.quiet else None
+    progress = BarProgress(n_cells, inner_bars=args.backend == "local") if not args.quiet else None
     t0 = time.time()
     try:
         result = build_table(

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from ..metrics.records import CaseResult, summarize
-from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, git_commit
+from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
 log = logging.getLogger(__name__)
 
 # Metric -> the EditCase field it needs; explains a missing row ("dataset has no <field>").
-METRIC_FIELDS = {"generalization": "paraphrases", "locality": "locality", "portability": "portability"}
+# Where `lmedit train` writes a trained editor by default (its --out), relative to the working directory.
+DEFAULT_CHECKPOINT = "runs/{method}"
 
 
 class CellSkipped(Exception):
@@ -112,15 +113,15 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         raise CellSkipped(reason)
     overrides = spec.config_overrides()
     if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
-        ckpt = (checkpoints or {}).get(spec.method)
-        if not ckpt or not Path(ckpt).exists():
-            raise CellSkipped(missing_checkpoint(spec.method, handle.name, ckpt))
+        ckpt = (checkpoints or {}).get(spec.method) or DEFAULT_CHECKPOINT.format(method=spec.method)
+        if not Path(ckpt).is_dir():
+            raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
         overrides["checkpoint"] = ckpt
     editor = get_editor(spec.method, overrides)
     cases = load_cases(spec, data_path)
     config = editor.config_for(handle)
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
-                   data_digest=cases_digest(cases), extra={"checkpoint": overrides.get("checkpoint")})
+                   data_digest=cases_digest(cases), extra={"checkpoint": checkpoint_digest(overrides.get("checkpoint"))})
     hit = cache.load(spec, key)
     if hit is not None:
         log.info("cell %s: cached", spec.name)
@@ -145,11 +146,22 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     return result
 
 
-def missing_checkpoint(method: str, model: str, where: str | None) -> str:
-    got = f" ({where} does not exist)" if where else ""
-    return (f"{method} must be trained before it can edit and no checkpoint was given{got}; train one with "
-            f"`lmedit train --method {method} --model {model} --out ckpt/{method}` and pass "
-            f"`--checkpoint {method}=ckpt/{method}`")
+def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
+    """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
+    train = getattr(editor, "train_command", None)
+    command = train(handle) if callable(train) else (
+        f"lmedit train --method {editor.name} --model {handle.name} --out {where}")
+    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train one "
+            f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
+
+
+def checkpoint_digest(directory: str | None) -> str | None:
+    """Identity of a trained-editor folder (names, sizes, mtimes of its files): retraining makes cells stale."""
+    if not directory:
+        return None
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])[:16]
 
 
 def setting_label(spec: CellSpec) -> str:
