@@ -176,8 +176,8 @@ class KE(TrainedEditor):
     Config: ClassVar[type] = KEConfig
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
                                                          edit_kind="weight_delta", encoder_decoder=True)
-    quick: ClassVar[dict[str, Any]] = {"steps": 40, "batch_size": 2, "lr": 3e-3, "cond_dim": 32, "lstm_hidden": 16,
-                                       "head_hidden": 16, "init_step": 3e-3, "val_every": 20, "val_size": 2,
+    quick: ClassVar[dict[str, Any]] = {"steps": 8, "batch_size": 2, "lr": 3e-3, "cond_dim": 32, "lstm_hidden": 16,
+                                       "head_hidden": 16, "init_step": 3e-3, "val_every": 4, "val_size": 1,
                                        "val_batches": 1, "patience": 0}
 
     def resolve(self, handle: Any, cfg: KEConfig) -> KEConfig:

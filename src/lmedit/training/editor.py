@@ -61,6 +61,7 @@ class TrainedEditor(Editor):
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._trained: dict[str, Objective] = {}  # base-model fingerprint -> trained objective
+        self._pending: dict[str, dict[str, Any]] = {}  # states given to load_state_dict, built on first use
 
     # --- for subclasses ----------------------------------------------------------------------------
     def build(self, handle: Any, cfg: Any) -> Objective:
@@ -124,9 +125,26 @@ class TrainedEditor(Editor):
         self._trained[handle.fingerprint] = obj
         return obj
 
+    def state_dict(self) -> dict[str, Any]:
+        """Trained states by base-model fingerprint: {fingerprint: {"config": ..., "tensors": ...}}."""
+        out = dict(self._pending)
+        for fp, obj in self._trained.items():
+            out[fp] = {"config": obj.cfg.to_dict(), "tensors": {k: v.detach().clone()
+                                                                for k, v in obj.state_tensors().items()}}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending.update(state)
+
     def trained_for(self, handle: Any, cfg: Any) -> Objective:
         if handle.fingerprint in self._trained:
             return self._trained[handle.fingerprint]
+        if handle.fingerprint in self._pending:
+            st = self._pending.pop(handle.fingerprint)
+            obj = self.build(handle, self.Config.from_dict(st["config"]))
+            obj.load_state_tensors(st["tensors"])
+            self._trained[handle.fingerprint] = obj
+            return obj
         if cfg.checkpoint:
             return self.load_checkpoint(handle, cfg.checkpoint)
         raise NotTrainedError(

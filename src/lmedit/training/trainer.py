@@ -175,7 +175,9 @@ class Trainer:
             rec.update({f"val_{k}": v for k, v in self.validate(val).items()})
         self.history.append(rec)
         score = rec.get("val_loss", rec.get("train_loss", float("inf")))
-        if score < self.best_val - 1e-6 * max(1.0, abs(self.best_val)):
+        improved = score < self.best_val if self.best_val == float("inf") else \
+            score < self.best_val - 1e-6 * max(1.0, abs(self.best_val))
+        if improved:
             self.best_val, self.bad_vals = score, 0
             self._save_best()
         else:

@@ -46,8 +46,8 @@ class MEND(TrainedEditor):
     Config: ClassVar[type] = MENDConfig
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
                                                          edit_kind="weight_delta", encoder_decoder=True)
-    quick: ClassVar[dict[str, Any]] = {"steps": 40, "batch_size": 2, "rank": 16, "lr": 1e-3, "lr_lr": 1e-2,
-                                       "edit_lr": 1e-3, "val_every": 20, "val_size": 2, "val_batches": 1,
+    quick: ClassVar[dict[str, Any]] = {"steps": 8, "batch_size": 2, "rank": 16, "lr": 1e-3, "lr_lr": 1e-2,
+                                       "edit_lr": 1e-3, "val_every": 4, "val_size": 1, "val_batches": 1,
                                        "patience": 0}
 
     def resolve(self, handle: Any, cfg: MENDConfig) -> MENDConfig:

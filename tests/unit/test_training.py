@@ -1,0 +1,158 @@
+"""The training pipeline without a language model: data checks, the loop, checkpoints, resume, early stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmedit.training import checkpoint as ckpt
+from lmedit.training.data import batch_for_step, examples_from_cases, split
+from lmedit.training.trainer import Trainer, TrainSettings
+from lmedit.types import QA, EditCase, EditInputError, EditRequest
+
+LOC = QA("loc q", "a")
+
+
+def case(i: int, paraphrase: str | None = "rephrased", loc: QA | None = LOC) -> EditCase:
+    req = EditRequest(prompt=f"Subject{i} lives in", subject=f"Subject{i}", target_new=f"City{i}", case_id=i)
+    return EditCase(req, paraphrases=(paraphrase,) if paraphrase else (), locality=(loc,) if loc else (),
+                    source=f"toy#{i}")
+
+
+def test_examples_need_rephrase_and_locality():
+    assert [ex.rephrase for ex in examples_from_cases([case(0), case(1)])] == ["rephrased", "rephrased"]
+    with pytest.raises(EditInputError, match="toy#1.*paraphrase"):
+        examples_from_cases([case(0), case(1, paraphrase=None)])
+    with pytest.raises(EditInputError, match="toy#2.*locality"):
+        examples_from_cases([case(0), case(2, loc=None)])
+    with pytest.raises(EditInputError, match="locality"):
+        examples_from_cases([case(3, loc=QA("q", " "))])
+    with pytest.raises(EditInputError, match="no training cases"):
+        examples_from_cases([])
+
+
+def test_split_holds_back_the_tail_and_batches_are_reproducible():
+    ex = examples_from_cases([case(i) for i in range(10)])
+    train, val = split(ex, 3)
+    assert [e.request.case_id for e in val] == [7, 8, 9] and len(train) == 7
+    assert len(split(ex, 100)[1]) == 5  # at most half
+    assert batch_for_step(train, 5, 3, seed=1) == batch_for_step(train, 5, 3, seed=1)
+    assert batch_for_step(train, 5, 3, seed=1) != batch_for_step(train, 6, 3, seed=1)
+
+
+class Toy:
+    """Linear regression toward a target vector: a stand-in objective with a known optimum."""
+
+    def __init__(self, plateau: bool = False) -> None:
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.goal = torch.tensor([1.0, -2.0, 0.5, 3.0])
+        self.plateau = plateau
+
+    def param_groups(self):
+        return [{"params": [self.w], "lr": 0.0 if self.plateau else 0.05}]
+
+    def _loss(self, batch):
+        scale = sum(int(ex.request.case_id) for ex in batch) / (10 * len(batch)) + 0.5
+        return ((self.w - self.goal) ** 2).sum() * scale
+
+    def train_step(self, batch):
+        loss = self._loss(batch)
+        return loss, {"edit_acc": 0.0, "loc_kl": 0.0}
+
+    @torch.no_grad()
+    def val_step(self, batch):
+        return {"loss": float(self._loss(batch))}
+
+    def state_tensors(self):
+        return {"w": self.w.detach().clone()}
+
+    def load_state_tensors(self, t):
+        with torch.no_grad():
+            self.w.copy_(t["w"])
+
+
+INFO = {"method": "toy", "model_name": "m", "model_fingerprint": "abc", "config": {"lr": 1}}
+SETTINGS = TrainSettings(steps=40, batch_size=2, val_every=10, val_batches=0, patience=0, seed=3)
+
+
+def run_toy(out=None, on_step=None, resume=False, settings=SETTINGS, plateau=False):
+    obj = Toy(plateau)
+    tr = Trainer(obj, settings, INFO, out=out, on_step=on_step)
+    if resume:
+        tr.resume()
+    ex = examples_from_cases([case(i) for i in range(8)])
+    train, val = split(ex, 2)
+    return obj, tr, tr.run(train, val)
+
+
+def test_loop_learns_and_writes_checkpoints(tmp_path):
+    obj, _, res = run_toy(tmp_path)
+    assert res.steps_done == 40 and len(res.history) == 4
+    assert res.history[-1]["val_loss"] < res.history[0]["val_loss"]
+    info, tensors = ckpt.read(tmp_path, ckpt.TRAIN, method="toy", fingerprint="abc")
+    assert info["step"] == 40 and "optim.0.exp_avg" in tensors
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    full, _, _ = run_toy(tmp_path / "full")
+
+    def boom(step, _metrics):
+        if step == 27:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(tmp_path / "cut", on_step=boom)
+    assert json.loads((tmp_path / "cut" / "train.json").read_text())["step"] == 20  # lost 7 < val_every steps
+    resumed, tr, res = run_toy(tmp_path / "cut", resume=True)
+    assert res.steps_done == 40 and [h["step"] for h in res.history] == [10, 20, 30, 40]
+    assert torch.equal(resumed.w, full.w)  # the same batches and optimiser state: bit-identical
+
+
+def test_early_stop_on_plateau(tmp_path):
+    s = TrainSettings(steps=100, batch_size=2, val_every=5, val_batches=0, patience=2)
+    _, _, res = run_toy(None, settings=s, plateau=True)
+    assert res.stopped_early and res.steps_done == 15  # best at 5, no improvement at 10 and 15
+
+
+def test_checkpoint_refuses_other_method_model_and_corruption(tmp_path):
+    run_toy(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="method 'toy', not 'mend'"):
+        ckpt.read(tmp_path, ckpt.TRAIN, method="mend", fingerprint="abc")
+    with pytest.raises(ckpt.CheckpointError, match="trained on model 'm'"):
+        ckpt.read(tmp_path, ckpt.TRAIN, method="toy", fingerprint="other", model_name="x")
+    data = bytearray((tmp_path / "train.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "train.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.read(tmp_path, ckpt.TRAIN, method="toy", fingerprint="abc")
+    (tmp_path / "best.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.read(tmp_path, ckpt.BEST, method="toy", fingerprint="abc")
+    with pytest.raises(FileNotFoundError):
+        ckpt.read(tmp_path / "nowhere", ckpt.TRAIN, method="toy", fingerprint="abc")
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run_toy(tmp_path)
+    tr = Trainer(Toy(), SETTINGS, {**INFO, "config": {"lr": 2}}, out=tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="differs in \\['lr'\\]"):
+        tr.resume()
+
+
+def test_untrained_editor_says_which_command_to_run(tiny_llama):
+    from lmedit.registry import get_editor
+    from lmedit.training import NotTrainedError
+
+    for name in ("mend", "ke", "serac"):
+        with pytest.raises(NotTrainedError, match=f"lmedit train --method {name} --model tiny-llama"):
+            get_editor(name).compute(tiny_llama, [case(0).request])
+
+
+def test_train_cli_parses_and_refuses_untrained_methods(capsys):
+    from lmedit.cli import main
+
+    assert main(["train", "--method", "rome", "--model", "nowhere"]) == 1
+    assert "needs no training" in capsys.readouterr().err
