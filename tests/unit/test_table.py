@@ -224,6 +224,10 @@ def test_cli_unknown_method(toy, capsys):
 
     assert main(["table", "--methods", "nope", "--out", "unused"]) == 1
     assert "Available:" in capsys.readouterr().err
+    assert main(["table", "--methods", TOY, "--datasets", "zsre,nope", "--out", "unused"]) == 1
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["table", "--methods", TOY, "--datasets", "known", "--out", "unused"]) == 1
+    assert "not edit cases" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_path):

@@ -89,12 +89,11 @@ def _checkpoints(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..table import build_table, resolve_methods
+    from ..table import build_table, check_datasets, resolve_methods
 
     quiet_libraries(args, quiet_lmedit=True)
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    if not datasets:
-        raise ValueError("--datasets is empty; give e.g. zsre,counterfact")
+    # bad names fail here, before the model loads or a bar is drawn
+    datasets = check_datasets([d.strip() for d in args.datasets.split(",") if d.strip()])
     names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
     n_cells = (len(names) - len(unavailable)) * len(datasets)
     progress = BarProgress(n_cells, inner_bars=args.backend == "local") if not args.quiet else None

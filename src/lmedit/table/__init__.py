@@ -26,7 +26,7 @@ from .layout import Row, build_rows, long_records, markdown, to_csv
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "resolve_methods"]
+__all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "check_datasets", "resolve_methods"]
 
 # The columns of the paper's Table 1, in its order (a column list, not behaviour: nothing branches on these).
 PAPER_METHODS = ("ft-l", "serac", "ike", "calinet", "t-patcher", "ke", "mend", "kn", "rome", "memit")
@@ -68,11 +68,27 @@ def resolve_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[list[st
     return list(dict.fromkeys(names)), {}
 
 
+def check_datasets(datasets: list[str] | tuple[str, ...]) -> list[str]:
+    """The dataset names, deduplicated; an unknown name, or one that holds no edit cases, is an error."""
+    from ..data import DatasetError, get_dataset
+
+    out = list(dict.fromkeys(datasets))
+    if not out:
+        raise ValueError("no datasets given; use e.g. zsre,counterfact")
+    for ds in out:
+        kind = get_dataset(ds).kind  # unknown names fail here, with the available ones listed
+        if kind not in ("edit", "multihop"):
+            raise DatasetError(f"dataset {ds!r} holds {kind} records, not edit cases; it cannot be a table row")
+    return out
+
+
 def _specs(methods: list[str], datasets: list[str], unavailable: dict[str, str], *, n: int, offset: int,
            setting: str, edits: int, eval_timing: str, batch_size: int, seed: int,
            method_overrides: dict[str, dict[str, Any]]) -> list[CellSpec]:
     from ..registry import editor_class
 
+    if setting == "single":  # T and the eval timing do not apply: keep them out of the cache key
+        edits, eval_timing = 1, "final"
     specs = []
     for m in methods:
         if m in unavailable:
@@ -105,11 +121,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         plots: write table1.png and efficiency.png (needs matplotlib).
         progress: receives cell/case events (the CLI draws progress bars from them).
     """
-    from ..data import get_dataset
-
-    datasets = list(dict.fromkeys(datasets))
-    for ds in datasets:
-        get_dataset(ds)  # unknown names fail before any work, with the available ones listed
+    datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
     specs = _specs(names, datasets, unavailable, n=n, offset=offset, setting=setting, edits=edits,
                    eval_timing=eval_timing, batch_size=batch_size, seed=seed,
