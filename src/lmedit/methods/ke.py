@@ -115,12 +115,20 @@ class KEObjective:
         self.net.load_state_dict(tensors, strict=True)
 
     def _condition(self, r: EditRequest) -> torch.Tensor:
-        orig = r.target_true if r.target_true else self.handle.generate(r.text, max_new_tokens=4).strip()
+        orig = r.target_true if r.target_true else self._first_prediction(r.text)
         text = f"{orig} >> {r.target_new} || {r.text}"
         ids = torch.tensor(self.handle.tokens.encode(text) or [self.handle.tokens.pad_id], device=self.handle.device)
         with torch.no_grad():
             emb = self.handle.model.get_input_embeddings()(ids).float()  # [len, d]
         return self.net.encoder(emb)
+
+    @torch.no_grad()
+    def _first_prediction(self, prompt: str) -> str:
+        """The model's greedy next token (its own answer, when the request does not give the true one)."""
+        batch = self.handle.tokens.teacher_forced([self.handle.render(prompt)], ["x"])
+        pos = batch.pred_positions(0)[0]
+        token = int(self.handle.logits(batch)[0, pos].argmax())
+        return self.handle.tokenizer.decode([token]).strip()
 
     def deltas(self, requests: list[EditRequest]) -> tuple[dict[str, torch.Tensor], float]:
         """Dense ΔW [d_out, d_in] per edited matrix, summed over the requests."""

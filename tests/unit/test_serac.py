@@ -1,0 +1,85 @@
+"""SERAC: routing (out-of-scope rows see the base model bit for bit, in-scope rows the counterfactual model),
+the memory (grows with stacked edits, listed, pruned, saved), and the model's state dict while applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mend import CASES, REQ
+
+from conftest import make_handle
+from lmedit.edits import Edit
+from lmedit.registry import get_editor
+from lmedit.types import EditInputError, EditRequest
+
+OTHER = "Tokyo is in"
+
+
+@pytest.fixture(scope="module")
+def fitted(tokenizer):
+    handle = make_handle("llama", tokenizer)
+    handle.cache = {}
+    editor = get_editor("serac", **{**get_editor("serac").quick, "cf_rank": 0})
+    editor.fit(handle, CASES, quick=True, steps=30)
+    return editor, handle
+
+
+@torch.no_grad()
+def logits(handle, prompts, answers):
+    return handle.logits(handle.tokens.teacher_forced(prompts, answers))
+
+
+def test_routing_base_for_out_of_scope_and_context_for_in_scope(fitted):
+    editor, handle = fitted
+    base = logits(handle, [REQ.text, OTHER], ["English", "Japan"])
+    edit = editor.compute(handle, [REQ])
+    router = next(iter(edit.modules.values()))
+    with edit.applied(handle):
+        assert router.route([REQ.text + " English", OTHER + " Japan"]) == [0, -1]
+        routed = logits(handle, [REQ.text, OTHER], ["English", "Japan"])
+    assert torch.equal(routed[1], base[1])  # out of scope: the untouched base model
+    ctx = f"{REQ.text} English\n"
+    cf = logits(handle, [ctx + REQ.text], ["English"])  # the base model reading the edit in context
+    n = len(handle.tokens.prompt_ids(REQ.text)) + len(handle.tokens.target_ids(REQ.text, "English")) - 1
+    ctx_len = cf.shape[1] - n
+    assert torch.allclose(routed[0, 1 : n + 1], cf[0, ctx_len:], atol=1e-4)
+
+
+def test_memory_grows_lists_prunes_and_saves(fitted, tmp_path):
+    editor, handle = fitted
+    a = editor.compute(handle, [REQ]).apply(handle)
+    b = editor.compute(handle, [CASES[1].request]).apply(handle)
+    outer = next(iter(b.modules.values()))
+    assert [e["case_id"] for e in outer.entries()] == [1, 0]
+    assert outer.route([CASES[1].request.text, REQ.text]) == [0, 1]
+    keys = set(handle.model.state_dict())
+    b.revert(handle)
+    a.revert(handle)
+    assert keys == set(handle.model.state_dict())  # the wrapper does not rename the model's tensors
+    b.save(tmp_path / "b")
+    loaded = Edit.load(tmp_path / "b")
+    router = next(iter(loaded.modules.values()))
+    assert router.entries() == [{"prompt": CASES[1].request.text, "target": "Rome", "subject": "France", "case_id": 1}]
+    assert router.prune(lambda e: e["case_id"] != 1) == 1 and router.entries() == []
+    with loaded.applied(handle):
+        assert torch.equal(logits(handle, [OTHER], ["Japan"]), logits_base(handle))
+
+
+def logits_base(handle):
+    return logits(handle, [OTHER], ["Japan"])
+
+
+def test_generation_follows_the_routing(fitted):
+    editor, handle = fitted
+    base_other = handle.generate(OTHER, max_new_tokens=4)
+    with editor.compute(handle, [REQ]).applied(handle):
+        assert handle.generate(OTHER, max_new_tokens=4) == base_other
+        edited = handle.generate(REQ.text, max_new_tokens=4)
+    ctx_gen = handle.generate(f"{REQ.text} English\n{REQ.text}", max_new_tokens=4)
+    assert edited == ctx_gen
+
+
+def test_encoder_decoder_is_refused(tokenizer):
+    t5 = make_handle("t5", tokenizer)
+    with pytest.raises(EditInputError, match="encoder-decoder"):
+        get_editor("serac").compute(t5, [EditRequest("The capital of {} is", "France", "Rome")])
