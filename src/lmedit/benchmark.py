@@ -79,6 +79,7 @@ class _Run:
     base: dict[Any, tuple[dict, list]] = field(default_factory=dict)  # key -> (pre scores, locality preds)
     chunk_stats: list[dict[str, Any]] = field(default_factory=list)
     bar: Any = None
+    running: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -109,9 +110,12 @@ class _Run:
                 f.write(json.dumps(line, default=str) + "\n")
                 f.flush()
         if self.bar is not None:
+            for name in METRIC_ORDER[:3]:  # running means of reliability, generalization, locality
+                if name in post:
+                    total, count = self.running.get(name, (0.0, 0))
+                    self.running[name] = (total + post[name].value, count + 1)
             self.bar.update(1)
-            means = summarize([r for r in self.done.values() if r.post])
-            self.bar.set_postfix({k[:3]: f"{means[k]['mean']:.2f}" for k in METRIC_ORDER[:3] if k in means})
+            self.bar.set_postfix({k[:3]: f"{t / c:.2f}" for k, (t, c) in self.running.items()})
 
 
 def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
@@ -159,19 +163,22 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
 
         run.bar = tqdm(total=len(cases), initial=len(cases) - len(pending), unit="case", desc=header["method"])
     try:
-        if setting == "sequential":
-            _run_sequential(run)
-        else:
-            _run_independent(run)
+        if pending:
+            (_run_sequential if setting == "sequential" else _run_independent)(run)
     finally:
         if run.bar is not None:
             run.bar.close()
-    end_digest = handle.state_digest()
+    return _finish(run, header, start_digest, run_info, t0)
+
+
+def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:
+    """Check the model is the original again, then summarise and write summary.json and table.md."""
+    end_digest = run.handle.state_digest()
     restored = end_digest == start_digest
     log.info("model digest after the run: %s (start %s)%s", end_digest, start_digest, "" if restored else " MISMATCH")
-    results = [run.done[k] for k in keys]
+    results = [run.done[k] for k in run.keys]
     summary = build_summary(results, {**{k: v for k, v in header.items() if k != "case_ids"},
-                                      "data": dict(run_info or {}), "n_cases": len(cases),
+                                      "data": dict(run_info or {}), "n_cases": len(run.cases),
                                       "model_restored": restored, "wall_seconds": time.perf_counter() - t0})
     if run.chunk_stats:
         summary["chunk_stats"] = run.chunk_stats

@@ -218,3 +218,12 @@ def test_progress_bar_runs(tiny_llama, capsys):
     assert "rel" in capsys.readouterr().err
     run_benchmark(ToyEditor(), tiny_llama, _cases(2))
     assert capsys.readouterr() == ("", "")  # the library prints nothing without progress=True
+
+
+def test_resume_of_a_finished_run_computes_nothing(tiny_llama, tmp_path):
+    cases = _cases(3)
+    first = run_benchmark(ToyEditor(), tiny_llama, cases, setting="sequential", out_dir=tmp_path)
+    editor = ToyEditor()
+    again = run_benchmark(editor, tiny_llama, cases, setting="sequential", out_dir=tmp_path, resume=True)
+    assert editor.calls == 0 and [r.post for r in again.results] == [r.post for r in first.results]
+    assert again.summary["post"] == first.summary["post"]
