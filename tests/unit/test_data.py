@@ -197,6 +197,7 @@ def test_find_order(isolated, monkeypatch):
     explicit = _put(isolated / "explicit", rel)
     assert find_data_file(rel, explicit) == explicit  # an explicit file beats everything
     assert find_data_file(rel, isolated / "explicit") == explicit  # so does a data folder holding it
+    assert find_data_file(rel, explicit.parent) == explicit  # or the file's own folder
     with pytest.raises(FileNotFoundError, match="given path"):
         find_data_file(rel, isolated / "nope.json")  # never silently replaced by another copy
 

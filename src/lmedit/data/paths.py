@@ -93,16 +93,17 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
 
     Args:
         relative: the file's path under a data root, e.g. ``"counterfact/easyedit_counterfact-edit.json"``.
-        path: an explicit file, or a data root directory that holds ``relative``. When given it must exist:
-            an explicit choice is never silently replaced by another copy.
+        path: an explicit file, or a folder holding ``relative`` (a data root) or the file itself. When given
+            it must exist: an explicit choice is never silently replaced by another copy.
         download: allow step 5 (still subject to the offline switches).
     """
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file():
             return p
-        if p.is_dir() and (p / relative).is_file():
-            return p / relative
+        for inside in (p / relative, p / Path(relative).name):  # a data root, or the file's own folder
+            if p.is_dir() and inside.is_file():
+                return inside
         where = f"{p} (nor {p / relative})" if p.is_dir() else str(p)
         raise FileNotFoundError(f"data file not found at the given path {where}; pass an existing file, or a "
                                 f"data folder that contains {relative}")
