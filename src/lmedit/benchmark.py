@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 SETTINGS = ("single", "batch", "sequential")
 EVAL_TIMINGS = ("immediate", "final")
-CASES_FILE, SUMMARY_FILE, TABLE_FILE, RUN_FILE, EDITS_DIR = "cases.jsonl", "summary.json", "table.md", "run.json", "edits"
+CASES_FILE, SUMMARY_FILE, TABLE_FILE = "cases.jsonl", "summary.json", "table.md"
+RUN_FILE, EDITS_DIR = "run.json", "edits"
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
 SCORE_S_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy", "paraphrase", "neighborhood")
@@ -89,7 +90,8 @@ class _Run:
         return [i for i in chunk if self.keys[i] not in self.done]
 
     def sub_base(self, idx: list[int]) -> Baseline:
-        return Baseline(locality=[self.base[self.keys[i]][1] for i in idx], pre=[self.base[self.keys[i]][0] for i in idx])
+        rows = [self.base[self.keys[i]] for i in idx]
+        return Baseline(locality=[loc for _, loc in rows], pre=[pre for pre, _ in rows])
 
     def score(self, idx: list[int]) -> list[dict]:
         return score_cases(self.handle, [self.cases[i] for i in idx], self.sub_base(idx), protocols=self.protocols)
@@ -414,12 +416,14 @@ def build_summary(results: list[CaseResult], header: dict[str, Any]) -> dict[str
 
     ok = [r for r in results if "error" not in r.info]
     summary = {**header, "lmedit_version": __version__, "git_commit": _git_commit(),
-               "n_errors": len(results) - len(ok), "n_already_true": sum(bool(r.info.get("already_true")) for r in results),
+               "n_errors": len(results) - len(ok),
+               "n_already_true": sum(bool(r.info.get("already_true")) for r in results),
                "post": summarize(ok, "post"), "pre": summarize(results, "pre")}
     for which in ("post", "pre"):
         parts = [summary[which].get(m, {}).get("mean") for m in SCORE_S_PARTS]
         if all(p is not None and not math.isnan(p) for p in parts):
-            summary[which]["score_s"] = {"mean": harmonic_mean(parts), "protocol": summary[which][SCORE_S_PARTS[0]]["protocol"],
+            summary[which]["score_s"] = {"mean": harmonic_mean(parts),
+                                         "protocol": summary[which][SCORE_S_PARTS[0]]["protocol"],
                                          "cases": min(summary[which][m]["cases"] for m in SCORE_S_PARTS)}
     secs = [r.efficiency["seconds"] for r in ok if "seconds" in r.efficiency]
     rss = [r.efficiency["peak_rss_bytes"] for r in results if "peak_rss_bytes" in r.efficiency]

@@ -227,3 +227,22 @@ def test_resume_of_a_finished_run_computes_nothing(tiny_llama, tmp_path):
     again = run_benchmark(editor, tiny_llama, cases, setting="sequential", out_dir=tmp_path, resume=True)
     assert editor.calls == 0 and [r.post for r in again.results] == [r.post for r in first.results]
     assert again.summary["post"] == first.summary["post"]
+
+
+@pytest.mark.slow
+def test_real_model_real_data_sequential(tmp_path):
+    import lmedit
+    from lmedit.data import load_dataset
+
+    try:
+        cases = load_dataset("counterfact", n=4)
+    except FileNotFoundError as e:
+        pytest.skip(str(e).splitlines()[0])
+    handle = lmedit.load_model("smollm2-135m")
+    before = handle.state_digest()
+    res = run_benchmark(ToyEditor(scale=0.05, layer=10), handle, cases, setting="sequential", batch_size=2,
+                        eval_timing="final", out_dir=tmp_path, run_info={"dataset": "counterfact", "n": 4})
+    assert handle.state_digest() == before
+    s = res.summary
+    assert s["model"]["fingerprint"] == handle.fingerprint and s["post"]["efficacy_score"]["cases"] == 4
+    assert (tmp_path / "edits" / "1" / "edit.json").exists() and len(_lines(tmp_path)) == 4

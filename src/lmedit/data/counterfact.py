@@ -47,8 +47,9 @@ def easyedit_case(rec: dict[str, Any], file: Path, index: int) -> EditCase:
 
 def rome_case(rec: dict[str, Any], file: Path, index: int) -> EditCase:
     if not isinstance(rec.get("requested_rewrite"), dict):
-        raise DatasetError(f"{file} record {index}: requested_rewrite is a {type(rec.get('requested_rewrite')).__name__}, "
-                           "not one rewrite; multi-edit (MQuAKE) files load with lmedit.data.load_mquake()")
+        kind = type(rec.get("requested_rewrite")).__name__
+        raise DatasetError(f"{file} record {index}: requested_rewrite is a {kind}, not one rewrite; "
+                           "multi-edit (MQuAKE) files load with lmedit.data.load_mquake()")
     rw = {k: require(rec, f"requested_rewrite.{k}", file, index) for k in ("prompt", "subject")}
     new = require(rec, "requested_rewrite.target_new.str", file, index)
     true = require(rec, "requested_rewrite.target_true.str", file, index)

@@ -50,7 +50,8 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 def offline() -> bool:
     """True when downloads are forbidden (``HF_HUB_OFFLINE=1`` or ``LMEDIT_OFFLINE=1``)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE"))
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE"))
+    return any(f in ("1", "true", "yes") for f in flags)
 
 
 def cache_dir() -> Path:
