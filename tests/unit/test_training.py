@@ -156,3 +156,32 @@ def test_train_cli_parses_and_refuses_untrained_methods(capsys):
 
     assert main(["train", "--method", "rome", "--model", "nowhere"]) == 1
     assert "needs no training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama"])
+def test_prefix_cache_gives_the_same_losses_and_restores_the_model(family, tokenizer):
+    from conftest import make_handle
+    from lmedit.training.functional import answer_logprobs, capture_grads
+    from lmedit.training.prefix import PrefixCache
+
+    handle = make_handle(family, tokenizer)
+    modules = [(n, type(m)) for n, m in handle.model.named_modules()]
+    prompts, answers = ["The capital of France is", "Tokyo is in"], ["Paris", "Japan"]
+    prefix = PrefixCache(handle, first_layer=2)
+    want, _, _ = answer_logprobs(handle, prompts, answers)
+    for _ in range(2):  # filled on the first call, read from the store on the second
+        got, _, _ = answer_logprobs(handle, prompts, answers, prefix)
+        assert prefix.enabled and len(prefix.store) == 2
+        assert torch.allclose(got, want, atol=1e-5)
+    path = handle.adapter.mlp_out.format(3)
+    slow, *_ = capture_grads(handle, [path], prompts, answers)
+    fast, *_ = capture_grads(handle, [path], prompts, answers, prefix)
+    assert torch.allclose(slow[path][1], fast[path][1], atol=1e-6)
+    assert [(n, type(m)) for n, m in handle.model.named_modules()] == modules
+
+
+def test_prefix_cache_is_off_for_encoder_decoder(tokenizer):
+    from conftest import make_handle
+    from lmedit.training.prefix import PrefixCache
+
+    assert not PrefixCache(make_handle("t5", tokenizer), first_layer=1).enabled

@@ -28,6 +28,7 @@ from ..registry import register_editor
 from ..training.data import TrainExample
 from ..training.editor import TrainedConfig, TrainedEditor
 from ..training.functional import capture_grads, edit_and_loc_losses, edited_paths, weight_shape
+from ..training.prefix import PrefixCache
 from ..types import EditRequest
 
 
@@ -103,6 +104,7 @@ class KEObjective:
         self.net = KENet(shapes, d_embed, cfg).to(handle.device)
         # gradient *ascent* on λ: the optimiser descends, so its gradient is negated (KE's Lagrangian)
         self.net.log_lambda.register_hook(lambda g: -g)
+        self.prefix = PrefixCache(handle, min(cfg.layers))  # training only: edits run the whole model
 
     def param_groups(self) -> list[dict[str, Any]]:
         body = [p for n, p in self.net.named_parameters() if n != "log_lambda"]
@@ -130,10 +132,10 @@ class KEObjective:
         token = int(self.handle.logits(batch)[0, pos].argmax())
         return self.handle.tokenizer.decode([token]).strip()
 
-    def deltas(self, requests: list[EditRequest]) -> tuple[dict[str, torch.Tensor], float]:
+    def deltas(self, requests: list[EditRequest], prefix: Any = None) -> tuple[dict[str, torch.Tensor], float]:
         """Dense ΔW [d_out, d_in] per edited matrix, summed over the requests."""
         factors, _, pre_acc, rows = capture_grads(self.handle, self.paths, [r.text for r in requests],
-                                                  [r.target_new for r in requests])
+                                                  [r.target_new for r in requests], prefix)
         conds = [self._condition(r) for r in requests]
         out: dict[str, torch.Tensor] = {}
         for head, p in zip(self.net.heads, self.paths, strict=True):
@@ -148,8 +150,8 @@ class KEObjective:
         return out, pre_acc
 
     def _loss(self, batch: list[TrainExample]) -> tuple[torch.Tensor, dict[str, float]]:
-        deltas, pre_acc = self.deltas([ex.request for ex in batch])
-        edit_nll, edit_acc, kl = edit_and_loc_losses(self.handle, batch, deltas)
+        deltas, pre_acc = self.deltas([ex.request for ex in batch], self.prefix)
+        edit_nll, edit_acc, kl = edit_and_loc_losses(self.handle, batch, deltas, self.prefix)
         lam = self.net.log_lambda.exp()
         loss = self.cfg.cedit * edit_nll + lam * (kl - self.cfg.kl_margin)
         return loss, {"edit_acc": edit_acc, "pre_acc": pre_acc, "edit_nll": edit_nll.item(), "loc_kl": kl.item(),

@@ -23,11 +23,13 @@ from ..metrics.scoring import _logits_at
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A [d_out, r], B [d_in, r]): ΔW (out-in layout) = A Bᵀ
 
 
-def answer_logprobs(handle: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def answer_logprobs(handle: Any, prompts: Sequence[str], answers: Sequence[str], prefix: Any = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Log-probabilities at the answer positions of teacher-forced prompt+answer rows.
 
     Returns (logp [n_pos, vocab], labels [n_pos], row_of_position) -- the unembedding runs on those
-    positions only (the vocabulary projection is the most expensive part of a small model).
+    positions only (the vocabulary projection is the most expensive part of a small model). ``prefix``: a
+    :class:`~lmedit.training.prefix.PrefixCache` that skips the frozen lower layers (training only).
     """
     rendered = [handle.render(p) for p in prompts]
     batch = handle.tokens.teacher_forced(rendered, list(answers))
@@ -36,7 +38,8 @@ def answer_logprobs(handle: Any, prompts: Sequence[str], answers: Sequence[str])
         pos = batch.pred_positions(r)
         rows += [r] * len(pos)
         cols += pos
-    logits = _logits_at(handle, batch, rows, cols)  # [n_pos, vocab]
+    with _skipping(prefix, batch):
+        logits = _logits_at(handle, batch, rows, cols)  # [n_pos, vocab]
     labels = torch.tensor([y for lab in batch.labels for y in lab], device=logits.device)
     return F.log_softmax(logits.float(), dim=-1), labels, rows
 
@@ -64,8 +67,12 @@ def _token_mask(batch: Any, handle: Any) -> torch.Tensor:
     return mask.reshape(-1).bool()
 
 
-def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], targets: Sequence[str]
-                  ) -> tuple[dict[str, Factors], torch.Tensor, float, torch.Tensor]:
+def _skipping(prefix: Any, batch: Any) -> Any:
+    return prefix.skipping(batch) if prefix is not None else contextlib.nullcontext()
+
+
+def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], targets: Sequence[str],
+                  prefix: Any = None) -> tuple[dict[str, Factors], torch.Tensor, float, torch.Tensor]:
     """(u, δ) token factors of the edit loss's gradient at each module in ``paths``.
 
     The loss is the sum over rows of each row's mean target NLL. Returns ({path: (U [T, d_in], D [T, d_out])},
@@ -88,7 +95,7 @@ def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], tar
     for p in paths:
         handles.append(get_module(handle.model, p).register_forward_hook(make_hook(p)))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _skipping(prefix, batch):
             rows, cols = [], []
             for r in range(len(rendered)):
                 pos = batch.pred_positions(r)
@@ -113,19 +120,19 @@ def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], tar
     return out, loss.detach(), acc, token_rows
 
 
-def edit_and_loc_losses(handle: Any, batch: Sequence[Any], deltas: dict[str, Factors | torch.Tensor]
-                        ) -> tuple[torch.Tensor, float, torch.Tensor]:
+def edit_and_loc_losses(handle: Any, batch: Sequence[Any], deltas: dict[str, Factors | torch.Tensor],
+                        prefix: Any = None) -> tuple[torch.Tensor, float, torch.Tensor]:
     """The meta-training terms of an edit (MEND eq. 5, KE eq. 4) for a batch of TrainExamples:
     (L_edit = NLL of y_e on x_e and x_e' under θ', token accuracy there, KL(p_θ ‖ p_θ') on the x_loc answers)."""
     reqs = [ex.request for ex in batch]
     targets = [r.target_new for r in reqs]
     loc_p, loc_a = [ex.loc.prompt for ex in batch], [ex.loc.answer for ex in batch]
     with torch.no_grad():
-        base_loc, _, _ = answer_logprobs(handle, loc_p, loc_a)  # [n_loc_pos, vocab]
+        base_loc, _, _ = answer_logprobs(handle, loc_p, loc_a, prefix)  # [n_loc_pos, vocab]
     k = len(reqs)
     with delta_hooks(handle, deltas):  # one pass for edit, rephrase and locality rows
         logp, labels, rows = answer_logprobs(handle, [r.text for r in reqs] + [ex.rephrase for ex in batch] + loc_p,
-                                             targets + targets + loc_a)
+                                             targets + targets + loc_a, prefix)
     is_edit = torch.tensor(rows, device=logp.device) < 2 * k
     edit_nll, edit_acc = nll_and_acc(logp[is_edit], labels[is_edit], [r for r in rows if r < 2 * k])
     return edit_nll, edit_acc, kl_at(base_loc, logp[~is_edit])

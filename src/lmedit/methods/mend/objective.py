@@ -22,6 +22,7 @@ from ...training.functional import (
     to_param_factors,
     weight_shape,
 )
+from ...training.prefix import PrefixCache
 from .network import MENDNet
 
 
@@ -32,6 +33,7 @@ class MENDObjective:
         torch.manual_seed(cfg.seed)
         shapes = {p: weight_shape(handle, p) for p in self.paths}
         self.net = MENDNet(shapes, cfg.rank, cfg.edit_lr).to(handle.device)
+        self.prefix = PrefixCache(handle, min(cfg.layers))  # training only: edits run the whole model
 
     # --- the trainer's interface -------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -55,16 +57,17 @@ class MENDObjective:
         return {"loss": float(loss), **metrics}
 
     # --- MEND --------------------------------------------------------------------------------------
-    def deltas(self, prompts: list[str], targets: list[str], update_stats: bool = False):
-        factors, _, pre_acc, _ = capture_grads(self.handle, self.paths, prompts, targets)
+    def deltas(self, prompts: list[str], targets: list[str], update_stats: bool = False, prefix: Any = None):
+        factors, _, pre_acc, _ = capture_grads(self.handle, self.paths, prompts, targets, prefix)
         if update_stats:
             self.net.update_stats(factors)
         return {p: self.net(p, u, d) for p, (u, d) in factors.items()}, pre_acc
 
     def _loss(self, batch: list[TrainExample], update_stats: bool) -> tuple[torch.Tensor, dict[str, float]]:
         reqs = [ex.request for ex in batch]
-        deltas, pre_acc = self.deltas([r.text for r in reqs], [r.target_new for r in reqs], update_stats)
-        edit_nll, edit_acc, kl = edit_and_loc_losses(self.handle, batch, deltas)
+        deltas, pre_acc = self.deltas([r.text for r in reqs], [r.target_new for r in reqs], update_stats,
+                                      self.prefix)
+        edit_nll, edit_acc, kl = edit_and_loc_losses(self.handle, batch, deltas, self.prefix)
         loss = self.cfg.cedit * edit_nll + self.cfg.cloc * kl
         return loss, {"edit_acc": edit_acc, "pre_acc": pre_acc, "edit_nll": edit_nll.item(), "loc_kl": kl.item()}
 
