@@ -20,6 +20,7 @@ from lmedit.registry import UnknownMethodError, register_editor
 from lmedit.table import build_table, resolve_methods
 from lmedit.table.cells import CellCache, CellResult, CellSpec, cell_key
 from lmedit.table.layout import build_rows, markdown
+from lmedit.types import EditInputError
 
 TOY = "table-toy"
 TOY_FIT = "table-toy-fit"
@@ -37,8 +38,11 @@ class ToyEditor(Editor):
     capabilities = Capabilities(batch=True, sequential=True, edit_kind="prompt_context")
     calls: ClassVar[int] = 0
     crash_after: ClassVar[int | None] = None
+    reject: ClassVar[bool] = False
 
     def _compute(self, handle: Any, requests: list, cfg: ToyConfig) -> PromptContext:
+        if ToyEditor.reject:
+            raise EditInputError("toy cannot edit this")
         if ToyEditor.crash_after is not None and ToyEditor.calls >= ToyEditor.crash_after:
             raise RuntimeError("simulated crash")
         ToyEditor.calls += 1
@@ -56,8 +60,9 @@ def toy():
     registry.list_editors()  # discover the real editors first, so ours is only added
     register_editor(TOY)(ToyEditor)
     register_editor(TOY_FIT)(ToyFitEditor)
-    ToyEditor.calls, ToyEditor.crash_after = 0, None
+    ToyEditor.calls, ToyEditor.crash_after, ToyEditor.reject = 0, None, False
     yield ToyEditor
+    ToyEditor.reject = False
     registry._EDITORS.pop(TOY, None)
     registry._EDITORS.pop(TOY_FIT, None)
 
@@ -205,6 +210,15 @@ def test_interrupted_cell_resumes_finished_cases(toy, model_dir, tmp_path):
     t = _table(model_dir, tmp_path, n=3)
     assert t.cells[0].status == "ok" and t.cells[0].info["cases"] == 3
     assert toy.calls == 3, "the finished case was not edited again"
+
+
+def test_cell_whose_every_edit_fails_is_retried(toy, model_dir, tmp_path):
+    toy.reject = True
+    t = _table(model_dir, tmp_path)
+    assert t.cells[0].status == "skipped" and "toy cannot edit this" in t.cells[0].reason
+    assert not (tmp_path / "cells" / f"{TOY}__zsre").exists(), "nothing kept: the next run tries again"
+    toy.reject = False
+    assert _table(model_dir, tmp_path).cells[0].status == "ok"
 
 
 def test_sequential_setting_same_shape(toy, model_dir, tmp_path):

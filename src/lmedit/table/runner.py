@@ -137,11 +137,15 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         summaries: list[dict[str, Any]] = []
     else:
         results, summaries = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress)
+    errors = [r.info["error"] for r in results if r.info.get("error")]
+    if results and len(errors) == len(results):
+        cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
+        raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
     result = CellResult(
         spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
         efficiency=efficiency_stats(results, summaries), fields=field_counts(cases), key=key,
-        info={"model": handle.name, "cases": len(results), "config": config.to_dict(), "commit": git_commit(),
-              "setting_label": setting_label(spec)})
+        info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
+              "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec)})
     cache.store(result)
     return result
 
