@@ -185,3 +185,10 @@ def test_prefix_cache_is_off_for_encoder_decoder(tokenizer):
     from lmedit.training.prefix import PrefixCache
 
     assert not PrefixCache(make_handle("t5", tokenizer), first_layer=1).enabled
+
+
+def test_time_budget_ends_with_a_checkpoint(tmp_path):
+    s = TrainSettings(steps=100, batch_size=2, val_every=50, val_batches=0, patience=0, max_seconds=1e-9)
+    _, _, res = run_toy(tmp_path, settings=s)
+    assert res.steps_done == 1 and [h["step"] for h in res.history] == [1]
+    assert json.loads((tmp_path / "train.json").read_text())["step"] == 1

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="zsre", choices=sorted(DATASETS), help="training data (default zsre)")
     p.add_argument("--n", type=int, default=None, help="training cases to load (default: the whole split)")
     p.add_argument("--steps", type=int, help="training steps (default: the method's config)")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="wall-clock budget; training then stops with a validation and a checkpoint (0: none)")
     p.add_argument("--val-size", type=int, help="cases held back for validation (default: the method's config)")
     p.add_argument("--quick", action="store_true", help="the method's tiny 'quick' budget (seconds; for smoke tests)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<method>-<model>-<dataset>)")
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     editor = get_editor(cls.name, **overrides)
     print(f"training {cls.name} for {handle.name} on {len(cases)} {DATASETS[args.dataset]} cases -> {out}")
     t0 = time.time()
-    result = editor.fit(handle, cases, quick=args.quick, steps=args.steps, out=out, progress=True, resume=args.resume)
+    result = editor.fit(handle, cases, quick=args.quick, steps=args.steps, out=out, progress=True, resume=args.resume,
+                        max_minutes=args.max_minutes)
     print(f"done in {time.time() - t0:.0f} s: {result.steps_done} steps, best validation loss {result.best_val:.4g}"
           f"{' (early stop)' if result.stopped_early else ''}")
     for rec in result.history:

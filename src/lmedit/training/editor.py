@@ -81,7 +81,7 @@ class TrainedEditor(Editor):
 
     def fit(self, handle: Any, cases: list[EditCase], *, quick: bool = False, steps: int | None = None,
             out: str | Path | None = None, progress: bool = False, resume: bool = False,
-            on_step: Any = None) -> TrainResult:
+            on_step: Any = None, max_minutes: float = 0.0) -> TrainResult:
         """Train the editor for ``handle``'s model on ``cases`` (the last ``val_size`` are held back).
 
         Args:
@@ -89,6 +89,7 @@ class TrainedEditor(Editor):
             steps: override the number of training steps.
             out: directory for checkpoints and the final ``editor.*`` files (None: keep in memory only).
             resume: continue the run saved in ``out`` (at most one checkpoint interval is lost).
+            max_minutes: wall-clock budget (0: none); the run then ends with a validation and checkpoint.
         """
         cfg = self.config_for(handle)
         if quick:
@@ -98,7 +99,7 @@ class TrainedEditor(Editor):
         train, val = split(examples_from_cases(cases), cfg.val_size)
         obj = self.build(handle, cfg)
         settings = TrainSettings(cfg.steps, cfg.batch_size, cfg.val_every, cfg.val_batches, cfg.patience,
-                                 cfg.seed, cfg.grad_clip)
+                                 cfg.seed, cfg.grad_clip, max_minutes * 60.0)
         trainer = Trainer(obj, settings, self._info(handle, cfg), out=out, progress=progress, on_step=on_step)
         if resume:
             trainer.resume()

@@ -46,6 +46,7 @@ class TrainSettings:
     patience: int
     seed: int = 0
     grad_clip: float = 100.0
+    max_seconds: float = 0.0  # wall-clock budget of this run (0: none); it ends with a validation + checkpoint
 
 
 @dataclass
@@ -157,10 +158,13 @@ class Trainer:
                                  if k in ("loss", "edit_acc", "loc_kl")})
                 if self.on_step is not None:
                     self.on_step(self.step, metrics)
-                if self.step % self.s.val_every == 0 or self.step == self.s.steps:
+                out_of_time = self.s.max_seconds > 0 and time.perf_counter() - t0 > self.s.max_seconds
+                if self.step % self.s.val_every == 0 or self.step == self.s.steps or out_of_time:
                     stopped = self._end_interval(window, val, time.perf_counter() - t0)
                     window = {}
-                    if stopped:
+                    if stopped or out_of_time:
+                        if out_of_time:
+                            log.info("time budget of %.0f s used at step %d", self.s.max_seconds, self.step)
                         break
         finally:
             bar.close()
