@@ -49,7 +49,13 @@ class ToyEditor(Editor):
         return PromptContext("".join(cfg.template.format(r.text, r.target_new) for r in requests))
 
 
+@dataclasses.dataclass
+class ToyFitConfig(ToyConfig):
+    checkpoint: str | None = option(None, "trained state folder")
+
+
 class ToyFitEditor(ToyEditor):
+    Config = ToyFitConfig
     capabilities = Capabilities(batch=False, sequential=False, needs_fit=True, edit_kind="prompt_context")
 
 
@@ -248,6 +254,13 @@ def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_pa
     t = _table(model_dir, tmp_path, methods=f"{TOY},{TOY_FIT}")
     fit = next(c for c in t.cells if c.spec.method == TOY_FIT)
     assert fit.status == "skipped" and "lmedit train --method table-toy-fit" in fit.reason
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "editor.json").write_text(json.dumps({"history": [{"step": 5, "seconds": 3.0}, {"step": 10, "seconds": 7.5}]}))
+    t = _table(model_dir, tmp_path / "fit", methods=TOY_FIT, checkpoints={TOY_FIT: str(ckpt)})
+    assert t.cells[0].status == "ok", t.cells[0].reason
+    assert t.cells[0].efficiency["one_off:training_seconds"] == 7.5
+    assert "7.500 (training 7.500)" in (tmp_path / "fit" / "efficiency.md").read_text()
     names, missing = resolve_methods("paper")
     assert len(names) == 10 and all("registered" in r for r in missing.values())
 

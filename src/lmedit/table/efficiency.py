@@ -76,10 +76,16 @@ def method_summary(cells: list[Any], rows: list[Any], methods: list[str]) -> lis
         ok = [c for c in cells if c.spec.method == m and c.status == "ok"]
         spe = {c.spec.dataset: c.efficiency["seconds_per_edit"] for c in ok if "seconds_per_edit" in c.efficiency}
         one_off = [c.efficiency["one_off_seconds"] for c in ok if "one_off_seconds" in c.efficiency]
+        parts: dict[str, float] = {}
+        for c in ok:
+            for k, v in c.efficiency.items():
+                if k.startswith("one_off:") and isinstance(v, int | float):
+                    parts[k.removeprefix("one_off:")] = max(parts.get(k.removeprefix("one_off:"), 0.0), v)
         peaks = [c.efficiency["peak_memory_bytes"] for c in ok if "peak_memory_bytes" in c.efficiency]
         quality = [r.values[m] for r in rows if r.protocol == "token_acc" and r.values.get(m) is not None]
         out.append({"method": m, "cells_ok": len(ok), "seconds_per_edit": _mean(list(spe.values())),
                     "seconds_per_edit_by_dataset": spe, "one_off_seconds": max(one_off) if one_off else None,
+                    "one_off_parts": parts,
                     "peak_memory_bytes": max(peaks) if peaks else None,
                     "mean_quality": _mean(quality), "quality_values": len(quality)})
     return out
@@ -99,6 +105,14 @@ def _secs(v: float | None) -> str:
     return "n/a" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
+def _fmt_one_off(s: dict[str, Any]) -> str:
+    if s["one_off_seconds"] is None:
+        return "-"
+    parts = ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {_secs(v)}"
+                      for k, v in s["one_off_parts"].items())
+    return f"{_secs(s['one_off_seconds'])} ({parts})" if parts else _secs(s["one_off_seconds"])
+
+
 def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta: dict[str, Any]) -> str:
     """efficiency.md: time per edit (per dataset and mean), one-off costs, peak memory, mean quality."""
     head = ["Method", "s/edit (mean)", *[f"s/edit {d}" for d in datasets], "one-off (s)", "peak memory",
@@ -107,13 +121,14 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
              f"Setting: {meta['setting_label']}; device: {meta.get('device', 'cpu')}; torch threads: "
              f"{meta.get('threads', '?')}. Time per edit is the wall-clock of the edit computation only "
              "(scoring excluded). One-off costs (statistics, training) are counted once, not per edit. Peak "
-             "memory is what the benchmark measured during editing (n/a when it reported none).", "",
+             "memory during editing: the process's peak RSS on CPU (it includes the model itself), "
+             "torch.cuda.max_memory_allocated on CUDA; n/a when none was reported.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for s in summary:
         by = s["seconds_per_edit_by_dataset"]
         q = s["mean_quality"]
         vals = [s["method"], _secs(s["seconds_per_edit"]), *[_secs(by.get(d)) for d in datasets],
-                _secs(s["one_off_seconds"]) if s["one_off_seconds"] is not None else "-",
+                _fmt_one_off(s),
                 _human_bytes(s["peak_memory_bytes"]), "n/a" if q is None else f"{100 * q:.1f}"]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

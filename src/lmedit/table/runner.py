@@ -6,6 +6,7 @@ the same code with the same seed.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -137,13 +138,18 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         summaries: list[dict[str, Any]] = []
     else:
         results, summaries = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress)
+    efficiency = efficiency_stats(results, summaries)
+    trained = training_seconds(overrides.get("checkpoint"))
+    if trained is not None:  # a one-off cost paid before any edit: reported apart from the per-edit time
+        efficiency["one_off:training_seconds"] = trained
+        efficiency["one_off_seconds"] = efficiency.get("one_off_seconds", 0.0) + trained
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):
         cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
         raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
     result = CellResult(
         spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
-        efficiency=efficiency_stats(results, summaries), fields=field_counts(cases), key=key,
+        efficiency=efficiency, fields=field_counts(cases), key=key,
         info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
               "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec)})
     cache.store(result)
@@ -166,6 +172,20 @@ def checkpoint_digest(directory: str | None) -> str | None:
     root = Path(directory)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     return digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])[:16]
+
+
+def training_seconds(directory: str | None) -> float | None:
+    """Training time recorded in a trained editor's checkpoint (its history's elapsed seconds), if any."""
+    if not directory:
+        return None
+    from ..training import checkpoint as ckpt
+
+    try:
+        info = json.loads((Path(directory) / f"{ckpt.EDITOR}.json").read_text())
+        secs = [float(h["seconds"]) for h in info.get("history", []) if "seconds" in h]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(secs) if secs else None  # the history's seconds count from the start of training
 
 
 def setting_label(spec: CellSpec) -> str:
