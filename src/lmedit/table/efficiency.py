@@ -40,8 +40,10 @@ def _one_off(results: list[Any]) -> dict[str, float]:
     return found
 
 
-def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Canonical efficiency numbers of one cell (see the module docstring)."""
+def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None = None,
+                     training_seconds: float | None = None) -> dict[str, Any]:
+    """Canonical efficiency numbers of one cell (see the module docstring); ``training_seconds`` (a trained
+    editor's recorded training time) joins the one-off costs."""
     out: dict[str, Any] = {}
     secs = _values(results, "seconds")
     if secs:
@@ -54,6 +56,8 @@ def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None 
     elif rss:
         out["peak_memory_bytes"], out["memory_kind"] = max(rss), "cpu_peak_rss"
     one_off = _one_off(results)
+    if training_seconds is not None:  # paid before any edit: apart from the per-edit time
+        one_off["training_seconds"] = training_seconds
     for k, v in one_off.items():
         out[f"one_off:{k}"] = v
     if one_off:

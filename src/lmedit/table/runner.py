@@ -95,6 +95,19 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
     return results, summaries
 
 
+def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
+    """The cell's editor and its overrides; a trained editor gets its checkpoint (or the cell is skipped)."""
+    from ..registry import get_editor
+
+    overrides = spec.config_overrides()
+    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
+        ckpt = (checkpoints or {}).get(spec.method) or DEFAULT_CHECKPOINT.format(method=spec.method)
+        if not Path(ckpt).is_dir():
+            raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
+        overrides["checkpoint"] = ckpt
+    return get_editor(spec.method, overrides), overrides
+
+
 def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
              on_case: Callable[[], None] | None = None) -> CellResult:
@@ -103,7 +116,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
     """
-    from ..registry import editor_class, get_editor
+    from ..registry import editor_class
     from .multihop import CannotStackEdits, run_multihop
 
     seed_everything(spec.seed)
@@ -112,13 +125,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     reason = cannot_run(cls, handle, spec, multihop)
     if reason:
         raise CellSkipped(reason)
-    overrides = spec.config_overrides()
-    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
-        ckpt = (checkpoints or {}).get(spec.method) or DEFAULT_CHECKPOINT.format(method=spec.method)
-        if not Path(ckpt).is_dir():
-            raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
-        overrides["checkpoint"] = ckpt
-    editor = get_editor(spec.method, overrides)
+    editor, overrides = _editor(cls, spec, handle, checkpoints)
     cases = load_cases(spec, data_path)
     config = editor.config_for(handle)
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
@@ -138,11 +145,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         summaries: list[dict[str, Any]] = []
     else:
         results, summaries = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress)
-    efficiency = efficiency_stats(results, summaries)
-    trained = training_seconds(overrides.get("checkpoint"))
-    if trained is not None:  # a one-off cost paid before any edit: reported apart from the per-edit time
-        efficiency["one_off:training_seconds"] = trained
-        efficiency["one_off_seconds"] = efficiency.get("one_off_seconds", 0.0) + trained
+    efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):
         cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
