@@ -165,7 +165,6 @@ def test_noise_levels(tiny_llama, tmp_path, monkeypatch):
     known.write_text(json.dumps([{"known_id": 0, "subject": "Eiffel Tower", "attribute": "Paris",
                                   "prompt": "Eiffel Tower is in"},
                                  {"known_id": 1, "subject": "Paris", "attribute": "France", "prompt": "Paris is in"}]))
-    monkeypatch.setenv("LMEDIT_DATA", str(tmp_path))
     monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("lmedit.tracing.noise.load_known_facts",
                         lambda path=None: json.loads(known.read_text()))

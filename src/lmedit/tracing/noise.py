@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,41 +21,25 @@ from ..hooks import get_module
 log = logging.getLogger(__name__)
 
 DEFAULT_FACTOR = 3.0
-KNOWN_FILE = "misc/known_1000.json"
-
-
-def data_root() -> Path:
-    """Where benchmark data lives: ``$LMEDIT_DATA`` or the shared data folder of this workplace."""
-    return Path(os.environ.get("LMEDIT_DATA", "/work/shared/data")).expanduser()
+KNOWN_FILE = "misc/known_1000.json"  # recorded with the cached std
 
 
 def load_known_facts(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """ROME's known facts as dicts with ``known_id, subject, attribute, prompt`` (and ROME's other fields).
+    """ROME's known facts (``known_1000.json``) as dicts with ``prompt, subject, attribute``.
 
-    Uses ``lmedit.data.load_known`` when that loader exists, else reads the JSON file directly.
+    Read through ``lmedit.data.load_known``, which searches ``$LMEDIT_DATA`` and the shared data folder.
     """
-    if path is None:
-        try:
-            from ..data import load_known  # type: ignore[attr-defined]
-        except ImportError:
-            load_known = None
-        if load_known is not None:
-            return [_as_fact(r) for r in load_known()]
-        path = data_root() / KNOWN_FILE
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"known facts file {path} not found; set LMEDIT_DATA to the folder holding {KNOWN_FILE} "
-            "or pass the facts explicitly"
-        )
-    with open(path, encoding="utf-8") as f:
-        return [_as_fact(r) for r in json.load(f)]
+    from ..data import load_known
+
+    return [_as_fact(r) for r in load_known(path=path)]
 
 
 def _as_fact(record: Any) -> dict[str, Any]:
     """A known-fact record (dict or dataclass-like) as a plain dict with the fields tracing reads."""
     if isinstance(record, dict):
         out = dict(record)
+    elif hasattr(record, "_asdict"):
+        out = record._asdict()
     else:
         out = {k: getattr(record, k) for k in ("known_id", "subject", "attribute", "prompt") if hasattr(record, k)}
     missing = [k for k in ("subject", "attribute", "prompt") if k not in out]
