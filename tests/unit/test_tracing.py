@@ -240,3 +240,22 @@ def test_plots_write_files(tiny_llama, tmp_path):
     assert [f.suffix for f in files] == [".png", ".svg"] * 3
     for f in files:
         assert f.exists() and f.stat().st_size > 1000
+
+
+def test_cli_trace_writes_data_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from conftest import make_model, make_tokenizer
+    from lmedit.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    rc = main(["trace", "--model", str(model_dir), "--prompt", MID_PROMPT, "--subject", "Danielle Darrieux",
+               "--kind", "all", "--samples", "2", "--noise", "0.5", "--window", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "answer:" in printed and "peak p" in printed
+    for kind in ("hidden", "mlp", "attn"):
+        assert len(list(out.glob(f"*_{kind}.*"))) == 4  # npz, json, png, svg
+    assert list(out.glob("*_all.png"))
+    assert main(["trace", "--model", str(model_dir), "--prompt", MID_PROMPT, "--out", str(out)]) == 1
