@@ -25,6 +25,25 @@ def _numbers(out) -> list[tuple]:
     return [(r["dataset"], r["metric"], r["method"], r["value"], r["protocol"], r["n_cases"]) for r in rows]
 
 
+class Recorder:
+    inner_bars = False
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def cell_started(self, spec, n_cases) -> None:
+        self.events.append(f"start {spec.name}")
+
+    def case_done(self) -> None:
+        self.events.append("case")
+
+    def cell_done(self, result) -> None:
+        self.events.append(f"done {result.spec.name}")
+
+    def status(self, text) -> None:
+        self.events.append(f"status {text}")
+
+
 def test_ray_matches_local(tmp_path):
     from conftest import make_model, make_tokenizer
 
@@ -35,7 +54,10 @@ def test_ray_matches_local(tmp_path):
               method_overrides={"ft-m": editor_class("ft-m").quick})
 
     local = build_table(str(model_dir), out=tmp_path / "local", backend="local", **kw)
-    remote = build_table(str(model_dir), out=tmp_path / "ray", backend="ray", workers=2, **kw)
+    rec = Recorder()
+    remote = build_table(str(model_dir), out=tmp_path / "ray", backend="ray", workers=2, progress=rec, **kw)
+    assert sorted(e for e in rec.events if e.startswith(("start", "done"))) == [
+        "done ft-m/counterfact", "done ft-m/zsre", "start ft-m/counterfact", "start ft-m/zsre"]
 
     assert [c.status for c in remote.cells] == ["ok", "ok"], [c.reason for c in remote.cells]
     assert _numbers(tmp_path / "ray") == _numbers(tmp_path / "local")

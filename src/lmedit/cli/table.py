@@ -74,6 +74,9 @@ class BarProgress:
         self.cells.set_postfix_str(f"{result.spec.name}: {state}")
         self.cells.update(1)
 
+    def status(self, text: str) -> None:
+        self.cells.set_postfix_str(text)
+
     def close(self) -> None:
         self.cells.close()
 

@@ -29,6 +29,8 @@ class Progress(Protocol):
 
     def cell_done(self, result: CellResult) -> None: ...
 
+    def status(self, text: str) -> None: ...
+
 
 @dataclass
 class RunOptions:
@@ -127,13 +129,25 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
     try:
         actor = ray.remote(num_cpus=1)(CellWorker)
         pool = [actor.remote(opts) for _ in range(min(workers, len(specs)) or 1)]
-        return _dispatch(ray, pool, specs, progress)
+        return _dispatch(ray, pool, specs, progress, CellCache(opts.out))
     finally:
         if started:
             ray.shutdown()
 
 
-def _dispatch(ray: Any, pool: list[Any], specs: list[CellSpec], progress: Progress | None) -> list[CellResult]:
+def _cases_done(cache: CellCache, spec: CellSpec) -> int:
+    """Finished cases of a running cell, counted from its cases.jsonl files (the workers share the disk)."""
+    n = 0
+    for f in cache.folder(spec).glob("run-*/cases.jsonl"):
+        try:
+            n += f.read_bytes().count(b"\n")
+        except OSError:  # being rewritten by the worker right now
+            pass
+    return n
+
+
+def _dispatch(ray: Any, pool: list[Any], specs: list[CellSpec], progress: Progress | None,
+              cache: CellCache) -> list[CellResult]:
     """Give each idle actor the next cell until all are done; results in spec order."""
     queue = list(enumerate(specs))
     running: dict[Any, tuple[int, Any]] = {}
@@ -149,7 +163,12 @@ def _dispatch(ray: Any, pool: list[Any], specs: list[CellSpec], progress: Progre
         if queue:
             submit(a)
     while running:
-        done, _ = ray.wait(list(running), num_returns=1)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        if not done:
+            if progress:  # cases finished so far in each running cell (a local cluster shares the disk)
+                progress.status(", ".join(f"{specs[i].name} {_cases_done(cache, specs[i])}/{specs[i].n}"
+                                          for i, _ in running.values()))
+            continue
         i, a = running.pop(done[0])
         body, cached = ray.get(done[0])
         result = CellResult.from_dict(body, specs[i])
