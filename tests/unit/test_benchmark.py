@@ -181,8 +181,7 @@ def test_already_true_is_marked(tiny_llama):
         nxt = int(tiny_llama.model(torch.tensor([ids])).logits[0, -1].argmax())
     word = tiny_llama.tokenizer.decode([nxt])
     target_ids = tiny_llama.tokens.target_ids(prompt, word.strip())
-    if target_ids != [nxt]:
-        pytest.skip(f"greedy token {word!r} does not round-trip as a spaced target in the tiny tokenizer")
+    assert target_ids == [nxt], f"greedy token {word!r} must round-trip as a spaced target for this test"
     case = EditCase(EditRequest(prompt=prompt, subject="France", target_new=word.strip(), case_id="x"))
     res = run_benchmark(ToyEditor(), tiny_llama, [case])
     assert res.results[0].info.get("already_true") is True
