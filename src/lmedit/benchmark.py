@@ -236,7 +236,7 @@ def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, An
 def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:
     eff = {"seconds": m.seconds / n, "chunk_seconds": m.seconds, "chunk_size": n, "apply_seconds": apply_s,
            "peak_rss_bytes": m.peak_rss_bytes, "rss_delta_bytes": m.rss_delta_bytes,
-           "cuda_peak_bytes": m.cuda_peak_bytes}
+           "cuda_peak_bytes": m.cuda_peak_bytes, "cuda_start_bytes": m.cuda_start_bytes}
     return {k: v for k, v in eff.items() if v is not None}
 
 

@@ -12,7 +12,8 @@ Peak RSS is the larger of two readings:
   the block* (then that new peak was reached inside the block; otherwise it dates from earlier work and says
   nothing about this block).
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start (None without
-CUDA). It counts tensors allocated by PyTorch, not the caching allocator's reserve.
+CUDA). It counts every live tensor allocated by PyTorch (the model's weights included; ``cuda_start_bytes``
+says how much was already allocated at the start), not the caching allocator's reserve.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Measurement:
     peak_rss_bytes: int | None = None  # max RSS during the block (see the module docstring)
     rss_delta_bytes: int | None = None  # RSS after minus RSS before
     cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated during the block
+    cuda_start_bytes: int | None = None  # torch.cuda.memory_allocated when the block started
     rss_samples: int = 0  # how many background samples were taken
 
     def to_dict(self) -> dict[str, float | int | None]:
@@ -104,6 +106,7 @@ def measure(interval: float = 0.005) -> Iterator[Measurement]:
     if cuda is not None:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
+        m.cuda_start_bytes = int(cuda.memory_allocated())
     rss0 = read() if read else None
     maxrss0 = _maxrss_bytes()
     sampler = _Sampler(read, interval) if read else None
