@@ -108,8 +108,9 @@ def main() -> None:
     ]
     for name, sec in rows:
         lines.append(f"| {name} | {sec:.2f} | {n_tokens / sec:,.0f} | {p / sec:.0%} |")
-    lines += ["", "Command: `flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py "
-              f"--n {args.n} --batch-size {args.batch_size} --repeats {args.repeats}`", ""]
+    model = "" if args.model == "smollm2-135m" else f" --model {args.model}"
+    lines += ["", "Command: `flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py"
+              f"{model} --n {args.n} --batch-size {args.batch_size} --repeats {args.repeats}`", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ WIKITEXT_MARKS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "),
                   (" : ", ": "), (" 's", "'s"), ("( ", "("), (" )", ")"))
 CLEANING_VERSION = "1"
 CACHE_KEY = "locate.stats"
+SETUP_SECONDS = "setup_seconds"  # handle.cache entry: seconds spent on one-time per-model work (lmedit demo reports it)
 
 
 class StatsError(RuntimeError):
@@ -229,7 +231,9 @@ def second_moments(handle, layers: Sequence[int], *, tokens: int = 100_000, corp
     store = handle.cache.setdefault(key, {})
     missing = [lay for lay in layers if lay not in store]
     if missing:
+        t0 = time.perf_counter()
         store.update(collect_stats(handle, missing, corpus=corpus, tokens=tokens, progress=progress))
+        handle.cache[SETUP_SECONDS] = handle.cache.get(SETUP_SECONDS, 0.0) + time.perf_counter() - t0
     return {lay: store[lay] for lay in layers}
 
 
