@@ -123,6 +123,14 @@ def test_cache_hit_stale_and_corrupt(tmp_path):
     assert cache.load(spec, key) is None
 
 
+def test_multihop_slice_defaults_to_a_quarter():
+    from lmedit.table import slice_sizes
+
+    assert slice_sizes(["zsre", "mquake"], 100, None) == {"zsre": 100, "mquake": 25}
+    assert slice_sizes(["mquake"], 2, None) == {"mquake": 1}
+    assert slice_sizes(["mquake"], 100, 7) == {"mquake": 7}
+
+
 def test_key_changes_with_every_component():
     spec = CellSpec("m", "zsre", n=2)
     base = cell_key(spec, fingerprint="f", config_hash="c", data_digest="d")
@@ -165,7 +173,7 @@ def test_layout_bold_pre_and_footnotes():
 # --- whole tables ----------------------------------------------------------------------------------------
 
 def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
-    t = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    t = _table(model_dir, tmp_path, datasets=["zsre", "mquake"], multihop_n=2)
     files = {p.name for p in tmp_path.iterdir()}
     assert {"table1.md", "table1.csv", "table1.json", "efficiency.md", "table1.png", "efficiency.png"} <= files
     assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
@@ -182,14 +190,14 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     calls = toy.calls
     assert calls == 2 + 2, "one edit per ZsRE case; one batched edit of 4 requests per MQuAKE case"
 
-    again = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    again = _table(model_dir, tmp_path, datasets=["zsre", "mquake"], multihop_n=2)
     assert toy.calls == calls, "a rerun computes nothing"
     assert all(c.cached for c in again.cells)
     assert again.markdown.split("\n", 4)[4] == t.markdown.split("\n", 4)[4]  # same body (the header has the time)
 
     cell_file = tmp_path / "cells" / f"{TOY}__zsre" / "cell.json"
     cell_file.write_text(cell_file.read_text()[:-20])  # corrupt one entry
-    third = _table(model_dir, tmp_path, datasets=["zsre", "mquake"])
+    third = _table(model_dir, tmp_path, datasets=["zsre", "mquake"], multihop_n=2)
     assert [c.cached for c in third.cells] == [False, True]
     assert toy.calls == calls + 2, "only the corrupt cell was recomputed"
 

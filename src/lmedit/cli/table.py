@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", default="zsre,counterfact,zsre-portability,mquake",
                    help="comma-separated dataset names (default: %(default)s)")
     p.add_argument("--n", type=int, default=100, help="cases per dataset (default 100; 20 for a quick look)")
+    p.add_argument("--multihop-n", type=int,
+                   help="cases of a multi-hop dataset (mquake); default N/4, as each case applies 4 edits")
     p.add_argument("--offset", type=int, default=0, help="skip this many valid records of each dataset first")
     p.add_argument("--setting", choices=("single", "sequential"), default="single",
                    help="single: each case edited alone then reverted; sequential: edits accumulate")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         result = build_table(
-            args.model, methods=args.methods, datasets=datasets, n=args.n, offset=args.offset,
+            args.model, methods=args.methods, datasets=datasets, n=args.n, multihop_n=args.multihop_n, offset=args.offset,
             setting=args.setting, edits=args.edits, eval_timing=args.eval_timing, batch_size=args.batch_size,
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,

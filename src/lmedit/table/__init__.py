@@ -26,7 +26,8 @@ from .layout import Row, build_rows, long_records, markdown, to_csv
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "check_datasets", "resolve_methods"]
+__all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "check_datasets", "resolve_methods",
+           "slice_sizes"]
 
 # The columns of the paper's Table 1, in its order (a column list, not behaviour: nothing branches on these).
 PAPER_METHODS = ("ft-l", "serac", "ike", "calinet", "t-patcher", "ke", "mend", "kn", "rome", "memit")
@@ -82,8 +83,17 @@ def check_datasets(datasets: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def _specs(methods: list[str], datasets: list[str], unavailable: dict[str, str], *, n: int, offset: int,
-           setting: str, edits: int, eval_timing: str, batch_size: int, seed: int,
+def slice_sizes(datasets: list[str], n: int, multihop_n: int | None) -> dict[str, int]:
+    """Cases per dataset: ``n``; a multi-hop dataset gets ``multihop_n`` (default n // 4: each of its cases
+    applies 4 edits, so both kinds of dataset cost about the same number of edits)."""
+    from ..data import get_dataset
+
+    mh = multihop_n if multihop_n is not None else max(1, n // 4)
+    return {ds: mh if get_dataset(ds).kind == "multihop" else n for ds in datasets}
+
+
+def _specs(methods: list[str], datasets: list[str], unavailable: dict[str, str], *, n: dict[str, int],
+           offset: int, setting: str, edits: int, eval_timing: str, batch_size: int, seed: int,
            method_overrides: dict[str, dict[str, Any]]) -> list[CellSpec]:
     from ..registry import editor_class
 
@@ -95,14 +105,15 @@ def _specs(methods: list[str], datasets: list[str], unavailable: dict[str, str],
             continue
         batches = editor_class(m).capabilities.batch
         for ds in datasets:
-            specs.append(CellSpec(m, ds, n=n, offset=offset, setting=setting, edits=edits, eval_timing=eval_timing,
+            specs.append(CellSpec(m, ds, n=n[ds], offset=offset, setting=setting, edits=edits, eval_timing=eval_timing,
                                   batch_size=batch_size if batches else 1, seed=seed,
                                   overrides=tuple(sorted((method_overrides.get(m) or {}).items()))))
     return specs
 
 
 def build_table(model: str, *, methods: str | list[str] = "paper", datasets: list[str] | tuple[str, ...] =
-                DEFAULT_DATASETS, n: int = 100, offset: int = 0, setting: str = "single", edits: int = 100,
+                DEFAULT_DATASETS, n: int = 100, multihop_n: int | None = None, offset: int = 0,
+                setting: str = "single", edits: int = 100,
                 eval_timing: str = "final", batch_size: int = 1, out: str | Path = "results/table1",
                 backend: str = "local", address: str | None = None, workers: int = 2, seed: int = 0,
                 method_overrides: dict[str, dict[str, Any]] | None = None,
@@ -114,7 +125,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         model: alias or model directory (see ``lmedit models``).
         methods: ``"paper"`` (default), ``"all"``, ``"m1,m2"`` or a list.
         datasets: dataset names; a multi-hop dataset (``mquake``) gives the Multi-hop row.
-        n / offset: the slice of each dataset. setting / edits / eval_timing / batch_size: see CellSpec.
+        n / offset: the slice of each dataset; multihop_n: cases of a multi-hop dataset (default n // 4,
+            as each applies 4 edits). setting / edits / eval_timing / batch_size: see CellSpec.
         backend: ``local`` or ``ray`` (``address``: an existing cluster; ``workers``: local cluster size).
         method_overrides: config overrides per method; checkpoints: trained-editor folder per method.
         threads: torch threads per process (default: torch's choice locally, 1 per Ray worker).
@@ -123,7 +135,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     """
     datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
-    specs = _specs(names, datasets, unavailable, n=n, offset=offset, setting=setting, edits=edits,
+    sizes = slice_sizes(datasets, n, multihop_n)
+    specs = _specs(names, datasets, unavailable, n=sizes, offset=offset, setting=setting, edits=edits,
                    eval_timing=eval_timing, batch_size=batch_size, seed=seed,
                    method_overrides=method_overrides or {})
     out = Path(out)
@@ -137,10 +150,10 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         cells = run_ray(specs, opts, workers=workers, address=address, progress=progress)
     else:
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
-    cells += [CellResult(CellSpec(m, ds, n=n, offset=offset, setting=setting, edits=edits,
+    cells += [CellResult(CellSpec(m, ds, n=sizes[ds], offset=offset, setting=setting, edits=edits,
                                   eval_timing=eval_timing, seed=seed), "skipped", reason)
               for m, reason in unavailable.items() for ds in datasets]
-    meta = _meta(model, cells, specs, n=n, backend=backend, seconds=time.time() - t0, threads=threads)
+    meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, seconds=time.time() - t0, threads=threads)
     return write_table(cells, names, datasets, meta, out, plots=plots)
 
 

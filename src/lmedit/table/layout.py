@@ -114,13 +114,19 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.1f}"
 
 
+def _n_text(meta: dict[str, Any]) -> str:
+    other = {ds: k for ds, k in (meta.get("n_by_dataset") or {}).items() if k != meta["n"]}
+    extra = "".join(f"; {DATASET_LABELS.get(ds, ds)}: {k}" for ds, k in other.items())
+    return f"{meta['n']} cases per dataset{extra}"
+
+
 def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
     """Table 1 as GitHub markdown, with a provenance header and footnotes for every '-'."""
     notes: dict[str, int] = {}
     lines = [f"# Table 1: knowledge editing on {meta['model']}", "",
              f"Model `{meta['model']}` (fingerprint `{meta['model_fingerprint']}`), lmedit {meta['lmedit_version']}"
              f" (commit `{meta.get('commit') or 'unknown'}`). Setting: {meta['setting_label']}. "
-             f"N = {meta['n']} cases per dataset (per-cell N in table1.csv). Values x100; "
+             f"N = {_n_text(meta)} (per-cell N in table1.csv). Values x100; "
              "best per row in **bold**.", "",
              "| Dataset | Metric | Protocol | Pre-edit | " + " | ".join(methods) + " |",
              "|---|---|---|---:|" + "---:|" * len(methods)]
