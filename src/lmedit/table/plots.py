@@ -30,9 +30,10 @@ def bars(rows: list[Any], methods: list[str], path: Path, title: str) -> Path:
     plt = _pyplot()
     from .layout import DATASET_LABELS
 
-    datasets = list(dict.fromkeys(r.dataset for r in rows))
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(4.2 * max(1, len(datasets)) + 1.5, 4.2),
-                             squeeze=False, sharey=True)
+    datasets = list(dict.fromkeys(r.dataset for r in rows)) or ["(none)"]
+    widths = [max(1, sum(r.dataset == ds for r in rows)) for ds in datasets]  # panel width ~ its metrics
+    fig, axes = plt.subplots(1, len(datasets), figsize=(1.6 * sum(widths) + 2.5, 4.2), squeeze=False,
+                             sharey=True, gridspec_kw={"width_ratios": widths})
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     width = 0.8 / max(1, len(methods))
     for ax, ds in zip(axes[0], datasets, strict=False):
@@ -41,9 +42,11 @@ def bars(rows: list[Any], methods: list[str], path: Path, title: str) -> Path:
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(ds_rows))]
             ys = [100 * r.values[m] if r.values.get(m) is not None else 0.0 for r in ds_rows]
             ax.bar(xs, ys, width, color=cmap(j % cmap.N), label=m)
-            for x, r in zip(xs, ds_rows, strict=True):
+            for x, y, r in zip(xs, ys, ds_rows, strict=True):
                 if r.values.get(m) is None:  # a cell that could not run: mark it instead of a zero bar
                     ax.text(x, 1, "-", ha="center", va="bottom", fontsize=8, color="grey")
+                elif len(methods) <= 4:  # few bars: print the value (a 0.0 bar is otherwise invisible)
+                    ax.text(x, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(ds_rows)))
         ax.set_xticklabels([r.label for r in ds_rows], rotation=20, ha="right", fontsize=8)
         ax.set_title(DATASET_LABELS.get(ds, ds), fontsize=10)
@@ -65,14 +68,24 @@ def scatter(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 4.5))
     pts = [(s["method"], s["seconds_per_edit"], s["mean_quality"]) for s in summary
            if s["seconds_per_edit"] and s["mean_quality"] is not None and s["seconds_per_edit"] > 0]
-    for name, x, y in pts:
+    for i, (name, x, y) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
         ax.scatter([x], [100 * y], s=40)
-        ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # stagger labels so methods with close scores stay readable
+        ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(6, -10 + 9 * (i % 3)), fontsize=8)
     if pts:
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        # minor ticks: only 2x and 5x get a label, so they never crowd the decade labels
+        sparse = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5)
+                               else "")
         lo = min(x for _, x, _ in pts)
         hi = max(x for _, x, _ in pts)
         ax.set_xscale("log")
         ax.set_xlim(10 ** (math.floor(math.log10(lo) * 2) / 2 - 0.25), 10 ** (math.ceil(math.log10(hi) * 2) / 2 + 0.25))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(sparse)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     else:
         ax.text(0.5, 0.5, "no method reported both time and quality", ha="center", transform=ax.transAxes)
     ax.set_ylim(0, 105)
