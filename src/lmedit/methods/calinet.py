@@ -111,4 +111,6 @@ class CaliNet(Editor):
         log.info("calinet: %d step(s), answer NLL %.3f -> %.3f", len(losses), losses[0], losses[-1])
         stats = {"steps": len(losses), "nll_first": losses[0], "nll_last": losses[-1],
                  "layers": [i.layer for i in infos]}
+        for m in modules.values():
+            m.to(handle.dtype)  # trained in float32, stored like the model
         return ModuleSwap(modules, meta={"stats": stats})

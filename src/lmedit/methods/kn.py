@@ -234,7 +234,7 @@ class KN(Editor):
                     c[i] = sign if sign != 0.0 else 1.0
             name = f"{info.out}.weight"
             p = get_parameter(model, name)
-            deltas[name] = low_rank_in_param_layout(ad, delta[:, None], c[:, None])
+            deltas[name] = low_rank_in_param_layout(ad, delta[:, None].clone(), c[:, None])  # own storage each
             digests[name] = tensor_digest(p)
             rel[name] = float(delta.norm() * c.norm() / p.detach().float().norm())
         stats = {"relative_norm": rel, "neurons": [[infos[r].layer, i, a] for r, i, a in chosen],

@@ -99,13 +99,13 @@ class Patches(AddToOutput):
         self.record = False
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.key.T + self.bias  # [..., n]
+        return x.float() @ self.key.float().T + self.bias.float()  # [..., n]
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         z = self.pre(x)
         if self.record:
             self.last_z = z
-        return self.act(z) @ (self.value_dir * self.value_scale)  # [..., d]
+        return self.act(z) @ (self.value_dir * self.value_scale).float()  # [..., d]
 
     def get_config(self) -> dict[str, Any]:
         return dict(self._cfg)
@@ -224,7 +224,8 @@ class TPatcher(Editor):
                     break
         log.info("t-patcher: %d patch(es), steps %s, edit %s", len(parts), history, "holds" if held else "fails")
         stats = {"patches": len(parts), "steps": history, "held": held, "layer": info.layer}
-        return ModuleSwap({info.mlp: Patches.concat(parts)}, meta={"stats": stats})
+        merged = Patches.concat(parts).to(handle.dtype)  # trained in float32, stored like the model
+        return ModuleSwap({info.mlp: merged}, meta={"stats": stats})
 
     @staticmethod
     @torch.no_grad()
