@@ -26,7 +26,7 @@ def _say(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import DEMO_CASE, run_demo
 
     quiet_libraries(args, quiet_lmedit=True)
     t0 = time.perf_counter()
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     how = " (converted from GGUF this run; cached for next time)" if rep.converted else ""
     print(f"\nModel   {rep.model}, loaded in {rep.load_seconds:.1f} s{how}")
-    print(f"Edit    \"{rep.continuations[0].prompt}\" -> \" English\"   with {rep.method}\n")
+    req = DEMO_CASE.request
+    print(f"Edit    {req.text!r}: {req.target_true!r} -> {req.target_new!r}, with {rep.method}\n")
     width = max(len(c.label) for c in rep.continuations)
     for c in rep.continuations:
         print(f"  {c.label:<{width}}  {c.prompt!r}")

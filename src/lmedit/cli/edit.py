@@ -82,7 +82,7 @@ def _prompts(cases: list[EditCase]) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     from ..registry import get_editor
 
-    quiet_libraries(args, quiet_lmedit=args.json)
+    quiet_libraries(args, quiet_lmedit=True)
     cases = build_cases(args)
     editor = get_editor(args.method, config_overrides(args.method, args.config, args.overrides,
                                                        args.editor_checkpoint))
