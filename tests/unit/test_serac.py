@@ -83,3 +83,13 @@ def test_encoder_decoder_is_refused(tokenizer):
     t5 = make_handle("t5", tokenizer)
     with pytest.raises(EditInputError, match="encoder-decoder"):
         get_editor("serac").compute(t5, [EditRequest("The capital of {} is", "France", "Rome")])
+
+
+def test_threshold_is_a_use_time_option(fitted):
+    editor, handle = fitted
+    strict = get_editor("serac", threshold=0.999999)
+    strict.load_state_dict(editor.state_dict())
+    router = next(iter(strict.compute(handle, [REQ]).modules.values()))
+    assert router.threshold == 0.999999
+    router.bind(handle)
+    assert router.route([REQ.text + " English"]) == [-1]  # nothing is that certain: the base model answers

@@ -61,4 +61,5 @@ class SERAC(TrainedEditor):
         return SERACObjective(handle, cfg)
 
     def edit_from(self, obj: SERACObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
-        return obj.edit(requests, {"checkpoint": cfg.checkpoint})
+        # the routing threshold is a use-time choice: the caller's value wins over the trained config's
+        return obj.edit(requests, {"checkpoint": cfg.checkpoint}, threshold=cfg.threshold)

@@ -133,12 +133,14 @@ class SERACObjective:
 
     # --- the edit ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def edit(self, requests: list, meta: dict[str, Any]) -> ModuleSwap:
+    def edit(self, requests: list, meta: dict[str, Any], threshold: float | None = None) -> ModuleSwap:
+        """A ModuleSwap holding the requests as memory; ``threshold`` overrides the trained config's."""
         body = self.body_path()
         entries = [{"prompt": r.text, "target": r.target_new, "subject": r.subject, "case_id": r.case_id}
                    for r in requests]
         rel = [p[len(body) + 1 :] if body else p for p in self.cf_paths]
-        router = SERACRouter(entries, self.cfg.embed_dim, self.cfg.threshold, rel,
+        threshold = self.cfg.threshold if threshold is None else threshold
+        router = SERACRouter(entries, self.cfg.embed_dim, threshold, rel,
                              [list(s) for s in self.cf_shapes], self.cfg.cf_rank if self.cf_paths else 0)
         state = {"mem_keys": self.embed([r.text for r in requests]).to(self.handle.device),
                  **{k: v.clone() for k, v in self.state_tensors().items()}}
