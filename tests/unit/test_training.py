@@ -192,3 +192,27 @@ def test_time_budget_ends_with_a_checkpoint(tmp_path):
     _, _, res = run_toy(tmp_path, settings=s)
     assert res.steps_done == 1 and [h["step"] for h in res.history] == [1]
     assert json.loads((tmp_path / "train.json").read_text())["step"] == 1
+
+
+def test_train_cli_end_to_end_on_a_saved_tiny_model(tmp_path, tokenizer, capsys):
+    from conftest import make_model
+    from lmedit.cli import main
+    from lmedit.registry import get_editor
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    args = ["train", "--method", "mend", "--model", str(model_dir), "--dataset", "zsre", "--n", "6", "--quick",
+            "--out", str(out), "--device", "cpu", "--plot", str(tmp_path / "curve.png")]
+    assert main(args) == 0
+    assert json.loads((out / "editor.json").read_text())["steps_done"] == 8
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert main(args) == 1 and "--resume" in capsys.readouterr().err  # never overwrites a run silently
+    assert main([*args, "--resume", "--steps", "12"]) == 0
+    info = json.loads((out / "editor.json").read_text())
+    assert info["steps_done"] == 12 and [h["step"] for h in info["history"]] == [4, 8, 12]
+    from lmedit.models.loading import load_model
+
+    handle = load_model(str(model_dir), device="cpu")
+    get_editor("mend", checkpoint=str(out)).compute(handle, [case(0).request])
