@@ -120,6 +120,7 @@ def test_edit_text_output_and_request_file(capsys, tiny_dir, tmp_path):
     (["edit", "--method", "ft-m", "--editor-checkpoint", "somewhere", "--prompt", "A {} b", "--subject", "x",
       "--target", "y"], "checkpoint"),
     (["bench", "--method", "ft-m", "--dataset", "no-such-dataset", "--n", "1"], "no-such-dataset"),
+    (["bench", "--method", "ft-m", "--dataset", "zsre", "--n", "2", "--batch-size", "2"], "--setting single"),
     (["methods", "--config", "no-such-method"], "unknown editing method"),
 ])
 def test_bad_input_is_one_clear_line(capsys, argv, needle):

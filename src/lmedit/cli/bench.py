@@ -41,11 +41,17 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..registry import get_editor
 
-    quiet_libraries(args)
+    quiet_libraries(args, quiet_lmedit=True)  # the progress bar shows progress; -v brings the INFO lines back
     if args.n < 1 or args.offset < 0 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1 and --offset at least 0")
     overrides = config_overrides(args.method, args.config, args.overrides, args.editor_checkpoint)
     editor = get_editor(args.method, overrides)
+    # cheap setting checks before the model loads (run_benchmark checks them all again)
+    if args.setting == "single" and args.batch_size != 1:
+        raise ValueError("--setting single edits one case at a time; use --setting batch or sequential "
+                         "with --batch-size")
+    if args.batch_size > 1 and not editor.capabilities.batch:
+        raise ValueError(f"{args.method} edits one request at a time; use --batch-size 1")
     cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
     handle = load_model(args.model)
     out = Path(args.out) if args.out else default_out(args)
