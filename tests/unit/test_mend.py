@@ -100,9 +100,12 @@ def test_fit_save_load_and_refusals(tokenizer, tmp_path):
         loaded.compute(other, [REQ])
     with pytest.raises(CheckpointError, match="method 'mend', not 'ke'"):
         get_editor("ke", checkpoint=str(tmp_path)).compute(handle, [REQ])
-    data = bytearray((tmp_path / "editor.safetensors").read_bytes())
+    from lmedit.training import checkpoint as ckpt
+
+    path = ckpt.tensor_file(tmp_path, ckpt.EDITOR)
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
-    (tmp_path / "editor.safetensors").write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
         get_editor("mend", checkpoint=str(tmp_path)).compute(handle, [REQ])
 

@@ -123,9 +123,11 @@ def test_checkpoint_refuses_other_method_model_and_corruption(tmp_path):
         ckpt.read(tmp_path, ckpt.TRAIN, method="mend", fingerprint="abc")
     with pytest.raises(ckpt.CheckpointError, match="trained on model 'm'"):
         ckpt.read(tmp_path, ckpt.TRAIN, method="toy", fingerprint="other", model_name="x")
-    data = bytearray((tmp_path / "train.safetensors").read_bytes())
+    path = ckpt.tensor_file(tmp_path, ckpt.TRAIN)
+    assert sorted(p.name for p in tmp_path.glob("train.*.safetensors")) == [path.name]  # older ones removed
+    data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
-    (tmp_path / "train.safetensors").write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="corrupted"):
         ckpt.read(tmp_path, ckpt.TRAIN, method="toy", fingerprint="abc")
     (tmp_path / "best.json").write_text("{not json")

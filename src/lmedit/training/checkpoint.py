@@ -2,10 +2,13 @@
 
 Layout of an output directory::
 
-    editor.json + editor.safetensors     the trained editor (best validation state) -- what ``checkpoint=`` loads
-    train.json  + train.safetensors      the last training state (editor, optimiser, counters) -- for --resume
-    best.safetensors                     the best editor state so far (copied into editor.* at the end)
+    editor.json + editor.<hash>.safetensors   the trained editor (best validation state) -- what ``checkpoint=`` loads
+    train.json  + train.<hash>.safetensors    the last training state (editor, optimiser, counters) -- for --resume
+    best.json   + best.<hash>.safetensors     the best editor state so far
 
+Tensor files are named by their content hash and written before the JSON file that points to them, which
+replaces the old one atomically; only then are older tensor files removed. A crash at any moment therefore
+leaves the previous (JSON, tensors) pair intact, so a resumed run loses at most one checkpoint interval.
 Each JSON file records the method, the base model's name and fingerprint, the editor configuration, and the
 sha256 of every safetensors file it refers to, so a checkpoint for another model or method is refused with
 a message that says so, and a truncated or altered file is detected before it is used.
@@ -48,26 +51,28 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write tensors atomically; returns the file's sha256."""
+def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """Save ``<stem>.<hash>.safetensors``, then ``<stem>.json`` pointing to it, then drop older tensor files."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    _atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any],
-          extra_files: dict[str, str] | None = None) -> Path:
-    """Save ``<stem>.safetensors`` then ``<stem>.json`` (the JSON last: a crash leaves the old pair valid
-    only if the tensor file was not yet replaced, which the hash check then reports)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    digest = save_tensors(directory / f"{stem}.safetensors", tensors)
-    files = {f"{stem}.safetensors": digest, **(extra_files or {})}
-    body = {"format": FORMAT, **info, "files": files}
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"{stem}.{digest[:16]}.safetensors"
+    _atomic_write_bytes(directory / name, data)
+    body = {"format": FORMAT, **info, "files": {name: digest}}
     _atomic_write_bytes(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
+    for old in directory.glob(f"{stem}.*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
     return directory / f"{stem}.json"
+
+
+def tensor_file(directory: str | Path, stem: str) -> Path:
+    """The tensor file that ``<stem>.json`` points to."""
+    info = json.loads((Path(directory) / f"{stem}.json").read_text())
+    return Path(directory) / next(iter(info["files"]))
 
 
 def read(directory: str | Path, stem: str, *, method: str, fingerprint: str | None,
@@ -95,11 +100,13 @@ def read(directory: str | Path, stem: str, *, method: str, fingerprint: str | No
             f"{info.get('model_fingerprint')}), not on {model_name!r} (fingerprint {fingerprint}); a trained "
             f"editor only works for the model it was trained on: run lmedit train --method {method} "
             f"--model {model_name} ...")
-    tensor_file = f"{stem}.safetensors"
-    path = directory / tensor_file
+    files = info.get("files") or {}
+    if len(files) != 1:
+        raise CheckpointError(f"{meta_path} names no tensor file; the checkpoint is corrupted")
+    name, want = next(iter(files.items()))
+    path = directory / name
     if not path.exists():
-        raise CheckpointError(f"checkpoint {directory} lacks {tensor_file}; the directory is incomplete")
-    want = info.get("files", {}).get(tensor_file)
+        raise CheckpointError(f"checkpoint {directory} lacks {name}; the directory is incomplete")
     got = _sha256(path)
     if want != got:
         raise CheckpointError(f"{path} is corrupted or was changed after saving (sha256 {got[:12]}..., "

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class TrainedConfig(Config):
     """Fields every trained editor has (training length, optimiser, validation, checkpoint)."""
 
-    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + editor.safetensors)")
+    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + its tensors)")
     steps: int = option(2000, "training steps (one batch of edits each)")
     batch_size: int = option(4, "edits per training step")
     lr: float = option(1e-4, "Adam learning rate of the editor network")
