@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     cases = build_cases(args)
     editor = get_editor(args.method, config_overrides(args.method, args.config, args.overrides,
                                                        args.editor_checkpoint))
+    if len(cases) > 1 and not editor.capabilities.batch:  # say so before the model loads
+        raise EditInputError(f"{args.method} edits one request at a time; the request file holds {len(cases)}")
     from .. import load_model
     from ..metrics.efficiency import measure
     from ..metrics.evaluate import evaluate
