@@ -46,6 +46,9 @@ class MEND(TrainedEditor):
     Config: ClassVar[type] = MENDConfig
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
                                                          edit_kind="weight_delta", encoder_decoder=True)
+    # On a 2-core CPU the editor MLP, not the model, dominates a step (the frozen layers are skipped): rank 512
+    # instead of the paper's 1920 makes a step ~3x cheaper; pass rank=1920 for the paper's size on a GPU.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m": {"rank": 512}}
     quick: ClassVar[dict[str, Any]] = {"steps": 8, "batch_size": 2, "rank": 16, "lr": 1e-3, "lr_lr": 1e-2,
                                        "edit_lr": 1e-3, "val_every": 4, "val_size": 1, "val_batches": 1,
                                        "patience": 0}
