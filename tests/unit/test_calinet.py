@@ -8,9 +8,9 @@ import torch
 from conftest import make_handle
 from lmedit import get_editor
 from lmedit.edits import Edit, ModuleSwap
-from lmedit.metrics.scoring import score_targets
 from lmedit.methods._ffn import answer_batch, ffn_info, frozen_prefix
-from lmedit.methods.calinet import CaliNet, CalibratedFFN
+from lmedit.methods.calinet import CalibratedFFN, CaliNet
+from lmedit.metrics.scoring import score_targets
 from lmedit.types import EditRequest
 
 FRANCE = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from conftest import make_handle
 from lmedit import get_editor
 from lmedit.edits import Edit, ModuleSwap
-from lmedit.metrics.scoring import score_targets
 from lmedit.methods._ffn import ffn_info
 from lmedit.methods.tpatcher import Patches, TPatcher, TPatcherConfig, ffn_input_memory
+from lmedit.metrics.scoring import score_targets
 from lmedit.types import EditRequest
 
 FRANCE = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome")

@@ -197,6 +197,8 @@ class KN(Editor):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"steps": 20, "layers_per_batch": 10, "adaptive_threshold": 0.2, "max_neurons": 10},
     }
+    # tiny random models: few steps; a large λ and the output embeddings because their untied, 0.02-scale
+    # embeddings make the paper's λ = 2 input-embedding update too small to move the answer at all
     quick: ClassVar[dict[str, Any]] = {"steps": 4, "max_neurons": 5, "edit_scale": 100.0, "erase_old": False,
                                        "embedding": "output"}
 

@@ -193,6 +193,8 @@ class TPatcher(Editor):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layer": 29, "lr": 1e-2, "alc": 1.0, "mlc": 10.0, "memory_size": 20000},
     }
+    # tiny random models: a small memory, and mlc = 1 because their near-identical hidden states make the
+    # memory loss (mlc = 10) fight the edit
     quick: ClassVar[dict[str, Any]] = {"memory_size": 300, "memory_chunk": 32, "steps": 40, "max_patches": 2, "mlc": 1.0,
                                        "memory_topk": 100}
 
