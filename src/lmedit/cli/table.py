@@ -100,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
     # bad names fail here, before the model loads or a bar is drawn
     datasets = check_datasets([d.strip() for d in args.datasets.split(",") if d.strip()])
     names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
+    if args.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("lmedit table: error: --backend ray needs Ray (pip install ray); or use --backend local",
+                  file=sys.stderr)
+            return 1
     n_cells = (len(names) - len(unavailable)) * len(datasets)
     progress = BarProgress(n_cells, inner_bars=args.backend == "local") if not args.quiet else None
     t0 = time.time()
