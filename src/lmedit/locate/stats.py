@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SHARED_CORPUS = Path("/work/shared/data/corpus")
 WIKITEXT_MARKS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
                   (" : ", ": "), (" 's", "'s"), ("( ", "("), (" )", ")"))
-CLEANING_VERSION = "1"
+CLEANING_VERSION = "2"  # bump whenever clean_line changes: cached statistics depend on it
 CACHE_KEY = "locate.stats"
 SETUP_SECONDS = "setup_seconds"  # handle.cache entry: seconds spent on one-time per-model work (lmedit demo reports it)
 

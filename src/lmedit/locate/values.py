@@ -21,6 +21,8 @@ All optimisation variables and losses are float32 whatever the model dtype.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ class _Problem:
     labels: torch.Tensor  # [n_target_positions]
     owner: torch.Tensor  # [n_target_positions] rewriting row of each target position
     n_rewrite: int
+    seqs: list[list[int]]  # unpadded rows
 
 
 def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
@@ -105,7 +108,7 @@ def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
     cols.append(kl.index)
     ids, mask = tokens.pad(seqs, "right")
     return _Problem(ids, mask, torch.tensor(index), rows, cols, torch.tensor(labels), torch.tensor(owner),
-                    len(flat))
+                    len(flat), seqs)
 
 
 class _Replay(nn.Module):
@@ -154,6 +157,52 @@ def _logits(handle, p: _Problem) -> torch.Tensor:
     return head(hidden[p.rows, p.cols]).float()  # [n_positions, vocab]
 
 
+class _Suffix:
+    """Rows split at the subject's last token: positions before it never change (δ is added there, at layer
+    ℓ), so the prefixes run once, clean, and every step runs only the suffixes on a copy of their key/value
+    cache. Logits come from the loss positions only."""
+
+    def __init__(self, handle, p: _Problem) -> None:
+        self.handle = handle
+        model = handle.model
+        self.body, self.head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+        split = p.index.tolist()
+        pre = [s[:i] for s, i in zip(p.seqs, split, strict=True)]
+        self.ids, suf_mask = handle.tokens.pad([s[i:] for s, i in zip(p.seqs, split, strict=True)], "right")
+        self.rows, self.cols = p.rows, [c - split[r] for r, c in zip(p.rows, p.cols, strict=True)]
+        self.positions = torch.tensor(split)[:, None] + torch.arange(self.ids.shape[1])[None]  # [rows, S]
+        self.index = torch.zeros(len(split), dtype=torch.long)
+        self.cache, self.mask = None, suf_mask
+        params = inspect.signature(self.body.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        if max(split) > 0:
+            pre_ids, pre_mask = handle.tokens.pad(pre, "right")  # padded columns are masked out below
+            self.cache = _new_cache(model)
+            with torch.no_grad():
+                self.body(**self._dev(input_ids=pre_ids, attention_mask=pre_mask,
+                                      position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0)),
+                          use_cache=True, **{self.cache_kw: self.cache})
+            self.mask = torch.cat([pre_mask, suf_mask], 1)  # [rows, P + S]
+
+    def _dev(self, **kw: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.handle.device) for k, v in kw.items()}
+
+    def logits(self) -> torch.Tensor:
+        extra = {self.cache_kw: copy.deepcopy(self.cache), "use_cache": True} if self.cache is not None else {}
+        hidden = self.body(**self._dev(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions),
+                           **extra).last_hidden_state  # [rows, S, d]
+        return self.head(hidden[self.rows, self.cols]).float()  # [n_positions, vocab]
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers 4.x
+        return DynamicCache()
+
+
 class _Sites:
     """Forward hooks that add δ at each row's subject-last index, and record the clean values at step 0."""
 
@@ -162,11 +211,17 @@ class _Sites:
         self.index = index.to(handle.device)
         self.delta: dict[str, torch.Tensor] = {}
         self.init: dict[str, torch.Tensor] = {}
+        self.enabled = True
         self._hooks = [get_module(handle.model, path).register_forward_hook(self._hook(site))
                        for site, path in paths.items()]
 
+    def set_index(self, index: torch.Tensor) -> None:
+        self.index = index.to(self.index.device)
+
     def _hook(self, site: str):
         def add(_m: nn.Module, _a: tuple, out: object) -> object:
+            if not self.enabled:
+                return None
             h = self.adapter.hidden(out)  # [rows, seq, d]
             at = (torch.arange(h.shape[0], device=h.device), self.index)
             if site not in self.init:  # v₀: clean value at the plain prompt (row 0 = the bare "{}" template)
@@ -187,25 +242,22 @@ def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str
     """v* per site for one request (see the module docstring for the loss)."""
     p = _problem(handle, request, groups)
     sites_ = _Sites(handle, {s: site_path(handle.adapter, s, layer) for s in sites}, p.index)
-    below: dict[str, object] = {}
-    grab = None
-    if layer > 0:  # cache the input of layer ℓ during the first (clean) pass
-        grab = get_module(handle.model, handle.adapter.layer(layer - 1)).register_forward_hook(
-            lambda m, a, out: below.setdefault("out", _detach(handle.adapter, out)))
     losses: list[float] = []
     try:
         with torch.enable_grad():
-            logits = _logits(handle, p)
-            if grab is not None:
-                grab.remove()
-                grab = None
+            logits, below = _clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
             kl_init = F.log_softmax(logits[-1:], -1).detach()  # [1, vocab]
+            forward = _suffix_forward(handle, p, sites_, logits)
+            if forward is None:  # the prefix cache did not reproduce the logits: replay the lower layers
+                ctx = _replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
+                forward = lambda: _logits(handle, p)  # noqa: E731
+            else:
+                ctx = contextlib.nullcontext()
             opt = torch.optim.Adam(list(sites_.delta.values()), lr=opts.lr)
-            ctx = _replaying(handle, layer, below["out"]) if layer > 0 else contextlib.nullcontext()
             with ctx:
                 for step in range(opts.steps):
                     if step > 0:
-                        logits = _logits(handle, p)
+                        logits = forward()
                     loss, confident = _loss(p, logits, kl_init, sites_, opts)
                     losses.append(loss.item())
                     if loss < opts.early_stop or step == opts.steps - 1 or confident:
@@ -215,12 +267,45 @@ def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str
                     opt.step()
                     _clamp(sites_, opts.clamp)
     finally:
-        if grab is not None:
-            grab.remove()
         sites_.close()
     log.debug("value optimisation at layer %d: loss %s", layer, " ".join(f"{x:.3f}" for x in losses))
     return ValueResult({k: v.detach() for k, v in sites_.init.items()},
                        {k: v.detach().clone() for k, v in sites_.delta.items()}, losses)
+
+
+def _clean_pass(handle, p: _Problem, layer: int) -> tuple[torch.Tensor, object]:
+    """Step 0 on the full rows; also captures the input of layer ℓ (the output of layer ℓ-1)."""
+    below: dict[str, object] = {}
+    grab = None
+    if layer > 0:
+        grab = get_module(handle.model, handle.adapter.layer(layer - 1)).register_forward_hook(
+            lambda m, a, out: below.setdefault("out", _detach(handle.adapter, out)))
+    try:
+        return _logits(handle, p), below.get("out")
+    finally:
+        if grab is not None:
+            grab.remove()
+
+
+def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor):
+    """The suffix-only forward when it reproduces the clean logits (checked here, once), else None."""
+    if _has_logit_processing(handle.model) or handle.model.get_output_embeddings() is None:
+        return None
+    sites.enabled = False  # the clean prefix pass carries no δ
+    try:
+        suffix = _Suffix(handle, p)
+    finally:
+        sites.enabled = True
+    sites.set_index(suffix.index)
+    with torch.no_grad():
+        got = suffix.logits()
+    tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
+    if got.shape == clean.shape and float((got - clean).abs().max()) <= tol * max(1.0, float(clean.abs().max())):
+        return suffix.logits
+    log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards",
+                float((got - clean).abs().max()) if got.shape == clean.shape else float("nan"))
+    sites.set_index(p.index)
+    return None
 
 
 def _detach(adapter, out: object) -> object:

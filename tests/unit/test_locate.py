@@ -1,0 +1,305 @@
+"""Shared locate-then-edit machinery on the tiny models: templates, keys, values, statistics, editors' guards."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import CORPUS, make_handle
+from lmedit.config import ConfigError
+from lmedit.edits import EditError
+from lmedit.locate import keys as K
+from lmedit.locate import stats as S
+from lmedit.locate import values as V
+from lmedit.locate.pipeline import depth_layers, width_lambda
+from lmedit.locate.templates import context_templates, group_mean
+from lmedit.registry import editor_class, get_editor
+from lmedit.types import EditRequest
+
+REQ = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")
+LOCATE = ["rome", "memit", "emmet", "alphaedit", "pmet"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 20) + "\n = Heading = \n The tower is 324 @-@ metres tall @,@ really .\n")
+    return path
+
+
+def quick(name: str, corpus, **kw):
+    return get_editor(name, **{**editor_class(name).quick, "mom2_corpus": str(corpus), **kw})
+
+
+# --- templates ------------------------------------------------------------------------------------------
+def test_templates_are_seeded_grouped_and_cached_on_the_handle(tokenizer):
+    h = make_handle("llama", tokenizer)
+    groups = context_templates(h, [(5, 10), (10, 10)], seed=0)
+    assert groups[0] == ["{}"] and [len(g) for g in groups] == [1, 10, 10]
+    assert all(t.count("{}") == 1 and t.endswith(". {}") for g in groups[1:] for t in g)
+    assert context_templates(h, [(5, 10), (10, 10)], seed=0) == groups
+    other = make_handle("llama", tokenizer)
+    assert context_templates(other, [(5, 10), (10, 10)], seed=0) == groups  # seeded: same model, same text
+    assert context_templates(h, [(5, 10), (10, 10)], seed=1) != groups
+    assert len(h.cache) == 2 and not other.cache.keys() - h.cache.keys()
+
+
+def test_group_mean_averages_inside_groups_first():
+    x = torch.tensor([[0.0], [1.0], [3.0]])
+    assert float(group_mean(x, [0, 1, 1])[0]) == pytest.approx((0 + 2) / 2)
+
+
+# --- subject positions and keys -------------------------------------------------------------------------
+def test_subject_last_index(tokenizer):
+    tokens = make_handle("gpt2", tokenizer).tokens
+    row = K.subject_last(tokens, "The mother tongue of {} is", "Danielle Darrieux")
+    assert tokens.words(list(row.ids))[row.index] == " Darrieux"
+    last = K.subject_last(tokens, "The mother tongue of {}", "Danielle Darrieux")  # subject ends the prompt
+    assert last.index == len(last.ids) - 1
+
+
+def test_subject_that_merges_with_the_following_text(tokenizer):
+    tokens = make_handle("gpt2", tokenizer).tokens
+    # alone, "Danielle Darrie" ends in " Darrie"; inside the prompt BPE merges it into " Darrieux"
+    assert tokens.encode(" Danielle Darrie")[-1] not in tokens.encode(" Danielle Darrieux was")
+    row = K.subject_last(tokens, "{}ux was an actress", "Danielle Darrie")
+    assert tokens.words(list(row.ids))[row.index] == " Darrieux"
+    row = K.subject_last(tokens, "The capital of {}s", "France")  # "...France" + "s" -> [..., "c", "es"]
+    assert tokens.words(list(row.ids))[row.index] == "es"
+
+
+def test_batched_keys_equal_single_unpadded_passes(tiny_decoder):
+    h = tiny_decoder
+    reqs = [REQ, EditRequest(prompt="{} is in", subject="Tokyo", target_new="Japan")]
+    groups = [["{}"], ["The tower is tall. {}", "I. {}"]]
+    got = K.compute_keys(h, reqs, [1, 2], groups)  # one padded forward, two layers
+    assert got[1].shape[:2] == got[2].shape[:2] == (2, 3)
+    for r, req in enumerate(reqs):
+        for t, ctx in enumerate(["{}", "The tower is tall. {}", "I. {}"]):
+            row = K.subject_last(h.tokens, ctx.replace("{}", req.template), req.subject)
+            with torch.no_grad():
+                for layer in (1, 2):
+                    seen = {}
+                    mod = h.model.get_submodule(h.adapter.mlp_out.format(layer))
+                    hook = mod.register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault("k", a[0]))
+                    h.model(input_ids=torch.tensor([row.ids]))
+                    hook.remove()
+                    assert torch.allclose(got[layer][r, t], seen["k"][0, row.index].float(), atol=1e-5)
+
+
+# --- values -------------------------------------------------------------------------------------------------
+def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
+    h = tiny_decoder
+    groups = [["{}"], ["The tower is tall. {}"]]
+    p = V._problem(h, REQ, groups)
+    full = V._logits(h, p)
+    out = {}
+    hook = h.model.get_submodule(h.adapter.layer(1)).register_forward_hook(lambda m, a, o: out.setdefault("o", o))
+    V._logits(h, p)
+    hook.remove()
+    with V._replaying(h, 2, out["o"]):
+        assert torch.equal(V._logits(h, p), full)
+    assert full.shape[0] == len(p.rows)  # logits at loss positions only
+
+
+@pytest.mark.parametrize("subject", ["Danielle Darrieux", "I"])  # "I" starts a prompt: an empty prefix
+def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, subject):
+    h = tiny_decoder
+    req = EditRequest(prompt="{} was born in", subject=subject, target_new="Paris")
+    p = V._problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
+    sites = V._Sites(h, {"layer": V.site_path(h.adapter, "layer", 1)}, p.index)
+    try:
+        with torch.enable_grad():
+            clean, _ = V._clean_pass(h, p, 1)
+            forward = V._suffix_forward(h, p, sites, clean)
+            assert forward is not None
+            sites.delta["layer"].data += 0.5
+            fast = forward()
+            sites.set_index(p.index)
+            assert torch.allclose(fast, V._logits(h, p), atol=1e-5)
+            assert not torch.equal(fast, clean)  # δ reaches the loss positions (weakly in random models)
+    finally:
+        sites.close()
+
+
+@pytest.mark.parametrize("sites", [["mlp"], ["layer"], ["attn", "mlp"]])
+def test_value_optimisation_lowers_the_loss_and_respects_the_clamp(tiny_llama, sites):
+    opts = V.ValueOptions(steps=15, lr=0.1, weight_decay=0.0, clamp=3.0)
+    res = V.optimize_value(tiny_llama, REQ, 1, sites, [["{}"]], opts)
+    assert res.losses[-1] < res.losses[0]
+    for s in sites:
+        assert res.delta[s].norm() <= 3.0 * res.init[s].norm() * (1 + 1e-5)
+        assert res.target(s).dtype == torch.float32
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+def test_stats_match_a_naive_computation_and_one_pass_serves_all_layers(tiny_llama, corpus, home):
+    h = tiny_llama
+    stats = S.collect_stats(h, [0, 2], corpus=corpus, tokens=600, batch_tokens=256, cache=False)
+    rows = list(S.token_rows(h.tokens, [corpus], 600, S.context_length(h.model)))
+    for layer in (0, 2):
+        ks = []
+        mod = h.model.get_submodule(h.adapter.mlp_out.format(layer))
+        hook = mod.register_forward_pre_hook(lambda m, a, ks=ks: ks.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for r in rows:
+                h.model(input_ids=torch.tensor([r]))
+        hook.remove()
+        k = torch.cat(ks).double()
+        assert k.shape[0] == 600
+        assert torch.allclose(stats[layer], k.T @ k / 600, rtol=1e-5, atol=1e-9)
+
+
+def test_stats_cache_resume_and_refusals(tiny_llama, corpus, home, monkeypatch):
+    h = tiny_llama
+    want = S.collect_stats(h, [1], corpus=corpus, tokens=800, batch_tokens=256, cache=False)[1]
+    calls = {"n": 0}
+    real = h.model.forward
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(h.model, "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        S.collect_stats(h, [1], corpus=corpus, tokens=800, batch_tokens=256, save_every=1)
+    got = S.collect_stats(h, [1], corpus=corpus, tokens=800, batch_tokens=256, save_every=1)[1]
+    assert torch.allclose(got, want) and calls["n"] == 5  # 2 batches before the stop, the last 2 after it
+    monkeypatch.setattr(h.model, "forward", real)
+    files = list((home / "stats" / h.fingerprint).glob("mom2-L1-*"))
+    assert len(files) == 1
+    assert torch.equal(S.collect_stats(h, [1], corpus=corpus, tokens=800)[1], got)  # from disk
+    other = make_handle("llama", h.tokenizer)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    other.fingerprint = "f" * 16
+    (home / "stats" / other.fingerprint).mkdir(parents=True)
+    shutil.copy(files[0], home / "stats" / other.fingerprint / files[0].name)
+    with pytest.raises(S.StatsError, match="refusing"):
+        S.collect_stats(other, [1], corpus=corpus, tokens=800)
+
+
+def test_stats_errors_and_corpus_cleaning(tiny_llama, tmp_path, monkeypatch):
+    with pytest.raises(S.StatsError, match="does not exist"):
+        S.collect_stats(tiny_llama, [1], corpus=tmp_path / "missing.txt", tokens=100)
+    monkeypatch.setenv("LMEDIT_CORPUS", str(tmp_path / "nope"))
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(S, "SHARED_CORPUS", tmp_path / "absent")
+    with pytest.raises(S.StatsError, match="no text corpus"):
+        S.corpus_files(None)
+    with pytest.raises(ValueError, match="out of range"):
+        S.collect_stats(tiny_llama, [9], corpus=tmp_path, tokens=100)
+    assert S.clean_line(" The 1 @,@ 063 @-@ foot tower , built in 1 @.@ 5 years . ") == \
+        "The 1,063-foot tower, built in 1.5 years."
+    assert S.clean_line(" = = Heading = = ") == ""
+
+
+# --- editors: defaults and guards ---------------------------------------------------------------------------
+def test_defaults_from_depth_and_width(tiny_llama):
+    assert depth_layers(tiny_llama, 0.17, 5) == [0, 1, 2, 3]
+    cfg = get_editor("memit").config_for(tiny_llama)
+    d_ff = tiny_llama.model.config.intermediate_size
+    assert cfg.layers == [0, 1, 2, 3]
+    assert cfg.mom2_update_weight == pytest.approx(round(15000 * d_ff / 11008, 1))
+    assert width_lambda(tiny_llama, 0) == pytest.approx(15000 * d_ff / 11008)
+    assert get_editor("rome").config_for(tiny_llama).layers == [0]
+
+
+@pytest.mark.parametrize("name", LOCATE)
+def test_layers_out_of_range_are_refused(name, tiny_llama, corpus, home):
+    with pytest.raises(ValueError, match="out of range"):
+        quick(name, corpus, layers=[7]).compute(tiny_llama, REQ)
+
+
+def test_rome_config_checks():
+    with pytest.raises(ConfigError, match="exactly one layer"):
+        get_editor("rome", layers=[1, 2])
+    with pytest.raises(ConfigError):
+        get_editor("rome", key_mode="buggy")
+
+
+@pytest.mark.parametrize("mode", ["consistent", "original", "prompt"])
+def test_rome_key_modes_and_stats(mode, tiny_gpt2_handle, corpus, home):
+    h = tiny_gpt2_handle
+    before = h.state_digest()
+    edit = quick("rome", corpus, key_mode=mode).compute(h, REQ)
+    assert h.state_digest() == before
+    stats = edit.meta["stats"]
+    (name,) = edit.deltas
+    assert name == "transformer.h.1.mlp.c_proj.weight"
+    assert stats["relative_norm"][name] > 0 and 0 < stats["division_factor"] <= 1
+    assert edit.dense(name).shape == h.model.get_parameter(name).shape  # Conv1D [in, out] layout
+
+
+def test_rome_subject_at_the_end_of_the_prompt(tiny_llama, corpus, home):
+    req = EditRequest(prompt="The mother tongue is spoken by {}", subject="Danielle Darrieux", target_new="Paris")
+    edit = quick("rome", corpus).compute(tiny_llama, req)
+    assert edit.meta["stats"]["division_factor"] > 0
+
+
+def test_rome_refuses_a_tiny_division_factor_and_leaves_the_model(tiny_llama, corpus, home):
+    before = tiny_llama.state_digest()
+    with pytest.raises(EditError, match="division factor"):
+        quick("rome", corpus, min_division=1.01).compute(tiny_llama, REQ)  # |kᵀu|/‖k‖ ≤ 1 always
+    assert tiny_llama.state_digest() == before
+
+
+def test_nan_in_the_solve_is_refused(tiny_llama, corpus, home):
+    S.second_moments(tiny_llama, [1], tokens=3000, corpus=corpus)
+    store = next(v for k, v in tiny_llama.cache.items() if k[0] == S.CACHE_KEY)
+    store[1] = torch.full_like(store[1], float("nan"))
+    before = tiny_llama.state_digest()
+    with pytest.raises(EditError, match="NaN"):
+        quick("memit", corpus).compute(tiny_llama, REQ)
+    assert tiny_llama.state_digest() == before
+
+
+def test_alphaedit_key_cache_is_editor_state(tiny_llama, corpus, home):
+    ed = quick("alphaedit", corpus)
+    edit = ed.compute(tiny_llama, REQ)
+    assert set(ed.state_dict()["kkt"]) == {"1"}
+    assert list((home / "stats" / tiny_llama.fingerprint).glob("nullspace-L1-*"))
+    fresh = quick("alphaedit", corpus)
+    assert fresh.state_dict()["kkt"] == {}  # never shared between editor objects
+    fresh.load_state_dict(ed.state_dict())
+    assert torch.equal(fresh.state_dict()["kkt"]["1"], ed.state_dict()["kkt"]["1"])
+    with edit.applied(tiny_llama):
+        ed.compute(tiny_llama, EditRequest(prompt="{} is in", subject="Tokyo", target_new="Japan"))
+        two = ed.state_dict()["kkt"]["1"].clone()
+        assert not torch.equal(two, fresh.state_dict()["kkt"]["1"])  # sequential: keys accumulate
+    ed.compute(tiny_llama, REQ)  # edits reverted: the cache starts again from this edit alone
+    assert torch.allclose(ed.state_dict()["kkt"]["1"], fresh.state_dict()["kkt"]["1"])
+    ed.reset()
+    assert ed.state_dict()["kkt"] == {}
+
+
+@pytest.fixture
+def tiny_gpt2_handle(tokenizer):
+    return make_handle("gpt2", tokenizer)
+
+
+def test_many_token_target_and_batch_of_requests(tiny_llama, corpus, home):
+    long = EditRequest(prompt="{} was born in", subject="Barack Obama",
+                       target_new="the University of Michigan at Trinity College")
+    assert len(tiny_llama.tokens.target_ids(long.text, long.target_new)) > 8
+    p = V._problem(tiny_llama, long, [["{}"]])
+    assert len(p.labels) == len(tiny_llama.tokens.target_ids(long.text, long.target_new))
+    edit = quick("memit", corpus).compute(tiny_llama, [REQ, long])
+    (a, b), = edit.deltas.values()
+    assert a.shape[1] == b.shape[1] == 2  # one rank per request
+
+
+def test_stats_cli_layer_parser():
+    from lmedit.cli.stats import _layers
+
+    assert _layers("3-7") == [3, 4, 5, 6, 7] and _layers("3,5") == [3, 5]
