@@ -242,20 +242,52 @@ def test_plots_write_files(tiny_llama, tmp_path):
         assert f.exists() and f.stat().st_size > 1000
 
 
-def test_cli_trace_writes_data_and_plots(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
     from conftest import make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_trace_writes_data_and_plots(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     from lmedit.cli import main
 
-    model_dir = tmp_path / "tiny"
-    make_model("llama").save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out"
-    rc = main(["trace", "--model", str(model_dir), "--prompt", MID_PROMPT, "--subject", "Danielle Darrieux",
+    rc = main(["trace", "--model", str(tiny_dir), "--prompt", MID_PROMPT, "--subject", "Danielle Darrieux",
                "--kind", "all", "--samples", "2", "--noise", "0.5", "--window", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0 and "answer:" in printed and "peak p" in printed
     for kind in ("hidden", "mlp", "attn"):
         assert len(list(out.glob(f"*_{kind}.*"))) == 4  # npz, json, png, svg
     assert list(out.glob("*_all.png"))
-    assert main(["trace", "--model", str(model_dir), "--prompt", MID_PROMPT, "--out", str(out)]) == 1
+    assert main(["trace", "--model", str(tiny_dir), "--prompt", MID_PROMPT, "--out", str(out)]) == 1
+
+
+def test_cli_trace_batch_known(tiny_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from lmedit.cli import main
+    from lmedit.models.loading import load_model
+
+    h = load_model(str(tiny_dir), device="cpu")
+    facts = []
+    for i, (p, s) in enumerate([("The Eiffel Tower is located in", "The Eiffel Tower"),
+                                ("Danielle Darrieux was an", "Danielle Darrieux")]):
+        top = int(h.model(input_ids=torch.tensor([h.tokens.prompt_ids(p)])).logits[0, -1].argmax())
+        facts.append({"known_id": i, "prompt": p, "subject": s, "attribute": h.tokenizer.decode([top]).strip()})
+    facts.append({"known_id": 2, "prompt": "Tokyo is in", "subject": "Tokyo", "attribute": "zzzz"})
+    data = tmp_path / "data" / "misc"
+    data.mkdir(parents=True)
+    (data / "known_1000.json").write_text(json.dumps(facts))
+    monkeypatch.setenv("LMEDIT_DATA", str(tmp_path / "data"))
+    out = tmp_path / "avg"
+    rc = main(["trace", "--model", str(tiny_dir), "--batch", "known", "--n", "5", "--kind", "mlp", "--samples", "2",
+               "--noise", "0.5", "--window", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "skipped" in printed and "peak AIE" in printed
+    avg = AverageEffect.load(out / "average_mlp.json")
+    assert avg.n_skipped >= 1 and avg.n_facts + avg.n_skipped == 3
+    assert (out / "average_mlp.png").exists()
