@@ -299,11 +299,12 @@ def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor):
     sites.set_index(suffix.index)
     with torch.no_grad():
         got = suffix.logits()
+    clean = clean.detach()
     tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
-    if got.shape == clean.shape and float((got - clean).abs().max()) <= tol * max(1.0, float(clean.abs().max())):
+    diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
+    if diff <= tol * max(1.0, float(clean.abs().max())):
         return suffix.logits
-    log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards",
-                float((got - clean).abs().max()) if got.shape == clean.shape else float("nan"))
+    log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards", diff)
     sites.set_index(p.index)
     return None
 
