@@ -194,13 +194,18 @@ def test_save_load_roundtrip(name, family, tokenizer, shared, tmp_path):
 @editors
 @params
 def test_dtype_and_device_preserved(name, family, tokenizer, shared):
+    """On a bfloat16 model: the edit computes, the model's own parameters keep dtype and device while it is
+    applied (swapped-in modules may add parameters of their own), and the edited model still runs."""
     editor, handle = setup(name, family, tokenizer, shared, dtype=torch.bfloat16)
-    layout = {k: (v.dtype, v.device) for k, v in handle.model.state_dict().items()}
+    own = [(p, p.dtype, p.device) for p in handle.model.parameters()]
     snap = snapshot(handle)
     edit = editor.compute(handle, [REQ_A])
     assert_same_weights(handle, snap)
     with edit.applied(handle):
-        assert {k: (v.dtype, v.device) for k, v in handle.model.state_dict().items()} == layout
+        assert all(p.dtype == dt and p.device == dev for p, dt, dev in own)
+        assert {p.device for p in handle.model.parameters()} == {handle.device}
+        out = logits(handle)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert_same_weights(handle, snap)
 
 
