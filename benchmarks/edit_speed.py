@@ -102,21 +102,22 @@ def main() -> None:
     from lmedit.locate.stats import collect_stats
 
     handle = lmedit.load_model("smollm2-135m")
-    stats = None if args.skip_stats else stats_comparison(handle, args.stats_tokens)
-    if stats:
-        print(stats, flush=True)
     collect_stats(handle, LAYERS, tokens=100_000)  # the editors' default statistics, cached once
     cases = load_dataset("zsre-train", n=args.cases)
-    rows = []
-    for method in args.methods.split(","):
+    rows, stats = [], None
+    for method in args.methods.split(","):  # edits first; the results file is rewritten after each row
         rows.append(run_method(handle, cases, method))
         print(rows[-1], flush=True)
         if method != "rome":
             rows.append(run_method(handle, cases, method, batch=True))
             print(rows[-1], flush=True)
+        if not args.no_write:
+            write(stats, rows, args.cases)
+    if not args.skip_stats:
+        stats = stats_comparison(handle, args.stats_tokens)
+        print(stats, flush=True)
     if not args.no_write:
         write(stats, rows, args.cases)
-
 
 if __name__ == "__main__":
     main()
