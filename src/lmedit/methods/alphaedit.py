@@ -19,7 +19,7 @@ import torch
 
 from ..config import ConfigError, option
 from ..hooks import get_parameter
-from ..locate.pipeline import BatchConfig, memit_family, param_name, resolve_batch
+from ..locate.pipeline import LocateConfig, memit_family, param_name, resolve_batch
 from ..locate.solvers import null_space_update, nullspace_projector
 from ..locate.stats import corpus_files, corpus_hash, disk_cached
 from ..models.handle import tensor_digest
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class AlphaEditConfig(BatchConfig):
+class AlphaEditConfig(LocateConfig):
     nullspace_threshold: float = option(2e-2, "eigenvalues of C below this span the preserved-key null space")
     L2: float = option(10.0, "α, the ridge term of the projected solve")
 
