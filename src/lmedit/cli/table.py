@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from ..table import build_table, check_datasets, resolve_methods
 
     quiet_libraries(args, quiet_lmedit=True)
+    if not args.verbose:  # its INFO lines would break the progress bars
+        logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     # bad names fail here, before the model loads or a bar is drawn
     datasets = check_datasets([d.strip() for d in args.datasets.split(",") if d.strip()])
     names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
