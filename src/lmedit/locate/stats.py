@@ -5,7 +5,8 @@ use C = (1/N) Σ_t k_t k_tᵀ over N corpus tokens (uncentered). One forward pas
 requested layer and stops after the deepest one, so five layers cost about one deep pass, not five.
 
 Corpus: a text file or a folder of ``*.txt`` files (default: ``$LMEDIT_CORPUS``, ``$LMEDIT_HOME/corpus`` or
-the WikiText files in ``/work/shared/data/corpus``); WikiText's tokenisation marks (`` @-@ `` ...) are undone.
+the WikiText files in the data folder's ``corpus/``, found like every data file: ``$LMEDIT_DATA``,
+``../shared/data``); WikiText's tokenisation marks (`` @-@ `` ...) are undone.
 Text is packed into rows of up to 1024 tokens, batched by a token budget; each batch's k kᵀ is computed
 in float32 and summed in float64. Results are cached on disk under ``$LMEDIT_HOME/stats/<fingerprint>/``
 keyed by layer, corpus hash, token count and model dtype; partial sums are saved every few batches so an
@@ -27,7 +28,6 @@ from ..hooks import StopForward, get_module
 
 log = logging.getLogger(__name__)
 
-SHARED_CORPUS = Path("/work/shared/data/corpus")
 WIKITEXT_MARKS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
                   (" : ", ": "), (" 's", "'s"), ("( ", "("), (" )", ")"))
 CLEANING_VERSION = "2"  # bump whenever clean_line changes: cached statistics depend on it
@@ -44,12 +44,14 @@ def corpus_files(corpus: str | Path | None = None) -> list[Path]:
     from ..models.loading import lmedit_home
 
     if corpus is None:
-        candidates = [os.environ.get("LMEDIT_CORPUS"), lmedit_home() / "corpus", SHARED_CORPUS]
-        found = [Path(c) for c in candidates if c and Path(c).exists()]
+        from ..data.paths import candidates as data_candidates
+
+        places = [os.environ.get("LMEDIT_CORPUS"), lmedit_home() / "corpus", *data_candidates("corpus")]
+        found = [Path(c) for c in places if c and Path(c).exists()]
         if not found:
             raise StatsError(
                 "no text corpus for the second-moment statistics: pass corpus=PATH (a text file or a folder of "
-                "*.txt files; CLI: --corpus PATH), or set LMEDIT_CORPUS, or put WikiText files in "
+                "*.txt files; CLI: --corpus PATH), or set LMEDIT_CORPUS or LMEDIT_DATA, or put WikiText files in "
                 f"{lmedit_home() / 'corpus'}")
         corpus = found[0]
     path = Path(corpus).expanduser()
