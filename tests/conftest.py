@@ -66,8 +66,22 @@ def make_model(family: str, vocab: int = 400):
     return m.eval()
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (thread start-up dominates); real-model tests get two."""
+    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
+    yield
+
+
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
-DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
+DECODER_@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (thread start-up dominates); real-model tests get two."""
+    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
+    yield
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 
 
 @pytest.fixture(scope="session")
