@@ -74,14 +74,7 @@ def _threads(request):
 
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
-DECODER_@pytest.fixture(autouse=True)
-def _threads(request):
-    """Tiny models run fastest on one thread (thread start-up dominates); real-model tests get two."""
-    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
-    yield
-
-
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
+DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 
 
 @pytest.fixture(scope="session")
