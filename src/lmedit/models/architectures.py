@@ -46,7 +46,7 @@ GPT_NEOX = ModelAdapter(
     mlp_in=("gpt_neox.layers.{}.mlp.dense_h_to_4h",),
     mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
     ln_final="gpt_neox.final_layer_norm",
-    lm_head="embed_out",
+    lm_head="lm_head",  # "embed_out" before transformers 5; adapter.unembedding falls back to get_output_embeddings()
 )
 
 # Llama, Mistral, Qwen2/3, Gemma, SmolLM2: SwiGLU MLP, down_proj(act(gate_proj(x)) * up_proj(x)).
