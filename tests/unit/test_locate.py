@@ -194,7 +194,9 @@ def test_stats_errors_and_corpus_cleaning(tiny_llama, tmp_path, monkeypatch):
         S.collect_stats(tiny_llama, [1], corpus=tmp_path / "missing.txt", tokens=100)
     monkeypatch.setenv("LMEDIT_CORPUS", str(tmp_path / "nope"))
     monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(S, "SHARED_CORPUS", tmp_path / "absent")
+    import lmedit.data.paths as data_paths
+
+    monkeypatch.setattr(data_paths, "candidates", lambda relative: [tmp_path / "absent" / relative])
     with pytest.raises(S.StatsError, match="no text corpus"):
         S.corpus_files(None)
     with pytest.raises(ValueError, match="out of range"):
