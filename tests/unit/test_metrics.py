@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import time
 
 import pytest
@@ -178,10 +179,11 @@ def test_measure_time_and_memory():
     rss0 = read()
     with measure() as m:
         time.sleep(0.03)
-        block = bytearray(64 * 2**20)
-        block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page so it is resident
+        # fresh anonymous pages from the kernel (malloc may hand back memory that is already resident)
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * (64 * 2**20))  # touch every page so it is resident
         time.sleep(0.02)
-        del block  # freed before the block ends: only the sampled peak can see it
+        block.close()  # unmapped before the block ends: only the sampled peak can see it
     assert m.seconds >= 0.05
     assert m.peak_rss_bytes - rss0 >= 60 * 2**20
     assert m.rss_delta_bytes < 32 * 2**20
