@@ -52,7 +52,7 @@ def plain_batches(handle, prompts: list[str], answers: list[str], batch_size: in
 def time_plain(handle, batches) -> float:
     t0 = time.perf_counter()
     for ids, mask in batches:
-        handle.model(input_ids=ids, attention_mask=mask).logits  # [batch, seq, vocab]
+        _ = handle.model(input_ids=ids, attention_mask=mask).logits  # [batch, seq, vocab]
     return time.perf_counter() - t0
 
 

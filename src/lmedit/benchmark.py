@@ -306,7 +306,7 @@ def _run_sequential(run: _Run) -> None:
                     run.record(i, post, eff, info, k)
             else:
                 later.update({i: (eff, info, k) for i in todo})
-        for k, chunk in enumerate(chunks):  # final timing: chunk by chunk, so a crash keeps what was scored
+        for chunk in chunks:  # final timing: chunk by chunk, so a crash keeps what was scored
             todo = [i for i in chunk if i in later]
             for i, post in zip(todo, run.score(todo) if todo else [], strict=True):
                 run.record(i, post, *later[i])

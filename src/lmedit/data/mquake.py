@@ -34,7 +34,7 @@ def mquake_case(rec: dict[str, Any], file: Path, index: int) -> MultiHopCase:
     if not isinstance(rewrites, list) or not rewrites:
         raise DatasetError(f"{file} record {index}: requested_rewrite must be a non-empty list")
     parts = []
-    for j, rw in enumerate(rewrites):
+    for rw in rewrites:
         parts.append({k: require(rw, k, file, index) for k in ("prompt", "subject")}
                      | {"new": require(rw, "target_new.str", file, index),
                         "true": require(rw, "target_true.str", file, index)})
