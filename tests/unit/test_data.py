@@ -7,8 +7,15 @@ import logging
 
 import pytest
 
-from lmedit.data import (DatasetError, find_data_file, get_dataset, list_datasets, load_dataset, load_known,
-                         load_mquake)
+from lmedit.data import (
+    DatasetError,
+    find_data_file,
+    get_dataset,
+    list_datasets,
+    load_dataset,
+    load_known,
+    load_mquake,
+)
 from lmedit.data import paths as data_paths
 from lmedit.types import EditRequest
 

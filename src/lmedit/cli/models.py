@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models.adapter import supported_architectures
-    from ..models.loading import lmedit_home, list_models
+    from ..models.loading import list_models, lmedit_home
 
     print("Model aliases (use with --model; any local Hugging Face model directory works too)")
     print(table(list_models(), ["alias", "status", "source"]))
