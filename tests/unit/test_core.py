@@ -228,3 +228,8 @@ def test_import_lmedit_loads_no_method():
     code = "import lmedit, sys; print(any(m.startswith('lmedit.methods.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_generate_on_every_family(tiny):
+    text = tiny.generate("The capital of France is", max_new_tokens=3)
+    assert isinstance(text, str)

@@ -116,9 +116,13 @@ class ModelHandle:
         """Greedy continuation of ``prompt`` (rendered with active contexts)."""
         text = self.render(prompt)
         ids = torch.tensor([self.tokens.prompt_ids(text)], device=self.device)
+        cfg = self.model.config
+        # transformers sizes an encoder-decoder KV cache by the encoder depth: decoders of another depth
+        # must generate without it (real T5 checkpoints have equal depths and keep the cache)
+        uneven = self.is_encoder_decoder and getattr(cfg, "num_decoder_layers", None) not in (None, cfg.num_layers)
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=self.tokens.pad_id,
+            do_sample=False, pad_token_id=self.tokens.pad_id, **({"use_cache": False} if uneven else {}),
         )
         new = out[0] if self.is_encoder_decoder else out[0, ids.shape[1]:]
         return self.tokenizer.decode(new, skip_special_tokens=True)
