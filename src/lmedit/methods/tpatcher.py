@@ -51,7 +51,7 @@ from .base import Capabilities, Editor
 
 log = logging.getLogger(__name__)
 
-CORPUS = Path("/work/shared/data/corpus/wikitext-2_valid.tokens.txt")
+CORPUS = "corpus/wikitext-2_valid.tokens.txt"  # under the data folder (see lmedit.data.paths)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class TPatcherConfig(Config):
     activation: str | None = option(None, "patch activation; None = the model's FFN activation")
     memory_size: int = option(20000, "FFN inputs from WikiText kept as memory (cached per model and layer)")
     memory_chunk: int = option(128, "tokens per WikiText chunk when collecting the memory")
-    corpus: str = option(str(CORPUS), "plain-text corpus the memory is collected from")
+    corpus: str | None = option(None, "plain-text corpus the memory is collected from (None: WikiText in the data folder)")
     prompt_prefixes: list[str] = option([], "extra training views: the request prompt after each prefix")
     seed: int = option(0, "seed of the random value direction e")
 
@@ -124,6 +124,15 @@ class Patches(AddToOutput):
 
 # --- memory of ordinary FFN inputs ----------------------------------------------------------------------
 
+def _corpus_path(cfg: TPatcherConfig) -> Path:
+    """The memory corpus: the configured file, else WikiText found like every data file."""
+    if cfg.corpus is not None:
+        return Path(cfg.corpus).expanduser()
+    from ..data.paths import find_data_file
+
+    return find_data_file(CORPUS)
+
+
 def _corpus_chunks(handle: Any, path: Path, chunk: int, n_tokens: int) -> list[list[int]]:
     if not path.exists():
         raise FileNotFoundError(f"memory corpus {path} not found; set TPatcherConfig.corpus to a text file")
@@ -142,15 +151,16 @@ def _corpus_chunks(handle: Any, path: Path, chunk: int, n_tokens: int) -> list[l
 @torch.no_grad()
 def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
     """``memory_size`` FFN inputs [M, d] of layer ``info.layer`` on WikiText (handle + disk cache)."""
-    key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{Path(cfg.corpus).name}"
+    corpus = _corpus_path(cfg)
+    key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{corpus.name}"
     if key in handle.cache:
         return handle.cache[key]
     file = (lmedit_home() / "cache" / "ffn_memory" /
-            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{Path(cfg.corpus).stem}.pt")
+            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.pt")
     if file.exists():
         mem = torch.load(file, map_location=handle.device)
     else:
-        mem = _collect_memory(handle, info, cfg)
+        mem = _collect_memory(handle, info, cfg, corpus)
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(mem.cpu(), file)
         log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
@@ -158,8 +168,8 @@ def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.T
     return handle.cache[key]
 
 
-def _collect_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
-    chunks = _corpus_chunks(handle, Path(cfg.corpus), cfg.memory_chunk, cfg.memory_size)
+def _collect_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig, corpus: Path) -> torch.Tensor:
+    chunks = _corpus_chunks(handle, corpus, cfg.memory_chunk, cfg.memory_size)
     tp, dev, out, have = handle.tokens, handle.device, [], 0
     for s in range(0, len(chunks), 8):
         rows = [tp.bos + c if not handle.is_encoder_decoder else c for c in chunks[s:s + 8]]
