@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..metrics.efficiency import human_bytes  # noqa: F401  (re-exported for the CLI modules)
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -92,11 +94,3 @@ def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -130,3 +130,14 @@ def measure(interval: float = 0.005) -> Iterator[Measurement]:
         m.peak_rss_bytes = peak
         if cuda is not None:
             m.cuda_peak_bytes = int(cuda.max_memory_allocated())
+
+
+def human_bytes(n: float | None) -> str:
+    """A byte count for people: "512 B", "1.5 MB", "n/a"."""
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -18,6 +18,8 @@ import math
 import statistics
 from typing import Any
 
+from ..metrics.efficiency import human_bytes
+
 
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -100,14 +102,6 @@ def method_summary(cells: list[Any], rows: list[Any], methods: list[str]) -> lis
     return out
 
 
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _secs(v: float | None) -> str:
@@ -141,6 +135,6 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
         vals = [s["method"], _secs(s["seconds_per_edit"]), _secs(s["mean_seconds_per_edit"]),
                 *[_secs(by.get(d)) for d in datasets],
                 _fmt_one_off(s),
-                _human_bytes(s["peak_memory_bytes"]), "n/a" if q is None else f"{100 * q:.1f}"]
+                human_bytes(s["peak_memory_bytes"]), "n/a" if q is None else f"{100 * q:.1f}"]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
