@@ -62,10 +62,6 @@ def test_calinet_learns_the_edit_and_keeps_an_unrelated_answer(smollm2):
     assert after[1].agreement(before[1]) >= 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect, tracked in the neuron-editors issue: on SmolLM2 a T-Patcher edit does not hold after 5 patches "
-    "x 100 steps (tried lr 1e-2/1e-3, silu/relu patches, amplify 10/30); strict, so a fix turns this red until "
-    "the mark is removed"))
 def test_tpatcher_patch_holds_and_stays_local(smollm2, tmp_path, monkeypatch):
     from lmedit import get_editor
     from lmedit.types import EditRequest

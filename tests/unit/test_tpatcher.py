@@ -32,6 +32,40 @@ def test_patch_adds_act_of_key_times_value():
     torch.testing.assert_close(p(x), want)
 
 
+def test_standardised_key_folds_into_the_same_neuron():
+    p = _random_patches(2)
+    x = torch.randn(3, 5, 32)
+    p.standardise(torch.randn(32), torch.rand(32) + 0.5)
+    before = p.pre(x)
+    p.fold()
+    assert p.shift is None
+    torch.testing.assert_close(p.pre(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.pre(x), x @ p.key.T + p.bias)
+
+
+def test_init_separates_edit_from_memory(tiny_llama, request_darrieux, tmp_path, monkeypatch):
+    """The init puts the edit at z = margin_act + 3 and memory below its margins, when they separate."""
+    from lmedit.methods._ffn import answer_batch, prompt_views
+
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path))
+    cfg = TPatcherConfig(**TPatcher.quick).replace(layer=tiny_llama.n_layers - 1)
+    info = ffn_info(tiny_llama, cfg.layer)
+    memory = ffn_input_memory(tiny_llama, info, cfg)
+    ab = answer_batch(tiny_llama, prompt_views(request_darrieux, []), [request_darrieux.target_new])
+    patch = Patches(info.d_model, 1, info.activation)
+    patch.standardise(memory.mean(0), memory.std(0))
+    TPatcher._init_patch(tiny_llama, info, ab, ab.rows, ab.cols, patch, memory, cfg, 0)
+    from lmedit.hooks import trace
+
+    with trace(tiny_llama.model, info.mlp, input=True, output=False, stop=True) as t:
+        tiny_llama.model(**ab.inputs, use_cache=False)
+    with torch.no_grad():
+        z_edit = patch.pre(t.input[ab.rows, ab.cols]).mean()
+        z_mem = patch.pre(memory)
+    assert abs(float(z_edit) - (cfg.margin_act + 3)) < 1e-3
+    assert float(z_mem.max()) <= min(cfg.margin_mem, float(z_edit) - cfg.margin_gap) - 1 + 1e-3
+
+
 def test_concat_equals_nesting():
     a, b = _random_patches(1, seed=1), _random_patches(2, seed=2)
     base = torch.nn.Linear(32, 32)

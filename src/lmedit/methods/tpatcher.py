@@ -8,7 +8,16 @@ of W_gate (k_p, bias b_p) and of W_up (zero weights, bias 1) and one more column
 a ModuleSwap around the FFN module instead of resizing the model's weights, so patches nest (sequential
 edits) and each edit's patches are reverted exactly.
 
-Init: k_p = h̄/‖h̄‖² (h̄ the mean FFN input over the activation positions, so z = k_pᵀh̄ + b_p = 1), b_p = 0,
+Training works in standardised coordinates x̃ = (x − μ)/σ, μ and σ the per-dimension mean and deviation of
+the memory below, and the key is folded back into x's coordinates afterwards (k ← k/σ, b ← b − kᵀμ), so a
+saved patch is a plain neuron. Why: the FFN inputs of a decoder LM share a large common component (on
+SmolLM2's last layer one dimension carries ~7 of a norm of ~10, and memory rows have cosine ~0.7 with an
+edit's input), so the paper's init k_p = h̄/‖h̄‖² fires on ordinary text almost as strongly as on the edit
+(z ≈ 0.8 vs 1), the memory loss then dominates and drives the patch silent everywhere, and Adam's step
+(lr 1e-2 per coordinate) is larger than the key's coordinates (~4e-3): the edit never held. In x̃ the edit
+separates from the memory (memory max z̃ ≈ 0.4 of the edit's), and the init picks k = α·h̃/‖h̃‖² and b so that
+the edit starts at z = margin_act + 3 and the most edit-like memory row at min(margin_mem, z_edit −
+margin_gap) − 1, i.e. the margins of the losses below already hold at step 0 when the data allow it.
 v_p = e ⊙ s with e random and s = ``amplify`` (the paper's amplify_con). Loss (paper Eq. 5-7):
     L = L_edit + alc·L_act + mlc·L_mem
     L_edit: label-smoothed NLL of the target tokens;
@@ -97,9 +106,28 @@ class Patches(AddToOutput):
         self.act = act_fn(activation)
         self.last_z: torch.Tensor | None = None  # pre-activations of the last forward, kept while training
         self.record = False
+        self.shift: torch.Tensor | None = None  # μ [d] and σ [d] while training in standardised coordinates
+        self.scale: torch.Tensor | None = None
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.key.float().T + self.bias.float()  # [..., n]
+        x = x.float()
+        if self.shift is not None:
+            x = (x - self.shift) / self.scale
+        return x @ self.key.float().T + self.bias.float()  # [..., n]
+
+    def standardise(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Read the key in x̃ = (x − shift)/scale coordinates until ``fold``."""
+        self.shift, self.scale = shift.float(), scale.float()
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Fold the standardisation into key and bias: the same pre-activation, on x directly."""
+        if self.shift is None:
+            return
+        key = self.key.float() / self.scale  # [n, d]
+        self.bias.copy_(self.bias.float() - key @ self.shift)
+        self.key.copy_(key)
+        self.shift = self.scale = None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         z = self.pre(x)
@@ -225,11 +253,14 @@ class TPatcher(Editor):
             act_rows, act_cols = ab.rows[first], ab.cols[first]
         parts: list[Patches] = []
         history = []
+        shift, scale = memory.mean(0), memory.std(0).clamp(min=1e-6)  # [d]
         with frozen_prefix(handle, info.layer, ab.inputs):
             for n in range(cfg.max_patches):
                 patch = Patches(info.d_model, 1, activation).to(handle.device)
-                self._init_patch(handle, info, ab, act_rows, act_cols, patch, cfg.amplify, cfg.seed + n)
+                patch.standardise(shift, scale)
+                self._init_patch(handle, info, ab, act_rows, act_cols, patch, memory, cfg, cfg.seed + n)
                 held, steps = self._train(handle, info, ab, act_rows, act_cols, memory, parts, patch, cfg)
+                patch.fold()
                 parts.append(patch)
                 history.append(steps)
                 if held:
@@ -242,16 +273,27 @@ class TPatcher(Editor):
     @staticmethod
     @torch.no_grad()
     def _init_patch(handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
-                    patch: Patches, amplify: float, seed: int) -> None:
-        """k = h̄/‖h̄‖², b = 0, v = e ⊙ s with e a random unit vector and s = amplify."""
+                    patch: Patches, memory: torch.Tensor, cfg: TPatcherConfig, seed: int) -> None:
+        """k = α·h̃/‖h̃‖² and b in standardised coordinates (see the module docstring); v = e ⊙ amplify."""
         with trace(handle.model, info.mlp, input=True, output=False, stop=True) as t:
             handle.model(**ab.inputs, use_cache=False)
-        h = t.input[rows, cols].float().mean(0)  # [d]
-        patch.key.copy_((h / h.pow(2).sum())[None])
+        x = t.input[rows, cols].float()  # [n_act, d]
+        h = ((x - patch.shift) / patch.scale).mean(0)  # h̃ [d]
+        k = h / h.pow(2).sum()  # z̃(h̃) = 1
+        ratio = float(((memory - patch.shift) / patch.scale @ k).max())  # the most edit-like memory row
+        z_edit = cfg.margin_act + 3.0  # exp(−3) < stop_act: the activation loss starts satisfied
+        z_mem = min(cfg.margin_mem, z_edit - cfg.margin_gap) - 1.0
+        if ratio < 1.0:  # separable along h̃: α(1 − ratio) = z_edit − z_mem
+            alpha = (z_edit - z_mem) / (1.0 - ratio)
+            patch.key.copy_((alpha * k)[None])
+            patch.bias.fill_(z_edit - alpha)
+        else:  # an edit input no further out than the memory: start at z = 1 and let training separate
+            patch.key.copy_(k[None])
+            patch.bias.zero_()
         g = torch.Generator().manual_seed(seed)
         e = torch.randn(info.d_model, generator=g)
         patch.value_dir.copy_((e / e.norm())[None])
-        patch.value_scale.fill_(amplify)
+        patch.value_scale.fill_(cfg.amplify)
 
     def _train(self, handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
                memory: torch.Tensor, earlier: list[Patches], patch: Patches,
