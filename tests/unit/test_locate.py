@@ -119,7 +119,7 @@ def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, 
     try:
         with torch.enable_grad():
             clean, _ = V._clean_pass(h, p, 1)
-            forward = V._suffix_forward(h, p, sites, clean)
+            forward = V._suffix_forward(h, p, sites, clean, 1)
             assert forward is not None
             sites.delta["layer"].data += 0.5
             fast = forward()

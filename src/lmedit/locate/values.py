@@ -13,7 +13,9 @@ site output at the subject's last token of the plain prompt. Sites: ``"mlp"`` (W
 projection: PMET optimises it together with ``"mlp"``).
 
 Speed: only δ changes between steps, so the layers below ℓ run once; afterwards they are replaced, inside
-this function only, by modules that replay their cached output. Logits are computed only at the positions
+this function only, by modules that replay their cached output. Positions before the subject's last token
+never change at all: they run once and every step feeds only the rows' suffixes, on a copy of the prefixes'
+key/value cache. Logits are computed only at the positions
 that carry loss (target and KL positions): final norm output at those positions times the unembedding.
 All optimisation variables and losses are float32 whatever the model dtype.
 """
@@ -160,10 +162,11 @@ def _logits(handle, p: _Problem) -> torch.Tensor:
 class _Suffix:
     """Rows split at the subject's last token: positions before it never change (δ is added there, at layer
     ℓ), so the prefixes run once, clean, and every step runs only the suffixes on a copy of their key/value
-    cache. Logits come from the loss positions only."""
+    cache. The suffixes' layers below ℓ do not change either: after ``record_below`` they are replayed.
+    Logits come from the loss positions only."""
 
-    def __init__(self, handle, p: _Problem) -> None:
-        self.handle = handle
+    def __init__(self, handle, p: _Problem, layer: int) -> None:
+        self.handle, self.layer, self.below = handle, layer, None
         model = handle.model
         self.body, self.head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
         split = p.index.tolist()
@@ -189,9 +192,27 @@ class _Suffix:
 
     def logits(self) -> torch.Tensor:
         extra = {self.cache_kw: copy.deepcopy(self.cache), "use_cache": True} if self.cache is not None else {}
-        hidden = self.body(**self._dev(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions),
-                           **extra).last_hidden_state  # [rows, S, d]
+        replay = _replaying(self.handle, self.layer, self.below) if self.below is not None \
+            else contextlib.nullcontext()
+        with replay:
+            hidden = self.body(**self._dev(input_ids=self.ids, attention_mask=self.mask,
+                                           position_ids=self.positions), **extra).last_hidden_state  # [rows, S, d]
         return self.head(hidden[self.rows, self.cols]).float()  # [n_positions, vocab]
+
+    @torch.no_grad()
+    def record_below(self) -> torch.Tensor:
+        """One clean pass (δ is added at ℓ, above what it records) that keeps the output of layer ℓ-1."""
+        if self.layer == 0:
+            return self.logits()
+        got: dict[str, object] = {}
+        hook = get_module(self.handle.model, self.handle.adapter.layer(self.layer - 1)).register_forward_hook(
+            lambda m, a, out: got.setdefault("out", _detach(self.handle.adapter, out)))
+        try:
+            logits = self.logits()
+        finally:
+            hook.remove()
+        self.below = got["out"]
+        return logits
 
 
 def _new_cache(model):
@@ -247,7 +268,7 @@ def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str
         with torch.enable_grad():
             logits, below = _clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
             kl_init = F.log_softmax(logits[-1:], -1).detach()  # [1, vocab]
-            forward = _suffix_forward(handle, p, sites_, logits)
+            forward = _suffix_forward(handle, p, sites_, logits, layer)
             if forward is None:  # the prefix cache did not reproduce the logits: replay the lower layers
                 ctx = _replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
                 forward = lambda: _logits(handle, p)  # noqa: E731
@@ -287,18 +308,18 @@ def _clean_pass(handle, p: _Problem, layer: int) -> tuple[torch.Tensor, object]:
             grab.remove()
 
 
-def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor):
-    """The suffix-only forward when it reproduces the clean logits (checked here, once), else None."""
+def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int):
+    """The suffix-only forward (layers ≥ ``layer`` only) when it reproduces the clean logits (checked here,
+    once), else None."""
     if _has_logit_processing(handle.model) or handle.model.get_output_embeddings() is None:
         return None
     sites.enabled = False  # the clean prefix pass carries no δ
     try:
-        suffix = _Suffix(handle, p)
+        suffix = _Suffix(handle, p, layer)
     finally:
         sites.enabled = True
     sites.set_index(suffix.index)
-    with torch.no_grad():
-        got = suffix.logits()
+    got = suffix.record_below()
     clean = clean.detach()
     tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
     diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
