@@ -305,3 +305,26 @@ def test_stats_cli_layer_parser():
     from lmedit.cli.stats import _layers
 
     assert _layers("3-7") == [3, 4, 5, 6, 7] and _layers("3,5") == [3, 5]
+
+
+# --- layers = "auto" ----------------------------------------------------------------------------------------
+def test_layers_auto_uses_the_causal_tracing_peak(tiny_llama, monkeypatch):
+    import numpy as np
+
+    from lmedit import get_editor
+    from lmedit.tracing import AverageEffect, LayerSuggestion
+
+    n = tiny_llama.n_layers
+    effects = np.zeros((6, n))
+    effects[2] = [0.1, 0.2, 0.9, 0.3][:n]  # row 2: the last subject token; peak at layer 2
+    avg = AverageEffect(kind="mlp", window=2, samples=2, effects=effects, scores=effects, counts=[1] * 6,
+                        n_facts=3, n_skipped=0, mean_high=0.5, mean_low=0.1, fact_ids=[0, 1, 2])
+    calls = []
+    monkeypatch.setattr("lmedit.tracing.suggest_layers",
+                        lambda handle, **kw: calls.append(kw) or LayerSuggestion(int(np.argmax(effects[2])), avg))
+    assert get_editor("rome", layers="auto").config_for(tiny_llama).layers == [2]
+    got = get_editor("memit", layers="auto").config_for(tiny_llama).layers
+    assert len(got) == min(5, n) and got == list(range(got[0], got[0] + len(got)))
+    assert 2 in got and len(calls) == 2
+    with pytest.raises(ConfigError):
+        get_editor("rome", layers="middle")

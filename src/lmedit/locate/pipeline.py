@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,7 +39,8 @@ REFERENCE_WIDTH = 11008
 class LocateConfig(Config):
     """Fields shared by ROME, MEMIT, EMMET, AlphaEdit and PMET; each method's Config extends it."""
 
-    layers: list[int] | None = option(None, "layers whose W_out is rewritten (None: chosen from the depth)")
+    layers: list[int] | Literal["auto"] | None = option(
+        None, "layers whose W_out is rewritten (None: chosen from the depth; 'auto': the causal-tracing peak)")
     v_num_grad_steps: int = option(25, "Adam steps of the value optimisation")
     v_lr: float = option(0.5, "Adam learning rate of the value optimisation")
     v_weight_decay: float = option(1e-3, "weight of ‖δ‖/‖v₀‖² in the value loss")
@@ -184,9 +185,24 @@ class BatchConfig(LocateConfig):
         None, "λ, weight of the preserved-key term λC (None: 15000·d_ff/11008, scaled with the MLP width)")
 
 
+def auto_layers(handle, count: int, name: str) -> list[int]:
+    """``count`` consecutive layers with the largest causal effect of the MLP at the last subject token
+    (causal tracing on known facts; cached per model, see ``lmedit.tracing.suggest_layers``)."""
+    from ..tracing import suggest_layers
+
+    found = suggest_layers(handle, progress=True)
+    layers = [found.layer] if count == 1 else found.span(min(count, handle.n_layers))
+    log.info("%s: layers=auto -> %s (MLP indirect-effect peak at layer %d over %d known facts)", name, layers,
+             found.layer, found.evidence.n_facts)
+    return layers
+
+
 def resolve_batch(handle, cfg: Any, name: str, center: float = 0.17, count: int = 5,
                   reference: float = REFERENCE_LAMBDA, width: int = REFERENCE_WIDTH) -> Any:
-    """Fill layers (``count`` layers around ``center`` of the depth) and λ (width rule) when not given."""
+    """Fill layers (``count`` layers around ``center`` of the depth, or the tracing peak for 'auto') and λ
+    (width rule) when not given."""
+    if cfg.layers == "auto":
+        cfg = cfg.replace(layers=auto_layers(handle, count, name))
     if cfg.layers is None:
         cfg = cfg.replace(layers=depth_layers(handle, center, count))
         log.info("%s: no preset for %s; editing layers %s (around %.0f%% of the depth)", name, handle.name,

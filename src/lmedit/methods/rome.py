@@ -24,7 +24,14 @@ import torch
 from ..config import ConfigError, option
 from ..hooks import get_module
 from ..locate.keys import compute_keys
-from ..locate.pipeline import LocateConfig, check_layers, templates_for, value_options, weight_delta
+from ..locate.pipeline import (
+    LocateConfig,
+    auto_layers,
+    check_layers,
+    templates_for,
+    value_options,
+    weight_delta,
+)
 from ..locate.solvers import rank_one
 from ..locate.stats import second_moments
 from ..locate.templates import flatten, group_mean
@@ -45,7 +52,7 @@ class ROMEConfig(LocateConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.layers is not None and len(self.layers) != 1:
+        if isinstance(self.layers, list) and len(self.layers) != 1:
             raise ConfigError(f"ROME edits exactly one layer; got layers={self.layers}")
 
 
@@ -72,6 +79,8 @@ class ROME(Editor):
     depth_fraction: ClassVar[float] = 0.15  # SmolLM2 4/29, GPT-J 5/27, Llama-7B 5/31
 
     def resolve(self, handle: Any, cfg: ROMEConfig) -> ROMEConfig:
+        if cfg.layers == "auto":
+            cfg = cfg.replace(layers=auto_layers(handle, 1, self.name))
         if cfg.layers is None:
             cfg = cfg.replace(layers=[depth_layer(handle, self.depth_fraction)])
             log.info("rome: no preset for %s; editing layer %s (%.0f%% of the depth)", handle.name, cfg.layers,
