@@ -12,6 +12,9 @@ Usage::
     with trace_many(model, [p1, p2], stop=True):   # StopForward after the last of them
         ...
 
+    with replayed(model, {"model.layers.0": out, "model.layers.1": out}) as stand_ins:
+        model(**batch)        # layers 0-1 are not run: each returns ``out`` (a frozen prefix, recorded once)
+
 Layer outputs that are tuples (older transformers) or plain tensors (newer ones) are not unwrapped here;
 ``ModelAdapter.hidden``/``with_hidden`` do that in one place.
 """
@@ -44,6 +47,47 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         parent[int(leaf)] = module
     else:
         setattr(parent, leaf, module)
+
+
+class Replay(nn.Module):
+    """Stands in for a frozen module: returns ``output`` whatever it is given.
+
+    Every loop that trains or optimises something above a frozen part of the network (value vectors,
+    FT, patches, meta-training) runs that part once and replays it with these. Attributes it does not
+    have come from the module it replaces (some models read e.g. ``layer.attention_type`` while looping).
+    """
+
+    def __init__(self, original: nn.Module, output: Any = None) -> None:
+        super().__init__()
+        self.output = output
+        object.__setattr__(self, "_original", original)  # an attribute, not a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+@contextlib.contextmanager
+def replayed(model: nn.Module, outputs: dict[str, Any]) -> Iterator[dict[str, Replay]]:
+    """Replace the module at each path by a :class:`Replay` of its output; all are put back on exit.
+
+    Yields the stand-ins by path: set ``.output`` to replay another batch. The caller guarantees the
+    replayed outputs are what the modules would compute (same inputs, nothing below them changed).
+    """
+    originals = {path: get_module(model, path) for path in outputs}
+    stand_ins = {path: Replay(originals[path], out) for path, out in outputs.items()}
+    try:
+        for path, mod in stand_ins.items():
+            set_module(model, path, mod)
+        yield stand_ins
+    finally:
+        for path, mod in originals.items():
+            set_module(model, path, mod)
 
 
 def get_parameter(model: nn.Module, name: str) -> nn.Parameter:

@@ -26,14 +26,14 @@ import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import get_module, set_module
+from ..hooks import get_module, replayed
 from ..metrics.scoring import _has_logit_processing
 from ..types import EditRequest
 from .keys import subject_last
@@ -113,36 +113,9 @@ def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
                     len(flat), seqs)
 
 
-class _Replay(nn.Module):
-    """Stands in for a layer below the edit site: returns that layer's cached output."""
-
-    def __init__(self, original: nn.Module, output: object) -> None:
-        super().__init__()
-        self.output = output
-        object.__setattr__(self, "_original", original)  # not a submodule: attributes only
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return self.output
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
-
-
-@contextlib.contextmanager
-def _replaying(handle, layer: int, output: object) -> Iterator[None]:
-    """Replace layers 0..layer-1 by replays of the cached input of ``layer``; restored on exit."""
-    adapter, model = handle.adapter, handle.model
-    originals = [(adapter.layer(i), get_module(model, adapter.layer(i))) for i in range(layer)]
-    try:
-        for path, mod in originals:
-            set_module(model, path, _Replay(mod, output))
-        yield
-    finally:
-        for path, mod in originals:
-            set_module(model, path, mod)
+def _replaying(handle, layer: int, output: object):
+    """Layers 0..layer-1 replay the cached input of ``layer`` (the output of layer-1); restored on exit."""
+    return replayed(handle.model, {handle.adapter.layer(i): output for i in range(layer)})
 
 
 def _logits(handle, p: _Problem) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..edits import SwapModule
-from ..hooks import get_module, set_module
+from ..hooks import get_module, replayed
 from ..types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -152,17 +152,6 @@ class AddToOutput(SwapModule):
 
 # --- frozen prefix replay -------------------------------------------------------------------------------
 
-class _Replay(nn.Module):
-    """Stands in for a frozen layer: returns the output it produced on the recorded batch."""
-
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output
-
-
 def _detach(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -204,14 +193,8 @@ def frozen_prefix(handle: Any, first_layer: int, inputs: dict[str, torch.Tensor]
     finally:
         for h in hooks:
             h.remove()
-    originals = {p: get_module(model, p) for p in paths}
-    try:
-        for p in paths:
-            set_module(model, p, _Replay(records[p]))
+    with replayed(model, records):
         yield
-    finally:
-        for p, m in originals.items():
-            set_module(model, p, m)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, option
 from ..edits import EditError, WeightDelta
-from ..hooks import get_module, set_module, trace_many
+from ..hooks import get_module, replayed, trace
 from ..metrics.scoring import _logits_at
 from ..models.handle import tensor_digest
 from ..registry import register_editor
@@ -91,18 +91,6 @@ class _Trained:
     w0: torch.Tensor  # [out, in] float32
     dw: torch.Tensor  # [out, in] float32, requires grad
     db: torch.Tensor | None  # [out] float32, requires grad
-
-
-class _Replay(nn.Module):
-    """Stands in for a frozen lower layer: returns that layer's recorded output for the current batch."""
-
-    def __init__(self, outputs: list[Any]) -> None:
-        super().__init__()
-        self.outputs = outputs
-        self.current = 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.outputs[self.current]
 
 
 class _FineTune(Editor):
@@ -205,28 +193,19 @@ def _replayed_lower_layers(handle: Any, batches: list[Batch], first: int) -> Ite
         return
     model, adapter = handle.model, handle.adapter
     paths = [adapter.layer(i) for i in range(first)]
-    recorded: dict[str, list[Any]] = {p: [] for p in paths}
+    recorded = []  # per batch, the output of layer first-1: every stand-in returns it (only the last one's counts)
     with torch.no_grad():
         for batch in batches:
-            with trace_many(model, paths, stop=True) as traces:
+            with trace(model, paths[-1], stop=True) as t:
                 model(**batch.model_inputs(handle.device), use_cache=False)
-            for p in paths:
-                recorded[p].append(traces[p].output)
-    stand_ins = {p: _Replay(recorded[p]) for p in paths}
-    originals: dict[str, nn.Module] = {}
-    try:
-        for p in paths:
-            originals[p] = get_module(model, p)
-            set_module(model, p, stand_ins[p])
+            recorded.append(t.output)
+    with replayed(model, dict.fromkeys(paths, recorded[0])) as stand_ins:
 
         def select(i: int) -> None:
             for m in stand_ins.values():
-                m.current = i
+                m.output = recorded[i]
 
         yield select
-    finally:
-        for p, m in originals.items():
-            set_module(model, p, m)
 
 
 def _objective_loss(handle: Any, batch: Batch, objective: str) -> torch.Tensor:
