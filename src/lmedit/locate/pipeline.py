@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,6 +58,21 @@ class LocateConfig(Config):
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.clamp_norm_factor <= 0:
             raise ConfigError(f"clamp_norm_factor must be > 0, got {self.clamp_norm_factor}")
+
+
+class Phases:
+    """Wall time per named phase of an edit (``with clock("values"): ...``), summed into ``seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def mlp_width(handle, layer: int) -> int:
@@ -142,7 +158,8 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, sites: 
 
 def batch_update(handle, requests: Sequence[EditRequest], layers: Sequence[int], targets: torch.Tensor,
                  site: str, groups: TemplateGroups, solve: Callable, spread_rule: str = "linear",
-                 keys_after: bool = False) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict]:
+                 keys_after: bool = False, clock: Phases | None = None
+                 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict]:
     """The multi-layer loop of the module docstring. targets: Z [B, d] at ``site`` of the last layer.
 
     ``solve(layer, K [d_ff, B], R [d, B]) -> (a, b)``. Returns the factors per layer and info (the
@@ -156,14 +173,17 @@ def batch_update(handle, requests: Sequence[EditRequest], layers: Sequence[int],
     z_point = (site_path(handle.adapter, site, layers[-1]), "output")
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     info: dict[str, Any] = {"residual_norm": []}
+    clock = clock or Phases()
     with temporarily_applied(handle) as add:
         for i, layer in enumerate(layers):
-            k_all, h_all = gather(handle, rows, [(handle.adapter.mlp_out.format(layer), "input"), z_point])
+            with clock("keys"):
+                k_all, h_all = gather(handle, rows, [(handle.adapter.mlp_out.format(layer), "input"), z_point])
             K = torch.stack([group_mean(k, gid) for k in k_all.view(len(requests), n_t, -1)]).T  # [d_ff, B]
             H = h_all.view(len(requests), n_t, -1)[:, 0]  # [B, d]: template 0 is the plain prompt
             R = spread((targets - H).T, len(layers) - i, spread_rule)  # [d, B]
             info["residual_norm"].append(float((targets - H).norm(dim=-1).mean()))
-            a, b = solve(layer, K, R)
+            with clock("solve"):
+                a, b = solve(layer, K, R)
             factors[layer] = (a, b)
             add(layer, a, b)
         if keys_after:
@@ -222,11 +242,16 @@ def memit_family(handle, requests: Sequence[EditRequest], cfg: Any, solve: Calla
     from .stats import second_moments
 
     layers = check_layers(handle, cfg.layers)
-    groups = templates_for(handle, cfg)
-    C = second_moments(handle, layers, tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)
-    values = optimize_values(handle, requests, layers[-1], sites or [site], groups, value_options(cfg))
+    clock = Phases()
+    with clock("templates"):
+        groups = templates_for(handle, cfg)
+    with clock("statistics"):
+        C = second_moments(handle, layers, tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)
+    with clock("values"):
+        values = optimize_values(handle, requests, layers[-1], sites or [site], groups, value_options(cfg))
     Z = torch.stack([v.target(site) for v in values])  # [B, d]
     factors, info = batch_update(handle, requests, layers, Z, site, groups,
-                                 lambda layer, K, R: solve(layer, K, R, C[layer]), spread_rule, keys_after)
-    stats = {"value_loss": [v.losses[-1] for v in values], "residual_norm": info["residual_norm"]}
+                                 lambda layer, K, R: solve(layer, K, R, C[layer]), spread_rule, keys_after, clock)
+    stats = {"value_loss": [v.losses[-1] for v in values], "residual_norm": info["residual_norm"],
+             "seconds": clock.seconds}
     return weight_delta(handle, factors, stats), info

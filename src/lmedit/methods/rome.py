@@ -26,6 +26,7 @@ from ..hooks import get_module
 from ..locate.keys import compute_keys
 from ..locate.pipeline import (
     LocateConfig,
+    Phases,
     auto_layers,
     check_layers,
     templates_for,
@@ -90,20 +91,28 @@ class ROME(Editor):
     def _compute(self, handle: Any, requests: list, cfg: ROMEConfig) -> Any:
         (req,) = requests
         (layer,) = check_layers(handle, cfg.layers)
-        groups = templates_for(handle, cfg)
-        keys = compute_keys(handle, [req], [layer], groups)[layer][0].double()  # [templates, d_ff]
+        clock = Phases()
+        with clock("templates"):
+            groups = templates_for(handle, cfg)
+        with clock("keys"):
+            keys = compute_keys(handle, [req], [layer], groups)[layer][0].double()  # [templates, d_ff]
         k_bar, k_p = group_mean(keys, flatten(groups)[1]), keys[0]
-        C = second_moments(handle, [layer], tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)[layer] \
-            if cfg.mom2_adjustment else None
-        value = optimize_value(handle, req, layer, ["mlp"], groups, value_options(cfg))
-        v_star = value.target("mlp").double()  # [d]
-        k_u, k_den = {"consistent": (k_bar, k_bar), "original": (k_bar, k_p), "prompt": (k_p, k_p)}[cfg.key_mode]
-        residual = v_star - self._output(handle, layer, k_den)  # v* − (W k + b)
-        a, b, division = rank_one(k_u, k_den, residual, C, cfg.min_division)
+        with clock("statistics"):
+            C = second_moments(handle, [layer], tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)[layer] \
+                if cfg.mom2_adjustment else None
+        with clock("values"):
+            value = optimize_value(handle, req, layer, ["mlp"], groups, value_options(cfg))
+        with clock("solve"):
+            v_star = value.target("mlp").double()  # [d]
+            k_u, k_den = {"consistent": (k_bar, k_bar), "original": (k_bar, k_p),
+                          "prompt": (k_p, k_p)}[cfg.key_mode]
+            residual = v_star - self._output(handle, layer, k_den)  # v* − (W k + b)
+            a, b, division = rank_one(k_u, k_den, residual, C, cfg.min_division)
         log.info("rome: layer %d, value loss %.3f -> %.3f, division factor %.3g", layer, value.losses[0],
                  value.losses[-1], division)
         return weight_delta(handle, {layer: (a, b)}, {
             "division_factor": division, "value_loss": value.losses, "delta_norm": float(value.delta["mlp"].norm()),
+            "seconds": clock.seconds,
         })
 
     @staticmethod
