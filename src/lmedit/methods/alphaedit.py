@@ -19,7 +19,7 @@ import torch
 
 from ..config import ConfigError, option
 from ..hooks import get_parameter
-from ..locate.pipeline import LocateConfig, memit_family, param_name, resolve_batch
+from ..locate.pipeline import SMOLLM2_VALUE_STEPS, LocateConfig, memit_family, param_name, resolve_batch
 from ..locate.solvers import null_space_update, nullspace_projector
 from ..locate.stats import corpus_files, corpus_hash, disk_cached
 from ..models.handle import tensor_digest
@@ -47,7 +47,7 @@ class AlphaEdit(Editor):
     Config = AlphaEditConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},
+        "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "clamp_norm_factor": 0.75, "v_num_grad_steps": 20,
                     "v_weight_decay": 0.5},
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "clamp_norm_factor": 0.75, "v_weight_decay": 0.5},

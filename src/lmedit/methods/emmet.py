@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..config import option
-from ..locate.pipeline import BatchConfig, memit_family, resolve_batch
+from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import equality_constrained
 from ..registry import register_editor
 from .base import Capabilities, Editor
@@ -33,7 +33,7 @@ class EMMET(Editor):
     Config = EMMETConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "smollm2-135m": {"layers": [4]},
+        "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [17], "mom2_update_weight": 10000, "clamp_norm_factor": 0.75,
                     "v_num_grad_steps": 20, "v_weight_decay": 0.5},
         "llama-7b": {"layers": [5], "mom2_update_weight": 100000},

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..locate.pipeline import BatchConfig, memit_family, resolve_batch
+from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import least_squares
 from ..registry import register_editor
 from .base import Capabilities, Editor
@@ -32,7 +32,7 @@ class MEMIT(Editor):
     Config = MEMITConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},
+        "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000, "clamp_norm_factor": 0.75,
                     "v_num_grad_steps": 20, "v_weight_decay": 0.5},
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000, "clamp_norm_factor": 0.75,

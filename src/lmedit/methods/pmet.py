@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..config import option
-from ..locate.pipeline import BatchConfig, memit_family, resolve_batch
+from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import least_squares
 from ..registry import register_editor
 from .base import Capabilities, Editor
@@ -33,7 +33,7 @@ class PMET(Editor):
     Config = PMETConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},
+        "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000, "clamp_norm_factor": 0.75,
                      "v_num_grad_steps": 30, "v_lr": 0.2, "kl_factor": 1.0},
         "llama-7b": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 15000, "v_num_grad_steps": 20},
