@@ -236,4 +236,6 @@ def answer_batch(handle: Any, prompts: list[str], targets: list[str]) -> AnswerB
 
 def answer_logits(handle: Any, ab: AnswerBatch) -> torch.Tensor:
     """Logits [n, vocab] (float32) at the answer-token predictions of ``ab``."""
-    return handle.model(**ab.inputs, use_cache=False).logits[ab.rows, ab.cols].float()
+    from ..metrics.scoring import logits_at
+
+    return logits_at(handle, {**ab.inputs, "use_cache": False}, ab.rows, ab.cols).float()

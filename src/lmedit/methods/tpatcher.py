@@ -110,10 +110,11 @@ class Patches(AddToOutput):
         self.scale: torch.Tensor | None = None
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.shift is not None:
-            x = (x - self.shift) / self.scale
-        return x @ self.key.float().T + self.bias.float()  # [..., n]
+        key, bias = self.key.float(), self.bias.float()  # [n, d], [n]
+        if self.shift is not None:  # ((x − μ)/σ)·k + b, without materialising the standardised x
+            key = key / self.scale
+            bias = bias - key @ self.shift
+        return x.float() @ key.T + bias  # [..., n]
 
     def standardise(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
         """Read the key in x̃ = (x − shift)/scale coordinates until ``fold``."""

@@ -80,8 +80,12 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
 
 def _logits_at(handle, batch, rows: list[int], cols: list[int]) -> torch.Tensor:
     """Logits at the given (row, position) pairs only: the unembedding runs on those positions alone."""
+    return logits_at(handle, batch.model_inputs(handle.device), rows, cols)
+
+
+def logits_at(handle, inputs: dict, rows, cols) -> torch.Tensor:
+    """``_logits_at`` for ready model inputs (any extra keyword, e.g. ``use_cache``, is passed on)."""
     model = handle.model
-    inputs = batch.model_inputs(handle.device)
     if handle.is_encoder_decoder:
         return model(**inputs).logits[rows, cols]
     body = getattr(model, model.base_model_prefix, None)
