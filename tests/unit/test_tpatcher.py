@@ -130,3 +130,14 @@ def test_memory_loss_keeps_patch_quieter_on_text_than_on_edit(tiny_llama, reques
     mem = ffn_input_memory(tiny_llama, info, TPatcherConfig(**{k: cfg[k] for k in ("memory_size", "memory_chunk")}))
     z_mem = module.pre(mem)[:, 0]
     assert (z_mem < 0).float().mean() > 0.9
+
+
+def test_margin_exp_is_finite_and_continuous():
+    from lmedit.methods.tpatcher import _exp
+
+    x = torch.tensor([-3.0, 0.0, 19.999, 20.0, 20.001, 500.0], requires_grad=True)
+    y = _exp(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:4], torch.exp(x[:4]).detach())
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[-1] > 0  # still pushes back when far past the margin
