@@ -69,7 +69,7 @@ def run_method(handle, cases, method: str, batch: bool = False, **overrides) -> 
 
 
 def write(stats: dict | None, rows: list[dict], n: int) -> None:
-    lines = ["# Locate-then-edit speed and quality (SmolLM2-135M, CPU)", "",
+    lines = ["# Edit speed and quality (SmolLM2-135M, CPU)", "",
              f"`python benchmarks/edit_speed.py` on {platform.machine()} with {torch.get_num_threads()} threads "
              "(shared machine: timings vary with load).", ""]
     if stats:

@@ -36,8 +36,8 @@ REFERENCE_LAMBDA = 15000.0
 REFERENCE_WIDTH = 11008
 
 # Adam steps of the value optimisation in the SmolLM2 presets. 25 (the Llama presets' number) leaves long
-# targets unfitted: MEMIT on the first 31 ZsRE eval cases ended a third of them at value loss 0.5-2.8 and
-# scored rel/gen 86/67; ROME on 20 cases went from 71.5/61.8 (25 steps) to 93.7/79.2 (50). Early stopping
+# targets unfitted: MEMIT on the first 32 ZsRE eval cases ended 14 of them at value loss 0.5-2.8 and scored
+# rel/gen 86/68 (97/83 with 50); ROME on 20 cases went from 71.5/61.8 (25 steps) to 93.7/79.2. Early stopping
 # (loss < 0.05) keeps easy edits short.
 SMOLLM2_VALUE_STEPS = 50
 
