@@ -175,16 +175,7 @@ class _Suffix:
     @torch.no_grad()
     def record_below(self) -> torch.Tensor:
         """One clean pass (δ is added at ℓ, above what it records) that keeps the output of layer ℓ-1."""
-        if self.layer == 0:
-            return self.logits()
-        got: dict[str, object] = {}
-        hook = get_module(self.handle.model, self.handle.adapter.layer(self.layer - 1)).register_forward_hook(
-            lambda m, a, out: got.setdefault("out", _detach(self.handle.adapter, out)))
-        try:
-            logits = self.logits()
-        finally:
-            hook.remove()
-        self.below = got["out"]
+        logits, self.below = _with_input_of(self.handle, self.layer, self.logits)
         return logits
 
 
@@ -269,16 +260,20 @@ def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str
 
 def _clean_pass(handle, p: _Problem, layer: int) -> tuple[torch.Tensor, object]:
     """Step 0 on the full rows; also captures the input of layer ℓ (the output of layer ℓ-1)."""
-    below: dict[str, object] = {}
-    grab = None
-    if layer > 0:
-        grab = get_module(handle.model, handle.adapter.layer(layer - 1)).register_forward_hook(
-            lambda m, a, out: below.setdefault("out", _detach(handle.adapter, out)))
+    return _with_input_of(handle, layer, lambda: _logits(handle, p))
+
+
+def _with_input_of(handle, layer: int, forward) -> tuple[torch.Tensor, object]:
+    """``forward()``'s result and what entered layer ``layer`` meanwhile (detached; None for layer 0)."""
+    if layer == 0:
+        return forward(), None
+    got: dict[str, object] = {}
+    hook = get_module(handle.model, handle.adapter.layer(layer - 1)).register_forward_hook(
+        lambda m, a, out: got.setdefault("out", _detach(handle.adapter, out)))
     try:
-        return _logits(handle, p), below.get("out")
+        return forward(), got["out"]
     finally:
-        if grab is not None:
-            grab.remove()
+        hook.remove()
 
 
 def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int):
