@@ -289,16 +289,16 @@ class TPatcher(Editor):
         x = t.input[rows, cols].float()  # [n_act, d]
         h = ((x - patch.shift) / patch.scale).mean(0)  # h̃ [d]
         k = h / h.pow(2).sum()  # z̃(h̃) = 1
-        ratio = float(((memory - patch.shift) / patch.scale @ k).max())  # the most edit-like memory row
+        patch.key.copy_(k[None])
+        patch.bias.zero_()
+        ratio = float(patch.pre(memory).max())  # z̃ of the most edit-like memory row
         z_edit = cfg.margin_act + 3.0  # exp(−3) < stop_act: the activation loss starts satisfied
         z_mem = min(cfg.margin_mem, z_edit - cfg.margin_gap) - 1.0
         if ratio < 1.0:  # separable along h̃: α(1 − ratio) = z_edit − z_mem
             alpha = (z_edit - z_mem) / (1.0 - ratio)
             patch.key.copy_((alpha * k)[None])
             patch.bias.fill_(z_edit - alpha)
-        else:  # an edit input no further out than the memory: start at z = 1 and let training separate
-            patch.key.copy_(k[None])
-            patch.bias.zero_()
+        # else: an edit input no further out than the memory: start at z = 1 and let training separate
         g = torch.Generator().manual_seed(seed)
         e = torch.randn(info.d_model, generator=g)
         patch.value_dir.copy_((e / e.norm())[None])
