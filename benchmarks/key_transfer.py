@@ -62,7 +62,7 @@ def spearman(x: list[float], y: list[float]) -> float:
         return r
     rx, ry = ranks(x), ranks(y)
     mx, my = statistics.mean(rx), statistics.mean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
@@ -99,7 +99,7 @@ def main() -> None:
              f"- Spearman correlation of per-case transfer with generalization: {spearman(ts, gs):.3f}", "",
              "| paraphrase transfer t | cases | mean generalization |", "|---|---:|---:|"]
     for lo, hi in bins:
-        sel = [g for t, g in zip(ts, gs) if lo <= t < hi]
+        sel = [g for t, g in zip(ts, gs, strict=True) if lo <= t < hi]
         label = f"< {hi}" if lo < -1 else (f"≥ {lo}" if hi > 1.5 else f"{lo}–{hi}")
         lines.append(f"| {label} | {len(sel)} | {100 * statistics.mean(sel):.1f} |" if sel else f"| {label} | 0 | – |")
     lines.append(f"| all | {len(gs)} | {100 * statistics.mean(gs):.1f} |")

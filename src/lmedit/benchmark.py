@@ -323,6 +323,11 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A single/batch run over a longer slice whose first cases are the old run's (``--n`` raised on resume)."""
+    ids = old.get("case_ids") or []
+    return new.get("setting") != "sequential" and new["case_ids"][: len(ids)] == ids
+
 def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
     """Create the folder; on resume check that it holds the same run and read its finished cases."""
     out = run.out
@@ -337,6 +342,9 @@ def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
     if (out / RUN_FILE).exists():
         old = json.loads((out / RUN_FILE).read_text())
         diff = sorted(k for k in header if old.get(k) != header[k])
+        if diff == ["case_ids"] and _extends(old, header):
+            log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
+            diff = []
         if diff:
             raise BenchmarkError(f"cannot resume {out}: it was run with different {', '.join(diff)}; use the same "
                                  "method, config, model, data slice and setting, or another folder")

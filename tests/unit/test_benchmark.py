@@ -173,6 +173,22 @@ def test_resume_refuses_other_settings(tiny_llama, tmp_path):
         run_benchmark(ToyEditor(scale=0.1), tiny_llama, cases, out_dir=tmp_path, resume=True)
 
 
+def test_resume_with_more_cases_extends_the_run(tiny_llama, tmp_path):
+    cases = _cases(4)
+    first = run_benchmark(ToyEditor(), tiny_llama, cases[:2], out_dir=tmp_path)
+    editor = ToyEditor()
+    more = run_benchmark(editor, tiny_llama, cases, out_dir=tmp_path, resume=True)
+    assert editor.calls == 2  # only the two new cases
+    assert [r.post for r in more.results[:2]] == [r.post for r in first.results]
+    assert sorted(d["case_id"] for d in _lines(tmp_path)) == [0, 1, 2, 3]
+    with pytest.raises(BenchmarkError, match="case_ids"):  # another slice is not an extension
+        run_benchmark(ToyEditor(), tiny_llama, cases[1:], out_dir=tmp_path, resume=True)
+    seq = tmp_path / "seq"
+    run_benchmark(ToyEditor(), tiny_llama, cases[:2], setting="sequential", out_dir=seq)
+    with pytest.raises(BenchmarkError, match="case_ids"):  # a lifelong run's final scores depend on every edit
+        run_benchmark(ToyEditor(), tiny_llama, cases, setting="sequential", out_dir=seq, resume=True)
+
+
 def test_already_true_is_marked(tiny_llama):
     # make the target the model's own greedy answer, so pre reliability is 1
     prompt = "The capital of France is"
