@@ -46,15 +46,19 @@ def stats_comparison(handle, tokens: int) -> dict:
 
 def run_method(handle, cases, method: str, batch: bool = False, **overrides) -> dict:
     from lmedit import get_editor
+    from lmedit.metrics.efficiency import measure
     from lmedit.metrics.evaluate import evaluate
     from lmedit.metrics.records import TOKEN_ACC
 
     editor = get_editor(method, **overrides)
-    seconds, results, norms, phases = [], [], [], {}
+    seconds, results, norms, phases, extra = [], [], [], {}, []
     groups = [cases] if batch else [[c] for c in cases]
     for group in groups:
-        edit = editor.compute(handle, [c.request for c in group])
+        with measure() as m:
+            edit = editor.compute(handle, [c.request for c in group])
         seconds.append(edit.meta["compute_seconds"])
+        if m.peak_rss_bytes is not None:
+            extra.append(m.peak_rss_bytes - m.rss_start_bytes)
         stats = edit.meta.get("stats", {})
         if stats.get("relative_norm"):
             norms.append(max(stats["relative_norm"].values()))
@@ -65,10 +69,15 @@ def run_method(handle, cases, method: str, batch: bool = False, **overrides) -> 
     scores = {m: 100 * statistics.mean(r.post[m].value for r in results if m in r.post) for m in METRICS}
     return {"method": method, "batch": len(cases) if batch else 1, "median_s": statistics.median(seconds),
             "phases": {k: statistics.median(v) for k, v in phases.items()},
-            "max_rel_norm": max(norms) if norms else float("nan"), **scores, "overrides": overrides}
+            "max_rel_norm": max(norms) if norms else float("nan"), **scores, "overrides": overrides,
+            "extra_rss": max(extra) if extra else None}
 
 
-def write(stats: dict | None, rows: list[dict], n: int) -> None:
+def model_bytes(handle) -> int:
+    return sum(p.numel() * p.element_size() for p in handle.model.parameters())
+
+
+def write(stats: dict | None, rows: list[dict], n: int, memory: dict | None = None) -> None:
     lines = ["# Edit speed and quality (SmolLM2-135M, CPU)", "",
              f"`python benchmarks/edit_speed.py` on {platform.machine()} with {torch.get_num_threads()} threads "
              "(shared machine: timings vary with load).", ""]
@@ -78,18 +87,25 @@ def write(stats: dict | None, rows: list[dict], n: int) -> None:
                   "|---|---|---|---|---|",
                   f"| {stats['tokens']} | {stats['one_pass']:.1f} | {stats['per_layer']:.1f} | "
                   f"{stats['speedup']:.2f}× | {stats['max_rel_diff']:.1e} |", ""]
+    mb = memory["model"] if memory else None
     lines += [f"## Edits: first {n} cases of zsre-train (token accuracy, %)", "",
               "Median seconds of the whole edit, then of its phases where the editor reports them (keys: "
               "template-averaged keys; values: the value optimisation; solve: the closed form; statistics "
-              "are cached before the run and cost ~0 here).", "",
+              "are cached before the run and cost ~0 here). Edit memory: the largest rise of the process's RSS "
+              "above its level when an edit started (the edit's own working memory), as a multiple of the "
+              "model's weights" + (f" ({mb / 2**20:.0f} MB; process RSS {memory['before'] / 2**20:.0f} MB before "
+                                   f"loading the model, {memory['loaded'] / 2**20:.0f} MB after)" if memory else "")
+              + ".", "",
               "| method | batch | median compute s | keys / values / solve s | reliability | generalization | "
-              "locality | max ‖ΔW‖/‖W‖ | overrides |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "locality | edit memory (× model) | max ‖ΔW‖/‖W‖ | overrides |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ph = r.get("phases", {})
         split = " / ".join(f"{ph[k]:.2f}" for k in ("keys", "values", "solve")) if "values" in ph else "–"
+        mem = f"{r['extra_rss'] / 2**20:.0f} MB ({r['extra_rss'] / mb:.2f}×)" if mb and r.get("extra_rss") is not None \
+            else "–"
         lines.append(f"| {r['method']} | {r['batch']} | {r['median_s']:.1f} | {split} | {r['reliability']:.1f} | "
-                     f"{r['generalization']:.1f} | {r['locality']:.1f} | {r['max_rel_norm']:.3g} | "
+                     f"{r['generalization']:.1f} | {r['locality']:.1f} | {mem} | {r['max_rel_norm']:.3g} | "
                      f"{r['overrides'] or ''} |")
     lines += ["", f"EasyEdit reference on this machine: ROME {EASYEDIT['rome_seconds']:.0f} s per edit; MEMIT "
               f"rel/gen/loc {EASYEDIT['memit_lambda_15000']} with λ=15000 and {EASYEDIT['memit_lambda_2100']} "
@@ -114,8 +130,11 @@ def main() -> None:
     from lmedit import get_editor
     from lmedit.data import load_dataset
     from lmedit.locate.stats import collect_stats
+    from lmedit.metrics.efficiency import current_rss
 
+    before = current_rss()
     handle = lmedit.load_model("smollm2-135m")
+    memory = {"before": before, "loaded": current_rss(), "model": model_bytes(handle)} if before else None
     collect_stats(handle, LAYERS, tokens=100_000)  # the editors' default statistics, cached once
     cases = load_dataset("zsre-train", n=args.cases)
     rows, stats = [], None
@@ -126,12 +145,12 @@ def main() -> None:
             rows.append(run_method(handle, cases, method, batch=True))
             print(rows[-1], flush=True)
         if not args.no_write:
-            write(stats, rows, args.cases)
+            write(stats, rows, args.cases, memory)
     if not args.skip_stats:
         stats = stats_comparison(handle, args.stats_tokens)
         print(stats, flush=True)
     if not args.no_write:
-        write(stats, rows, args.cases)
+        write(stats, rows, args.cases, memory)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmedit.edits import WeightDelta
-from lmedit.metrics.efficiency import _rss_reader, measure
+from lmedit.metrics.efficiency import _rss_reader, current_rss, measure
 from lmedit.metrics.evaluate import baseline, evaluate, score_cases
 from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC
 from lmedit.metrics.scoring import TargetScore, score_targets
@@ -186,6 +186,7 @@ def test_measure_time_and_memory():
         block.close()  # unmapped before the block ends: only the sampled peak can see it
     assert m.seconds >= 0.05
     assert m.peak_rss_bytes - rss0 >= 60 * 2**20
+    assert abs(m.rss_start_bytes - rss0) < 16 * 2**20 and m.peak_rss_bytes - m.rss_start_bytes >= 60 * 2**20
     assert m.rss_delta_bytes < 32 * 2**20
     assert m.rss_samples >= 3
     if not torch.cuda.is_available():
@@ -193,3 +194,4 @@ def test_measure_time_and_memory():
     with measure() as quiet:
         pass
     assert quiet.seconds < m.seconds
+    assert abs(current_rss() - read()) < 16 * 2**20

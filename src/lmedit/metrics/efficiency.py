@@ -35,6 +35,7 @@ class Measurement:
     seconds: float = 0.0
     peak_rss_bytes: int | None = None  # max RSS during the block (see the module docstring)
     rss_delta_bytes: int | None = None  # RSS after minus RSS before
+    rss_start_bytes: int | None = None  # RSS when the block started (peak minus this: the block's own working memory)
     cuda_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated during the block
     cuda_start_bytes: int | None = None  # torch.cuda.memory_allocated when the block started
     rss_samples: int = 0  # how many background samples were taken
@@ -65,6 +66,12 @@ def _maxrss_bytes() -> int:
     # ru_maxrss is in KiB on Linux, in bytes on macOS
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def current_rss() -> int | None:
+    """The process's resident set size now, in bytes (None where it cannot be read)."""
+    read = _rss_reader()
+    return read() if read else None
 
 
 class _Sampler(threading.Thread):
@@ -107,7 +114,7 @@ def measure(interval: float = 0.005) -> Iterator[Measurement]:
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
         m.cuda_start_bytes = int(cuda.memory_allocated())
-    rss0 = read() if read else None
+    rss0 = m.rss_start_bytes = read() if read else None
     maxrss0 = _maxrss_bytes()
     sampler = _Sampler(read, interval) if read else None
     if sampler:
