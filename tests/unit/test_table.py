@@ -269,6 +269,11 @@ def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_pa
     assert t.cells[0].status == "ok", t.cells[0].reason
     assert t.cells[0].efficiency["one_off:training_seconds"] == 7.5
     assert "7.500 (training 7.500)" in (tmp_path / "fit" / "efficiency.md").read_text()
+    # a checkpoint trained on one dataset serves only that dataset's cells
+    t = _table(model_dir, tmp_path / "fit-zsre", methods=TOY_FIT, checkpoints={f"{TOY_FIT}@zsre": str(ckpt)})
+    assert t.cells[0].spec.dataset == "zsre" and t.cells[0].status == "ok", t.cells[0].reason
+    t = _table(model_dir, tmp_path / "fit-cf", methods=TOY_FIT, checkpoints={f"{TOY_FIT}@counterfact": str(ckpt)})
+    assert t.cells[0].status == "skipped"
     names, missing = resolve_methods("paper")
     assert len(names) == 10 and all("registered" in r for r in missing.values())
 

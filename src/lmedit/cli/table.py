@@ -38,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="ray: actors (and CPUs of the local cluster)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 per ray worker)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed set at the start of every cell")
-    p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
-                   help="trained editor (an `lmedit train --out` folder) for a method that needs training; default "
-                        "runs/METHOD when it exists (repeatable)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD[@DATASET]=DIR",
+                   help="trained editor (an `lmedit train --out` folder) for a method that needs training; "
+                        "METHOD@DATASET=DIR for that dataset's cells only (e.g. mend@counterfact=runs/mend-cf); "
+                        "default runs/METHOD when it exists (repeatable)")
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
@@ -89,7 +90,8 @@ def _checkpoints(items: list[str]) -> dict[str, str]:
     for item in items:
         method, sep, path = item.partition("=")
         if not sep or not method.strip() or not path.strip():
-            raise ValueError(f"--checkpoint {item!r}: write it as METHOD=DIR, e.g. --checkpoint mend=ckpt/mend")
+            raise ValueError(f"--checkpoint {item!r}: write it as METHOD=DIR or METHOD@DATASET=DIR, e.g. "
+                             "--checkpoint mend=ckpt/mend")
         out[method.strip()] = path.strip()
     return out
 

@@ -101,7 +101,9 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
 
     overrides = spec.config_overrides()
     if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
-        ckpt = (checkpoints or {}).get(spec.method) or DEFAULT_CHECKPOINT.format(method=spec.method)
+        ckpts = checkpoints or {}  # "method@dataset" (trained on that dataset) wins over "method"
+        ckpt = ckpts.get(f"{spec.method}@{spec.dataset}") or ckpts.get(spec.method) \
+            or DEFAULT_CHECKPOINT.format(method=spec.method)
         if not Path(ckpt).is_dir():
             raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
         overrides["checkpoint"] = ckpt
