@@ -1,0 +1,89 @@
+"""Why does sequential T-Patcher lose earlier edits? Count the patches that fire on other edits' inputs.
+
+Reads a finished sequential run (``lmedit bench --method t-patcher --setting sequential ...``), re-applies
+its saved edits in order, and for every edit's prompt (teacher forced with its target) records which patch
+neurons fire (pre-activation > 0 at any answer-predicting position). A patch is meant to fire on its own
+edit only: every *other* patch that fires adds its value vector to this edit's answer.
+
+    python benchmarks/tpatcher_crosstalk.py --run runs/tpatcher-zsre-seq100 [--out benchmarks/results/tpatcher_crosstalk.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from lmedit.data import load_dataset
+from lmedit.edits import Edit
+from lmedit.methods.tpatcher import Patches
+from lmedit.models.loading import load_model
+
+
+def crosstalk(handle, run: Path, dataset: str) -> dict:
+    header = json.loads((run / "run.json").read_text())
+    chunks = sorted((p for p in (run / "edits").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    metas = [json.loads((p / "chunk.json").read_text()) for p in chunks]
+    if any(m.get("error") for m in metas):
+        raise SystemExit(f"{run}: a chunk failed; crosstalk needs every edit applied")
+    n = max(int(c) for m in metas for c in m["case_ids"]) + 1
+    cases = {c.case_id: c for c in load_dataset(dataset, n=n)}
+    edits = [Edit.load(p) for p in chunks]
+    applied = [e.apply(handle) for e in edits]
+    try:
+        # model.modules() lists the outermost wrapper (the last edit's) first
+        mods = [m for m in handle.model.modules() if isinstance(m, Patches)][::-1]
+        if len(mods) != len(edits):
+            raise SystemExit(f"expected one patch module per edit, found {len(mods)} for {len(edits)} edits")
+        for m in mods:
+            m.record = True
+        own, others = [], []
+        for k, meta in enumerate(metas):
+            req = cases[meta["case_ids"][0]].request
+            ids = handle.tokens.prompt_ids(req.text)
+            tgt = handle.tokens.target_ids(req.text, req.target_new)
+            with torch.no_grad():
+                handle.model(torch.tensor([ids + tgt[:-1]], device=handle.device))
+            fires = [bool((m.last_z[0, len(ids) - 1:] > 0).any()) for m in mods]
+            own.append(fires[k])
+            others.append(sum(fires) - fires[k])
+        for m in mods:
+            m.record, m.last_z = False, None
+    finally:
+        for e in reversed(applied):
+            e.revert(handle)
+    return {"method": header["method"], "config": header["config"], "edits": len(edits),
+            "neurons": sum(m._cfg["n"] for m in mods), "own_fires": sum(own), "others_mean": statistics.mean(others),
+            "others_median": statistics.median(others), "others_max": max(others),
+            "none": sum(o == 0 for o in others)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="append", required=True, help="sequential T-Patcher run folder (repeatable)")
+    ap.add_argument("--dataset", default="zsre")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default="benchmarks/results/tpatcher_crosstalk.md")
+    args = ap.parse_args()
+    handle = load_model(args.model)
+    lines = ["# T-Patcher crosstalk after sequential editing", "",
+             f"`python benchmarks/tpatcher_crosstalk.py {' '.join('--run ' + r for r in args.run)}`: for every edit's "
+             "prompt, the patches of *other* edits whose neuron fires (pre-activation > 0 at an answer position).",
+             "", "| run | memory corpus | edits (neurons) | own patch fires | other patches firing: mean / median / max |"
+             " edits with no other patch firing |", "|---|---|---|---:|---|---:|"]
+    for run in args.run:
+        r = crosstalk(handle, Path(run), args.dataset)
+        corpus = r["config"].get("corpus") or "WikiText (default)"
+        lines.append(f"| `{Path(run).name}` | {corpus} | {r['edits']} ({r['neurons']}) | {r['own_fires']}/{r['edits']} | "
+                     f"{r['others_mean']:.1f} / {r['others_median']:.0f} / {r['others_max']} | {r['none']}/{r['edits']} |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
