@@ -234,6 +234,14 @@ def answer_batch(handle: Any, prompts: list[str], targets: list[str]) -> AnswerB
                        labels)
 
 
+@torch.no_grad()
+def rows_already_answered(handle: Any, ab: AnswerBatch) -> list[bool]:
+    """Per batch row: does the model (as it is now) already predict every answer token, teacher forced?"""
+    hit = answer_logits(handle, ab).argmax(-1) == ab.labels  # [n]
+    n_rows = int(ab.inputs["input_ids"].shape[0])
+    return [bool(hit[ab.rows == r].all()) for r in range(n_rows)]
+
+
 def answer_logits(handle: Any, ab: AnswerBatch) -> torch.Tensor:
     """Logits [n, vocab] (float32) at the answer-token predictions of ``ab``."""
     from ..metrics.scoring import logits_at

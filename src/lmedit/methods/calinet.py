@@ -30,6 +30,7 @@ from ._ffn import (
     ffn_info,
     frozen_prefix,
     prompt_views,
+    rows_already_answered,
     trainable,
 )
 from .base import Capabilities, Editor
@@ -89,12 +90,19 @@ class CaliNet(Editor):
         infos = [ffn_info(handle, int(layer)) for layer in sorted(set(cfg.layers))]
         modules = {i.mlp: CalibratedFFN(i.d_model, cfg.width, i.activation, i.gated, cfg.seed + i.layer)
                    for i in infos}
-        prompts, targets = [], []
+        prompts, targets, first_rows = [], [], []
         for r in requests:
             views = prompt_views(r, cfg.prompt_prefixes)
+            first_rows.append(len(prompts))  # the request's own prompt
             prompts += views
             targets += [r.target_new] * len(views)
         ab = answer_batch(handle, prompts, targets)
+        answered = rows_already_answered(handle, ab)
+        already = []
+        for k, r in enumerate(requests):
+            if answered[first_rows[k]]:
+                log.warning("calinet: %r already predicts %r; calibrating anyway", r.text, r.target_new)
+                already.append(r.case_id if r.case_id is not None else k)
         edit = ModuleSwap(modules)
         sides = [m.side for m in modules.values()]
         losses = []
@@ -110,7 +118,7 @@ class CaliNet(Editor):
                 opt.step()
         log.info("calinet: %d step(s), answer NLL %.3f -> %.3f", len(losses), losses[0], losses[-1])
         stats = {"steps": len(losses), "nll_first": losses[0], "nll_last": losses[-1],
-                 "layers": [i.layer for i in infos]}
+                 "layers": [i.layer for i in infos], "already_true": already}
         for m in modules.values():
             m.to(handle.dtype)  # trained in float32, stored like the model
         return ModuleSwap(modules, meta={"stats": stats})

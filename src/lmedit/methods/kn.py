@@ -222,7 +222,7 @@ class KN(Editor):
         acts, old_ids = first
         t_ids = handle.tokens.target_ids(req.text, req.target_new)
         if old_ids == t_ids:
-            log.info("kn: %r already predicts %r; editing anyway", req.text, req.target_new)
+            log.warning("kn: %r already predicts %r; editing anyway", req.text, req.target_new)
         chosen = select_neurons(attrs, cfg)
         log.info("kn: %d neuron(s) chosen: %s", len(chosen), [(infos[r].layer, i) for r, i, _ in chosen])
         return self._delta(handle, infos, chosen, acts, t_ids, old_ids, cfg)
@@ -260,5 +260,5 @@ class KN(Editor):
             digests[name] = tensor_digest(p)
             rel[name] = float(delta.norm() * c.norm() / p.detach().float().norm())
         stats = {"relative_norm": rel, "neurons": [[infos[r].layer, i, a] for r, i, a in chosen],
-                 "old_answer_ids": old_ids, "target_ids": t_ids}
+                 "old_answer_ids": old_ids, "target_ids": t_ids, "already_true": old_ids == t_ids}
         return WeightDelta(deltas, digests, meta={"stats": stats})

@@ -54,6 +54,7 @@ from ._ffn import (
     ffn_info,
     frozen_prefix,
     prompt_views,
+    rows_already_answered,
     trainable,
 )
 from .base import Capabilities, Editor
@@ -255,6 +256,9 @@ class TPatcher(Editor):
         memory = ffn_input_memory(handle, info, cfg)  # [M, d]
         views = prompt_views(req, cfg.prompt_prefixes)
         ab = answer_batch(handle, views, [req.target_new] * len(views))
+        already = rows_already_answered(handle, ab)[0]  # row 0: the request's own prompt
+        if already:
+            log.warning("t-patcher: %r already predicts %r; patching anyway", req.text, req.target_new)
         act_rows, act_cols = ab.rows, ab.cols
         if cfg.act_positions == "last_prompt":  # the first prediction of each row
             first = torch.ones_like(ab.rows, dtype=torch.bool)
@@ -275,7 +279,7 @@ class TPatcher(Editor):
                 if held:
                     break
         log.info("t-patcher: %d patch(es), steps %s, edit %s", len(parts), history, "holds" if held else "fails")
-        stats = {"patches": len(parts), "steps": history, "held": held, "layer": info.layer}
+        stats = {"patches": len(parts), "steps": history, "held": held, "layer": info.layer, "already_true": already}
         merged = Patches.concat(parts).to(handle.dtype)  # trained in float32, stored like the model
         return ModuleSwap({info.mlp: merged}, meta={"stats": stats})
 
