@@ -1,4 +1,4 @@
-"""Why does sequential T-Patcher lose earlier edits? Count the patches that fire on other edits' inputs.
+"""Where does T-Patcher's patch fire? On other edits' inputs (sequential runs) and on paraphrases (single edits).
 
 Reads a finished sequential run (``lmedit bench --method t-patcher --setting sequential ...``), re-applies
 its saved edits in order, and for every edit's prompt (teacher forced with its target) records which patch
@@ -6,6 +6,10 @@ neurons fire (pre-activation > 0 at any answer-predicting position). A patch is 
 edit only: every *other* patch that fires adds its value vector to this edit's answer.
 
     python benchmarks/tpatcher_crosstalk.py --run runs/tpatcher-zsre-seq100 [--out benchmarks/results/tpatcher_crosstalk.md]
+
+With ``--paraphrases N`` it also makes N single edits on ``--paraphrase-dataset`` and reports whether each edit's patch
+fires on the case's paraphrases (pre-activation > 0 at every answer position), which is what
+generalization needs.
 """
 
 from __future__ import annotations
@@ -61,9 +65,36 @@ def crosstalk(handle, run: Path, dataset: str) -> dict:
             "none": sum(o == 0 for o in others)}
 
 
+def paraphrase_firing(handle, dataset: str, n: int) -> dict:
+    from lmedit import get_editor
+
+    editor = get_editor("t-patcher")
+    own, para, total = 0, 0, 0
+    for case in load_dataset(dataset, n=n):
+        req = case.request
+        edit = editor.compute(handle, [req])
+        with edit.applied(handle):
+            (patches,) = [m for m in handle.model.modules() if isinstance(m, Patches)]
+            patches.record = True
+            fired = []
+            for prompt in (req.text, *case.paraphrases):
+                ids = handle.tokens.prompt_ids(prompt)
+                tgt = handle.tokens.target_ids(prompt, req.target_new)
+                with torch.no_grad():
+                    handle.model(torch.tensor([ids + tgt[:-1]], device=handle.device))
+                fired.append(bool((patches.last_z[0, len(ids) - 1:].max(-1).values > 0).all()))
+            patches.record, patches.last_z = False, None
+        own += fired[0]
+        para += sum(fired[1:])
+        total += len(fired) - 1
+    return {"cases": n, "own": own, "para": para, "total": total}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="sequential T-Patcher run folder (repeatable)")
+    ap.add_argument("--run", action="append", default=[], help="sequential T-Patcher run folder (repeatable)")
+    ap.add_argument("--paraphrases", type=int, default=0, metavar="N", help="also N single edits: fires on paraphrases?")
+    ap.add_argument("--paraphrase-dataset", default="counterfact", help="dataset of the --paraphrases edits")
     ap.add_argument("--dataset", default="zsre")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="benchmarks/results/tpatcher_crosstalk.md")
@@ -79,6 +110,11 @@ def main() -> None:
         corpus = r["config"].get("corpus") or "WikiText (default)"
         lines.append(f"| `{Path(run).name}` | {corpus} | {r['edits']} ({r['neurons']}) | {r['own_fires']}/{r['edits']} | "
                      f"{r['others_mean']:.1f} / {r['others_median']:.0f} / {r['others_max']} | {r['none']}/{r['edits']} |")
+    if args.paraphrases:
+        r = paraphrase_firing(handle, args.paraphrase_dataset, args.paraphrases)
+        lines += ["", f"Single edits, first {r['cases']} {args.paraphrase_dataset} cases (`--paraphrases {r['cases']} "
+                  f"--paraphrase-dataset {args.paraphrase_dataset}`): the patch fires at every answer position of its own prompt in {r['own']}/"
+                  f"{r['cases']} edits and of a paraphrase in {r['para']}/{r['total']} paraphrases."]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
