@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import write_report
 
 from lmedit.data import load_dataset
 from lmedit.locate.keys import compute_keys, gather, subject_last
@@ -103,10 +104,7 @@ def main() -> None:
         label = f"< {hi}" if lo < -1 else (f"≥ {lo}" if hi > 1.5 else f"{lo}–{hi}")
         lines.append(f"| {label} | {len(sel)} | {100 * statistics.mean(sel):.1f} |" if sel else f"| {label} | 0 | – |")
     lines.append(f"| all | {len(gs)} | {100 * statistics.mean(gs):.1f} |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

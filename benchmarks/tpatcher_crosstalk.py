@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from _report import write_report
 
 from lmedit.data import load_dataset
 from lmedit.edits import Edit
@@ -126,10 +127,7 @@ def main() -> None:
                   f"--paraphrase-dataset {args.paraphrase_dataset}`): the patch fires at every answer position of its own prompt in {r['own']}/"
                   f"{r['cases']} edits and of a paraphrase in {r['para']}/{r['total']} paraphrases; the paraphrase's mean "
                   f"pre-activation is a median {r['ratio']:.2f}× the edit prompt's."]
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":
