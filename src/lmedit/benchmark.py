@@ -324,9 +324,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A single/batch run over a longer slice whose first cases are the old run's (``--n`` raised on resume)."""
+    """A single/batch run over a longer slice whose first cases are the old run's (``--n`` raised on resume).
+
+    Sequential runs never extend (their final scores depend on every edit), nor batch runs whose last old
+    chunk was partial (the longer slice would chunk those cases differently).
+    """
     ids = old.get("case_ids") or []
-    return new.get("setting") != "sequential" and new["case_ids"][: len(ids)] == ids
+    whole_chunks = new.get("setting") == "single" or (
+        new.get("setting") == "batch" and len(ids) % max(1, int(new.get("batch_size") or 1)) == 0)
+    return whole_chunks and new["case_ids"][: len(ids)] == ids
+
 
 def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
     """Create the folder; on resume check that it holds the same run and read its finished cases."""

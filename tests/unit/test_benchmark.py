@@ -183,6 +183,15 @@ def test_resume_with_more_cases_extends_the_run(tiny_llama, tmp_path):
     assert sorted(d["case_id"] for d in _lines(tmp_path)) == [0, 1, 2, 3]
     with pytest.raises(BenchmarkError, match="case_ids"):  # another slice is not an extension
         run_benchmark(ToyEditor(), tiny_llama, cases[1:], out_dir=tmp_path, resume=True)
+    part = tmp_path / "batch"  # a batch run whose last chunk was partial would chunk differently: refused
+    run_benchmark(ToyEditor(), tiny_llama, cases[:3], setting="batch", batch_size=2, out_dir=part)
+    with pytest.raises(BenchmarkError, match="case_ids"):
+        run_benchmark(ToyEditor(), tiny_llama, cases, setting="batch", batch_size=2, out_dir=part, resume=True)
+    whole = tmp_path / "batch-whole"  # whole chunks extend
+    run_benchmark(ToyEditor(), tiny_llama, cases[:2], setting="batch", batch_size=2, out_dir=whole)
+    editor = ToyEditor()
+    run_benchmark(editor, tiny_llama, cases, setting="batch", batch_size=2, out_dir=whole, resume=True)
+    assert editor.calls == 1
     seq = tmp_path / "seq"
     run_benchmark(ToyEditor(), tiny_llama, cases[:2], setting="sequential", out_dir=seq)
     with pytest.raises(BenchmarkError, match="case_ids"):  # a lifelong run's final scores depend on every edit
