@@ -39,7 +39,7 @@ def crosstalk(handle, run: Path, dataset: str, first: int | None = None) -> dict
     cases = {c.case_id: c for c in load_dataset(dataset, n=n)}
     edits = [Edit.load(p) for p in chunks]
     held = sum(bool(e.meta.get("stats", {}).get("held")) for e in edits)  # the edit held when it was made
-    seconds = statistics.median(m["efficiency"]["seconds"] for m in metas[: len(edits)])
+    seconds = statistics.median(m["efficiency"]["seconds"] for m in metas)
     applied = [e.apply(handle) for e in edits]
     try:
         # model.modules() lists the outermost wrapper (the last edit's) first
