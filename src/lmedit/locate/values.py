@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import get_module, replayed
-from ..metrics.scoring import _has_logit_processing
+from ..metrics.scoring import _has_logit_processing, logits_at
 from ..types import EditRequest
 from .keys import subject_last
 from .templates import TemplateGroups, compose, flatten
@@ -120,16 +120,10 @@ def _replaying(handle, layer: int, output: object):
 
 def _logits(handle, p: _Problem) -> torch.Tensor:
     """Logits [n_positions, vocab] (float32) at the loss positions only."""
-    model = handle.model
     inputs = dict(input_ids=p.ids, attention_mask=p.mask, position_ids=(p.mask.cumsum(-1) - 1).clamp(min=0),
                   use_cache=False)
     inputs = {k: (v.to(handle.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    body = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings()
-    if body is None or head is None or _has_logit_processing(model):
-        return model(**inputs).logits[p.rows, p.cols].float()
-    hidden = body(**inputs).last_hidden_state  # [rows, seq, d]
-    return head(hidden[p.rows, p.cols]).float()  # [n_positions, vocab]
+    return logits_at(handle, inputs, p.rows, p.cols).float()
 
 
 class _Suffix:
