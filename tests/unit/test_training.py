@@ -117,6 +117,54 @@ def test_early_stop_on_plateau(tmp_path):
     assert res.stopped_early and res.steps_done == 15  # best at 5, no improvement at 10 and 15
 
 
+class Constrained(Toy):
+    """The toy with a constraint (KL <= 0.1, as KE's m_KL) that only the 2nd and 3rd validations keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kls = iter([0.5, 0.05, 0.0, 0.3])
+
+    @torch.no_grad()
+    def val_step(self, batch):
+        return {"loss": float(self._loss(batch)), "loc_kl": self.kl}
+
+    def constraint_violation(self, metrics):
+        return metrics["loc_kl"] - 0.1
+
+
+def test_best_checkpoint_keeps_the_constraint(tmp_path):
+    obj = Constrained()
+    s = TrainSettings(steps=40, batch_size=2, val_every=10, val_batches=1, patience=0, seed=3)
+    tr = Trainer(obj, s, INFO, out=tmp_path)
+    saved = {}
+    real_validate = tr.validate
+
+    def validate(val):  # one KL per validation, and remember the weights each validation saw
+        obj.kl = next(obj.kls)
+        saved[tr.step] = obj.w.detach().clone()
+        return real_validate(val)
+
+    tr.validate = validate
+    train, val = split(examples_from_cases([case(i) for i in range(8)]), 2)
+    res = tr.run(train, val)
+    losses = [h["val_loss"] for h in res.history]
+    assert losses == sorted(losses, reverse=True)  # the loss alone would pick the last, infeasible, step
+    assert [h["violation"] for h in res.history] == pytest.approx([0.4, 0.0, 0.0, 0.2])
+    assert res.best_val == pytest.approx(losses[2])  # the better of the two feasible validations
+    assert torch.equal(obj.w, saved[30])
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 30
+
+
+def test_constraint_ranking_feasible_then_violation_then_loss():
+    tr = Trainer(Toy(), SETTINGS, INFO)
+    assert tr._improves(0.5, 9.0)  # anything beats nothing
+    tr.best_val, tr.best_violation = 9.0, 0.5
+    assert tr._improves(0.2, 10.0) and not tr._improves(0.7, 1.0)  # closer to feasible wins over loss
+    assert tr._improves(0.0, 50.0)  # feasible beats infeasible
+    tr.best_val, tr.best_violation = 5.0, 0.0
+    assert not tr._improves(0.01, 0.1) and tr._improves(0.0, 4.0) and not tr._improves(0.0, 6.0)
+
+
 def test_checkpoint_refuses_other_method_model_and_corruption(tmp_path):
     run_toy(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="method 'toy', not 'mend'"):

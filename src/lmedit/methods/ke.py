@@ -166,6 +166,10 @@ class KEObjective:
         # validation loss without the multiplier, so that a growing λ does not look like a worse editor
         return {"loss": self.cfg.cedit * metrics["edit_nll"] + metrics["loc_kl"], **metrics}
 
+    def constraint_violation(self, metrics: dict[str, float]) -> float:
+        """KE trains under locality KL <= m_KL: the best checkpoint is one that keeps it (see Trainer)."""
+        return metrics["loc_kl"] - self.cfg.kl_margin
+
     @torch.no_grad()
     def edit(self, requests: list[EditRequest], meta: dict[str, Any]) -> WeightDelta:
         deltas, pre_acc = self.deltas(requests)

@@ -35,6 +35,9 @@ class Objective(Protocol):
     def val_step(self, batch: list[TrainExample]) -> dict[str, float]: ...
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    # Optional: ``constraint_violation(val_metrics) -> float`` (0 when a constraint of the method holds, e.g.
+    # KE's locality KL <= m_KL). The best checkpoint is then a feasible one when any validation was feasible:
+    # feasible beats infeasible, a smaller violation beats a larger one, and the loss breaks ties.
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Trainer:
         self.opt = torch.optim.Adam(objective.param_groups())
         self.step = 0
         self.best_val = float("inf")
+        self.best_violation = 0.0
         self.bad_vals = 0
         self.history: list[dict[str, float]] = []
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -90,14 +94,16 @@ class Trainer:
         tensors = {**{f"editor.{k}": v for k, v in self.obj.state_tensors().items()},
                    **{f"optim.{k}": v for k, v in opt_t.items()}}
         ckpt.write(self.out, ckpt.TRAIN, tensors, {
-            **self.info, "step": self.step, "best_val": self.best_val, "bad_vals": self.bad_vals,
+            **self.info, "step": self.step, "best_val": self.best_val, "best_violation": self.best_violation,
+            "bad_vals": self.bad_vals,
             "history": self.history, "optimizer": opt_info})
 
     def _save_best(self) -> None:
         self._best_state = {k: v.detach().clone() for k, v in self.obj.state_tensors().items()}
         if self.out is not None:
             ckpt.write(self.out, ckpt.BEST, self._best_state, {**self.info, "step": self.step,
-                                                                "best_val": self.best_val})
+                                                                "best_val": self.best_val,
+                                                                "best_violation": self.best_violation})
 
     def resume(self) -> None:
         """Load ``train.*`` from ``out`` (refusing another method, model or incompatible config)."""
@@ -115,6 +121,7 @@ class Trainer:
         self.obj.load_state_tensors(ckpt.split_prefix(tensors, "editor"))
         ckpt.load_optimizer(self.opt, ckpt.split_prefix(tensors, "optim"), info["optimizer"])
         self.step, self.best_val = int(info["step"]), float(info["best_val"])
+        self.best_violation = float(info.get("best_violation", 0.0))
         self.bad_vals, self.history = int(info.get("bad_vals", 0)), list(info.get("history", []))
         try:
             _, best = ckpt.read(self.out, ckpt.BEST, method=self.info["method"],
@@ -179,10 +186,11 @@ class Trainer:
             rec.update({f"val_{k}": v for k, v in self.validate(val).items()})
         self.history.append(rec)
         score = rec.get("val_loss", rec.get("train_loss", float("inf")))
-        improved = score < self.best_val if self.best_val == float("inf") else \
-            score < self.best_val - 1e-6 * max(1.0, abs(self.best_val))
-        if improved:
-            self.best_val, self.bad_vals = score, 0
+        violation = self._violation(rec)
+        if violation is not None:
+            rec["violation"] = violation
+        if self._improves(violation or 0.0, score):
+            self.best_val, self.best_violation, self.bad_vals = score, violation or 0.0, 0
             self._save_best()
         else:
             self.bad_vals += 1
@@ -193,3 +201,20 @@ class Trainer:
                      self.step, self.bad_vals)
             return True
         return False
+
+    def _violation(self, rec: dict[str, float]) -> float | None:
+        """How far the validated editor is from its method's constraint (None: the method has none)."""
+        fn = getattr(self.obj, "constraint_violation", None)
+        if fn is None:
+            return None
+        prefix = "val_" if any(k.startswith("val_") for k in rec) else "train_"
+        metrics = {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
+        return max(0.0, float(fn(metrics)))
+
+    def _improves(self, violation: float, score: float) -> bool:
+        """Is this validation better than the best so far? Feasible first, then smaller violation, then loss."""
+        if self.best_val == float("inf"):
+            return True
+        if violation != self.best_violation and (violation > 0 or self.best_violation > 0):
+            return violation < self.best_violation
+        return score < self.best_val - 1e-6 * max(1.0, abs(self.best_val))
