@@ -144,14 +144,11 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     keys = [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
     if len(set(map(str, keys))) != len(keys):
         raise EditInputError("case ids are not unique; give every case its own case_id")
-    cfg = editor.config_for(handle)
     timing = eval_timing if setting == "sequential" else None
     run = _Run(editor, handle, cases, keys, setting, batch_size, timing, tuple(protocols),
                Path(out_dir) if out_dir is not None else None)
-    header = {"method": editor.name or type(editor).__name__, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-              "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
-              "batch_size": batch_size if setting != "single" else 1, "eval_timing": timing,
-              "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str))}
+    header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
+                        protocols=protocols)
     if run.out is not None:
         _prepare_out(run, header, resume)
     start_digest = handle.state_digest()
@@ -171,6 +168,69 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         if run.bar is not None:
             run.bar.close()
     return _finish(run, header, start_digest, run_info, t0)
+
+
+def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single", batch_size: int = 1,
+               eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS) -> dict[str, Any]:
+    """What a run is (``run.json``): method, resolved config, model, setting and case ids; resume checks it."""
+    cfg = editor.config_for(handle)
+    keys = [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
+    return {"method": editor.name or type(editor).__name__, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+            "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
+            "batch_size": batch_size if setting != "single" else 1,
+            "eval_timing": eval_timing if setting == "sequential" else None,
+            "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str))}
+
+
+def adopt_cases(out_dir: str | Path, source: str | Path, header: dict[str, Any]) -> tuple[int, str]:
+    """Seed ``out_dir`` with the finished cases of an earlier run in ``source`` that this run would recompute.
+
+    The earlier run must be the same run but for its case list (method, resolved config and its hash,
+    model fingerprint, setting, batch size, protocols: everything in ``header`` but ``case_ids``).
+    ``run_benchmark(..., resume=True)`` on ``out_dir`` then keeps the adopted cases and computes the rest
+    (``out_dir`` must not hold a run yet).
+    A single-edit case does not depend on the others, so any shared case is adopted; a batch run only
+    lends a prefix of whole batches; a sequential run lends nothing (its scores depend on every edit).
+
+    Returns:
+        (cases adopted, why nothing was adopted when 0).
+    """
+    src, out = Path(source), Path(out_dir)
+    if (out / CASES_FILE).exists() and (out / CASES_FILE).stat().st_size:
+        return 0, f"{out} already holds a run"
+    try:
+        old = json.loads((src / RUN_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return 0, f"{src / RUN_FILE} is unreadable ({e})"
+    diff = sorted(k for k in header if k != "case_ids" and old.get(k) != header[k])
+    if diff:
+        return 0, f"{src} is another run (different {', '.join(diff)})"
+    wanted, had = header["case_ids"], old.get("case_ids") or []
+    if header["setting"] == "sequential":
+        return 0, "sequential runs cannot lend cases"
+    if header["setting"] == "batch":
+        n = len(wanted) - len(wanted) % max(1, int(header["batch_size"]))
+        wanted = wanted[:n] if had[:n] == wanted[:n] else []
+    take = set(map(str, wanted)) & set(map(str, had))
+    if not take:
+        return 0, f"{src} holds none of these cases"
+    lines = {}
+    for line in (src / CASES_FILE).read_text(encoding="utf-8").splitlines() if (src / CASES_FILE).exists() else []:
+        try:
+            res = CaseResult.from_dict(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn line: that case is simply computed again
+        if str(res.case_id) in take:
+            lines.setdefault(str(res.case_id), line)
+    if not lines:
+        return 0, f"{src} has no finished case among these"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RUN_FILE, header)
+    order = {str(k): i for i, k in enumerate(header["case_ids"])}
+    (out / CASES_FILE).write_text("".join(lines[k] + "\n" for k in sorted(lines, key=order.__getitem__)),
+                                  encoding="utf-8")
+    log.info("adopted %d finished case(s) from %s", len(lines), src)
+    return len(lines), ""
 
 
 def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:

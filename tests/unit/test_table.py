@@ -295,3 +295,50 @@ def test_multihop_leaves_model_untouched(toy, model_dir):
         apply_all(ToyFitEditor(), handle, list(case.requests))
     torch.testing.assert_close(score_multihop(handle, case)["multihop_token_acc"].value,
                                before["multihop_token_acc"].value)
+
+
+def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
+    from lmedit.benchmark import run_benchmark
+    from lmedit.data import load_dataset
+    from lmedit.metrics.records import summarize
+    from lmedit.models.loading import load_model
+    from lmedit.registry import get_editor
+
+    handle = load_model(model_dir)
+    bench = run_benchmark(get_editor(TOY), handle, load_dataset("zsre", n=3), out_dir=tmp_path / "runs" / "toy-3")
+    run_benchmark(get_editor(TOY, {"template": "Other: {} {}. "}), handle, load_dataset("zsre", n=3),
+                  out_dir=tmp_path / "runs" / "toy-other")
+    assert toy.calls == 6
+
+    t = _table(model_dir, tmp_path / "t", n=2, reuse=[str(tmp_path / "runs")])
+    assert toy.calls == 6, "both cases came from the matching bench run"
+    cell = t.cells[0]
+    assert cell.info["reused"] == {"from": str(tmp_path / "runs" / "toy-3"), "cases": 2}
+    assert cell.post == summarize(bench.results[:2], "post") and cell.pre == summarize(bench.results[:2], "pre")
+
+    t = _table(model_dir, tmp_path / "t4", n=4, reuse=[str(tmp_path / "runs" / "toy-3")])
+    assert toy.calls == 7 and t.cells[0].info["reused"]["cases"] == 3, "three adopted, the fourth computed"
+
+    t = _table(model_dir, tmp_path / "changed", n=2, reuse=[str(tmp_path / "runs")],
+               method_overrides={TOY: {"template": "New: {} {}. "}})
+    assert toy.calls == 9 and "reused" not in t.cells[0].info, "another config: nothing to reuse"
+
+
+def test_adopt_cases_refuses_other_runs(tmp_path):
+    from lmedit.benchmark import adopt_cases
+
+    header = {"method": "m", "config_hash": "a", "setting": "batch", "batch_size": 2, "case_ids": [1, 2, 3]}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.json").write_text(json.dumps({**header, "case_ids": [1, 2, 3, 4]}))
+    (src / "cases.jsonl").write_text("".join(json.dumps({"case_id": i, "post": {}, "pre": {}}) + "\n"
+                                             for i in (1, 2, 3, 4)))
+    assert adopt_cases(tmp_path / "a", src, {**header, "config_hash": "b"})[1].endswith("(different config_hash)")
+    assert adopt_cases(tmp_path / "b", src, {**header, "setting": "sequential"})[0] == 0
+    n, _ = adopt_cases(tmp_path / "c", src, header)  # a batch run lends whole batches only: [1, 2]
+    assert n == 2 and len((tmp_path / "c" / "cases.jsonl").read_text().splitlines()) == 2
+    assert adopt_cases(tmp_path / "c", src, header)[1].endswith("already holds a run")
+    single = {**header, "setting": "single", "batch_size": 1}
+    (src / "run.json").write_text(json.dumps({**single, "case_ids": [1, 2, 3, 4]}))
+    assert adopt_cases(tmp_path / "d", src, {**single, "case_ids": [4, 3, 9]})[0] == 2  # single edits: any shared
+    assert [json.loads(x)["case_id"] for x in (tmp_path / "d" / "cases.jsonl").read_text().splitlines()] == [4, 3]

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="trained editor (an `lmedit train --out` folder) for a method that needs training; "
                         "METHOD@DATASET=DIR for that dataset's cells only (e.g. mend@counterfact=runs/mend-cf); "
                         "default runs/METHOD when it exists (repeatable)")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="an `lmedit bench` output folder, or a folder of them: a cell takes the finished cases of "
+                        "a run there with the same method, config, model and setting instead of recomputing "
+                        "them (repeatable)")
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             setting=args.setting, edits=args.edits, eval_timing=args.eval_timing, batch_size=args.batch_size,
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
-            plots=not args.no_plots, progress=progress)
+            plots=not args.no_plots, progress=progress, reuse=args.reuse)
     finally:
         if progress:
             progress.close()

@@ -118,7 +118,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 backend: str = "local", address: str | None = None, workers: int = 2, seed: int = 0,
                 method_overrides: dict[str, dict[str, Any]] | None = None,
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
-                threads: int | None = None, plots: bool = True, progress: Progress | None = None) -> TableResult:
+                threads: int | None = None, plots: bool = True, progress: Progress | None = None,
+                reuse: list[str] | tuple[str, ...] = ()) -> TableResult:
     """Benchmark every (method, dataset) cell and write the table files into ``out``.
 
     Args:
@@ -132,6 +133,9 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         threads: torch threads per process (default: torch's choice locally, 1 per Ray worker).
         plots: write table1.png and efficiency.png (needs matplotlib).
         progress: receives cell/case events (the CLI draws progress bars from them).
+        reuse: ``lmedit bench`` output folders (or folders holding them): a new single/batch cell takes the
+            finished cases of a run there that is the same run (method, resolved config, model, setting)
+            instead of recomputing them.
     """
     datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
@@ -142,7 +146,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
-                      threads=threads)
+                      threads=threads, reuse=[str(r) for r in reuse])
     t0 = time.time()
     if backend == "local":
         cells = run_local(specs, opts, progress)

@@ -73,9 +73,42 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
+    """Finished-or-not ``lmedit bench`` folders of ``method`` in ``roots`` (each a run folder, or a folder of
+    run folders), in the order given."""
+    found: list[Path] = []
+    for root in map(Path, roots):
+        for run_json in ([root / "run.json"] if (root / "run.json").exists() else sorted(root.glob("*/run.json"))):
+            try:
+                if json.loads(run_json.read_text()).get("method") == method:
+                    found.append(run_json.parent)
+            except (OSError, ValueError):
+                log.warning("ignoring %s: not a readable run.json", run_json)
+    return found
+
+
+def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: str, target: Path,
+           reuse: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+    """Seed ``target`` with finished cases of an earlier ``lmedit bench`` run of the same method, config,
+    model and setting (see :func:`lmedit.benchmark.adopt_cases`); what was adopted, or None."""
+    from ..benchmark import adopt_cases, run_header
+
+    header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
+                        eval_timing=spec.eval_timing)
+    for src in find_runs(reuse, header["method"]):
+        n, why = adopt_cases(target, src, header)
+        if n:
+            log.info("cell %s: %d of %d case(s) taken from %s", spec.name, n, len(cases), src)
+            return {"from": str(src), "cases": n}
+        log.info("cell %s: not reusing %s: %s", spec.name, src, why)
+    return None
+
+
 def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
-               run_info: dict[str, Any], progress: bool) -> tuple[list[CaseResult], list[dict[str, Any]]]:
-    """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential)."""
+               run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = ()
+               ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
+    """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential).
+    A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed."""
     from ..benchmark import run_benchmark
 
     if spec.setting == "sequential":
@@ -84,15 +117,19 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
     else:
         chunks = [cases]
         setting = "batch" if spec.batch_size > 1 else "single"
+    adopted = None
+    if reuse and setting != "sequential" and not resume:
+        adopted = _adopt(editor, handle, cases, spec, setting, folder / "run-000", reuse)
     results: list[CaseResult] = []
     summaries: list[dict[str, Any]] = []
     for i, chunk in enumerate(chunks):
         out = run_benchmark(editor, handle, chunk, setting=setting, batch_size=spec.batch_size,
-                            eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}", resume=resume,
+                            eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}",
+                            resume=resume or adopted is not None,
                             progress=progress, run_info={**run_info, "sequence": i})
         results.extend(out.results)
         summaries.append(out.summary)
-    return results, summaries
+    return results, summaries, adopted
 
 
 def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
@@ -112,8 +149,12 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
 
 def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
-             on_case: Callable[[], None] | None = None) -> CellResult:
+             on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = ()) -> CellResult:
     """The result of one cell: from the cache when intact and current, else computed now and stored.
+
+    ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
+    cell takes instead of recomputing, when they are the same run (method, resolved config, model
+    fingerprint, setting); the cell's info says how many cases came from where.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -145,8 +186,10 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         except CannotStackEdits as e:
             raise CellSkipped(str(e)) from None
         summaries: list[dict[str, Any]] = []
+        adopted = None
     else:
-        results, summaries = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress)
+        results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
+                                                 reuse)
     efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):
@@ -156,7 +199,8 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
         efficiency=efficiency, fields=field_counts(cases), key=key,
         info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
-              "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec)})
+              "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
+              **({"reused": adopted} if adopted else {})})
     cache.store(result)
     return result
 
