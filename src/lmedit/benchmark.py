@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .digests import case_digest
 from .edits import Edit, EditError
 from .hooks import get_parameter
 from .metrics.efficiency import Measurement, measure
@@ -179,14 +180,27 @@ def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: 
             "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
             "batch_size": batch_size if setting != "single" else 1,
             "eval_timing": eval_timing if setting == "sequential" else None,
-            "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str))}
+            "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str)),
+            "case_digests": [case_digest(c) for c in cases]}
 
 
-def adopt_cases(out_dir: str | Path, source: str | Path, header: dict[str, Any]) -> tuple[int, str]:
+def _dataset_of(run_dir: Path) -> str | None:
+    """The dataset name a finished run's summary.json records (``lmedit bench`` or a table cell), if any."""
+    try:
+        data = json.loads((run_dir / SUMMARY_FILE).read_text()).get("data") or {}
+    except (OSError, ValueError):
+        return None
+    return data.get("dataset") or (data.get("cell") or {}).get("dataset")
+
+
+def adopt_cases(out_dir: str | Path, source: str | Path, header: dict[str, Any], *,
+                dataset: str | None = None) -> tuple[int, str]:
     """Seed ``out_dir`` with the finished cases of an earlier run in ``source`` that this run would recompute.
 
     The earlier run must be the same run but for its case list (method, resolved config and its hash,
-    model fingerprint, setting, batch size, protocols: everything in ``header`` but ``case_ids``).
+    model fingerprint, setting, batch size, protocols: everything in ``header`` but the case list), and a
+    case is taken only when it is the same case: same id and same content digest. A run written before
+    runs recorded content digests is trusted only when its summary.json names ``dataset``.
     ``run_benchmark(..., resume=True)`` on ``out_dir`` then keeps the adopted cases and computes the rest
     (``out_dir`` must not hold a run yet).
     A single-edit case does not depend on the others, so any shared case is adopted; a batch run only
@@ -202,16 +216,23 @@ def adopt_cases(out_dir: str | Path, source: str | Path, header: dict[str, Any])
         old = json.loads((src / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
         return 0, f"{src / RUN_FILE} is unreadable ({e})"
-    diff = sorted(k for k in header if k != "case_ids" and old.get(k) != header[k])
+    diff = sorted(k for k in header if k not in ("case_ids", "case_digests") and old.get(k) != header[k])
     if diff:
         return 0, f"{src} is another run (different {', '.join(diff)})"
-    wanted, had = header["case_ids"], old.get("case_ids") or []
     if header["setting"] == "sequential":
         return 0, "sequential runs cannot lend cases"
+    if "case_digests" in old:  # a case is the same case when its id and its content are
+        wanted = list(zip(map(str, header["case_ids"]), header["case_digests"], strict=True))
+        had = list(zip(map(str, old["case_ids"]), old["case_digests"], strict=True))
+    elif dataset is not None and _dataset_of(src) == dataset:  # an older run: its summary names the dataset
+        wanted, had = list(map(str, header["case_ids"])), list(map(str, old.get("case_ids") or []))
+    else:
+        return 0, (f"{src} does not record its cases' content, and its summary.json does not say it ran on "
+                   f"{dataset!r}" if dataset else f"{src} does not record its cases' content")
     if header["setting"] == "batch":
         n = len(wanted) - len(wanted) % max(1, int(header["batch_size"]))
         wanted = wanted[:n] if had[:n] == wanted[:n] else []
-    take = set(map(str, wanted)) & set(map(str, had))
+    take = {w if isinstance(w, str) else w[0] for w in set(wanted) & set(had)}
     if not take:
         return 0, f"{src} holds none of these cases"
     lines = {}
@@ -392,7 +413,8 @@ def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
     ids = old.get("case_ids") or []
     whole_chunks = new.get("setting") == "single" or (
         new.get("setting") == "batch" and len(ids) % max(1, int(new.get("batch_size") or 1)) == 0)
-    return whole_chunks and new["case_ids"][: len(ids)] == ids
+    same_content = "case_digests" not in old or new["case_digests"][: len(ids)] == old["case_digests"]
+    return whole_chunks and new["case_ids"][: len(ids)] == ids and same_content
 
 
 def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
@@ -408,8 +430,9 @@ def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
         return
     if (out / RUN_FILE).exists():
         old = json.loads((out / RUN_FILE).read_text())
-        diff = sorted(k for k in header if old.get(k) != header[k])
-        if diff == ["case_ids"] and _extends(old, header):
+        # case_digests is newer than some runs on disk: their case ids (and the run's arguments) decide
+        diff = sorted(k for k in header if old.get(k) != header[k] and (k in old or k != "case_digests"))
+        if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
             log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
             diff = []
         if diff:

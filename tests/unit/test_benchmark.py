@@ -173,6 +173,21 @@ def test_resume_refuses_other_settings(tiny_llama, tmp_path):
         run_benchmark(ToyEditor(scale=0.1), tiny_llama, cases, out_dir=tmp_path, resume=True)
 
 
+def test_resume_checks_case_content_and_accepts_older_runs(tiny_llama, tmp_path):
+    cases = _cases(3)
+    run_benchmark(ToyEditor(), tiny_llama, cases[:2], out_dir=tmp_path)
+    changed = [dataclasses.replace(cases[0], request=dataclasses.replace(cases[0].request, target_new="Latin")),
+               *cases[1:]]
+    with pytest.raises(BenchmarkError, match="case_digests"):  # same ids, other content
+        run_benchmark(ToyEditor(), tiny_llama, changed, out_dir=tmp_path, resume=True)
+    header = json.loads((tmp_path / "run.json").read_text())
+    del header["case_digests"]  # a run written before content digests were recorded
+    (tmp_path / "run.json").write_text(json.dumps(header))
+    editor = ToyEditor()
+    run_benchmark(editor, tiny_llama, cases, out_dir=tmp_path, resume=True)
+    assert editor.calls == 1
+
+
 def test_resume_with_more_cases_extends_the_run(tiny_llama, tmp_path):
     cases = _cases(4)
     first = run_benchmark(ToyEditor(), tiny_llama, cases[:2], out_dir=tmp_path)

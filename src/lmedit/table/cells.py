@@ -18,7 +18,6 @@ interrupted: with a matching ``key.json`` run_benchmark resumes the finished cas
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..digests import digest, plain
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +136,8 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def digest(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj``."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def cases_digest(cases: list[Any]) -> str:
     """Identity of a dataset slice by content, so an edited data file or loader makes the cell stale."""
-    def plain(c: Any) -> Any:
-        if dataclasses.is_dataclass(c):
-            return {f.name: plain(getattr(c, f.name)) for f in dataclasses.fields(c)}
-        if isinstance(c, dict):
-            return {str(k): plain(v) for k, v in c.items()}
-        if isinstance(c, list | tuple):
-            return [plain(v) for v in c]
-        return c
-
     return digest([plain(c) for c in cases])[:16]
 
 

@@ -96,7 +96,7 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
     header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
                         eval_timing=spec.eval_timing)
     for src in find_runs(reuse, header["method"]):
-        n, why = adopt_cases(target, src, header)
+        n, why = adopt_cases(target, src, header, dataset=spec.dataset)
         if n:
             log.info("cell %s: %d of %d case(s) taken from %s", spec.name, n, len(cases), src)
             return {"from": str(src), "cases": n}

@@ -1,0 +1,34 @@
+"""Content digests of plain data (cases, cache keys): one canonical JSON form, one hash.
+
+Used wherever a run or cache entry must recognise "the same data" (benchmark resume and case adoption, the
+table's cell keys), so that all of them agree on what "the same" means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+
+def plain(obj: Any) -> Any:
+    """Dataclasses, dicts, lists and tuples as nested plain dicts and lists (dict keys as strings)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def digest(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces; other types through ``str``)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def case_digest(case: Any) -> str:
+    """Short identity of one case by content (prompt, targets, paraphrases, locality, ...)."""
+    return digest(plain(case))[:12]
