@@ -193,65 +193,83 @@ def _dataset_of(run_dir: Path) -> str | None:
     return data.get("dataset") or (data.get("cell") or {}).get("dataset")
 
 
-def adopt_cases(out_dir: str | Path, source: str | Path, header: dict[str, Any], *,
-                dataset: str | None = None) -> tuple[int, str]:
-    """Seed ``out_dir`` with the finished cases of an earlier run in ``source`` that this run would recompute.
+def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str | None = None
+                   ) -> tuple[dict[str, str], str]:
+    """The finished cases of an earlier run in ``source`` that the run described by ``header`` may take.
 
     The earlier run must be the same run but for its case list (method, resolved config and its hash,
     model fingerprint, setting, batch size, protocols: everything in ``header`` but the case list), and a
-    case is taken only when it is the same case: same id and same content digest. A run written before
-    runs recorded content digests is trusted only when its summary.json names ``dataset``.
-    ``run_benchmark(..., resume=True)`` on ``out_dir`` then keeps the adopted cases and computes the rest
-    (``out_dir`` must not hold a run yet).
-    A single-edit case does not depend on the others, so any shared case is adopted; a batch run only
-    lends a prefix of whole batches; a sequential run lends nothing (its scores depend on every edit).
+    case is lent only when it is the same case: same id and same content digest. A run written before
+    runs recorded content digests is trusted only when its summary.json names ``dataset``. A single-edit
+    case does not depend on the others, so any shared case is lent; a batch run lends only a prefix of
+    whole batches; a sequential run lends nothing (its scores depend on every edit).
 
     Returns:
-        (cases adopted, why nothing was adopted when 0).
+        ({case id: its cases.jsonl line}, why nothing is lent when empty).
     """
-    src, out = Path(source), Path(out_dir)
-    if (out / CASES_FILE).exists() and (out / CASES_FILE).stat().st_size:
-        return 0, f"{out} already holds a run"
+    src = Path(source)
     try:
         old = json.loads((src / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
-        return 0, f"{src / RUN_FILE} is unreadable ({e})"
+        return {}, f"{src / RUN_FILE} is unreadable ({e})"
     diff = sorted(k for k in header if k not in ("case_ids", "case_digests") and old.get(k) != header[k])
     if diff:
-        return 0, f"{src} is another run (different {', '.join(diff)})"
+        return {}, f"{src} is another run (different {', '.join(diff)})"
     if header["setting"] == "sequential":
-        return 0, "sequential runs cannot lend cases"
+        return {}, "sequential runs cannot lend cases"
     if "case_digests" in old:  # a case is the same case when its id and its content are
         wanted = list(zip(map(str, header["case_ids"]), header["case_digests"], strict=True))
         had = list(zip(map(str, old["case_ids"]), old["case_digests"], strict=True))
     elif dataset is not None and _dataset_of(src) == dataset:  # an older run: its summary names the dataset
         wanted, had = list(map(str, header["case_ids"])), list(map(str, old.get("case_ids") or []))
     else:
-        return 0, (f"{src} does not record its cases' content, and its summary.json does not say it ran on "
-                   f"{dataset!r}" if dataset else f"{src} does not record its cases' content")
+        return {}, (f"{src} does not record its cases' content, and its summary.json does not say it ran on "
+                    f"{dataset!r}" if dataset else f"{src} does not record its cases' content")
     if header["setting"] == "batch":
         n = len(wanted) - len(wanted) % max(1, int(header["batch_size"]))
         wanted = wanted[:n] if had[:n] == wanted[:n] else []
     take = {w if isinstance(w, str) else w[0] for w in set(wanted) & set(had)}
-    if not take:
-        return 0, f"{src} holds none of these cases"
-    lines = {}
-    for line in (src / CASES_FILE).read_text(encoding="utf-8").splitlines() if (src / CASES_FILE).exists() else []:
+    lines: dict[str, str] = {}
+    for line in (src / CASES_FILE).read_text(encoding="utf-8").splitlines() if take and (src / CASES_FILE).exists() else []:
         try:
             res = CaseResult.from_dict(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn line: that case is simply computed again
         if str(res.case_id) in take:
             lines.setdefault(str(res.case_id), line)
+    return lines, "" if lines else f"{src} has no finished case among these"
+
+
+def adopt_cases(out_dir: str | Path, sources: Sequence[str | Path], header: dict[str, Any], *,
+                dataset: str | None = None) -> tuple[int, str]:
+    """Seed ``out_dir`` (which must not hold a run yet) with what the best of ``sources`` can lend (see
+    :func:`lendable_cases`: the source that lends the most cases); ``run_benchmark(..., resume=True)`` on
+    ``out_dir`` then keeps the adopted cases and computes the rest.
+
+    Returns:
+        (cases adopted, the source they came from; or 0 and why no source could lend any).
+    """
+    out = Path(out_dir)
+    if (out / CASES_FILE).exists() and (out / CASES_FILE).stat().st_size:
+        return 0, f"{out} already holds a run"
+    best: tuple[dict[str, str], str] = ({}, "")
+    why = []
+    for src in sources:
+        lines, reason = lendable_cases(src, header, dataset=dataset)
+        if len(lines) > len(best[0]):
+            best = (lines, str(src))
+        elif reason:
+            why.append(reason)
+    lines, src = best
     if not lines:
-        return 0, f"{src} has no finished case among these"
+        return 0, "; ".join(why) or "no earlier run was given"
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, header)
     order = {str(k): i for i, k in enumerate(header["case_ids"])}
     (out / CASES_FILE).write_text("".join(lines[k] + "\n" for k in sorted(lines, key=order.__getitem__)),
                                   encoding="utf-8")
     log.info("adopted %d finished case(s) from %s", len(lines), src)
-    return len(lines), ""
+    return len(lines), src
 
 
 def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:

@@ -312,20 +312,21 @@ def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
     run_benchmark(get_editor(TOY), handle, cf, out_dir=runs / "cf-3", run_info={"dataset": "counterfact"})
     bench = run_benchmark(get_editor(TOY), handle, zsre, out_dir=runs / "toy-3", run_info={"dataset": "zsre"})
     run_benchmark(get_editor(TOY, {"template": "Other: {} {}. "}), handle, zsre, out_dir=runs / "toy-other")
-    assert toy.calls == 9
+    run_benchmark(get_editor(TOY), handle, zsre[:1], out_dir=runs / "a-1")  # found first, lends less
+    assert toy.calls == 10
 
     t = _table(model_dir, tmp_path / "t", n=2, reuse=[str(runs)])
-    assert toy.calls == 9, "both cases came from the matching bench run"
+    assert toy.calls == 10, "both cases came from the matching bench run"
     cell = t.cells[0]
-    assert cell.info["reused"] == {"from": str(runs / "toy-3"), "cases": 2}, "not the CounterFact run's"
+    assert cell.info["reused"] == {"from": str(runs / "toy-3"), "cases": 2}, "the run lending most; not CounterFact's"
     assert cell.post == summarize(bench.results[:2], "post") and cell.pre == summarize(bench.results[:2], "pre")
 
     t = _table(model_dir, tmp_path / "t4", n=4, reuse=[str(runs / "toy-3")])
-    assert toy.calls == 10 and t.cells[0].info["reused"]["cases"] == 3, "three adopted, the fourth computed"
+    assert toy.calls == 11 and t.cells[0].info["reused"]["cases"] == 3, "three adopted, the fourth computed"
 
     t = _table(model_dir, tmp_path / "changed", n=2, reuse=[str(runs)],
                method_overrides={TOY: {"template": "New: {} {}. "}})
-    assert toy.calls == 12 and "reused" not in t.cells[0].info, "another config: nothing to reuse"
+    assert toy.calls == 13 and "reused" not in t.cells[0].info, "another config: nothing to reuse"
 
     # a run written before runs recorded their cases' content: its summary.json must name the dataset
     header = json.loads((runs / "toy-3" / "run.json").read_text())
@@ -335,7 +336,7 @@ def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
     summary = json.loads((runs / "toy-3" / "summary.json").read_text())
     (runs / "toy-3" / "summary.json").write_text(json.dumps({**summary, "data": {"dataset": "counterfact"}}))
     assert "reused" not in _table(model_dir, tmp_path / "old2", n=2, reuse=[str(runs / "toy-3")]).cells[0].info
-    assert toy.calls == 14
+    assert toy.calls == 15
 
 
 def test_adopt_cases_refuses_other_runs(tmp_path):
@@ -349,22 +350,22 @@ def test_adopt_cases_refuses_other_runs(tmp_path):
                                               "case_digests": ["d1", "d2", "d3", "d4"]}))
     (src / "cases.jsonl").write_text("".join(json.dumps({"case_id": i, "post": {}, "pre": {}}) + "\n"
                                              for i in (1, 2, 3, 4)))
-    assert adopt_cases(tmp_path / "a", src, {**header, "config_hash": "b"})[1].endswith("(different config_hash)")
-    assert adopt_cases(tmp_path / "b", src, {**header, "setting": "sequential"})[0] == 0
-    n, _ = adopt_cases(tmp_path / "c", src, header)  # a batch run lends whole batches only: [1, 2]
+    assert adopt_cases(tmp_path / "a", [src], {**header, "config_hash": "b"})[1].endswith("(different config_hash)")
+    assert adopt_cases(tmp_path / "b", [src], {**header, "setting": "sequential"})[0] == 0
+    n, _ = adopt_cases(tmp_path / "c", [src], header)  # a batch run lends whole batches only: [1, 2]
     assert n == 2 and len((tmp_path / "c" / "cases.jsonl").read_text().splitlines()) == 2
-    assert adopt_cases(tmp_path / "c", src, header)[1].endswith("already holds a run")
-    assert adopt_cases(tmp_path / "e", src, {**header, "case_digests": ["x1", "d2", "d3"]})[0] == 0  # new content
+    assert adopt_cases(tmp_path / "c", [src], header)[1].endswith("already holds a run")
+    assert adopt_cases(tmp_path / "e", [src], {**header, "case_digests": ["x1", "d2", "d3"]})[0] == 0  # new content
 
     single = {**header, "setting": "single", "batch_size": 1, "case_ids": [4, 3, 9], "case_digests": ["d4", "X", "d9"]}
     (src / "run.json").write_text(json.dumps({**single, "case_ids": [1, 2, 3, 4],
                                               "case_digests": ["d1", "d2", "d3", "d4"]}))
-    assert adopt_cases(tmp_path / "d", src, single)[0] == 1  # single edits: any case with the same id and content
+    assert adopt_cases(tmp_path / "d", [src], single)[0] == 1  # single edits: any case with the same id and content
     assert [json.loads(x)["case_id"] for x in (tmp_path / "d" / "cases.jsonl").read_text().splitlines()] == [4]
 
     old = {k: v for k, v in single.items() if k != "case_digests"}
     (src / "run.json").write_text(json.dumps({**old, "case_ids": [1, 2, 3, 4]}))
-    assert "does not record" in adopt_cases(tmp_path / "f", src, single, dataset="zsre")[1]  # no summary.json
+    assert "does not record" in adopt_cases(tmp_path / "f", [src], single, dataset="zsre")[1]  # no summary.json
     (src / "summary.json").write_text(json.dumps({"data": {"dataset": "zsre"}}))
-    assert adopt_cases(tmp_path / "g", src, single, dataset="zsre")[0] == 2
-    assert adopt_cases(tmp_path / "h", src, single, dataset="counterfact")[0] == 0
+    assert adopt_cases(tmp_path / "g", [src], single, dataset="zsre")[0] == 2
+    assert adopt_cases(tmp_path / "h", [src], single, dataset="counterfact")[0] == 0

@@ -95,13 +95,12 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
 
     header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
                         eval_timing=spec.eval_timing)
-    for src in find_runs(reuse, header["method"]):
-        n, why = adopt_cases(target, src, header, dataset=spec.dataset)
-        if n:
-            log.info("cell %s: %d of %d case(s) taken from %s", spec.name, n, len(cases), src)
-            return {"from": str(src), "cases": n}
-        log.info("cell %s: not reusing %s: %s", spec.name, src, why)
-    return None
+    n, source = adopt_cases(target, find_runs(reuse, header["method"]), header, dataset=spec.dataset)
+    if not n:
+        log.info("cell %s: nothing to reuse: %s", spec.name, source)
+        return None
+    log.info("cell %s: %d of %d case(s) taken from %s", spec.name, n, len(cases), source)
+    return {"from": source, "cases": n}
 
 
 def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
