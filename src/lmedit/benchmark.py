@@ -41,6 +41,7 @@ from .hooks import get_parameter
 from .metrics.efficiency import Measurement, measure
 from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
 from .metrics.records import CaseResult, harmonic_mean, summarize
+from .training.checkpoint import state_id
 from .types import EditCase, EditInputError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ SETTINGS = ("single", "batch", "sequential")
 EVAL_TIMINGS = ("immediate", "final")
 CASES_FILE, SUMMARY_FILE, TABLE_FILE = "cases.jsonl", "summary.json", "table.md"
 RUN_FILE, EDITS_DIR = "run.json", "edits"
+NEWER_FIELDS = ("case_digests", "checkpoint_state")  # run.json fields that older runs on disk do not have
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
 SCORE_S_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy", "paraphrase", "neighborhood")
@@ -181,7 +183,9 @@ def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: 
             "batch_size": batch_size if setting != "single" else 1,
             "eval_timing": eval_timing if setting == "sequential" else None,
             "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str)),
-            "case_digests": [case_digest(c) for c in cases]}
+            "case_digests": [case_digest(c) for c in cases],
+            # a trained editor is its checkpoint's content, not its path (retraining in place changes it)
+            **({"checkpoint_state": state_id(ckpt)} if (ckpt := getattr(cfg, "checkpoint", None)) else {})}
 
 
 def _dataset_of(run_dir: Path) -> str | None:
@@ -448,8 +452,8 @@ def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
         return
     if (out / RUN_FILE).exists():
         old = json.loads((out / RUN_FILE).read_text())
-        # case_digests is newer than some runs on disk: their case ids (and the run's arguments) decide
-        diff = sorted(k for k in header if old.get(k) != header[k] and (k in old or k != "case_digests"))
+        # fields newer than some runs on disk: for those, the case ids and the run's other fields decide
+        diff = sorted(k for k in header if old.get(k) != header[k] and (k in old or k not in NEWER_FIELDS))
         if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
             log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
             diff = []

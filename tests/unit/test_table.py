@@ -369,3 +369,21 @@ def test_adopt_cases_refuses_other_runs(tmp_path):
     (src / "summary.json").write_text(json.dumps({"data": {"dataset": "zsre"}}))
     assert adopt_cases(tmp_path / "g", [src], single, dataset="zsre")[0] == 2
     assert adopt_cases(tmp_path / "h", [src], single, dataset="counterfact")[0] == 0
+
+
+def test_a_retrained_checkpoint_lends_nothing(toy, model_dir, tmp_path):
+    from lmedit.benchmark import lendable_cases, run_benchmark, run_header
+    from lmedit.data import load_dataset
+    from lmedit.models.loading import load_model
+    from lmedit.registry import get_editor
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.a.safetensors": "aaa"}}))
+    handle, cases = load_model(model_dir), load_dataset("zsre", n=2)
+    editor = get_editor(TOY_FIT, {"checkpoint": str(ck)})
+    run_benchmark(editor, handle, cases, out_dir=tmp_path / "run")
+    assert len(lendable_cases(tmp_path / "run", run_header(editor, handle, cases))[0]) == 2
+    (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.b.safetensors": "bbb"}}))
+    lent, why = lendable_cases(tmp_path / "run", run_header(editor, handle, cases))
+    assert not lent and "checkpoint_state" in why, "same path, retrained weights: another editor"

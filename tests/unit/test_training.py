@@ -155,6 +155,21 @@ def test_best_checkpoint_keeps_the_constraint(tmp_path):
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 30
 
 
+def test_resumed_old_checkpoint_recovers_the_best_violation(tmp_path):
+    obj = Constrained()
+    s = TrainSettings(steps=10, batch_size=2, val_every=10, val_batches=1, patience=0, seed=3)
+    tr = Trainer(obj, s, INFO, out=tmp_path)
+    obj.kl = 0.5  # the only validation breaks the constraint
+    train, val = split(examples_from_cases([case(i) for i in range(8)]), 2)
+    tr.run(train, val)
+    info = json.loads((tmp_path / "train.json").read_text())
+    del info["best_violation"]  # as written before constraints decided the best checkpoint
+    (tmp_path / "train.json").write_text(json.dumps(info))
+    again = Trainer(Constrained(), s, INFO, out=tmp_path)
+    again.resume()
+    assert again.best_violation == pytest.approx(0.4)
+
+
 def test_constraint_ranking_feasible_then_violation_then_loss():
     tr = Trainer(Toy(), SETTINGS, INFO)
     assert tr._improves(0.5, 9.0)  # anything beats nothing

@@ -37,6 +37,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here; the message says why and what to do."""
 
 
+def state_id(directory: str | Path) -> str | None:
+    """Identity of a trained editor folder by content: its method, config and the sha256 of its weights, as
+    recorded in ``editor.json`` (None when there is no readable editor.json)."""
+    try:
+        info = json.loads((Path(directory) / f"{EDITOR}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    blob = json.dumps([info.get("method"), info.get("config"), info.get("files")], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

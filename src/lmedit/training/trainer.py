@@ -121,8 +121,9 @@ class Trainer:
         self.obj.load_state_tensors(ckpt.split_prefix(tensors, "editor"))
         ckpt.load_optimizer(self.opt, ckpt.split_prefix(tensors, "optim"), info["optimizer"])
         self.step, self.best_val = int(info["step"]), float(info["best_val"])
-        self.best_violation = float(info.get("best_violation", 0.0))
         self.bad_vals, self.history = int(info.get("bad_vals", 0)), list(info.get("history", []))
+        self.best_violation = float(info["best_violation"]) if "best_violation" in info else \
+            self._violation_of_best()  # a checkpoint written before constraints decided the best
         try:
             _, best = ckpt.read(self.out, ckpt.BEST, method=self.info["method"],
                                 fingerprint=self.info["model_fingerprint"], model_name=self.info["model_name"])
@@ -201,6 +202,11 @@ class Trainer:
                      self.step, self.bad_vals)
             return True
         return False
+
+    def _violation_of_best(self) -> float:
+        """The constraint violation of the best validation in the history (the one with the best loss)."""
+        recs = [r for r in self.history if r.get("val_loss", r.get("train_loss")) == self.best_val]
+        return (self._violation(recs[0]) or 0.0) if recs else 0.0
 
     def _violation(self, rec: dict[str, float]) -> float | None:
         """How far the validated editor is from its method's constraint (None: the method has none)."""
