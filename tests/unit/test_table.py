@@ -320,6 +320,7 @@ def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
     cell = t.cells[0]
     assert cell.info["reused"] == {"from": str(runs / "toy-3"), "cases": 2}, "the run lending most; not CounterFact's"
     assert cell.post == summarize(bench.results[:2], "post") and cell.pre == summarize(bench.results[:2], "pre")
+    assert f"{TOY}/zsre 2 from `{runs / 'toy-3'}`" in t.markdown
 
     t = _table(model_dir, tmp_path / "t4", n=4, reuse=[str(runs / "toy-3")])
     assert toy.calls == 11 and t.cells[0].info["reused"]["cases"] == 3, "three adopted, the fourth computed"

@@ -182,6 +182,7 @@ def write_table(cells: list[CellResult], methods: list[str], datasets: list[str]
                 out: Path, *, plots: bool = True) -> TableResult:
     """Lay the cells out and write table1.{md,csv,json}, efficiency.md and (with ``plots``) the PNGs."""
     rows = build_rows(cells, methods, datasets)
+    meta = {**meta, "reused": {c.spec.name: c.info["reused"] for c in cells if c.info.get("reused")}}
     md = markdown(rows, methods, meta)
     records = long_records(rows, cells, meta)
     eff = method_summary(cells, rows, methods)

@@ -146,6 +146,10 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
         lines.append(f"| {ds} | {row.label} | {row.protocol} | {_fmt(row.pre)} | " + " | ".join(cells) + " |")
     lines += ["", "Protocols: " + "; ".join(f"`{p}`: {PROTOCOL_TEXT.get(p, p)}"
                                             for p in dict.fromkeys(r.protocol for r in rows)) + "."]
+    if meta.get("reused"):
+        lines += ["", "Cases taken from earlier `lmedit bench` runs (`--reuse`; the same method, config, model and "
+                      "cases): " + "; ".join(f"{name} {r['cases']} from `{r['from']}`"
+                                             for name, r in meta["reused"].items()) + "."]
     if notes:
         lines.append("")
         lines += [f"[^{k}]: {reason}" for reason, k in notes.items()]

@@ -153,7 +153,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
 
     ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
     cell takes instead of recomputing, when they are the same run (method, resolved config, model
-    fingerprint, setting); the cell's info says how many cases came from where.
+    fingerprint, setting) and the same cases (id and content); the cell's info says how many came from where.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
