@@ -114,7 +114,7 @@ def test_chunks_and_default_layer(tokenizer, caplog):
 
 
 def test_presets_and_defaults():
-    assert ft.FTL.presets["smollm2-135m"] == {"layers": [19], "lr": 5e-4, "steps": 25, "norm_constraint": 5e-5}
+    assert ft.FTL.presets["smollm2-135m"] == {"layers": [19], "lr": 5e-4, "steps": 25, "norm_constraint": None}
     assert ft.FTM.presets["smollm2-135m"]["norm_constraint"] is None
     assert ft.FTLConfig().norm_constraint == 5e-4 and ft.FTConfig().norm_constraint is None
     assert ft.FTL.capabilities.batch and ft.FTM.capabilities.sequential
