@@ -388,3 +388,13 @@ def test_a_retrained_checkpoint_lends_nothing(toy, model_dir, tmp_path):
     (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.b.safetensors": "bbb"}}))
     lent, why = lendable_cases(tmp_path / "run", run_header(editor, handle, cases))
     assert not lent and "checkpoint_state" in why, "same path, retrained weights: another editor"
+
+
+def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir, tmp_path):
+    _table(model_dir, tmp_path)
+    calls = toy.calls
+    t = _table(model_dir, tmp_path, datasets=["zsre", "counterfact"], cached_only=True)
+    assert toy.calls == calls
+    assert [(c.spec.dataset, c.status) for c in t.cells] == [("zsre", "ok"), ("counterfact", "skipped")]
+    assert "not computed yet" in t.cells[1].reason and "not computed yet" in t.markdown
+    assert not (tmp_path / "cells" / f"{TOY}__counterfact").exists()

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an `lmedit bench` output folder, or a folder of them: a cell takes the finished cases of "
                         "a run there with the same method, config, model and setting instead of recomputing "
                         "them (repeatable)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: lay out the finished cells, '-' for the others (e.g. while a run goes on)")
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             setting=args.setting, edits=args.edits, eval_timing=args.eval_timing, batch_size=args.batch_size,
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
-            plots=not args.no_plots, progress=progress, reuse=args.reuse)
+            plots=not args.no_plots, progress=progress, reuse=args.reuse,
+            cached_only=args.cached_only)
     finally:
         if progress:
             progress.close()

@@ -119,7 +119,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 method_overrides: dict[str, dict[str, Any]] | None = None,
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
                 threads: int | None = None, plots: bool = True, progress: Progress | None = None,
-                reuse: list[str] | tuple[str, ...] = ()) -> TableResult:
+                reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False) -> TableResult:
     """Benchmark every (method, dataset) cell and write the table files into ``out``.
 
     Args:
@@ -136,6 +136,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         reuse: ``lmedit bench`` output folders (or folders holding them): a new single/batch cell takes the
             finished cases of a run there that is the same run (method, resolved config, model, setting)
             instead of recomputing them.
+        cached_only: compute nothing: finished cells are laid out, the others show '-' ("not computed
+            yet"); for a look at a table while its run goes on elsewhere.
     """
     datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
@@ -146,7 +148,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
-                      threads=threads, reuse=[str(r) for r in reuse])
+                      threads=threads, reuse=[str(r) for r in reuse],
+                      cached_only=cached_only)
     t0 = time.time()
     if backend == "local":
         cells = run_local(specs, opts, progress)

@@ -42,6 +42,7 @@ class RunOptions:
     data_path: str | None = None
     threads: int | None = None
     reuse: list[str] = field(default_factory=list)  # earlier bench runs whose finished cases cells may take
+    cached_only: bool = False  # lay out the finished cells; compute nothing
 
 
 def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
@@ -53,7 +54,8 @@ def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress |
     try:
         result = run_cell(handle, spec, CellCache(opts.out), checkpoints=opts.checkpoints, data_path=opts.data_path,
                           progress=bool(progress and progress.inner_bars),
-                          on_case=progress.case_done if progress else None, reuse=opts.reuse)
+                          on_case=progress.case_done if progress else None, reuse=opts.reuse,
+                          cached_only=opts.cached_only)
     except CellSkipped as e:
         result = CellResult(spec, "skipped", str(e))
     except EditInputError as e:  # e.g. a method that cannot edit this architecture or these requests

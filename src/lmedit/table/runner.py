@@ -148,12 +148,14 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
 
 def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
-             on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = ()) -> CellResult:
+             on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
+             cached_only: bool = False) -> CellResult:
     """The result of one cell: from the cache when intact and current, else computed now and stored.
 
     ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
     cell takes instead of recomputing, when they are the same run (method, resolved config, model
     fingerprint, setting) and the same cases (id and content); the cell's info says how many came from where.
+    ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -176,6 +178,8 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     if hit is not None:
         log.info("cell %s: cached", spec.name)
         return hit
+    if cached_only:
+        raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
     folder, resume = cache.prepare(spec, key)
     run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
     seed_everything(spec.seed)
