@@ -144,7 +144,7 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     t0 = time.perf_counter()
     cases = list(cases)
     _check_args(editor, handle, cases, setting, batch_size, eval_timing)
-    keys = [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
+    keys = case_keys(cases)
     if len(set(map(str, keys))) != len(keys):
         raise EditInputError("case ids are not unique; give every case its own case_id")
     timing = eval_timing if setting == "sequential" else None
@@ -173,11 +173,16 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     return _finish(run, header, start_digest, run_info, t0)
 
 
+def case_keys(cases: Sequence[EditCase]) -> list[Any]:
+    """Each case's key in a run: its case_id, or its position when it has none."""
+    return [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
+
+
 def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single", batch_size: int = 1,
                eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS) -> dict[str, Any]:
     """What a run is (``run.json``): method, resolved config, model, setting and case ids; resume checks it."""
     cfg = editor.config_for(handle)
-    keys = [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
+    keys = case_keys(cases)
     return {"method": editor.name or type(editor).__name__, "config": cfg.to_dict(), "config_hash": cfg.hash(),
             "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
             "batch_size": batch_size if setting != "single" else 1,
@@ -221,18 +226,20 @@ def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str |
         return {}, f"{src} is another run (different {', '.join(diff)})"
     if header["setting"] == "sequential":
         return {}, "sequential runs cannot lend cases"
-    if "case_digests" in old:  # a case is the same case when its id and its content are
+    # (id, content digest) pairs: a case is the same case when both match
+    if "case_digests" in old:
         wanted = list(zip(map(str, header["case_ids"]), header["case_digests"], strict=True))
         had = list(zip(map(str, old["case_ids"]), old["case_digests"], strict=True))
     elif dataset is not None and _dataset_of(src) == dataset:  # an older run: its summary names the dataset
-        wanted, had = list(map(str, header["case_ids"])), list(map(str, old.get("case_ids") or []))
+        wanted = [(str(k), None) for k in header["case_ids"]]
+        had = [(str(k), None) for k in old.get("case_ids") or []]
     else:
         return {}, (f"{src} does not record its cases' content, and its summary.json does not say it ran on "
                     f"{dataset!r}" if dataset else f"{src} does not record its cases' content")
     if header["setting"] == "batch":
         n = len(wanted) - len(wanted) % max(1, int(header["batch_size"]))
         wanted = wanted[:n] if had[:n] == wanted[:n] else []
-    take = {w if isinstance(w, str) else w[0] for w in set(wanted) & set(had)}
+    take = {key for key, _ in set(wanted) & set(had)}
     lines: dict[str, str] = {}
     for line in (src / CASES_FILE).read_text(encoding="utf-8").splitlines() if take and (src / CASES_FILE).exists() else []:
         try:
