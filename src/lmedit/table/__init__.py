@@ -135,7 +135,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         progress: receives cell/case events (the CLI draws progress bars from them).
         reuse: ``lmedit bench`` output folders (or folders holding them): a new single/batch cell takes the
             finished cases of a run there that is the same run (method, resolved config, model, setting)
-            instead of recomputing them.
+            on the same cases (id and content) instead of recomputing them.
         cached_only: compute nothing: finished cells are laid out, the others show '-' ("not computed
             yet"); for a look at a table while its run goes on elsewhere.
     """
