@@ -187,6 +187,8 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     header = (tmp_path / "table1.csv").read_text().splitlines()[0]
     assert header.startswith("dataset,metric,method,value,protocol,n_cases")
     assert "s/edit zsre" in (tmp_path / "efficiency.md").read_text()
+    mquake = next(c for c in t.cells if c.spec.dataset == "mquake")
+    assert mquake.efficiency["benchmark_wall_seconds"] > 0, "a multi-hop cell sums its cases' wall times"
     calls = toy.calls
     assert calls == 2 + 2, "one edit per ZsRE case; one batched edit of 4 requests per MQuAKE case"
 

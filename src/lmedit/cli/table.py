@@ -35,8 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results/table1", help="output folder (default %(default)s)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="where cells run")
     p.add_argument("--address", help="ray: address of an existing cluster (default: start a local one)")
-    p.add_argument("--workers", type=int, default=2, help="ray: actors (and CPUs of the local cluster)")
-    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's; 1 per ray worker)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="local: worker processes that take whole cells (default auto: one per CPU core, at most "
+                        "4; 1 on a GPU; 1 = this process); ray: actors and CPUs of the local cluster (default 2)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per process (default: torch's in one process, the cores shared out among "
+                        "local workers, 1 per ray worker)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed set at the start of every cell")
     p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD[@DATASET]=DIR",
                    help="trained editor (an `lmedit train --out` folder) for a method that needs training; "
@@ -89,6 +93,18 @@ class BarProgress:
 
     def close(self) -> None:
         self.cells.close()
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--workers takes a positive number or 'auto', not {text!r}")
+    return n
 
 
 def _checkpoints(items: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import Progress, RunOptions, run_local, run_ray
+from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray
 from .cells import CellResult, CellSpec, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
@@ -115,7 +115,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 DEFAULT_DATASETS, n: int = 100, multihop_n: int | None = None, offset: int = 0,
                 setting: str = "single", edits: int = 100,
                 eval_timing: str = "final", batch_size: int = 1, out: str | Path = "results/table1",
-                backend: str = "local", address: str | None = None, workers: int = 2, seed: int = 0,
+                backend: str = "local", address: str | None = None, workers: int | str | None = None, seed: int = 0,
                 method_overrides: dict[str, dict[str, Any]] | None = None,
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
                 threads: int | None = None, plots: bool = True, progress: Progress | None = None,
@@ -128,9 +128,13 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         datasets: dataset names; a multi-hop dataset (``mquake``) gives the Multi-hop row.
         n / offset: the slice of each dataset; multihop_n: cases of a multi-hop dataset (default n // 4,
             as each applies 4 edits). setting / edits / eval_timing / batch_size: see CellSpec.
-        backend: ``local`` or ``ray`` (``address``: an existing cluster; ``workers``: local cluster size).
+        backend: ``local`` or ``ray`` (``address``: an existing cluster).
+        workers: local: worker processes (default 1: this process, where editors registered at run time
+            are known; ``"auto"``: one per CPU core, at most 4, and 1 on a GPU machine, as the CLI does);
+            ray: actors and the size of the local cluster (default 2).
         method_overrides: config overrides per method; checkpoints: trained-editor folder per method.
-        threads: torch threads per process (default: torch's choice locally, 1 per Ray worker).
+        threads: torch threads per process (default: torch's choice in this process, the CPU cores shared
+            out among local workers, 1 per Ray worker).
         plots: write table1.png and efficiency.png (needs matplotlib).
         progress: receives cell/case events (the CLI draws progress bars from them).
         reuse: ``lmedit bench`` output folders (or folders holding them): a new single/batch cell takes the
@@ -152,15 +156,20 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                       cached_only=cached_only)
     t0 = time.time()
     if backend == "local":
-        cells = run_local(specs, opts, progress)
+        workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)
+        if workers > 1 and not threads:
+            threads = opts.threads = max(1, (os.cpu_count() or 1) // workers)
+        cells = run_local(specs, opts, progress, workers=workers)
     elif backend == "ray":
+        workers = 2 if workers in (None, "auto") else int(workers)
         cells = run_ray(specs, opts, workers=workers, address=address, progress=progress)
     else:
         raise ValueError(f"unknown backend {backend!r}; use local or ray")
     cells += [CellResult(CellSpec(m, ds, n=sizes[ds], offset=offset, setting=setting, edits=edits,
                                   eval_timing=eval_timing, seed=seed), "skipped", reason)
               for m, reason in unavailable.items() for ds in datasets]
-    meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, seconds=time.time() - t0, threads=threads)
+    meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, workers=workers,
+                 seconds=time.time() - t0, threads=threads)
     return write_table(cells, names, datasets, meta, out, plots=plots)
 
 
@@ -173,12 +182,6 @@ def _meta(model: str, cells: list[CellResult], specs: list[CellSpec], **extra: A
             "setting_label": setting_label(specs[0]) if specs else "none", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device": "cpu" if not _cuda() else "cuda", **extra,
             "threads": extra.get("threads") or os.environ.get("OMP_NUM_THREADS") or "default"}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def write_table(cells: list[CellResult], methods: list[str], datasets: list[str], meta: dict[str, Any],

@@ -1,16 +1,21 @@
-"""Where cells run: in this process (``local``) or on Ray actors (``ray``).
+"""Where cells run: on this machine (``local``: in this process, or in ``workers`` processes) or on Ray
+actors (``ray``).
 
-Both load the model once per process and hand whole cells to :func:`~lmedit.table.runner.run_cell`, so the
-numbers do not depend on the backend (each cell seeds its RNGs at its start). The Ray backend starts a
-local cluster of ``workers`` CPUs (``ray.init(num_cpus=workers)``) unless given an ``address``; each actor
-loads the model once and takes cells from a queue as it finishes the previous one.
+Every way loads the model once per process and hands whole cells to :func:`~lmedit.table.runner.run_cell`,
+so the numbers do not depend on the backend (each cell seeds its RNGs at its start). Local workers are
+spawned processes, each with its share of the CPU threads: on a small CPU two single-thread processes do
+nearly twice the work of one two-thread process, because one edit's matrices are too small to keep two
+threads busy. The Ray backend starts a local cluster of ``workers`` CPUs (``ray.init(num_cpus=workers)``)
+unless given an ``address``. In both, each worker takes the next cell as it finishes the previous one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .cells import CellCache, CellResult, CellSpec
@@ -78,8 +83,29 @@ def _load(model: str, threads: int | None) -> Any:
     return load_model(model)
 
 
-def run_local(specs: list[CellSpec], opts: RunOptions, progress: Progress | None = None) -> list[CellResult]:
-    """Every cell in this process, one after the other, on one loaded model."""
+def auto_workers(n_cells: int) -> int:
+    """Local worker processes when the user names none: one per CPU core (at most 4, at most one per cell);
+    one on a GPU machine, whose cells share the accelerator."""
+    if _cuda():
+        return 1
+    return max(1, min(os.cpu_count() or 1, 4, n_cells))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_local(specs: list[CellSpec], opts: RunOptions, progress: Progress | None = None,
+              workers: int = 1) -> list[CellResult]:
+    """Every cell on this machine: in this process, one after the other, on one loaded model; or, with
+    ``workers`` > 1, in that many spawned processes that each load the model once and take whole cells
+    (each with ``threads`` torch threads, by default an equal share of the CPU cores)."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if workers > 1 and len(specs) > 1:
+        return _run_processes(specs, opts, min(workers, len(specs)), progress)
     handle = _load(opts.model, opts.threads)
     results = []
     for spec in specs:
@@ -90,6 +116,35 @@ def run_local(specs: list[CellSpec], opts: RunOptions, progress: Progress | None
             progress.cell_done(result)
         results.append(result)
     return results
+
+
+_WORKER: CellWorker | None = None  # the model and options of a local worker process
+
+
+def _worker_start(opts: RunOptions) -> None:
+    global _WORKER
+    _WORKER = CellWorker(opts)
+
+
+def _worker_run(spec: CellSpec) -> tuple[dict[str, Any], bool]:
+    assert _WORKER is not None, "the worker process was not initialised"
+    return _WORKER.run(spec)
+
+
+def _run_processes(specs: list[CellSpec], opts: RunOptions, workers: int,
+                   progress: Progress | None) -> list[CellResult]:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    opts = replace(opts, threads=opts.threads or max(1, (os.cpu_count() or 1) // workers))  # picklable copy
+    log.info("running %d cells in %d worker processes, %d torch threads each", len(specs), workers, opts.threads)
+    # spawn, not fork: a forked child would inherit this process's torch thread pool and locks
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start, initargs=(opts,)) as pool:
+        return _dispatch(specs, workers, submit=lambda _slot, spec: pool.submit(_worker_run, spec),
+                         wait_any=lambda running, timeout: list(
+                             wait(running, timeout=timeout, return_when=FIRST_COMPLETED).done),
+                         get=lambda future: future.result(), progress=progress, cache=CellCache(opts.out))
 
 
 class CellWorker:
@@ -132,7 +187,9 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
     try:
         actor = ray.remote(num_cpus=1)(CellWorker)
         pool = [actor.remote(opts) for _ in range(min(workers, len(specs)) or 1)]
-        return _dispatch(ray, pool, specs, progress, CellCache(opts.out))
+        return _dispatch(specs, len(pool), submit=lambda slot, spec: pool[slot].run.remote(spec),
+                         wait_any=lambda running, timeout: ray.wait(running, num_returns=1, timeout=timeout)[0],
+                         get=ray.get, progress=progress, cache=CellCache(opts.out))
     finally:
         if started:
             ray.shutdown()
@@ -149,36 +206,48 @@ def _cases_done(cache: CellCache, spec: CellSpec) -> int:
     return n
 
 
-def _dispatch(ray: Any, pool: list[Any], specs: list[CellSpec], progress: Progress | None,
-              cache: CellCache) -> list[CellResult]:
-    """Give each idle actor the next cell until all are done; results in spec order."""
+def _dispatch(specs: list[CellSpec], slots: int, *, submit: Callable[[int, CellSpec], Any],
+              wait_any: Callable[[list[Any], float], list[Any]], get: Callable[[Any], tuple[dict[str, Any], bool]],
+              progress: Progress | None, cache: CellCache) -> list[CellResult]:
+    """Give each idle worker slot the next cell until all are done; results in spec order.
+
+    ``submit(slot, spec)`` starts a cell and returns a handle (a Ray object ref, a future); ``wait_any``
+    returns the handles finished within a timeout; ``get`` a finished handle's (result dict, cached flag).
+    A worker that dies (out of memory, killed) fails its cell, not the table.
+    """
     queue = list(enumerate(specs))
-    running: dict[Any, tuple[int, Any]] = {}
+    running: dict[Any, tuple[int, int]] = {}
     out: list[CellResult | None] = [None] * len(specs)
 
-    def submit(a: Any) -> None:
+    def start(slot: int) -> None:
         i, spec = queue.pop(0)
-        running[a.run.remote(spec)] = (i, a)
+        running[submit(slot, spec)] = (i, slot)
         if progress:
             progress.cell_started(spec, spec.n)
 
-    for a in pool:
+    for slot in range(slots):
         if queue:
-            submit(a)
+            start(slot)
     while running:
-        done, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        done = wait_any(list(running), 2.0)
         if not done:
-            if progress:  # cases finished so far in each running cell (a local cluster shares the disk)
+            if progress:  # cases finished so far in each running cell (local workers share the disk)
                 progress.status(", ".join(f"{specs[i].name} {_cases_done(cache, specs[i])}/{specs[i].n}"
                                           for i, _ in running.values()))
             continue
-        i, a = running.pop(done[0])
-        body, cached = ray.get(done[0])
-        result = CellResult.from_dict(body, specs[i])
-        result.cached = cached
-        out[i] = result
-        if progress:
-            progress.cell_done(result)
-        if queue:
-            submit(a)
+        for handle in done:
+            i, slot = running.pop(handle)
+            try:
+                body, cached = get(handle)
+                result = CellResult.from_dict(body, specs[i])
+                result.cached = cached
+            except Exception as e:  # noqa: BLE001  (the worker itself died: this cell fails, the others go on)
+                log.error("cell %s: its worker failed: %s", specs[i].name, e)
+                result = CellResult(specs[i], "failed", f"the worker running {specs[i].name} died: "
+                                                        f"{type(e).__name__}: {e}")
+            out[i] = result
+            if progress:
+                progress.cell_done(result)
+            if queue:
+                start(slot)
     return [r for r in out if r is not None]

@@ -67,6 +67,8 @@ def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None 
     walls = [_num(s.get("wall_seconds")) for s in summaries or []]
     if walls and all(w is not None for w in walls):
         out["benchmark_wall_seconds"] = sum(walls)  # type: ignore[arg-type]
+    elif results and len(case_walls := _values(results, "wall_seconds")) == len(results):
+        out["benchmark_wall_seconds"] = sum(case_walls)  # multi-hop cells time each case themselves
     return out
 
 
@@ -123,7 +125,8 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
             "mean quality (token_acc, x100)"]
     lines = [f"# Efficiency on {meta['model']}", "",
              f"Setting: {meta['setting_label']}; device: {meta.get('device', 'cpu')}; torch threads: "
-             f"{meta.get('threads', '?')}. Time per edit is the wall-clock of the edit computation only "
+             f"{meta.get('threads', '?')}"
+             f"{f' per process, {w} worker processes' if (w := meta.get('workers') or 1) > 1 else ''}. Time per edit is the wall-clock of the edit computation only "
              "(scoring excluded); the per-dataset and plotted values are medians, as a first edit may carry an "
              "unreported warm-up (a mean far above the median shows one). One-off costs (statistics, training) are counted once, not per edit. Peak "
              "memory during editing: the process's peak RSS on CPU (it includes the model itself), "

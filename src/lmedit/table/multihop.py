@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,12 +127,14 @@ def run_multihop(editor: Any, handle: Any, cases: list[Any], out_dir: Path, *, r
             if on_case:
                 on_case()
             continue
+        t0 = time.perf_counter()
         pre = score_multihop(handle, case)
         edits, eff = apply_all(editor, handle, list(case.requests))
         try:
             post = score_multihop(handle, case)
         finally:
             revert_all(handle, edits)
+        eff["wall_seconds"] = time.perf_counter() - t0  # the whole case: scoring before and after, edits, revert
         result = CaseResult(case.case_id, post=post, pre=pre, efficiency=eff,
                             info={"edits": len(case.requests), "source": case.source})
         with path.open("a") as f:
