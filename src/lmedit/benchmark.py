@@ -51,6 +51,9 @@ EVAL_TIMINGS = ("immediate", "final")
 CASES_FILE, SUMMARY_FILE, TABLE_FILE = "cases.jsonl", "summary.json", "table.md"
 RUN_FILE, EDITS_DIR = "run.json", "edits"
 NEWER_FIELDS = ("case_digests", "checkpoint_state")  # run.json fields that older runs on disk do not have
+# run.json fields compared through another: the resolved config through config_hash, which leaves out
+# locations such as a checkpoint's path (checkpoint_state identifies the checkpoint by content)
+BY_HASH = ("config",)
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
 SCORE_S_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy", "paraphrase", "neighborhood")
@@ -221,7 +224,7 @@ def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str |
         old = json.loads((src / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
         return {}, f"{src / RUN_FILE} is unreadable ({e})"
-    diff = sorted(k for k in header if k not in ("case_ids", "case_digests") and old.get(k) != header[k])
+    diff = sorted(k for k in header if k not in ("case_ids", "case_digests", *BY_HASH) and old.get(k) != header[k])
     if diff:
         return {}, f"{src} is another run (different {', '.join(diff)})"
     if header["setting"] == "sequential":
@@ -460,7 +463,8 @@ def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
     if (out / RUN_FILE).exists():
         old = json.loads((out / RUN_FILE).read_text())
         # fields newer than some runs on disk: for those, the case ids and the run's other fields decide
-        diff = sorted(k for k in header if old.get(k) != header[k] and (k in old or k not in NEWER_FIELDS))
+        diff = sorted(k for k in header if k not in BY_HASH and old.get(k) != header[k]
+                      and (k in old or k not in NEWER_FIELDS))
         if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
             log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
             diff = []

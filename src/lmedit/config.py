@@ -127,8 +127,12 @@ class Config:
         """Raise ConfigError on values that cannot work; subclasses extend this."""
 
     def hash(self) -> str:
-        """A short stable hash of the values, for cache keys."""
-        blob = json.dumps({"type": type(self).__name__, **self.to_dict()}, sort_keys=True)
+        """A short stable hash of the values that define the method, for cache keys (fields declared with
+        ``option(..., identity=False)``, such as a trained editor's checkpoint path, are left out: what they
+        point to is identified by content where it matters)."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.metadata.get("identity", True)}
+        blob = json.dumps({"type": type(self).__name__, **values}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
@@ -165,8 +169,10 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with a default and a one-line help text."""
+def option(default: Any, help: str, *, identity: bool = True, **kw: Any) -> Any:
+    """A config field with a default and a one-line help text; ``identity=False`` keeps it out of
+    :meth:`Config.hash` (a location rather than a value of the method)."""
+    meta = {"help": help, "identity": identity}
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)

@@ -51,7 +51,7 @@ class ToyEditor(Editor):
 
 @dataclasses.dataclass
 class ToyFitConfig(ToyConfig):
-    checkpoint: str | None = option(None, "trained state folder")
+    checkpoint: str | None = option(None, "trained state folder", identity=False)
 
 
 class ToyFitEditor(ToyEditor):
@@ -387,9 +387,33 @@ def test_a_retrained_checkpoint_lends_nothing(toy, model_dir, tmp_path):
     editor = get_editor(TOY_FIT, {"checkpoint": str(ck)})
     run_benchmark(editor, handle, cases, out_dir=tmp_path / "run")
     assert len(lendable_cases(tmp_path / "run", run_header(editor, handle, cases))[0]) == 2
+    import shutil
+
+    shutil.copytree(ck, tmp_path / "moved")
+    moved = get_editor(TOY_FIT, {"checkpoint": str(tmp_path / "moved")})
+    assert len(lendable_cases(tmp_path / "run", run_header(moved, handle, cases))[0]) == 2, "same weights, new path"
     (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.b.safetensors": "bbb"}}))
     lent, why = lendable_cases(tmp_path / "run", run_header(editor, handle, cases))
     assert not lent and "checkpoint_state" in why, "same path, retrained weights: another editor"
+
+
+def test_cell_key_follows_the_checkpoints_content_not_its_path(toy, model_dir, tmp_path):
+    import shutil
+    import time
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.a.safetensors": "aaa"}}))
+    first = _table(model_dir, tmp_path / "t", methods=TOY_FIT, checkpoints={TOY_FIT: str(ck)})
+    assert first.cells[0].status == "ok", first.cells[0].reason
+    calls = toy.calls
+    time.sleep(0.01)
+    shutil.copytree(ck, tmp_path / "copy")  # new path, new mtimes, same weights
+    again = _table(model_dir, tmp_path / "t", methods=TOY_FIT, checkpoints={TOY_FIT: str(tmp_path / "copy")})
+    assert again.cells[0].cached and toy.calls == calls, "a copied checkpoint keeps its cells"
+    (ck / "editor.json").write_text(json.dumps({"method": TOY_FIT, "files": {"editor.b.safetensors": "bbb"}}))
+    third = _table(model_dir, tmp_path / "t", methods=TOY_FIT, checkpoints={TOY_FIT: str(ck)})
+    assert not third.cells[0].cached and toy.calls > calls, "retrained weights make the cell stale"
 
 
 def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir, tmp_path):

@@ -173,7 +173,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     cases = load_cases(spec, data_path)
     config = editor.config_for(handle)
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
-                   data_digest=cases_digest(cases), extra={"checkpoint": checkpoint_digest(overrides.get("checkpoint"))})
+                   data_digest=cases_digest(cases), extra={"checkpoint": checkpoint_identity(overrides.get("checkpoint"))})
     hit = cache.load(spec, key)
     if hit is not None:
         log.info("cell %s: cached", spec.name)
@@ -217,10 +217,16 @@ def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
             f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
 
 
-def checkpoint_digest(directory: str | None) -> str | None:
-    """Identity of a trained-editor folder (names, sizes, mtimes of its files): retraining makes cells stale."""
+def checkpoint_identity(directory: str | None) -> str | None:
+    """A trained editor's identity in a cell key: its content (:func:`~lmedit.training.checkpoint.state_id`,
+    the weights' hashes in editor.json), so a copied checkpoint keeps its cells and a retrained one makes
+    them stale; for a folder without a readable editor.json, the names, sizes and mtimes of its files."""
     if not directory:
         return None
+    from ..training.checkpoint import state_id
+
+    if (content := state_id(directory)) is not None:
+        return content
     root = Path(directory)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     return digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])[:16]

@@ -39,13 +39,16 @@ class CheckpointError(RuntimeError):
 
 def state_id(directory: str | Path) -> str | None:
     """Identity of a trained editor folder by content: its method, config and the sha256 of its weights, as
-    recorded in ``editor.json`` (None when there is no readable editor.json)."""
+    recorded in ``editor.json`` (None when there is no readable editor.json). A copied or moved checkpoint
+    keeps it; retraining at the same path changes it. Benchmark runs record it (``checkpoint_state``) and the
+    table's cell keys use it."""
+    from ..digests import digest
+
     try:
         info = json.loads((Path(directory) / f"{EDITOR}.json").read_text())
     except (OSError, ValueError):
         return None
-    blob = json.dumps([info.get("method"), info.get("config"), info.get("files")], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest([info.get("method"), info.get("config"), info.get("files")])[:16]
 
 
 def _sha256(path: Path) -> str:

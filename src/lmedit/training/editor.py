@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 class TrainedConfig(Config):
     """Fields every trained editor has (training length, optimiser, validation, checkpoint)."""
 
-    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + its tensors)")
+    # a location, not a value: runs and cells identify the checkpoint by its content (state_id)
+    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + its tensors)",
+                                    identity=False)
     steps: int = option(2000, "training steps (one batch of edits each)")
     batch_size: int = option(4, "edits per training step")
     lr: float = option(1e-4, "Adam learning rate of the editor network")
