@@ -195,3 +195,29 @@ def test_measure_time_and_memory():
         pass
     assert quiet.seconds < m.seconds
     assert abs(current_rss() - read()) < 16 * 2**20
+
+
+def test_in_context_scoring_runs_the_shared_context_once_with_the_same_scores(tiny, monkeypatch):
+    """Under an in-context edit every row starts with the same context: it is served from one key/value cache
+    (decoder-only models), and the scores equal those of full forwards. T5 reads the whole prompt."""
+    import lmedit.kv as kv
+    import lmedit.metrics.scoring as scoring
+
+    ctx = "New Fact: The capital of France is Lyon\nPrompt: The capital of France is Lyon\n\n" * 3 + "Prompt: "
+    prompts = [PROMPT, "The capital of France is", "Paris is the capital of", "x"]
+    answers = ["English", "Lyon", "France and more", "y z"]
+    tiny.contexts.append(ctx)
+    served: list[int] = []
+    hidden = kv.SharedPrefix.hidden
+    monkeypatch.setattr(kv.SharedPrefix, "hidden", lambda self, ids, mask, k: served.append(k) or hidden(self, ids, mask, k))
+    fast = score_targets(tiny, prompts, answers, batch_size=3)
+    monkeypatch.setattr(scoring, "MIN_SHARED_TOKENS", 10**9)  # every row runs its whole context
+    full = score_targets(tiny, prompts, answers, batch_size=3)
+    tiny.contexts.clear()
+    if tiny.is_encoder_decoder:
+        assert not served
+    else:
+        assert served and min(served) >= 16, "the context ran once; each batch ran only its rows' own tokens"
+    for a, b in zip(fast, full, strict=True):
+        assert a.labels == b.labels and a.pred == b.pred
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import get_module, replayed
+from ..kv import cache_kwarg, new_cache
 from ..metrics.scoring import _has_logit_processing, logits_at
 from ..types import EditRequest
 from .keys import subject_last
@@ -143,11 +143,10 @@ class _Suffix:
         self.positions = torch.tensor(split)[:, None] + torch.arange(self.ids.shape[1])[None]  # [rows, S]
         self.index = torch.zeros(len(split), dtype=torch.long)
         self.cache, self.mask = None, suf_mask
-        params = inspect.signature(self.body.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(self.body)
         if max(split) > 0:
             pre_ids, pre_mask = handle.tokens.pad(pre, "right")  # padded columns are masked out below
-            self.cache = _new_cache(model)
+            self.cache = new_cache(model)
             with torch.no_grad():
                 self.body(**self._dev(input_ids=pre_ids, attention_mask=pre_mask,
                                       position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0)),
@@ -171,15 +170,6 @@ class _Suffix:
         """One clean pass (δ is added at ℓ, above what it records) that keeps the output of layer ℓ-1."""
         logits, self.below = _with_input_of(self.handle, self.layer, self.logits)
         return logits
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # transformers 4.x
-        return DynamicCache()
 
 
 class _Sites:

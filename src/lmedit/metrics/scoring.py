@@ -9,10 +9,15 @@ read the argmax prediction and the log-probability of the true next token. From 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MIN_SHARED_TOKENS = 16  # an in-context edit's prefix shorter than this is simply run with every row
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,9 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
     """Score each (prompt, answer) pair by teacher forcing on the handle's model as it is now.
 
     Prompts are rendered through ``handle.render`` (so in-context edits apply). Rows are batched by length
-    to limit padding; padding is on the right, so no position of a real token moves.
+    to limit padding; padding is on the right, so no position of a real token moves. Under an in-context edit
+    every row begins with the same context (IKE: hundreds of tokens of demonstrations): it runs once, and
+    each batch runs only its rows' own tokens on a copy of its key/value cache (:mod:`lmedit.kv`).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -57,6 +64,7 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
                for p, a in zip(rendered, answers, strict=True)]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[TargetScore | None] = [None] * len(prompts)
+    prefix = _context_prefix(handle)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         batch = handle.tokens.teacher_forced([rendered[i] for i in idx], [answers[i] for i in idx])
@@ -65,7 +73,9 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
             pos = batch.pred_positions(r)
             rows.extend([r] * len(pos))
             cols.extend(pos)
-        logits = _logits_at(handle, batch, rows, cols)  # [n_positions, vocab]
+        logits = _prefixed_logits(prefix, batch, rows, cols) if prefix is not None else None
+        if logits is None:
+            logits = _logits_at(handle, batch, rows, cols)  # [n_positions, vocab]
         logp = F.log_softmax(logits.float(), dim=-1)
         labels = torch.tensor([y for lab in batch.labels for y in lab], device=logp.device)
         picked = logp.gather(1, labels[:, None])[:, 0].tolist()
@@ -78,6 +88,29 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
     return out  # type: ignore[return-value]
 
 
+def _context_prefix(handle):
+    """The active in-context edits' shared prefix, ready to serve batches; None when there is none or the
+    model cannot take it (encoder-decoder, post-processed logits)."""
+    from ..kv import SharedPrefix, body_and_head
+
+    if not handle.contexts or body_and_head(handle.model) is None:
+        return None
+    ids = handle.tokens.prompt_ids("".join(handle.contexts))
+    if len(ids) < MIN_SHARED_TOKENS:
+        return None
+    return SharedPrefix(handle.model, ids, handle.device)
+
+
+def _prefixed_logits(prefix, batch, rows: list[int], cols: list[int]) -> torch.Tensor | None:
+    """Logits at (rows, cols) with the shared prefix served from its cache; None when the rows do not share
+    enough of it (the context's last tokens may merge with a prompt's first ones; those are recomputed)."""
+    k = prefix.shared_length(batch.input_ids, batch.attention_mask, min(cols))
+    if k < MIN_SHARED_TOKENS:
+        return None
+    hidden = prefix.hidden(batch.input_ids, batch.attention_mask, k)
+    return prefix.head(hidden[rows, [c - k for c in cols]])
+
+
 def _logits_at(handle, batch, rows: list[int], cols: list[int]) -> torch.Tensor:
     """Logits at the given (row, position) pairs only: the unembedding runs on those positions alone."""
     return logits_at(handle, batch.model_inputs(handle.device), rows, cols)
@@ -85,13 +118,13 @@ def _logits_at(handle, batch, rows: list[int], cols: list[int]) -> torch.Tensor:
 
 def logits_at(handle, inputs: dict, rows, cols) -> torch.Tensor:
     """``_logits_at`` for ready model inputs (any extra keyword, e.g. ``use_cache``, is passed on)."""
+    from ..kv import body_and_head
+
     model = handle.model
-    if handle.is_encoder_decoder:
+    body_head = None if handle.is_encoder_decoder else body_and_head(model)
+    if body_head is None:
         return model(**inputs).logits[rows, cols]
-    body = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or head is None or _has_logit_processing(model):
-        return model(**inputs).logits[rows, cols]
+    body, head = body_head
     hidden = body(**inputs).last_hidden_state  # [batch, seq, d]
     return head(hidden[rows, cols])
 

@@ -1,0 +1,93 @@
+"""Key/value caches of shared prefixes: run the tokens that many rows share once, then only the rest.
+
+Two places read many rows that begin alike: value optimisation (every rewriting prompt up to the subject's
+last token, :mod:`lmedit.locate.values`) and scoring under an in-context edit (IKE's demonstrations in
+front of every evaluation prompt, :mod:`lmedit.metrics.scoring`). Both build a Hugging Face ``DynamicCache``
+for the prefix here and run each step or batch on a copy of it.
+
+Cropping a cache is avoided on purpose: ``DynamicCache.crop`` changed meaning across transformers versions.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+
+
+def new_cache(model: Any) -> Any:
+    """An empty ``DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers 4.x
+        return DynamicCache()
+
+
+def cache_kwarg(body: Any) -> str:
+    """The keyword under which ``body.forward`` takes a cache (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def body_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder body, unembedding) of a decoder-only model whose logits are ``head(body(...))``, else None
+    (encoder-decoders, models without an output embedding or with logit post-processing)."""
+    from .metrics.scoring import _has_logit_processing
+
+    if getattr(model.config, "is_encoder_decoder", False) or _has_logit_processing(model):
+        return None
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if body is None or head is None else (body, head)
+
+
+class SharedPrefix:
+    """A token sequence whose key/value cache serves, repeated, any batch of rows that begin with (a prefix
+    of) it. The cache of each shared length is computed once, on first use."""
+
+    def __init__(self, model: Any, ids: list[int], device: torch.device) -> None:
+        body_head = body_and_head(model)
+        if body_head is None:
+            raise ValueError("a shared prefix needs a decoder-only model with a plain output head")
+        self.model = model
+        self.body, self.head = body_head
+        self.ids, self.device = list(ids), device
+        self.kw = cache_kwarg(self.body)
+        self._caches: dict[int, Any] = {}
+
+    def shared_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_col: int) -> int:
+        """How many leading tokens every (right-padded) row shares with the prefix, kept below ``first_col``
+        (the first position whose logits are read must be computed, not cached)."""
+        n = min(len(self.ids), input_ids.shape[1], first_col)
+        ref = torch.tensor(self.ids[:n], device=input_ids.device)
+        same = (input_ids[:, :n] == ref[None]) & attention_mask[:, :n].bool()
+        return int(same.all(0).long().cumprod(0).sum())
+
+    @torch.no_grad()
+    def _cache(self, k: int) -> Any:
+        if k not in self._caches:
+            cache = new_cache(self.model)
+            ids = torch.tensor([self.ids[:k]], device=self.device)
+            self.body(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      position_ids=torch.arange(k, device=self.device)[None], use_cache=True, **{self.kw: cache})
+            self._caches[k] = cache
+        return self._caches[k]
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+        """Last hidden states [rows, seq - k, d] of right-padded rows whose first ``k`` tokens are the
+        prefix's, running only their tokens after ``k`` on a copy of the prefix's cache."""
+        rows = input_ids.shape[0]
+        cache = copy.deepcopy(self._cache(k))
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        suffix_mask = attention_mask[:, k:]
+        mask = torch.cat([torch.ones(rows, k, dtype=attention_mask.dtype, device=attention_mask.device),
+                          suffix_mask], 1)
+        positions = k + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.body(input_ids=input_ids[:, k:].to(self.device), attention_mask=mask.to(self.device),
+                        position_ids=positions.to(self.device), use_cache=True, **{self.kw: cache})
+        return out.last_hidden_state
