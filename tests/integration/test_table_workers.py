@@ -58,8 +58,16 @@ def test_dead_worker_fails_its_cell_only(tmp_path):
     assert [r.spec.name for r in results] == [s.name for s in specs]
     assert [r.status for r in results] == ["ok", "failed", "ok"]
     assert "died" in results[1].reason and "terminated abruptly" in results[1].reason
-    assert [s for _, s in started] == [s.name for s in specs]
+    assert [s for _, s in started] == ["rome/zsre", "ft-m/zsre", "ft-m/counterfact"], "the longest cell first"
     assert {slot for slot, _ in started} == {0, 1}, "a freed slot takes the next cell"
+
+
+def test_cell_cost_orders_long_cells_first():
+    from lmedit.table.backends import cell_cost
+
+    rome, ike = CellSpec("rome", "zsre", n=100), CellSpec("ike", "zsre", n=100)
+    assert cell_cost(rome) > cell_cost(ike) > 0
+    assert cell_cost(CellSpec("rome", "mquake", n=25)) == cell_cost(rome), "4 edits per multi-hop case"
 
 
 def test_auto_workers_one_per_core_at_most_four(monkeypatch):

@@ -75,6 +75,7 @@ class CaliNet(Editor):
 
     Config = CaliNetConfig
     capabilities = Capabilities(batch=True, sequential=True, edit_kind="module_swap")
+    relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [28, 29], "width": 64, "lr": 1e-3, "steps": 300},
     }

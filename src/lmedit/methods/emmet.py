@@ -32,6 +32,7 @@ class EMMET(Editor):
 
     Config = EMMETConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
+    relative_cost: ClassVar[float] = 12.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [17], "mom2_update_weight": 10000, "clamp_norm_factor": 0.75,

@@ -100,6 +100,7 @@ class _FineTune(Editor):
     Config = FTConfig
     capabilities = Capabilities(batch=True, sequential=True, needs_fit=False, edit_kind="weight_delta",
                                 encoder_decoder=True)
+    relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
 
     def resolve(self, handle: Any, cfg: FTConfig) -> FTConfig:
         if cfg.layers is None:

@@ -88,6 +88,7 @@ class IKE(Editor):
     Config = IKEConfig
     capabilities = Capabilities(batch=False, sequential=False, needs_fit=False, edit_kind="prompt_context",
                                 encoder_decoder=True)
+    relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m": {"k": 16}}
     quick: ClassVar[dict[str, Any]] = {"k": 4, "pool_size": 40}
 

@@ -31,6 +31,7 @@ class MEMIT(Editor):
 
     Config = MEMITConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
+    relative_cost: ClassVar[float] = 12.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000, "clamp_norm_factor": 0.75,

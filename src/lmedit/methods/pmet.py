@@ -32,6 +32,7 @@ class PMET(Editor):
 
     Config = PMETConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
+    relative_cost: ClassVar[float] = 14.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000, "clamp_norm_factor": 0.75,

@@ -64,6 +64,7 @@ class ROME(Editor):
 
     Config = ROMEConfig
     capabilities = Capabilities(batch=False, sequential=True, encoder_decoder=False)
+    relative_cost: ClassVar[float] = 12.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # 50 value steps (see SMOLLM2_VALUE_STEPS). 5 context templates (MEMIT's set) instead of the paper's 20:
         # every value step runs 7 rows instead of 22, ~2.3× faster per edit, at equal quality on 20 ZsRE cases

@@ -238,6 +238,7 @@ class TPatcher(Editor):
 
     Config = TPatcherConfig
     capabilities = Capabilities(batch=False, sequential=True, edit_kind="module_swap")
+    relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layer": 29, "lr": 1e-2, "alc": 1.0, "mlc": 10.0, "memory_size": 20000},
     }

@@ -195,6 +195,19 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
             ray.shutdown()
 
 
+def cell_cost(spec: CellSpec) -> float:
+    """A rough cost of a cell for ordering: cases x edits per case x the method's ``relative_cost``."""
+    from ..registry import editor_class
+    from .runner import dataset_kind
+
+    try:
+        per_case = float(editor_class(spec.method).relative_cost)
+    except Exception:  # noqa: BLE001  (an unknown method fails in its own cell, not here)
+        per_case = 1.0
+    edits = 4 if dataset_kind(spec.dataset) == "multihop" else 1  # MQuAKE-hard: 4 edits per case
+    return spec.n * edits * per_case
+
+
 def _cases_done(cache: CellCache, spec: CellSpec) -> int:
     """Finished cases of a running cell, counted from its cases.jsonl files (the workers share the disk)."""
     n = 0
@@ -209,13 +222,14 @@ def _cases_done(cache: CellCache, spec: CellSpec) -> int:
 def _dispatch(specs: list[CellSpec], slots: int, *, submit: Callable[[int, CellSpec], Any],
               wait_any: Callable[[list[Any], float], list[Any]], get: Callable[[Any], tuple[dict[str, Any], bool]],
               progress: Progress | None, cache: CellCache) -> list[CellResult]:
-    """Give each idle worker slot the next cell until all are done; results in spec order.
+    """Give each idle worker slot the next cell until all are done, longest first (so that no long cell
+    starts last, while the other workers sit idle); results in spec order.
 
     ``submit(slot, spec)`` starts a cell and returns a handle (a Ray object ref, a future); ``wait_any``
     returns the handles finished within a timeout; ``get`` a finished handle's (result dict, cached flag).
     A worker that dies (out of memory, killed) fails its cell, not the table.
     """
-    queue = list(enumerate(specs))
+    queue = sorted(enumerate(specs), key=lambda item: -cell_cost(item[1])) if slots > 1 else list(enumerate(specs))
     running: dict[Any, tuple[int, int]] = {}
     out: list[CellResult | None] = [None] * len(specs)
 

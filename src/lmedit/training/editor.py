@@ -58,6 +58,7 @@ class TrainedEditor(Editor):
     Config: ClassVar[type[Config]] = TrainedConfig
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, needs_fit=True)
     quick: ClassVar[dict[str, Any]] = {}
+    relative_cost: ClassVar[float] = 1.0  # a forward of the trained network per edit; scoring dominates
     default_dataset: ClassVar[str] = "zsre"
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
