@@ -16,7 +16,7 @@ import torch
 from lmedit.config import Config, option
 from lmedit.edits import PromptContext
 from lmedit.methods.base import Capabilities, Editor
-from lmedit.registry import UnknownMethodError, register_editor
+from lmedit.registry import UnknownMethodError, editor_class, register_editor
 from lmedit.table import build_table, resolve_methods
 from lmedit.table.cells import CellCache, CellResult, CellSpec, cell_key
 from lmedit.table.layout import build_rows, markdown
@@ -424,3 +424,21 @@ def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir
     assert [(c.spec.dataset, c.status) for c in t.cells] == [("zsre", "ok"), ("counterfact", "skipped")]
     assert "not computed yet" in t.cells[1].reason and "not computed yet" in t.markdown
     assert not (tmp_path / "cells" / f"{TOY}__counterfact").exists()
+
+
+def test_a_t5_table_shows_why_decoder_only_methods_cannot_run(tmp_path):
+    """--model a local T5 directory: the methods that edit encoder-decoders fill their cells, ROME and MEMIT
+    show '-' with the reason (as the paper's T5 columns do)."""
+    from conftest import make_model, make_tokenizer
+
+    t5 = tmp_path / "t5"
+    make_model("t5").save_pretrained(t5)
+    make_tokenizer().save_pretrained(t5)
+    t = build_table(str(t5), out=tmp_path / "out", methods="ft-m,rome,memit", datasets=["zsre"], n=2, threads=1,
+                    plots=False, method_overrides={"ft-m": editor_class("ft-m").quick})
+    status = {c.spec.method: (c.status, c.reason) for c in t.cells}
+    assert status["ft-m"][0] == "ok", status["ft-m"]
+    for m in ("rome", "memit"):
+        assert status[m][0] == "skipped" and "encoder-decoder" in status[m][1], status[m]
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert md.count("-[^") >= 6 and "encoder-decoder" in md, "rome and memit: '-' in each row, reason in a footnote"
