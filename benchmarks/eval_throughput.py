@@ -6,6 +6,11 @@ runs ``model(input_ids, attention_mask).logits`` on pre-built tensors; the score
 ``lmedit.metrics.score_targets`` (tokenization, batching, answer-position unembedding, log-softmax, argmax,
 Python records). Throughput counts real (unpadded) tokens per second.
 
+Second part: scoring under an in-context edit (IKE's demonstrations in front of every row). The scorer runs
+the shared context once and each batch only on its rows' own tokens (``lmedit.kv.SharedPrefix``); the
+baseline is the same scorer forced to run every row in full. Both score the same rows of
+``--context-cases`` cases, each under its own IKE edit; predictions must agree exactly.
+
     flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py            # 200 cases, batch 32
     python benchmarks/eval_throughput.py --n 50 --repeats 2 --no-write           # quick look
 """
@@ -64,6 +69,43 @@ def time_scorer(handle, prompts, answers, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def in_context(handle, cases, batch_size: int, repeats: int) -> dict:
+    """Seconds to score every case's rows under its IKE context: shared-prefix path vs full rows."""
+    import lmedit.metrics.scoring as scoring
+    from lmedit import get_editor
+
+    editor = get_editor("ike")
+    work = []
+    for c in cases:
+        prompts, answers = rows_for([c])
+        work.append((editor.compute(handle, [c.request]), prompts, answers))
+
+    def run(full: bool) -> tuple[float, list]:
+        saved = scoring.MIN_SHARED_TOKENS
+        scoring.MIN_SHARED_TOKENS = 10**9 if full else saved
+        out, t0 = [], time.perf_counter()
+        try:
+            for edit, prompts, answers in work:
+                with edit.applied(handle):
+                    out += scoring.score_targets(handle, prompts, answers, batch_size=batch_size)
+        finally:
+            scoring.MIN_SHARED_TOKENS = saved
+        return time.perf_counter() - t0, out
+
+    run(False)  # warm-up
+    fast, full = [], []
+    for _ in range(repeats):
+        t, a = run(False)
+        fast.append(t)
+        t, b = run(True)
+        full.append(t)
+    same = all(x.pred == y.pred for x, y in zip(a, b, strict=True))
+    gap = max(abs(u - v) for x, y in zip(a, b, strict=True) for u, v in zip(x.logprobs, y.logprobs, strict=True))
+    context_tokens = [len(handle.tokens.prompt_ids(e.context)) for e, _, _ in work]
+    return {"fast": statistics.median(fast), "full": statistics.median(full), "rows": len(a), "same": same,
+            "gap": gap, "context_tokens": statistics.median(context_tokens)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -72,6 +114,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per side (median reported)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context-cases", type=int, default=10, help="cases scored under their IKE edit (0: skip)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update the results file")
     args = ap.parse_args()
 
@@ -108,9 +151,21 @@ def main() -> None:
     ]
     for name, sec in rows:
         lines.append(f"| {name} | {sec:.2f} | {n_tokens / sec:,.0f} | {p / sec:.0%} |")
+    if args.context_cases:
+        ic = in_context(handle, cases[: args.context_cases], args.batch_size, args.repeats)
+        lines += ["", "## Under an in-context edit (IKE)", "",
+                  f"{args.context_cases} cases, each scored under its own IKE context (median "
+                  f"{ic['context_tokens']:.0f} tokens of demonstrations), {ic['rows']} rows; median of "
+                  f"{args.repeats} interleaved passes.", "",
+                  "| path | seconds | vs full rows |", "|---|---:|---:|",
+                  f"| every row runs its whole context | {ic['full']:.2f} | 1.0x |",
+                  f"| shared context once (key/value cache) | {ic['fast']:.2f} | {ic['full'] / ic['fast']:.1f}x |", "",
+                  f"Predictions identical: {'yes' if ic['same'] else 'NO'}; largest log-probability difference "
+                  f"{ic['gap']:.1e}."]
     model = "" if args.model == "smollm2-135m" else f" --model {args.model}"
     lines += ["", "Command: `flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py"
-              f"{model} --n {args.n} --batch-size {args.batch_size} --repeats {args.repeats}`", ""]
+              f"{model} --n {args.n} --batch-size {args.batch_size} --repeats {args.repeats} "
+              f"--context-cases {args.context_cases}`", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
