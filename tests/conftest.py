@@ -66,6 +66,20 @@ def make_model(family: str, vocab: int = 400):
     return m.eval()
 
 
+def save_tiny(path, family: str = "llama"):
+    """A tiny random model and its tokenizer saved as a local model directory (for code that loads by path,
+    such as worker processes and the CLI); returns ``path``."""
+    make_model(family).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a normal Hugging Face model directory."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture(autouse=True)
 def _threads(request):
     """Tiny models run fastest on one thread (thread start-up dominates); real-model tests get two."""

@@ -20,11 +20,9 @@ def _numbers(out) -> list[tuple]:
 
 
 def test_worker_processes_match_one_process(tmp_path):
-    from conftest import make_model, make_tokenizer
+    from conftest import save_tiny
 
-    model_dir = tmp_path / "model"
-    make_model("llama").save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny(tmp_path / "model")
     kw = dict(methods="ft-m", datasets=["zsre", "counterfact"], n=2, threads=1, plots=False,
               method_overrides={"ft-m": editor_class("ft-m").quick})
 

@@ -8,18 +8,6 @@ import pytest
 
 from lmedit.cli import main
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama and its tokenizer saved as a normal Hugging Face model directory."""
-    from conftest import make_model, make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
 # enough fine-tuning for the tiny random model to learn a 3-token target (the defaults are tuned for SmolLM2)
 FT = ["--set", "steps=30", "--set", "lr=0.02"]
 

@@ -73,14 +73,9 @@ def toy():
     registry._EDITORS.pop(TOY_FIT, None)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from conftest import make_model, make_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return str(d)
+@pytest.fixture
+def model_dir(tiny_dir):
+    return str(tiny_dir)
 
 
 def _table(model_dir, out, **kw):
@@ -429,11 +424,9 @@ def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir
 def test_a_t5_table_shows_why_decoder_only_methods_cannot_run(tmp_path):
     """--model a local T5 directory: the methods that edit encoder-decoders fill their cells, ROME and MEMIT
     show '-' with the reason (as the paper's T5 columns do)."""
-    from conftest import make_model, make_tokenizer
+    from conftest import save_tiny
 
-    t5 = tmp_path / "t5"
-    make_model("t5").save_pretrained(t5)
-    make_tokenizer().save_pretrained(t5)
+    t5 = save_tiny(tmp_path / "t5", "t5")
     t = build_table(str(t5), out=tmp_path / "out", methods="ft-m,rome,memit", datasets=["zsre"], n=2, threads=1,
                     plots=False, method_overrides={"ft-m": editor_class("ft-m").quick})
     status = {c.spec.method: (c.status, c.reason) for c in t.cells}

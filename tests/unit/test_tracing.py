@@ -242,14 +242,6 @@ def test_plots_write_files(tiny_llama, tmp_path):
         assert f.exists() and f.stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import make_model, make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_cli_trace_writes_data_and_plots(tiny_dir, tmp_path, capsys):
