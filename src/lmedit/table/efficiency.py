@@ -95,7 +95,9 @@ def method_summary(cells: list[Any], rows: list[Any], methods: list[str]) -> lis
                     parts[k.removeprefix("one_off:")] = max(parts.get(k.removeprefix("one_off:"), 0.0), v)
         peaks = [c.efficiency["peak_memory_bytes"] for c in ok if "peak_memory_bytes" in c.efficiency]
         quality = [r.values[m] for r in rows if r.protocol == "token_acc" and r.values.get(m) is not None]
+        walls = [c.efficiency["benchmark_wall_seconds"] for c in ok if "benchmark_wall_seconds" in c.efficiency]
         out.append({"method": m, "cells_ok": len(ok), "seconds_per_edit": _mean(list(spe.values())),
+                    "wall_seconds": sum(walls) if walls else None,
                     "mean_seconds_per_edit": _mean(means),
                     "seconds_per_edit_by_dataset": spe, "one_off_seconds": max(one_off) if one_off else None,
                     "one_off_parts": parts,
@@ -121,7 +123,7 @@ def _fmt_one_off(s: dict[str, Any]) -> str:
 def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta: dict[str, Any]) -> str:
     """efficiency.md: time per edit (per dataset and mean), one-off costs, peak memory, mean quality."""
     head = ["Method", "s/edit (median)", "s/edit (mean)", *[f"s/edit {d}" for d in datasets], "one-off (s)",
-            "peak memory",
+            "peak memory", "cells' wall (min)",
             "mean quality (token_acc, x100)"]
     lines = [f"# Efficiency on {meta['model']}", "",
              f"Setting: {meta['setting_label']}; device: {meta.get('device', 'cpu')}; torch threads: "
@@ -138,6 +140,12 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
         vals = [s["method"], _secs(s["seconds_per_edit"]), _secs(s["mean_seconds_per_edit"]),
                 *[_secs(by.get(d)) for d in datasets],
                 _fmt_one_off(s),
-                human_bytes(s["peak_memory_bytes"]), "n/a" if q is None else f"{100 * q:.1f}"]
+                human_bytes(s["peak_memory_bytes"]), "n/a" if s["wall_seconds"] is None else f"{s['wall_seconds'] / 60:.1f}",
+                "n/a" if q is None else f"{100 * q:.1f}"]
         lines.append("| " + " | ".join(vals) + " |")
+    walls = [s["wall_seconds"] for s in summary if s["wall_seconds"] is not None]
+    if walls:
+        lines += ["", f"Cells' wall time: {sum(walls) / 3600:.2f} h in all (each cell's cases, edit and scoring, "
+                      "timed where they ran; cases a cell took from an earlier run with --reuse are not counted; "
+                      "cells that ran side by side in worker processes overlap)."]
     return "\n".join(lines) + "\n"
