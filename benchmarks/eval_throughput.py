@@ -165,7 +165,7 @@ def main() -> None:
     model = "" if args.model == "smollm2-135m" else f" --model {args.model}"
     lines += ["", "Command: `flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py"
               f"{model} --n {args.n} --batch-size {args.batch_size} --repeats {args.repeats} "
-              f"--context-cases {args.context_cases}`", ""]
+              f"--context-cases {args.context_cases} --threads {args.threads}`", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
