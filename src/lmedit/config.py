@@ -132,6 +132,8 @@ class Config:
         point to is identified by content where it matters)."""
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                   if f.metadata.get("identity", True)}
+        # its own JSON form rather than lmedit.digests.digest: a new formula would orphan every cached
+        # cell and resumable run on disk
         blob = json.dumps({"type": type(self).__name__, **values}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -9,13 +9,10 @@ read the argmax prediction and the log-probability of the true next token. From 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 MIN_SHARED_TOKENS = 16  # an in-context edit's prefix shorter than this is simply run with every row
 
