@@ -33,12 +33,17 @@ def cache_kwarg(body: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def has_logit_processing(model: Any) -> bool:
+    """Models that post-process logits (Gemma-2 soft-capping, scaled heads) go through their own forward."""
+    cfg = model.config
+    return bool(getattr(cfg, "final_logit_softcapping", None)) or bool(getattr(cfg, "logit_scale", None))
+
+
 def body_and_head(model: Any) -> tuple[Any, Any] | None:
     """(decoder body, unembedding) of a decoder-only model whose logits are ``head(body(...))``, else None
-    (encoder-decoders, models without an output embedding or with logit post-processing)."""
-    from .metrics.scoring import _has_logit_processing
-
-    if getattr(model.config, "is_encoder_decoder", False) or _has_logit_processing(model):
+    (encoder-decoders, models without an output embedding or with logit post-processing). Every path that
+    computes logits at chosen positions only, or from a cached prefix, asks this first."""
+    if getattr(model.config, "is_encoder_decoder", False) or has_logit_processing(model):
         return None
     body = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import get_module, replayed
-from ..kv import cache_kwarg, new_cache
-from ..metrics.scoring import _has_logit_processing, logits_at
+from ..kv import body_and_head, cache_kwarg, new_cache
+from ..metrics.scoring import logits_at
 from ..types import EditRequest
 from .keys import subject_last
 from .templates import TemplateGroups, compose, flatten
@@ -135,7 +135,7 @@ class _Suffix:
     def __init__(self, handle, p: _Problem, layer: int) -> None:
         self.handle, self.layer, self.below = handle, layer, None
         model = handle.model
-        self.body, self.head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+        self.body, self.head = body_and_head(model)  # not None: _suffix_forward checked
         split = p.index.tolist()
         pre = [s[:i] for s, i in zip(p.seqs, split, strict=True)]
         self.ids, suf_mask = handle.tokens.pad([s[i:] for s, i in zip(p.seqs, split, strict=True)], "right")
@@ -263,7 +263,7 @@ def _with_input_of(handle, layer: int, forward) -> tuple[torch.Tensor, object]:
 def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int):
     """The suffix-only forward (layers ≥ ``layer`` only) when it reproduces the clean logits (checked here,
     once), else None."""
-    if _has_logit_processing(handle.model) or handle.model.get_output_embeddings() is None:
+    if body_and_head(handle.model) is None:
         return None
     sites.enabled = False  # the clean prefix pass carries no δ
     try:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kv import SharedPrefix, body_and_head
+
 MIN_SHARED_TOKENS = 16  # an in-context edit's prefix shorter than this is simply run with every row
 
 
@@ -88,8 +90,6 @@ def score_targets(handle, prompts: list[str], answers: list[str], batch_size: in
 def _context_prefix(handle):
     """The active in-context edits' shared prefix, ready to serve batches; None when there is none or the
     model cannot take it (encoder-decoder, post-processed logits)."""
-    from ..kv import SharedPrefix, body_and_head
-
     if not handle.contexts or body_and_head(handle.model) is None:
         return None
     ids = handle.tokens.prompt_ids("".join(handle.contexts))
@@ -115,18 +115,10 @@ def _logits_at(handle, batch, rows: list[int], cols: list[int]) -> torch.Tensor:
 
 def logits_at(handle, inputs: dict, rows, cols) -> torch.Tensor:
     """``_logits_at`` for ready model inputs (any extra keyword, e.g. ``use_cache``, is passed on)."""
-    from ..kv import body_and_head
-
     model = handle.model
-    body_head = None if handle.is_encoder_decoder else body_and_head(model)
+    body_head = body_and_head(model)
     if body_head is None:
         return model(**inputs).logits[rows, cols]
     body, head = body_head
     hidden = body(**inputs).last_hidden_state  # [batch, seq, d]
     return head(hidden[rows, cols])
-
-
-def _has_logit_processing(model) -> bool:
-    """Models that post-process logits (Gemma-2 soft-capping, scaled heads) go through their own forward."""
-    cfg = model.config
-    return bool(getattr(cfg, "final_logit_softcapping", None)) or bool(getattr(cfg, "logit_scale", None))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray
+from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
 from .cells import CellResult, CellSpec, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
@@ -158,7 +158,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     if backend == "local":
         workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)
         if workers > 1 and not threads:
-            threads = opts.threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = opts.threads = worker_threads(workers)
         cells = run_local(specs, opts, progress, workers=workers)
     elif backend == "ray":
         workers = 2 if workers in (None, "auto") else int(workers)

@@ -91,6 +91,11 @@ def auto_workers(n_cells: int) -> int:
     return max(1, min(os.cpu_count() or 1, 4, n_cells))
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of ``workers`` local worker processes: an equal share of the CPU cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -136,7 +141,7 @@ def _run_processes(specs: list[CellSpec], opts: RunOptions, workers: int,
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    opts = replace(opts, threads=opts.threads or max(1, (os.cpu_count() or 1) // workers))  # picklable copy
+    opts = replace(opts, threads=opts.threads or worker_threads(workers))  # picklable copy
     log.info("running %d cells in %d worker processes, %d torch threads each", len(specs), workers, opts.threads)
     # spawn, not fork: a forked child would inherit this process's torch thread pool and locks
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
