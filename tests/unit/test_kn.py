@@ -39,7 +39,7 @@ def _naive_attribution(handle, layer: int, prompt: str, target_id: int, steps: i
     return a * total / steps
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gpt_neox", "t5"])
 def test_batched_attribution_matches_naive_loop(family, tokenizer):
     handle = make_handle(family, tokenizer)
     cfg = KNConfig(steps=5, layers_per_batch=2)
@@ -51,6 +51,13 @@ def test_batched_attribution_matches_naive_loop(family, tokenizer):
     for layer in range(handle.n_layers):
         ref = _naive_attribution(handle, layer, prompt, t_ids[0], 5)
         torch.testing.assert_close(attr[layer], ref, rtol=1e-3, atol=1e-7)
+    # layers in any order and chunks of any size (a chunk replays the clean layers below its lowest layer)
+    order = list(range(handle.n_layers))[::-1]
+    order = order[1::2] + order[::2]  # e.g. 2, 0, 3, 1
+    for per_batch in (1, 3):
+        got = _first_token_attr(handle, [infos[i] for i in order], prompt, t_ids[0],
+                                KNConfig(steps=5, layers_per_batch=per_batch))
+        torch.testing.assert_close(got, attr[order], rtol=1e-4, atol=1e-8)
 
 
 def _first_token_attr(handle, infos, prompt, target_id, cfg):

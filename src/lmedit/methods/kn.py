@@ -13,7 +13,10 @@ d_ff is read from the weight, never assumed to be 4·d).
    edit, gives gradients near zero: on SmolLM2 the top neurons then sit in layers 0 and 29 for every fact.
    Cost: scaling layer ℓ only changes the last position from layer ℓ up, so the prompt's keys/values are
    computed once (a KV cache, or the encoder output for T5) and every (layer, step) pair is one *row* of a
-   single-token batch: ``layers_per_batch × steps`` rows share one forward and one backward.
+   single-token batch: ``layers_per_batch × steps`` rows share one forward and one backward. Nothing
+   below a batch's lowest layer changes, so those layers are not run at all: they replay their clean output.
+   On SmolLM2 (30 layers, 1 thread) that takes an attribution step from 3.6 s to 3.0 s with 5 layers per
+   batch (10: 3.1 s; 3: 3.1 s), attributions equal to 2e-6 of their largest value, the same top neurons.
    Multi-token answers: the attribution is averaged over answer tokens, the prompt being extended by the
    model's argmax token (paper/EasyEdit) or by the true answer token (``multi_token="target"``).
 2. Coarse neurons: Attr > adaptive_threshold · max Attr.
@@ -39,7 +42,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..config import Config, ConfigError, option
 from ..edits import WeightDelta
-from ..hooks import get_module, get_parameter, trace, trace_many
+from ..hooks import get_module, get_parameter, replayed, trace, trace_many
 from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..types import EditRequest
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 class KNConfig(Config):
     layers: list[int] | None = option(None, "layers whose FFN neurons are attributed; None = every layer")
     steps: int = option(20, "integration steps m of the Riemann sum (α = 0, 1/(m−1), ..., 1)")
-    layers_per_batch: int = option(10, "layers attributed in one batched pass (rows = layers × steps)")
+    layers_per_batch: int = option(5, "layers attributed in one batched pass (rows = layers × steps)")
     adaptive_threshold: float = option(0.2, "coarse neurons: attribution > this × the largest attribution")
     refine_share: float = option(0.4, "p: keep neurons found for more than p × (number of prompt views)")
     prompt_prefixes: list[str] = option([], "extra prompt views for refinement: the request prompt after each")
@@ -132,17 +135,32 @@ class _Prefix:
 
 
 def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: int, cfg: KNConfig) -> _Step:
-    """Integrated-gradients attribution of P(target) to every neuron of every layer in ``infos``."""
-    model = handle.model
+    """Integrated-gradients attribution of P(target) to every neuron of every layer in ``infos``.
+
+    Layers are attributed in chunks of ``layers_per_batch``, lowest layers first. On a decoder-only model
+    nothing below a chunk's lowest layer ℓ changes, so its rows replay the clean output of layer ℓ−1 (one
+    row, recorded by the clean pass) instead of running layers 0..ℓ−1 forwards and backwards."""
+    model, ad = handle.model, handle.adapter
     paths = [i.out for i in infos]
-    with torch.no_grad(), trace_many(model, paths, input=True, output=False) as tr:
+    order = sorted(range(len(infos)), key=lambda j: infos[j].layer)
+    chunks = [order[c0:c0 + cfg.layers_per_batch] for c0 in range(0, len(order), cfg.layers_per_batch)]
+    replay = not handle.is_encoder_decoder
+    below = sorted({infos[c[0]].layer - 1 for c in chunks if infos[c[0]].layer > 0}) if replay else []
+    with torch.no_grad(), trace_many(model, paths, input=True, output=False) as tr, \
+            trace_many(model, [ad.layer(i) for i in below], input=False, output=True) as lower:
         logits = model(**prefix.inputs(1)).logits[0, -1]  # [vocab]
     acts = torch.stack([tr[p].input[0, -1].float() for p in paths])  # [L, d_ff]
     alphas = torch.linspace(0, 1, cfg.steps, device=acts.device)  # [m]
     attr = torch.zeros_like(acts)
     m = cfg.steps
-    for c0 in range(0, len(infos), cfg.layers_per_batch):
-        chunk = list(range(c0, min(len(infos), c0 + cfg.layers_per_batch)))
+    for chunk in chunks:
+        rows = len(chunk) * m
+        low = infos[chunk[0]].layer
+        frozen = {}
+        if replay and low > 0:
+            out = lower[ad.layer(low - 1)].output
+            out = ad.with_hidden(out, ad.hidden(out).expand(rows, -1, -1))
+            frozen = {ad.layer(i): out for i in range(low)}
         leaves = [(alphas[:, None] * acts[j]).requires_grad_(True) for j in chunk]  # each [m, d_ff]
         traces = []
         try:
@@ -152,7 +170,8 @@ def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: 
                     x[b * m:(b + 1) * m, -1] = leaf.to(x.dtype)
                     return x
                 traces.append(trace(model, paths[j], output=False, edit_input=put))
-            out = model(**prefix.inputs(len(chunk) * m)).logits[:, -1]  # [rows, vocab]
+            with replayed(model, frozen):
+                out = model(**prefix.inputs(rows)).logits[:, -1]  # [rows, vocab]
             prob = torch.softmax(out.float(), dim=-1)[:, target].sum()
             grads = torch.autograd.grad(prob, leaves)
         finally:
@@ -203,7 +222,7 @@ class KN(Editor):
     capabilities = Capabilities(batch=False, sequential=True, edit_kind="weight_delta")
     relative_cost: ClassVar[float] = 9.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "smollm2-135m": {"steps": 20, "layers_per_batch": 10, "adaptive_threshold": 0.2, "max_neurons": 10},
+        "smollm2-135m": {"steps": 20, "layers_per_batch": 5, "adaptive_threshold": 0.2, "max_neurons": 10},
     }
     # tiny random models: few steps; a large λ and the output embeddings because their untied, 0.02-scale
     # embeddings make the paper's λ = 2 input-embedding update too small to move the answer at all
