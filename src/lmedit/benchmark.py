@@ -42,7 +42,7 @@ from .metrics.efficiency import Measurement, measure
 from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
 from .metrics.records import CaseResult, harmonic_mean, summarize
 from .training.checkpoint import state_id
-from .types import EditCase, EditInputError
+from .types import EditCase, EditInputError, EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class _Run:
     chunk_stats: list[dict[str, Any]] = field(default_factory=list)
     bar: Any = None
     running: dict[str, tuple[float, int]] = field(default_factory=dict)
+    store: Any = None  # EditStore whose edits this run takes and keeps (single setting), with its scope
+    scope: str | None = None
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -129,7 +131,7 @@ class _Run:
 def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
                   batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
-                  run_info: dict[str, Any] | None = None) -> BenchmarkResult:
+                  run_info: dict[str, Any] | None = None, edit_store: Any = None) -> BenchmarkResult:
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
@@ -141,6 +143,9 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         progress: show a tqdm progress bar.
         protocols: scoring protocols (``token_acc``, ``prob_compare``).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
+        edit_store: an :class:`~lmedit.edit_store.EditStore`; in the single setting a case whose request it
+            holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
+            computed edits are kept in it. Efficiency still reports what computing the edit cost.
     Returns:
         per-case results in case order, and the summary.
     """
@@ -157,6 +162,11 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
                         protocols=protocols)
     if run.out is not None:
         _prepare_out(run, header, resume)
+    if edit_store is not None and setting == "single":
+        from .edit_store import edit_scope
+
+        run.scope = edit_scope(editor, header)
+        run.store = edit_store if run.scope else None
     start_digest = handle.state_digest()
     pending = [i for i in range(len(cases)) if keys[i] not in run.done]
     if pending:
@@ -330,8 +340,11 @@ def _check_args(editor: Any, handle: Any, cases: list, setting: str, batch_size:
 # --- editing ---------------------------------------------------------------------------------------------
 
 def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, Any], str | None]:
-    """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message."""
+    """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message.
+    With an edit store, a stored edit of the same request is applied instead, and a computed one is kept."""
     requests = [run.cases[i].request for i in idx]
+    if run.store is not None and (stored := _stored(run, requests)) is not None:
+        return stored
     m = Measurement()
     try:
         with measure() as m:
@@ -343,7 +356,25 @@ def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, An
         msg = f"{type(e).__name__}: {e}"
         log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
         return None, _efficiency(m, len(idx), None), msg
-    return edit, _efficiency(m, len(idx), apply_s), None
+    eff = _efficiency(m, len(idx), apply_s)
+    if run.store is not None and len(requests) == 1:
+        run.store.put(run.scope, requests[0], edit, eff)
+    return edit, eff, None
+
+
+def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any], None] | None:
+    """The store's edit of this single request, applied; None when it has none or the edit does not fit."""
+    got = run.store.get(run.scope, requests[0]) if len(requests) == 1 else None
+    if got is None:
+        return None
+    edit, eff = got
+    try:
+        edit.apply(run.handle)  # strict: refuses weights other than those it was computed on
+    except RECOVERABLE as e:
+        log.warning("the stored edit of %r does not apply (%s); computing it again", requests[0].text, e)
+        return None
+    log.info("reusing the stored edit of %r", requests[0].text)
+    return edit, {**eff, "reused_edit": True}, None
 
 
 def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:

@@ -32,3 +32,9 @@ def digest(obj: Any) -> str:
 def case_digest(case: Any) -> str:
     """Short identity of one case by content (prompt, targets, paraphrases, locality, ...)."""
     return digest(plain(case))[:12]
+
+
+def request_digest(request: Any) -> str:
+    """Identity of an edit request by what an editor sees: prompt (subject filled in), subject, new and
+    true target; not its case_id, so the same fact in two datasets has one identity."""
+    return digest([request.text, request.subject, request.target_new, request.target_true])[:16]

@@ -190,6 +190,22 @@ def test_save_load_roundtrip(name, family, tokenizer, shared, tmp_path):
     assert other.contexts == []
 
 
+@editors
+@params
+def test_pure_editor_computes_the_same_edit_again(name, family, tokenizer, shared):
+    """What an edit store relies on (lmedit.edit_store): an editor with ``pure_compute`` gives the same edit
+    for the same request on the same weights, whatever it computed in between."""
+    editor, handle = setup(name, family, tokenizer, shared)
+    if not editor.pure_compute:
+        pytest.skip(f"{name} keeps state between computes (pure_compute=False); its edits are never stored")
+    first = editor.compute(handle, [REQ_A])
+    editor.compute(handle, [REQ_B])
+    again = editor.compute(handle, [REQ_A])
+    (t1, b1), (t2, b2) = first._to_state(), again._to_state()
+    assert b1 == b2 and set(t1) == set(t2)
+    assert all(torch.equal(t1[k], t2[k]) for k in t1), "the same request gave another edit"
+
+
 # (5) ---------------------------------------------------------------------------------------------------
 @editors
 @params

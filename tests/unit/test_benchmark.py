@@ -285,3 +285,53 @@ def test_real_model_real_data_sequential(tmp_path):
     s = res.summary
     assert s["model"]["fingerprint"] == handle.fingerprint and s["post"]["efficacy_score"]["cases"] == 4
     assert (tmp_path / "edits" / "1" / "edit.json").exists() and len(_lines(tmp_path)) == 4
+
+
+def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
+    from lmedit.digests import request_digest
+    from lmedit.edit_store import EditStore
+
+    cases, store = _cases(4), EditStore(tmp_path / "edits")
+    first_editor = ToyEditor()
+    first = run_benchmark(first_editor, tiny_llama, cases[:3], edit_store=store)
+    assert first_editor.calls == 3
+    editor = ToyEditor()
+    second = run_benchmark(editor, tiny_llama, cases[1:], edit_store=store)
+    assert editor.calls == 1, "cases 1 and 2 take the stored edits; only case 3 is computed"
+    for a, b in zip(first.results[1:], second.results[:2], strict=True):
+        assert {k: s.value for k, s in a.post.items()} == {k: s.value for k, s in b.post.items()}
+        assert b.efficiency["reused_edit"] and b.efficiency["seconds"] == a.efficiency["seconds"]
+    assert "reused_edit" not in second.results[2].efficiency
+
+    other = ToyEditor(scale=0.5)  # another config never meets these edits
+    run_benchmark(other, tiny_llama, cases[:2], edit_store=store)
+    assert other.calls == 2
+    batch = ToyEditor()
+    run_benchmark(batch, tiny_llama, cases[:2], setting="batch", batch_size=2, edit_store=store)
+    assert batch.calls == 1, "a batch edit is not a single request's edit: the store is not used"
+
+    entry = next(p for p in (tmp_path / "edits").glob("*/*") if p.name == request_digest(cases[0].request))
+    (entry / "edit.json").write_text("{ torn")
+    again = ToyEditor()
+    run_benchmark(again, tiny_llama, cases[:1], edit_store=store)
+    assert again.calls == 1, "a corrupt entry is recomputed, not trusted"
+
+    picky = EditStore(tmp_path / "picky", requests=[request_digest(cases[0].request)])
+    run_benchmark(ToyEditor(), tiny_llama, cases[:3], edit_store=picky)
+    assert len(list((tmp_path / "picky").glob("*/*"))) == 1, "only the wanted request is kept"
+    small = EditStore(tmp_path / "small", max_bytes=10)
+    run_benchmark(ToyEditor(), tiny_llama, cases[:1], edit_store=small)
+    assert not list((tmp_path / "small").glob("*/*")), "an edit above max_bytes is not kept"
+
+
+def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
+    from lmedit.benchmark import run_header
+    from lmedit.edit_store import edit_scope
+    from lmedit.registry import get_editor
+
+    cases = _cases(1)
+    assert edit_scope(ToyEditor(), run_header(ToyEditor(), tiny_llama, cases))
+    alpha = get_editor("alphaedit")
+    assert edit_scope(alpha, {"method": "alphaedit", "config_hash": "x", "model": {"fingerprint": "y"}}) is None
+    mend = get_editor("mend")  # trained, but no checkpoint on disk identifies its state
+    assert edit_scope(mend, {"method": "mend", "config_hash": "x", "model": {"fingerprint": "y"}}) is None

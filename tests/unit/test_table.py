@@ -411,6 +411,20 @@ def test_cell_key_follows_the_checkpoints_content_not_its_path(toy, model_dir, t
     assert not third.cells[0].cached and toy.calls > calls, "retrained weights make the cell stale"
 
 
+def test_cells_that_edit_the_same_facts_compute_each_edit_once(toy, model_dir, tmp_path):
+    # the first 4 ZsRE-portability requests include ZsRE's second and fourth (same prompt, subject, targets)
+    both = _table(model_dir, tmp_path / "both", datasets=["zsre", "zsre-portability"], n=4)
+    assert toy.calls == 4 + 4 - 2
+    assert len(list((tmp_path / "both" / "edits").glob("*/*"))) == 2, "only the shared requests' edits are kept"
+    calls = toy.calls
+    alone = [_table(model_dir, tmp_path / ds, datasets=[ds], n=4) for ds in ("zsre", "zsre-portability")]
+    assert toy.calls == calls + 8 and not (tmp_path / "zsre" / "edits").exists()
+    for cell, single in zip(both.cells, [c for t in alone for c in t.cells], strict=True):
+        assert cell.post == single.post and cell.pre == single.pre
+    port = both.cells[1]
+    assert port.efficiency["reused_edits"] == 2 and "reused_edits" not in both.cells[0].efficiency
+
+
 def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir, tmp_path):
     _table(model_dir, tmp_path)
     calls = toy.calls

@@ -47,6 +47,7 @@ class AlphaEdit(Editor):
     Config = AlphaEditConfig
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     relative_cost: ClassVar[float] = 12.0  # see Editor.relative_cost
+    pure_compute: ClassVar[bool] = False  # each edit's keys join the projection of the next ones
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS},
         "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "clamp_norm_factor": 0.75, "v_num_grad_steps": 20,

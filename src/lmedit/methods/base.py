@@ -50,6 +50,10 @@ class Editor(ABC):
     # rough seconds per benchmark case (edit and scoring) of a ~100M-parameter model on one CPU core, from
     # the SmolLM2 Table 1 run; only used to start a table's longest cells first when workers share them
     relative_cost: ClassVar[float] = 2.0
+    # compute() depends only on the model's weights, the resolved config, the requests and (trained editors)
+    # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.edit_store); an editor
+    # that keeps state between calls sets this to False
+    pure_compute: ClassVar[bool] = True
 
     def __init__(self, config: Config | dict | str | Path | None = None, **overrides: Any) -> None:
         if isinstance(config, str | Path):

@@ -151,9 +151,12 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                    method_overrides=method_overrides or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from .runner import shared_requests
+
+    shared = shared_requests(datasets, sizes, offset, data_path) if setting == "single" and not cached_only else []
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
-                      threads=threads, reuse=[str(r) for r in reuse],
-                      cached_only=cached_only)
+                      threads=threads, reuse=[str(r) for r in reuse], cached_only=cached_only,
+                      shared_requests=shared)
     t0 = time.time()
     if backend == "local":
         workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)

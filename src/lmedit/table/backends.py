@@ -48,6 +48,7 @@ class RunOptions:
     threads: int | None = None
     reuse: list[str] = field(default_factory=list)  # earlier bench runs whose finished cases cells may take
     cached_only: bool = False  # lay out the finished cells; compute nothing
+    shared_requests: list[str] = field(default_factory=list)  # digests of requests that several cells edit
 
 
 def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
@@ -60,7 +61,7 @@ def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress |
         result = run_cell(handle, spec, CellCache(opts.out), checkpoints=opts.checkpoints, data_path=opts.data_path,
                           progress=bool(progress and progress.inner_bars),
                           on_case=progress.case_done if progress else None, reuse=opts.reuse,
-                          cached_only=opts.cached_only)
+                          cached_only=opts.cached_only, shared_requests=opts.shared_requests)
     except CellSkipped as e:
         result = CellResult(spec, "skipped", str(e))
     except EditInputError as e:  # e.g. a method that cannot edit this architecture or these requests
@@ -213,6 +214,14 @@ def cell_cost(spec: CellSpec) -> float:
     return spec.n * edits * per_case
 
 
+def start_order(spec: CellSpec, specs: list[CellSpec]) -> tuple[float, int]:
+    """When workers share the cells: the longest first; among equal ones, the first dataset's cells of every
+    method before the next dataset's, so that a method's cells that edit the same facts (ZsRE and its
+    portability slice) run one after the other and the later one takes the stored edits of the earlier."""
+    datasets = list(dict.fromkeys(s.dataset for s in specs))
+    return -cell_cost(spec), datasets.index(spec.dataset)
+
+
 def _cases_done(cache: CellCache, spec: CellSpec) -> int:
     """Finished cases of a running cell, counted from its cases.jsonl files (the workers share the disk)."""
     n = 0
@@ -234,7 +243,7 @@ def _dispatch(specs: list[CellSpec], slots: int, *, submit: Callable[[int, CellS
     returns the handles finished within a timeout; ``get`` a finished handle's (result dict, cached flag).
     A worker that dies (out of memory, killed) fails its cell, not the table.
     """
-    queue = sorted(enumerate(specs), key=lambda item: -cell_cost(item[1])) if slots > 1 else list(enumerate(specs))
+    queue = sorted(enumerate(specs), key=lambda item: start_order(item[1], specs)) if slots > 1 else list(enumerate(specs))
     running: dict[Any, tuple[int, int]] = {}
     out: list[CellResult | None] = [None] * len(specs)
 

@@ -9,7 +9,10 @@ on CUDA, ``cuda_peak_bytes``. A cell's canonical numbers (what efficiency.md and
   says which);
 - ``one_off_seconds``: one-time costs a method reports in its edit statistics (``info["stats"]`` keys
   ending in ``_seconds``, e.g. covariance statistics or index building), each counted once (its largest
-  value over the cell), also listed as ``one_off:<name>``. Methods that report none get no entry.
+  value over the cell), also listed as ``one_off:<name>``. Methods that report none get no entry;
+- ``reused_edits``: cases whose edit another cell had computed (:mod:`lmedit.edit_store`); their
+  ``seconds`` are what computing it cost there, so time per edit does not depend on the reuse, while the
+  cell's ``benchmark_wall_seconds`` shows the time it saved.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def efficiency_stats(results: list[Any], summaries: list[dict[str, Any]] | None 
         out["seconds_per_edit"] = statistics.fmean(secs)
         out["median_seconds_per_edit"] = statistics.median(secs)
         out["total_edit_seconds"] = sum(secs)
+    if reused := sum(bool(r.efficiency.get("reused_edit")) for r in results):
+        out["reused_edits"] = reused
     cuda, rss = _values(results, "cuda_peak_bytes"), _values(results, "peak_rss_bytes")
     if cuda:
         out["peak_memory_bytes"], out["memory_kind"] = max(cuda), "cuda_max_allocated"
@@ -98,6 +103,7 @@ def method_summary(cells: list[Any], rows: list[Any], methods: list[str]) -> lis
         walls = [c.efficiency["benchmark_wall_seconds"] for c in ok if "benchmark_wall_seconds" in c.efficiency]
         out.append({"method": m, "cells_ok": len(ok), "seconds_per_edit": _mean(list(spe.values())),
                     "wall_seconds": sum(walls) if walls else None,
+                    "reused_edits": sum(c.efficiency.get("reused_edits", 0) for c in ok),
                     "mean_seconds_per_edit": _mean(means),
                     "seconds_per_edit_by_dataset": spe, "one_off_seconds": max(one_off) if one_off else None,
                     "one_off_parts": parts,
@@ -148,4 +154,8 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
         lines += ["", f"Cells' wall time: {sum(walls) / 3600:.2f} h in all (each cell's cases, edit and scoring, "
                       "timed where they ran; cases a cell took from an earlier run with --reuse are not counted; "
                       "cells that ran side by side in worker processes overlap)."]
+    if reused := sum(s.get("reused_edits", 0) for s in summary):
+        lines += ["", f"{reused} edit(s) were computed once and reused by another cell that edits the same fact "
+                      "(the same method, config and model; e.g. a ZsRE-portability case that is also a ZsRE case): "
+                      "their time per edit is what computing them cost; the cells' wall time is what they took."]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..edit_store import EditStore
 from ..metrics.records import CaseResult, summarize
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # Metric -> the EditCase field it needs; explains a missing row ("dataset has no <field>").
 # Where `lmedit train` writes a trained editor by default (its --out), relative to the working directory.
 DEFAULT_CHECKPOINT = "runs/{method}"
+EDIT_STORE_DIR = "edits"  # beside cells/: edits that several cells make (see run_cell's shared_requests)
 
 
 class CellSkipped(Exception):
@@ -73,6 +75,20 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def shared_requests(datasets: list[str], sizes: dict[str, int], offset: int, data_path: str | None) -> list[str]:
+    """Digests of the requests that more than one of the (edit-case) datasets' slices holds."""
+    from .. import data
+    from ..digests import request_digest
+
+    seen: dict[str, int] = {}
+    for ds in datasets:
+        if dataset_kind(ds) != "edit":
+            continue
+        for d in {request_digest(c.request) for c in data.load_dataset(ds, n=sizes[ds], offset=offset, path=data_path)}:
+            seen[d] = seen.get(d, 0) + 1
+    return sorted(d for d, k in seen.items() if k > 1)
+
+
 def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
     """Finished-or-not ``lmedit bench`` folders of ``method`` in ``roots`` (each a run folder, or a folder of
     run folders), in the order given."""
@@ -104,10 +120,11 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
 
 
 def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
-               run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = ()
-               ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
+               run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = (),
+               edit_store: Any = None) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
     """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential).
-    A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed."""
+    A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
+    cell takes and keeps edits in ``edit_store``."""
     from ..benchmark import run_benchmark
 
     if spec.setting == "sequential":
@@ -125,7 +142,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
         out = run_benchmark(editor, handle, chunk, setting=setting, batch_size=spec.batch_size,
                             eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}",
                             resume=resume or adopted is not None,
-                            progress=progress, run_info={**run_info, "sequence": i})
+                            progress=progress, run_info={**run_info, "sequence": i}, edit_store=edit_store)
         results.extend(out.results)
         summaries.append(out.summary)
     return results, summaries, adopted
@@ -149,13 +166,16 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
 def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
              on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
-             cached_only: bool = False) -> CellResult:
+             cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = ()) -> CellResult:
     """The result of one cell: from the cache when intact and current, else computed now and stored.
 
     ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
     cell takes instead of recomputing, when they are the same run (method, resolved config, model
     fingerprint, setting) and the same cases (id and content); the cell's info says how many came from where.
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
+    ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
+    edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
+    (:mod:`lmedit.edit_store`); the numbers are the same, only computed once.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -191,8 +211,9 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         summaries: list[dict[str, Any]] = []
         adopted = None
     else:
+        store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
         results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                 reuse)
+                                                 reuse, store)
     efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):
