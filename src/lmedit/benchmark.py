@@ -131,7 +131,8 @@ class _Run:
 def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
                   batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
-                  run_info: dict[str, Any] | None = None, edit_store: Any = None) -> BenchmarkResult:
+                  run_info: dict[str, Any] | None = None, edit_store: Any = None,
+                  baseline_store: Any = None) -> BenchmarkResult:
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
@@ -143,9 +144,11 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         progress: show a tqdm progress bar.
         protocols: scoring protocols (``token_acc``, ``prob_compare``).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
-        edit_store: an :class:`~lmedit.edit_store.EditStore`; in the single setting a case whose request it
+        edit_store: an :class:`~lmedit.stores.EditStore`; in the single setting a case whose request it
             holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
             computed edits are kept in it. Efficiency still reports what computing the edit cost.
+        baseline_store: a :class:`~lmedit.stores.BaselineStore`: the unedited model's scores of a case are
+            taken from it when it has them for these exact weights, and kept in it otherwise.
     Returns:
         per-case results in case order, and the summary.
     """
@@ -163,16 +166,14 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     if run.out is not None:
         _prepare_out(run, header, resume)
     if edit_store is not None and setting == "single":
-        from .edit_store import edit_scope
+        from .stores import edit_scope
 
         run.scope = edit_scope(editor, header)
         run.store = edit_store if run.scope else None
     start_digest = handle.state_digest()
     pending = [i for i in range(len(cases)) if keys[i] not in run.done]
     if pending:
-        log.info("scoring the unedited model on %d case(s) (baseline)", len(pending))
-        b = baseline(handle, [cases[i] for i in pending], protocols=run.protocols)
-        run.base = {keys[i]: (pre, loc) for i, pre, loc in zip(pending, b.pre, b.locality, strict=True)}
+        _score_baseline(run, pending, start_digest, baseline_store)
     if progress:
         from tqdm.auto import tqdm
 
@@ -184,6 +185,24 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         if run.bar is not None:
             run.bar.close()
     return _finish(run, header, start_digest, run_info, t0)
+
+
+def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
+    """The unedited model's scores of the pending cases: from ``store`` where it has them, else computed
+    (in one batched pass) and kept there."""
+    got: dict[int, tuple[dict, list]] = {}
+    scope = store.scope(run.handle, state_digest, run.protocols) if store is not None else ""
+    if store is not None:
+        got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
+    todo = [i for i in pending if i not in got]
+    if todo:
+        log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
+        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols)
+        for i, pre, loc in zip(todo, b.pre, b.locality, strict=True):
+            got[i] = (pre, loc)
+            if store is not None:
+                store.put(scope, run.cases[i], pre, loc)
+    run.base = {run.keys[i]: got[i] for i in pending}
 
 
 def case_keys(cases: Sequence[EditCase]) -> list[Any]:

@@ -289,7 +289,7 @@ def test_real_model_real_data_sequential(tmp_path):
 
 def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
     from lmedit.digests import request_digest
-    from lmedit.edit_store import EditStore
+    from lmedit.stores import EditStore
 
     cases, store = _cases(4), EditStore(tmp_path / "edits")
     first_editor = ToyEditor()
@@ -326,8 +326,8 @@ def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
 
 def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
     from lmedit.benchmark import run_header
-    from lmedit.edit_store import edit_scope
     from lmedit.registry import get_editor
+    from lmedit.stores import edit_scope
 
     cases = _cases(1)
     assert edit_scope(ToyEditor(), run_header(ToyEditor(), tiny_llama, cases))
@@ -335,3 +335,31 @@ def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
     assert edit_scope(alpha, {"method": "alphaedit", "config_hash": "x", "model": {"fingerprint": "y"}}) is None
     mend = get_editor("mend")  # trained, but no checkpoint on disk identifies its state
     assert edit_scope(mend, {"method": "mend", "config_hash": "x", "model": {"fingerprint": "y"}}) is None
+
+
+def test_baseline_store_scores_the_unedited_model_once(tiny_llama, tmp_path, monkeypatch):
+    import lmedit.benchmark as bench
+    from lmedit.stores import BaselineStore
+
+    computed = []
+    real = bench.baseline
+    monkeypatch.setattr(bench, "baseline", lambda handle, cases, **kw: computed.append(len(cases)) or
+                        real(handle, cases, **kw))
+    store, cases = BaselineStore(tmp_path / "base"), _cases(4)
+    first = run_benchmark(ToyEditor(), tiny_llama, cases[:3], baseline_store=store)
+    second = run_benchmark(ToyEditor(scale=0.1), tiny_llama, cases, baseline_store=store)
+    assert computed == [3, 1], "another method on the same cases scores only the new case"
+    for a, b in zip(first.results, second.results, strict=False):
+        assert a.pre == b.pre
+    plain = run_benchmark(ToyEditor(scale=0.1), tiny_llama, cases)
+    assert [r.pre for r in plain.results] == [r.pre for r in second.results]
+    assert [r.post for r in plain.results] == [r.post for r in second.results], "same locality reference"
+
+    with torch.no_grad():  # other weights: the stored scores are not theirs
+        tiny_llama.model.get_parameter(tiny_llama.adapter.mlp_out.format(0) + ".weight").add_(0.01)
+    run_benchmark(ToyEditor(), tiny_llama, cases[:1], baseline_store=store)
+    assert computed[-1] == 1 and len(computed) == 4
+    for f in (tmp_path / "base").glob("*/*.json"):
+        f.write_text("{ torn")
+    run_benchmark(ToyEditor(), tiny_llama, cases[:2], baseline_store=store)
+    assert computed[-1] == 2, "corrupt entries are scored again"

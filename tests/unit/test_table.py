@@ -423,6 +423,7 @@ def test_cells_that_edit_the_same_facts_compute_each_edit_once(toy, model_dir, t
         assert cell.post == single.post and cell.pre == single.pre
     port = both.cells[1]
     assert port.efficiency["reused_edits"] == 2 and "reused_edits" not in both.cells[0].efficiency
+    assert len(list((tmp_path / "both" / "baselines").glob("*/*.json"))) == 8, "each case scored unedited once"
 
 
 def test_cached_only_lays_out_finished_cells_and_computes_nothing(toy, model_dir, tmp_path):

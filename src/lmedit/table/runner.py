@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..edit_store import EditStore
 from ..metrics.records import CaseResult, summarize
+from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Where `lmedit train` writes a trained editor by default (its --out), relative to the working directory.
 DEFAULT_CHECKPOINT = "runs/{method}"
 EDIT_STORE_DIR = "edits"  # beside cells/: edits that several cells make (see run_cell's shared_requests)
+BASELINE_STORE_DIR = "baselines"  # beside cells/: the unedited model's scores, which every method's cell shares
 
 
 class CellSkipped(Exception):
@@ -121,10 +122,12 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
 
 def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
                run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = (),
-               edit_store: Any = None) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
+               edit_store: Any = None, baseline_store: Any = None
+               ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
     """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential).
     A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
-    cell takes and keeps edits in ``edit_store``."""
+    cell takes and keeps edits in ``edit_store``; every cell shares the unedited model's scores through
+    ``baseline_store``."""
     from ..benchmark import run_benchmark
 
     if spec.setting == "sequential":
@@ -142,7 +145,8 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
         out = run_benchmark(editor, handle, chunk, setting=setting, batch_size=spec.batch_size,
                             eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}",
                             resume=resume or adopted is not None,
-                            progress=progress, run_info={**run_info, "sequence": i}, edit_store=edit_store)
+                            progress=progress, run_info={**run_info, "sequence": i}, edit_store=edit_store,
+                            baseline_store=baseline_store)
         results.extend(out.results)
         summaries.append(out.summary)
     return results, summaries, adopted
@@ -175,7 +179,8 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
     ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
     edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
-    (:mod:`lmedit.edit_store`); the numbers are the same, only computed once.
+    (:mod:`lmedit.stores`); the numbers are the same, only computed once. Every cell scores the unedited
+    model on a case once for all methods: the scores are kept in ``<out>/baselines/``.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -213,7 +218,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     else:
         store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
         results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                 reuse, store)
+                                                 reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR))
     efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):

@@ -1,0 +1,160 @@
+"""Results kept on disk so that a later run takes them instead of computing them again.
+
+:class:`EditStore` -- edits. An editor whose ``compute`` depends only on the model's weights, its resolved
+config and the request (``Editor.pure_compute``; a trained editor also on its checkpoint) computes the same
+edit whenever it sees the same request from the same weights. Table 1 edits many facts twice: 35 of the
+first 100 ZsRE-portability requests are ZsRE requests too. A store shares those edits between cells (and
+between worker processes, which share the disk). Layout: ``<root>/<scope>/<request digest>/`` holds one
+saved :class:`~lmedit.edits.Edit` plus ``efficiency.json`` (what computing it cost). The scope is the digest
+of the method, its config hash, the checkpoint's content, the model fingerprint and lmedit's version, so a
+changed config or a retrained editor never meets an old edit; a stored edit is applied strictly, so
+weights other than the ones it was computed on refuse it.
+
+:class:`BaselineStore` -- the unedited model's scores of a case (pre-edit metrics and the locality
+predictions that post-edit locality compares against). Every method of a table scores the same unedited
+model on the same cases; the store scores each case once. Layout: ``<root>/<scope>/<case digest>.json``;
+the scope is the digest of every weight of the model (``ModelHandle.state_digest``), its dtype and
+device, the scoring protocols and lmedit's version.
+
+Entries are written atomically (a rename); a corrupted one is recomputed, not trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .digests import case_digest, digest, request_digest
+from .edits import Edit
+from .metrics.records import Score
+from .metrics.scoring import TargetScore
+
+log = logging.getLogger(__name__)
+
+EFFICIENCY_FILE = "efficiency.json"
+
+
+def edit_scope(editor: Any, header: dict[str, Any]) -> str | None:
+    """Where ``editor``'s edits live in a store, from a run header (method, config hash, model, checkpoint);
+    None when its edits cannot be reused: its compute keeps state between calls, or it is trained but its
+    state is not a checkpoint on disk."""
+    from . import __version__
+
+    if not getattr(editor, "pure_compute", True):
+        return None
+    if editor.capabilities.needs_fit and not header.get("checkpoint_state"):
+        return None
+    return digest([header["method"], header["config_hash"], header["model"]["fingerprint"],
+                   header.get("checkpoint_state"), __version__])[:16]
+
+
+def edit_bytes(edit: Edit) -> int:
+    """Bytes of the tensors a saved ``edit`` holds."""
+    tensors, _ = edit._to_state()
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class EditStore:
+    """Single-request edits on disk under ``root``.
+
+    Args:
+        requests: digests (:func:`~lmedit.digests.request_digest`) of the requests worth keeping, e.g. those
+            that more than one table cell edits; None keeps every edit.
+        max_bytes: an edit larger than this is not kept (a dense fine-tuning delta of a large model would
+            cost more disk and reading time than recomputing it saves).
+    """
+
+    def __init__(self, root: str | Path, *, requests: Iterable[str] | None = None,
+                 max_bytes: int = 64 * 2**20) -> None:
+        self.root = Path(root)
+        self.wanted = set(requests) if requests is not None else None
+        self.max_bytes = max_bytes
+
+    def _path(self, scope: str, request: Any) -> Path:
+        return self.root / scope / request_digest(request)
+
+    def get(self, scope: str, request: Any) -> tuple[Edit, dict[str, Any]] | None:
+        """The stored edit of ``request`` and what computing it cost, or None (absent or unreadable)."""
+        path = self._path(scope, request)
+        if not path.is_dir():
+            return None
+        try:
+            edit = Edit.load(path)
+            efficiency = json.loads((path / EFFICIENCY_FILE).read_text())
+        except Exception as e:  # noqa: BLE001  (corrupt entries of any sort are recomputed)
+            log.warning("ignoring the stored edit at %s (%s); computing it again", path, e)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return edit, efficiency
+
+    def put(self, scope: str, request: Any, edit: Edit, efficiency: dict[str, Any]) -> bool:
+        """Keep ``edit`` when its request is wanted and it is small enough; True when it was written."""
+        if self.wanted is not None and request_digest(request) not in self.wanted:
+            return False
+        if edit_bytes(edit) > self.max_bytes:
+            return False
+        path = self._path(scope, request)
+        if path.exists():
+            return False
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            edit.save(tmp)
+            (tmp / EFFICIENCY_FILE).write_text(json.dumps(efficiency))
+            os.rename(tmp, path)  # atomic; fails when another process stored the same edit meanwhile
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.exists():
+                log.warning("could not store the edit of %r: %s", request.text, e)
+            return False
+        return True
+
+
+class BaselineStore:
+    """The unedited model's scores per case under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def scope(handle: Any, state_digest: str, protocols: Sequence[str]) -> str:
+        """Where the scores of ``handle``'s model with these weights (``state_digest``) live."""
+        from . import __version__
+
+        return digest([state_digest, str(handle.dtype), handle.device.type, sorted(protocols), __version__])[:16]
+
+    def _path(self, scope: str, case: Any) -> Path:
+        return self.root / scope / f"{case_digest(case)}.json"
+
+    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore]] | None:
+        """(pre-edit scores, locality predictions) of ``case``, or None (absent or unreadable)."""
+        path = self._path(scope, case)
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            pre = {k: Score(**v) for k, v in doc["pre"].items()}
+            loc = [TargetScore(tuple(t["pred"]), tuple(t["labels"]), tuple(t["logprobs"])) for t in doc["locality"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring the stored baseline at %s (%s); scoring it again", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        return pre, loc
+
+    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore]) -> None:
+        path = self._path(scope, case)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
+               "locality": [dataclasses.asdict(t) for t in loc]}
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not store the baseline of a case in %s: %s", path.parent, e)
