@@ -301,7 +301,7 @@ def _loss(p: _Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Site
     confident = False
     if opts.confident_stop and bool((tgt.argmax(-1).cpu() == p.labels).all()):
         nll = 0.1 * nll
-        confident = float(kl) / max(opts.kl_factor, 1e-12) <= 0.01
+        confident = float(kl.detach()) / max(opts.kl_factor, 1e-12) <= 0.01
     return nll + kl + wd, confident
 
 
