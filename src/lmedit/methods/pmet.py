@@ -37,7 +37,8 @@ class PMET(Editor):
         # clamp 4 (MEMIT's SmolLM2 value), not the Llama-2 preset's 1: at 1 both δ_attn and δ_mlp end at
         # their clamp, so the fit leans on δ_attn, which PMET then drops; on 8 ZsRE cases δ_mlp alone gave
         # 31% reliability against 98% with both. At 4, δ_mlp grows to ~2.4·‖v₀‖ and alone gives 74%; PMET
-        # on the first 20 ZsRE cases: 34.6 / 31.0 / 100 (clamp 1) -> 52.9 / 56.7 / 97.8 (4); 8: 50.2 / 45.7
+        # on the first 20 ZsRE cases: 34.6 / 31.0 / 100 (clamp 1) -> 52.9 / 56.7 / 97.8 (4); at 8: 50.2 /
+        # 45.7 / 97.5 (benchmarks/pmet_split.py)
         "smollm2-135m": {"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": SMOLLM2_VALUE_STEPS,
                          "clamp_norm_factor": 4.0},
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000, "clamp_norm_factor": 0.75,
