@@ -87,7 +87,8 @@ class _Run:
     chunk_stats: list[dict[str, Any]] = field(default_factory=list)
     bar: Any = None
     running: dict[str, tuple[float, int]] = field(default_factory=dict)
-    store: Any = None  # EditStore whose edits this run takes and keeps (single setting), with its scope
+    store: Any = None  # EditStore whose edits this run takes and keeps, with its scope (single setting only,
+    # so every chunk is one request)
     scope: str | None = None
 
     def chunks(self) -> list[list[int]]:
@@ -376,14 +377,14 @@ def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, An
         log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
         return None, _efficiency(m, len(idx), None), msg
     eff = _efficiency(m, len(idx), apply_s)
-    if run.store is not None and len(requests) == 1:
+    if run.store is not None:
         run.store.put(run.scope, requests[0], edit, eff)
     return edit, eff, None
 
 
 def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any], None] | None:
     """The store's edit of this single request, applied; None when it has none or the edit does not fit."""
-    got = run.store.get(run.scope, requests[0]) if len(requests) == 1 else None
+    got = run.store.get(run.scope, requests[0])
     if got is None:
         return None
     edit, eff = got

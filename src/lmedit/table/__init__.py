@@ -153,7 +153,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     out.mkdir(parents=True, exist_ok=True)
     from .runner import shared_requests
 
-    shared = shared_requests(datasets, sizes, offset, data_path) if setting == "single" and not cached_only else []
+    shared = shared_requests(specs, data_path) if setting == "single" and not cached_only else []
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
                       threads=threads, reuse=[str(r) for r in reuse], cached_only=cached_only,
                       shared_requests=shared)

@@ -214,12 +214,13 @@ def cell_cost(spec: CellSpec) -> float:
     return spec.n * edits * per_case
 
 
-def start_order(spec: CellSpec, specs: list[CellSpec]) -> tuple[float, int]:
-    """When workers share the cells: the longest first; among equal ones, the first dataset's cells of every
-    method before the next dataset's, so that a method's cells that edit the same facts (ZsRE and its
-    portability slice) run one after the other and the later one takes the stored edits of the earlier."""
-    datasets = list(dict.fromkeys(s.dataset for s in specs))
-    return -cell_cost(spec), datasets.index(spec.dataset)
+def start_order(specs: list[CellSpec]) -> list[tuple[int, CellSpec]]:
+    """(index, spec) in the order workers that share the cells start them: the longest first; among equal
+    ones, the first dataset's cells of every method before the next dataset's, so that a method's cells that
+    edit the same facts (ZsRE and its portability slice) run one after the other and the later one takes
+    the stored edits of the earlier."""
+    rank = {ds: i for i, ds in enumerate(dict.fromkeys(s.dataset for s in specs))}
+    return sorted(enumerate(specs), key=lambda item: (-cell_cost(item[1]), rank[item[1].dataset]))
 
 
 def _cases_done(cache: CellCache, spec: CellSpec) -> int:
@@ -243,7 +244,7 @@ def _dispatch(specs: list[CellSpec], slots: int, *, submit: Callable[[int, CellS
     returns the handles finished within a timeout; ``get`` a finished handle's (result dict, cached flag).
     A worker that dies (out of memory, killed) fails its cell, not the table.
     """
-    queue = sorted(enumerate(specs), key=lambda item: start_order(item[1], specs)) if slots > 1 else list(enumerate(specs))
+    queue = start_order(specs) if slots > 1 else list(enumerate(specs))
     running: dict[Any, tuple[int, int]] = {}
     out: list[CellResult | None] = [None] * len(specs)
 

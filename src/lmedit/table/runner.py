@@ -76,16 +76,15 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def shared_requests(datasets: list[str], sizes: dict[str, int], offset: int, data_path: str | None) -> list[str]:
-    """Digests of the requests that more than one of the (edit-case) datasets' slices holds."""
-    from .. import data
+def shared_requests(specs: list[CellSpec], data_path: str | None) -> list[str]:
+    """Digests of the requests that the cases of more than one of the cells' (edit-case) datasets hold."""
     from ..digests import request_digest
 
     seen: dict[str, int] = {}
-    for ds in datasets:
-        if dataset_kind(ds) != "edit":
+    for spec in {s.dataset: s for s in specs}.values():  # one cell per dataset: its slice is theirs
+        if dataset_kind(spec.dataset) != "edit":
             continue
-        for d in {request_digest(c.request) for c in data.load_dataset(ds, n=sizes[ds], offset=offset, path=data_path)}:
+        for d in {request_digest(c.request) for c in load_cases(spec, data_path)}:
             seen[d] = seen.get(d, 0) + 1
     return sorted(d for d, k in seen.items() if k > 1)
 
