@@ -128,8 +128,8 @@ class Config:
 
     def hash(self) -> str:
         """A short stable hash of the values that define the method, for cache keys (fields declared with
-        ``option(..., identity=False)``, such as a trained editor's checkpoint path, are left out: what they
-        point to is identified by content where it matters)."""
+        ``option(..., identity=False)`` are left out: a trained editor's checkpoint path, identified by content
+        where it matters, and speed settings whose results differ only by rounding)."""
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                   if f.metadata.get("identity", True)}
         # its own JSON form rather than lmedit.digests.digest: a new formula would orphan every cached
@@ -173,7 +173,7 @@ def _plain(v: Any) -> Any:
 
 def option(default: Any, help: str, *, identity: bool = True, **kw: Any) -> Any:
     """A config field with a default and a one-line help text; ``identity=False`` keeps it out of
-    :meth:`Config.hash` (a location rather than a value of the method)."""
+    :meth:`Config.hash` (a location, or a speed setting, rather than a value of the method)."""
     meta = {"help": help, "identity": identity}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)

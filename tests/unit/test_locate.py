@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,14 +117,14 @@ def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, 
     h = tiny_decoder
     req = EditRequest(prompt="{} was born in", subject=subject, target_new="Paris")
     p = V._problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
-    sites = V._Sites(h, {"layer": V.site_path(h.adapter, "layer", 1)}, p.index)
+    sites = V._Sites(h, {"layer": V.site_path(h.adapter, "layer", 1)}, p)
     try:
         with torch.enable_grad():
             clean, _ = V._clean_pass(h, p, 1)
-            forward = V._suffix_forward(h, p, sites, clean, 1)
-            assert forward is not None
-            sites.delta["layer"].data += 0.5
-            fast = forward()
+            suffix = V._suffix_forward(h, p, sites, clean, 1)
+            assert suffix is not None
+            sites.delta["layer"][0].data += 0.5
+            fast = suffix.logits()
             sites.set_index(p.index)
             assert torch.allclose(fast, V._logits(h, p), atol=1e-5)
             assert not torch.equal(fast, clean)  # δ reaches the loss positions (weakly in random models)
@@ -138,6 +140,70 @@ def test_value_optimisation_lowers_the_loss_and_respects_the_clamp(tiny_llama, s
     for s in sites:
         assert res.delta[s].norm() <= 3.0 * res.init[s].norm() * (1 + 1e-5)
         assert res.target(s).dtype == torch.float32
+
+
+JOINT = [EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"),
+         EditRequest(prompt="{} was born in", subject="I", target_new="the city of Paris"),
+         EditRequest(prompt="{} plays the", subject="Tom", target_new="violin"),
+         EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome"),
+         EditRequest(prompt="{} works for", subject="Anna Smith", target_new="BBC News today")]
+
+
+def _threshold_with_most_stopping_steps(runs: list[list[float]]) -> float:
+    """An early-stop threshold, midway between two loss values, at which the requests stop at the most
+    different steps (each run stops at its first loss below it)."""
+    values = sorted({x for r in runs for x in r})
+    best, most = 0.0, 0
+    for lo, hi in zip(values, values[1:], strict=False):
+        t = (lo + hi) / 2
+        steps = {next((i for i, x in enumerate(r) if x < t), len(r)) for r in runs}
+        if len(steps) > most and hi - lo > 1e-3 * hi:
+            best, most = t, len(steps)
+    return best
+
+
+@pytest.mark.parametrize("sites", [["layer"], ["attn", "mlp"]])
+@pytest.mark.parametrize("suffix_path", [True, False])
+def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, sites, suffix_path, monkeypatch):
+    """One batch of rows for several requests: each request keeps its own gradient, Adam state, clamp and
+    stopping step (requests stop at different steps here, so the batch shrinks while it runs)."""
+    h, groups = tiny_decoder, [["{}"], ["The tower is tall. {}", "I. {}"]]
+    if not suffix_path:  # the full-forward path, which keeps every row until the batch ends
+        monkeypatch.setattr(V, "_suffix_forward", lambda *a: None)
+    free = V.ValueOptions(steps=12, lr=0.2, weight_decay=1e-2, clamp=2.0, early_stop=0.0)
+    runs = [V.optimize_value(h, r, 1, sites, groups, free).losses for r in JOINT]
+    opts = dataclasses.replace(free, early_stop=_threshold_with_most_stopping_steps(runs))
+    alone = [V.optimize_value(h, r, 1, sites, groups, opts) for r in JOINT]
+    together = V.optimize_values(h, JOINT, 1, sites, groups, opts, batch_size=4)  # a batch of 4, then 1
+    assert len({len(a.losses) for a in alone}) > 1  # different stopping steps
+    for a, t in zip(alone, together, strict=True):
+        assert len(a.losses) == len(t.losses)
+        assert a.losses == pytest.approx(t.losses, rel=1e-4, abs=1e-5)
+        for s in sites:
+            assert torch.allclose(a.init[s], t.init[s], atol=1e-5)
+            assert torch.allclose(a.delta[s], t.delta[s], atol=1e-4 * float(a.init[s].norm()) + 1e-6)
+
+
+def test_pmet_stop_rule_is_per_request_in_a_batch(tiny_llama):
+    """PMET's rule (×0.1 NLL once every target token is the argmax; stop once KL ≤ 0.01) per request."""
+    h = tiny_llama
+    p = V._assemble(h, [V._part(h, r, [["{}"]]) for r in JOINT[:3]])
+    n_t, vocab = len(p.labels), h.model.config.vocab_size
+    logits = torch.zeros(n_t + 3, vocab)
+    kl_init = torch.log_softmax(torch.randn(3, vocab), -1)
+    logits[n_t:] = kl_init  # KL 0 for every request ...
+    logits[n_t + 2, 0] += 5.0  # ... but request 2's
+    logits[torch.arange(n_t), p.labels] = 10.0  # every target is the argmax ...
+    first_of_1 = int((p.request[p.owner] == 1).nonzero()[0])
+    logits[first_of_1, (p.labels[first_of_1] + 1) % vocab] = 20.0  # ... except one of request 1's
+    zero = torch.zeros(4)
+    sites = SimpleNamespace(delta={"mlp": [zero] * 3}, init={"mlp": [torch.ones(4)] * 3}, order=[0, 1, 2])
+    opts = V.ValueOptions(confident_stop=True, kl_factor=0.5, weight_decay=0.0)
+    loss, confident = V._losses(p, logits, kl_init, sites, opts)
+    assert confident == [True, False, False]
+    plain, _ = V._losses(p, logits, kl_init, sites, dataclasses.replace(opts, confident_stop=False))
+    assert loss[0] == pytest.approx(0.1 * plain[0]) and loss[1] == pytest.approx(plain[1])
+    assert loss[2] < plain[2]  # its targets are all hit: NLL scaled, KL kept
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -299,6 +365,36 @@ def test_many_token_target_and_batch_of_requests(tiny_llama, corpus, home):
     edit = quick("memit", corpus).compute(tiny_llama, [REQ, long])
     (a, b), = edit.deltas.values()
     assert a.shape[1] == b.shape[1] == 2  # one rank per request
+
+
+def test_value_cache_reuses_values_across_editors_and_runs(tiny_llama, corpus, home, tmp_path, monkeypatch):
+    from lmedit.locate import pipeline
+
+    calls = []
+    real = pipeline.optimize_values
+
+    def counting(handle, requests, *a, **kw):
+        calls.append(len(requests))
+        return real(handle, requests, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "optimize_values", counting)
+    cache = tmp_path / "values"
+    other = EditRequest(prompt="{} plays the", subject="Tom", target_new="violin")
+    plain = quick("memit", corpus).compute(tiny_llama, [REQ, other])
+    first = quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ])
+    both = quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ, other])
+    assert calls == [2, 1, 1]  # the second run optimised only the new request's value
+    for name, (a, b) in both.deltas.items():  # same edit as without the cache
+        assert torch.allclose(a @ b.T, plain.deltas[name][0] @ plain.deltas[name][1].T, atol=1e-6)
+    quick("emmet", corpus, value_cache=str(cache), clamp_norm_factor=4.0).compute(tiny_llama, [REQ, other])
+    quick("memit", corpus, value_cache=str(cache), kl_factor=0.5).compute(tiny_llama, [REQ])  # other settings
+    assert calls == [2, 1, 1, 0, 1]
+    for entry in cache.rglob("*.pt"):
+        entry.write_bytes(b"not a tensor file")
+    quick("memit", corpus, value_cache=str(cache), kl_factor=0.5).compute(tiny_llama, [REQ])  # corrupt: again
+    with first.applied(tiny_llama):  # other weights never meet the stored values
+        quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ])
+    assert calls == [2, 1, 1, 0, 1, 1, 1]
 
 
 def test_stats_cli_layer_parser():

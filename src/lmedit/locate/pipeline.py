@@ -26,7 +26,7 @@ from ..models.handle import tensor_digest
 from ..types import EditRequest
 from .keys import gather, request_rows
 from .templates import TemplateGroups, context_templates, flatten, group_mean
-from .values import ValueOptions, ValueResult, optimize_value, site_path
+from .values import ValueOptions, ValueResult, optimize_values, site_path
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,18 @@ class LocateConfig(Config):
     v_weight_decay: float = option(1e-3, "weight of ‖δ‖/‖v₀‖² in the value loss")
     clamp_norm_factor: float = option(4.0, "‖δ‖ is kept ≤ clamp_norm_factor·‖v₀‖")
     kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
+    value_cache: str | None = option(
+        None, "folder that keeps the optimised target values and reuses them for the same weights, layer, value "
+        "settings and request (e.g. MEMIT and AlphaEdit on the same facts, or a stopped batch run)", identity=False)
+    v_batch_size: int = option(16, "requests whose values are optimised together in one batch of rows (speed "
+                               "only: the results differ by rounding)", identity=False)
     mom2_tokens: int = option(100_000, "corpus tokens for the key second moment C = E[k kᵀ]")
     mom2_corpus: str | None = option(None, "text file or folder for C (None: WikiText, see lmedit.locate.stats)")
     context_lengths: list[list[int]] = option([[10, 5]], "context templates: [total tokens, samples] pairs")
     seed: int = option(0, "seed of the context-template sampler")
 
     def validate(self) -> None:
-        for name in ("v_num_grad_steps", "mom2_tokens"):
+        for name in ("v_num_grad_steps", "mom2_tokens", "v_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.clamp_norm_factor <= 0:
@@ -157,11 +162,6 @@ def weight_delta(handle, factors: dict[int, tuple[torch.Tensor, torch.Tensor]], 
     return WeightDelta(deltas, digests, meta={"stats": {"relative_norm": rel, **stats}})
 
 
-def optimize_values(handle, requests: Sequence[EditRequest], layer: int, sites: Sequence[str],
-                    groups: TemplateGroups, opts: ValueOptions) -> list[ValueResult]:
-    return [optimize_value(handle, r, layer, sites, groups, opts) for r in requests]
-
-
 def batch_update(handle, requests: Sequence[EditRequest], layers: Sequence[int], targets: torch.Tensor,
                  site: str, groups: TemplateGroups, solve: Callable, spread_rule: str = "linear",
                  keys_after: bool = False, clock: Phases | None = None
@@ -197,6 +197,32 @@ def batch_update(handle, requests: Sequence[EditRequest], layers: Sequence[int],
             info["keys_after"] = {x: torch.stack([group_mean(k, gid) for k in g.view(len(requests), n_t, -1)]).T
                                   for x, g in zip(layers, got, strict=True)}
     return factors, info
+
+
+def target_values(handle, requests: Sequence[EditRequest], layer: int, sites: Sequence[str],
+                  groups: TemplateGroups, cfg: Any) -> list[ValueResult]:
+    """The optimised values of ``requests`` at ``layer``, taken from and kept in ``cfg.value_cache`` when it
+    is set (each value as soon as it is final, so a stopped run resumes)."""
+    opts = value_options(cfg)
+    if not cfg.value_cache:
+        return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=cfg.v_batch_size)
+    from ..stores import ValueStore
+
+    store = ValueStore(cfg.value_cache)
+    scope = store.scope(handle, layer, sites, opts, groups)
+    got = [store.get(scope, r) for r in requests]
+    missing = [i for i, v in enumerate(got) if v is None]
+    if len(missing) < len(requests):
+        log.info("%d of %d target values taken from %s", len(requests) - len(missing), len(requests),
+                 cfg.value_cache)
+
+    def keep(j: int, value: ValueResult) -> None:
+        got[missing[j]] = value
+        store.put(scope, requests[missing[j]], value)
+
+    optimize_values(handle, [requests[i] for i in missing], layer, sites, groups, opts,
+                    batch_size=cfg.v_batch_size, done=keep)
+    return got  # type: ignore[return-value]
 
 
 def templates_for(handle, cfg: LocateConfig) -> TemplateGroups:
@@ -254,7 +280,7 @@ def memit_family(handle, requests: Sequence[EditRequest], cfg: Any, solve: Calla
     with clock("statistics"):
         C = second_moments(handle, layers, tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)
     with clock("values"):
-        values = optimize_values(handle, requests, layers[-1], sites or [site], groups, value_options(cfg))
+        values = target_values(handle, requests, layers[-1], sites or [site], groups, cfg)
     Z = torch.stack([v.target(site) for v in values])  # [B, d]
     factors, info = batch_update(handle, requests, layers, Z, site, groups,
                                  lambda layer, K, R: solve(layer, K, R, C[layer]), spread_rule, keys_after, clock)

@@ -15,9 +15,12 @@ projection: PMET optimises it together with ``"mlp"``).
 Speed: only δ changes between steps, so the layers below ℓ run once; afterwards they are replaced, inside
 this function only, by modules that replay their cached output. Positions before the subject's last token
 never change at all: they run once and every step feeds only the rows' suffixes, on a copy of the prefixes'
-key/value cache. Logits are computed only at the positions
-that carry loss (target and KL positions): final norm output at those positions times the unembedding.
-All optimisation variables and losses are float32 whatever the model dtype.
+key/value cache. Logits are computed only at the positions that carry loss (target and KL positions): final
+norm output at those positions times the unembedding. Several requests can be optimised in one batch of rows
+(``optimize_values(..., batch_size=)``): their losses are independent, so each δ still gets exactly its own
+gradient, Adam state and stopping step, and the larger matrix products run up to about twice as fast per
+request on a CPU (``benchmarks/joint_values.py``). All optimisation variables and losses are float32
+whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,42 +78,77 @@ def site_path(adapter, site: str, layer: int) -> str:
 
 
 @dataclass
-class _Problem:
-    ids: torch.Tensor  # [rows, seq]
-    mask: torch.Tensor  # [rows, seq]
-    index: torch.Tensor  # [rows] subject-last index of each row (where δ is added)
-    rows: list[int]  # (row, col) of every logit position that carries loss; the KL position is last
-    cols: list[int]
-    labels: torch.Tensor  # [n_target_positions]
-    owner: torch.Tensor  # [n_target_positions] rewriting row of each target position
-    n_rewrite: int
-    seqs: list[list[int]]  # unpadded rows
+class _Part:
+    """One request's rows: every rewriting prompt (template + prompt, target appended, teacher forced), then
+    the KL prompt."""
+
+    seqs: list[list[int]]  # unpadded rows; the KL row is last
+    index: list[int]  # subject-last index of each row (where δ is added)
+    targets: list[tuple[int, int, int]]  # (row, col, label) of every target position
+
+    @property
+    def suffix_len(self) -> int:
+        return max(len(s) - i for s, i in zip(self.seqs, self.index, strict=True))
 
 
-def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
-    """Rewriting prompts (every template, target appended, teacher forced) plus the KL prompt, right padded."""
+def _part(handle, request: EditRequest, groups: TemplateGroups) -> _Part:
     tokens = handle.tokens
     flat, _ = flatten(groups)
-    seqs, index, rows, cols, labels, owner = [], [], [], [], [], []
+    seqs, index, targets = [], [], []
     for r, ctx in enumerate(flat):
         template = compose(ctx, request.template)
         row = subject_last(tokens, template, request.subject)
         target = tokens.target_ids(template.format(request.subject), request.target_new)
         seqs.append(list(row.ids) + target[:-1])
         index.append(row.index)
-        for j, y in enumerate(target):
-            rows.append(r)
-            cols.append(len(row.ids) - 1 + j)
-            labels.append(y)
-            owner.append(r)
+        targets += [(r, len(row.ids) - 1 + j, y) for j, y in enumerate(target)]
     kl = subject_last(tokens, KL_TEMPLATE, request.subject)
-    seqs.append(list(kl.ids))
-    index.append(kl.index)
-    rows.append(len(flat))
-    cols.append(kl.index)
-    ids, mask = tokens.pad(seqs, "right")
-    return _Problem(ids, mask, torch.tensor(index), rows, cols, torch.tensor(labels), torch.tensor(owner),
-                    len(flat), seqs)
+    return _Part(seqs + [list(kl.ids)], index + [kl.index], targets)
+
+
+@dataclass
+class _Problem:
+    """The rows of one or more requests, right padded, request after request. Loss positions: every target
+    position, then one KL position per request (the last row of each request)."""
+
+    ids: torch.Tensor  # [rows, seq]
+    mask: torch.Tensor  # [rows, seq]
+    index: torch.Tensor  # [rows] subject-last index of each row
+    rows: list[int]  # (row, col) of every logit position that carries loss
+    cols: list[int]
+    labels: torch.Tensor  # [n_target_positions]
+    owner: torch.Tensor  # [n_target_positions] row of each target position
+    request: torch.Tensor  # [rows] request (0..n_requests-1) of each row
+    start: list[int]  # first row of each request (its bare "{}" template row)
+    n_rewrite: torch.Tensor  # [n_requests] rewriting rows per request
+    seqs: list[list[int]]
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.start)
+
+
+def _assemble(handle, parts: Sequence[_Part]) -> _Problem:
+    seqs, index, request, start, targets, kl = [], [], [], [], [], []
+    for g, part in enumerate(parts):
+        r0 = len(seqs)
+        start.append(r0)
+        seqs += part.seqs
+        index += part.index
+        request += [g] * len(part.seqs)
+        targets += [(r0 + r, c, y) for r, c, y in part.targets]
+        kl.append((len(seqs) - 1, part.index[-1]))
+    ids, mask = handle.tokens.pad(seqs, "right")
+    rows = [r for r, _, _ in targets] + [r for r, _ in kl]
+    cols = [c for _, c, _ in targets] + [c for _, c in kl]
+    return _Problem(ids, mask, torch.tensor(index), rows, cols, torch.tensor([y for _, _, y in targets]),
+                    torch.tensor([r for r, _, _ in targets]), torch.tensor(request), start,
+                    torch.tensor([len(p.seqs) - 1 for p in parts]), seqs)
+
+
+def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
+    """The problem of one request."""
+    return _assemble(handle, [_part(handle, request, groups)])
 
 
 def _replaying(handle, layer: int, output: object):
@@ -139,7 +177,7 @@ class _Suffix:
         split = p.index.tolist()
         pre = [s[:i] for s, i in zip(p.seqs, split, strict=True)]
         self.ids, suf_mask = handle.tokens.pad([s[i:] for s, i in zip(p.seqs, split, strict=True)], "right")
-        self.rows, self.cols = p.rows, [c - split[r] for r, c in zip(p.rows, p.cols, strict=True)]
+        self._loss_positions(p)
         self.positions = torch.tensor(split)[:, None] + torch.arange(self.ids.shape[1])[None]  # [rows, S]
         self.index = torch.zeros(len(split), dtype=torch.long)
         self.cache, self.mask = None, suf_mask
@@ -152,6 +190,10 @@ class _Suffix:
                                       position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0)),
                           use_cache=True, **{self.cache_kw: self.cache})
             self.mask = torch.cat([pre_mask, suf_mask], 1)  # [rows, P + S]
+
+    def _loss_positions(self, p: _Problem) -> None:
+        split = p.index.tolist()
+        self.rows, self.cols = p.rows, [c - split[r] for r, c in zip(p.rows, p.cols, strict=True)]
 
     def _dev(self, **kw: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.handle.device) for k, v in kw.items()}
@@ -171,32 +213,58 @@ class _Suffix:
         logits, self.below = _with_input_of(self.handle, self.layer, self.logits)
         return logits
 
+    def select(self, keep: torch.Tensor, p: _Problem) -> None:
+        """Keep only the rows ``keep`` (in that order), which are the rows of ``p``: requests whose
+        optimisation has stopped leave the batch."""
+        self.ids, self.mask, self.positions = self.ids[keep], self.mask[keep], self.positions[keep]
+        self.index = torch.zeros(len(keep), dtype=torch.long)
+        if self.cache is not None:
+            self.cache.batch_select_indices(keep.to(self.handle.device))
+        if self.below is not None:
+            adapter = self.handle.adapter
+            self.below = adapter.with_hidden(self.below, adapter.hidden(self.below)[keep.to(self.handle.device)])
+        self._loss_positions(p)
+
 
 class _Sites:
-    """Forward hooks that add δ at each row's subject-last index, and record the clean values at step 0."""
+    """Forward hooks that add each request's δ at its rows' subject-last index, and record the clean values
+    v₀ on the first pass. δ and v₀ are kept per request (0..n-1 of the batch); ``order`` lists the requests
+    whose rows the current forward carries, in row order."""
 
-    def __init__(self, handle, paths: dict[str, str], index: torch.Tensor) -> None:
+    def __init__(self, handle, paths: dict[str, str], p: _Problem) -> None:
         self.adapter = handle.adapter
-        self.index = index.to(handle.device)
-        self.delta: dict[str, torch.Tensor] = {}
-        self.init: dict[str, torch.Tensor] = {}
+        self.delta: dict[str, list[torch.Tensor]] = {}
+        self.init: dict[str, list[torch.Tensor]] = {}
         self.enabled = True
+        self.set_layout(list(range(p.n_requests)), p, p.index)
+        self._first = p.start
         self._hooks = [get_module(handle.model, path).register_forward_hook(self._hook(site))
                        for site, path in paths.items()]
 
+    def set_layout(self, order: list[int], p: _Problem, index: torch.Tensor) -> None:
+        self.order, self.index = list(order), index
+        self.request = p.request  # [rows] position in ``order`` of each row's request
+
     def set_index(self, index: torch.Tensor) -> None:
-        self.index = index.to(self.index.device)
+        self.index = index
+
+    def params(self, g: int) -> list[torch.Tensor]:
+        return [d[g] for d in self.delta.values()]
 
     def _hook(self, site: str):
         def add(_m: nn.Module, _a: tuple, out: object) -> object:
             if not self.enabled:
                 return None
             h = self.adapter.hidden(out)  # [rows, seq, d]
+            if self.index.device != h.device:
+                self.index, self.request = self.index.to(h.device), self.request.to(h.device)
             at = (torch.arange(h.shape[0], device=h.device), self.index)
-            if site not in self.init:  # v₀: clean value at the plain prompt (row 0 = the bare "{}" template)
-                self.init[site] = h[0, self.index[0]].detach().float()
-                self.delta[site] = torch.zeros_like(self.init[site], requires_grad=True)
-            h = h.index_put(at, h[at] + self.delta[site].to(h.dtype))
+            if site not in self.init:  # v₀: clean value at each request's plain prompt (its "{}" row)
+                self.init[site] = [h[r, self.index[r]].detach().float() for r in self._first]
+                self.delta[site] = [torch.zeros_like(v, requires_grad=True) for v in self.init[site]]
+            deltas = [self.delta[site][g] for g in self.order]
+            d = deltas[0] if len(deltas) == 1 else torch.stack(deltas)[self.request]  # one request: broadcast
+            h = h.index_put(at, h[at] + d.to(h.dtype))
             return self.adapter.with_hidden(out, h)
 
         return add
@@ -206,40 +274,103 @@ class _Sites:
             h.remove()
 
 
+def optimize_values(handle, requests: Sequence[EditRequest], layer: int, sites: Sequence[str],
+                    groups: TemplateGroups, opts: ValueOptions, batch_size: int = 1,
+                    done: Callable[[int, ValueResult], None] | None = None) -> list[ValueResult]:
+    """v* per site for each request (see the module docstring for the loss), ``batch_size`` requests
+    optimised together; ``done(i, value)`` is called as soon as request i's value is final.
+
+    The requests' losses are independent (a request's δ enters only its own rows), so one forward over the
+    rows of several requests and a backward of the sum of their losses give each δ exactly its own gradient;
+    every request keeps its own Adam state, clamp and stopping step, and leaves the batch when it stops.
+    Batching only changes floating-point rounding. Requests are grouped by suffix length, which keeps
+    padding low. More than one batch shows a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    size = max(1, batch_size)
+    parts = [_part(handle, r, groups) for r in requests]
+    order = sorted(range(len(parts)), key=lambda i: (parts[i].suffix_len, i))
+    results: list[ValueResult | None] = [None] * len(parts)
+    with tqdm(total=len(parts), desc="optimising target values", unit="value", disable=len(parts) <= size) as bar:
+        for s in range(0, len(order), size):
+            chunk = order[s : s + size]
+            for i, res in zip(chunk, _optimize_together(handle, [parts[i] for i in chunk], layer, sites, opts),
+                              strict=True):
+                results[i] = res
+                if done is not None:
+                    done(i, res)
+            bar.update(len(chunk))
+    return results  # type: ignore[return-value]
+
+
 def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str], groups: TemplateGroups,
                    opts: ValueOptions) -> ValueResult:
-    """v* per site for one request (see the module docstring for the loss)."""
-    p = _problem(handle, request, groups)
-    sites_ = _Sites(handle, {s: site_path(handle.adapter, s, layer) for s in sites}, p.index)
-    losses: list[float] = []
+    """v* per site for one request."""
+    return optimize_values(handle, [request], layer, sites, groups, opts)[0]
+
+
+def _optimize_together(handle, parts: Sequence[_Part], layer: int, sites: Sequence[str],
+                       opts: ValueOptions) -> list[ValueResult]:
+    p = _assemble(handle, parts)
+    n = len(parts)
+    sites_ = _Sites(handle, {s: site_path(handle.adapter, s, layer) for s in sites}, p)
+    losses: list[list[float]] = [[] for _ in range(n)]
+    running = set(range(n))
     try:
         with torch.enable_grad():
             logits, below = _clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
-            kl_init = F.log_softmax(logits[-1:], -1).detach()  # [1, vocab]
-            forward = _suffix_forward(handle, p, sites_, logits, layer)
-            if forward is None:  # the prefix cache did not reproduce the logits: replay the lower layers
+            kl_init = F.log_softmax(logits[len(p.labels):], -1).detach()  # [n, vocab]
+            suffix = _suffix_forward(handle, p, sites_, logits, layer)
+            if suffix is None:  # the prefix cache did not reproduce the logits: replay the lower layers
                 ctx = _replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
                 forward = lambda: _logits(handle, p)  # noqa: E731
             else:
-                ctx = contextlib.nullcontext()
-            opt = torch.optim.Adam(list(sites_.delta.values()), lr=opts.lr)
+                ctx, forward = contextlib.nullcontext(), suffix.logits
+            optims = [torch.optim.Adam(sites_.params(g), lr=opts.lr) for g in range(n)]
             with ctx:
                 for step in range(opts.steps):
                     if step > 0:
                         logits = forward()
-                    loss, confident = _loss(p, logits, kl_init, sites_, opts)
-                    losses.append(loss.item())
-                    if loss < opts.early_stop or step == opts.steps - 1 or confident:
+                    order = sites_.order
+                    loss, confident = _losses(p, logits, kl_init[order], sites_, opts)  # [len(order)]
+                    going = []
+                    for j, (g, value) in enumerate(zip(order, loss.tolist(), strict=True)):
+                        if g not in running:
+                            continue
+                        losses[g].append(value)
+                        if value < opts.early_stop or step == opts.steps - 1 or confident[j]:
+                            running.discard(g)
+                        else:
+                            going.append(j)
+                    if not going:
                         break
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    _clamp(sites_, opts.clamp)
+                    for j in going:
+                        optims[order[j]].zero_grad()
+                    loss[going].sum().backward()
+                    for j in going:
+                        optims[order[j]].step()
+                        _clamp(sites_, order[j], opts.clamp)
+                    if suffix is not None and len(going) < len(order):  # stopped requests leave the batch
+                        p = _drop_stopped(handle, parts, p, suffix, sites_, [order[j] for j in going])
     finally:
         sites_.close()
-    log.debug("value optimisation at layer %d: loss %s", layer, " ".join(f"{x:.3f}" for x in losses))
-    return ValueResult({k: v.detach() for k, v in sites_.init.items()},
-                       {k: v.detach().clone() for k, v in sites_.delta.items()}, losses)
+    for g in range(n):
+        log.debug("value optimisation at layer %d: loss %s", layer, " ".join(f"{x:.3f}" for x in losses[g]))
+    return [ValueResult({s: v[g] for s, v in sites_.init.items()},
+                        {s: d[g].detach().clone() for s, d in sites_.delta.items()}, losses[g]) for g in range(n)]
+
+
+def _drop_stopped(handle, parts: Sequence[_Part], p: _Problem, suffix: _Suffix, sites: _Sites,
+                  keep: list[int]) -> _Problem:
+    """The problem of the requests ``keep`` only, with the suffix forward and the hooks cut to their rows."""
+    where = {g: j for j, g in enumerate(sites.order)}
+    bounds = p.start + [len(p.seqs)]
+    rows = torch.cat([torch.arange(bounds[where[g]], bounds[where[g] + 1]) for g in keep])
+    new = _assemble(handle, [parts[g] for g in keep])
+    suffix.select(rows, new)
+    sites.set_layout(keep, new, suffix.index)
+    return new
 
 
 def _clean_pass(handle, p: _Problem, layer: int) -> tuple[torch.Tensor, object]:
@@ -260,7 +391,7 @@ def _with_input_of(handle, layer: int, forward) -> tuple[torch.Tensor, object]:
         hook.remove()
 
 
-def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int):
+def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int) -> _Suffix | None:
     """The suffix-only forward (layers ≥ ``layer`` only) when it reproduces the clean logits (checked here,
     once), else None."""
     if body_and_head(handle.model) is None:
@@ -276,7 +407,7 @@ def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, lay
     tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
     diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
     if diff <= tol * max(1.0, float(clean.abs().max())):
-        return suffix.logits
+        return suffix
     log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards", diff)
     sites.set_index(p.index)
     return None
@@ -286,30 +417,41 @@ def _detach(adapter, out: object) -> object:
     return adapter.with_hidden(out, adapter.hidden(out).detach())
 
 
-def _loss(p: _Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Sites,
-          opts: ValueOptions) -> tuple[torch.Tensor, bool]:
-    """NLL (mean over rewriting prompts of the per-token mean) + KL + weight decay; and PMET's stop flag."""
+def _losses(p: _Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Sites,
+            opts: ValueOptions) -> tuple[torch.Tensor, list[bool]]:
+    """Per request of ``sites.order``: NLL (mean over its rewriting prompts of the per-token mean) + KL +
+    weight decay; and PMET's stop flags."""
+    n = p.n_requests
     logp = F.log_softmax(logits, -1)  # [n_positions, vocab]
-    tgt = logp[:-1]
-    token_nll = -tgt.gather(1, p.labels[:, None].to(tgt.device))[:, 0]  # [n_target_positions]
-    owner = p.owner.to(tgt.device)
-    per_row = torch.zeros(p.n_rewrite, device=tgt.device).index_add(0, owner, token_nll)
-    per_row = per_row / torch.bincount(owner, minlength=p.n_rewrite).clamp(min=1)
-    nll = per_row.mean()
-    kl = opts.kl_factor * F.kl_div(logp[-1:], kl_init, log_target=True, reduction="batchmean")
-    wd = sum(opts.weight_decay * d.norm() / sites.init[s].norm() ** 2 for s, d in sites.delta.items())
-    confident = False
-    if opts.confident_stop and bool((tgt.argmax(-1).cpu() == p.labels).all()):
-        nll = 0.1 * nll
-        confident = float(kl.detach()) / max(opts.kl_factor, 1e-12) <= 0.01
+    n_t = len(p.labels)
+    tgt, klp = logp[:n_t], logp[n_t:]  # target positions, then one KL position per request
+    labels, owner = p.labels.to(tgt.device), p.owner.to(tgt.device)
+    request = p.request.to(tgt.device)
+    token_nll = -tgt.gather(1, labels[:, None])[:, 0]  # [n_target_positions]
+    rows = len(p.seqs)
+    per_row = torch.zeros(rows, device=tgt.device).index_add(0, owner, token_nll)
+    per_row = per_row / torch.bincount(owner, minlength=rows).clamp(min=1)  # KL rows: 0
+    nll = torch.zeros(n, device=tgt.device).index_add(0, request, per_row) / p.n_rewrite.to(tgt.device)
+    kl = opts.kl_factor * F.kl_div(klp, kl_init, log_target=True, reduction="none").sum(-1)  # [n]
+    wd = torch.stack([sum(opts.weight_decay * sites.delta[s][g].norm() / sites.init[s][g].norm() ** 2
+                          for s in sites.delta) for g in sites.order])
+    confident = [False] * n
+    if opts.confident_stop:
+        miss = (tgt.argmax(-1) != labels).float()
+        missed = torch.zeros(n, device=tgt.device).index_add(0, request[owner], miss).cpu()
+        sure = missed == 0
+        nll = torch.where(sure.to(nll.device), 0.1 * nll, nll)
+        ratio = (kl.detach() / max(opts.kl_factor, 1e-12)).cpu()
+        confident = [bool(a) and float(r) <= 0.01 for a, r in zip(sure, ratio, strict=True)]
     return nll + kl + wd, confident
 
 
 @torch.no_grad()
-def _clamp(sites: _Sites, factor: float) -> None:
-    """Project each δ onto the ball ‖δ‖ ≤ factor · ‖v₀‖."""
-    for s, d in sites.delta.items():
-        limit = factor * sites.init[s].norm()
+def _clamp(sites: _Sites, g: int, factor: float) -> None:
+    """Project request ``g``'s δ onto the ball ‖δ‖ ≤ factor · ‖v₀‖, per site."""
+    for s, deltas in sites.delta.items():
+        d = deltas[g]
+        limit = factor * sites.init[s][g].norm()
         n = d.norm()
         if n > limit:
             d.mul_(limit / n)

@@ -30,14 +30,13 @@ from ..locate.pipeline import (
     Phases,
     auto_layers,
     check_layers,
+    target_values,
     templates_for,
-    value_options,
     weight_delta,
 )
 from ..locate.solvers import rank_one
 from ..locate.stats import second_moments
 from ..locate.templates import flatten, group_mean
-from ..locate.values import optimize_value
 from ..registry import register_editor
 from .base import Capabilities, Editor, depth_layer
 
@@ -102,7 +101,7 @@ class ROME(Editor):
             C = second_moments(handle, [layer], tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)[layer] \
                 if cfg.mom2_adjustment else None
         with clock("values"):
-            value = optimize_value(handle, req, layer, ["mlp"], groups, value_options(cfg))
+            value, = target_values(handle, [req], layer, ["mlp"], groups, cfg)
         with clock("solve"):
             v_star = value.target("mlp").double()  # [d]
             k_u, k_den = {"consistent": (k_bar, k_bar), "original": (k_bar, k_p),
