@@ -56,7 +56,7 @@ class LocateConfig(Config):
     value_cache: str | None = option(
         None, "folder that keeps the optimised target values and reuses them for the same weights, layer, value "
         "settings and request (e.g. MEMIT and AlphaEdit on the same facts, or a stopped batch run)", identity=False)
-    v_batch_size: int = option(16, "requests whose values are optimised together in one batch of rows (speed "
+    v_batch_size: int = option(8, "requests whose values are optimised together in one batch of rows (speed "
                                "only: the results differ by rounding)", identity=False)
     mom2_tokens: int = option(100_000, "corpus tokens for the key second moment C = E[k kᵀ]")
     mom2_corpus: str | None = option(None, "text file or folder for C (None: WikiText, see lmedit.locate.stats)")

@@ -18,8 +18,8 @@ never change at all: they run once and every step feeds only the rows' suffixes,
 key/value cache. Logits are computed only at the positions that carry loss (target and KL positions): final
 norm output at those positions times the unembedding. Several requests can be optimised in one batch of rows
 (``optimize_values(..., batch_size=)``): their losses are independent, so each δ still gets exactly its own
-gradient, Adam state and stopping step, and the larger matrix products run up to about twice as fast per
-request on a CPU (``benchmarks/joint_values.py``). All optimisation variables and losses are float32
+gradient, Adam state and stopping step, and the larger matrix products make a value 1.5-1.7x cheaper on a
+2-core CPU (``benchmarks/joint_values.py``). All optimisation variables and losses are float32
 whatever the model dtype.
 """
 
