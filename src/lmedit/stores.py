@@ -215,7 +215,8 @@ class ValueStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
-            torch.save({"init": value.init, "delta": value.delta, "losses": list(value.losses)}, tmp)
+            own = {k: {s: t.detach().clone() for s, t in getattr(value, k).items()} for k in ("init", "delta")}
+            torch.save({**own, "losses": list(value.losses)}, tmp)  # clones: never a view's whole storage
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -181,6 +181,8 @@ def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, si
         assert a.losses == pytest.approx(t.losses, rel=1e-4, abs=1e-5)
         for s in sites:
             assert torch.allclose(a.init[s], t.init[s], atol=1e-5)
+            for v in (t.init[s], t.delta[s]):  # standalone tensors: no view keeps the batch's activations
+                assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
             assert torch.allclose(a.delta[s], t.delta[s], atol=1e-4 * float(a.init[s].norm()) + 1e-6)
 
 

@@ -260,7 +260,8 @@ class _Sites:
                 self.index, self.request = self.index.to(h.device), self.request.to(h.device)
             at = (torch.arange(h.shape[0], device=h.device), self.index)
             if site not in self.init:  # v₀: clean value at each request's plain prompt (its "{}" row)
-                self.init[site] = [h[r, self.index[r]].detach().float() for r in self._first]
+                # cloned: a view would keep the whole batch's hidden states alive (and saved)
+                self.init[site] = [h[r, self.index[r]].detach().float().clone() for r in self._first]
                 self.delta[site] = [torch.zeros_like(v, requires_grad=True) for v in self.init[site]]
             deltas = [self.delta[site][g] for g in self.order]
             d = deltas[0] if len(deltas) == 1 else torch.stack(deltas)[self.request]  # one request: broadcast
