@@ -129,9 +129,12 @@ class Config:
     def hash(self) -> str:
         """A short stable hash of the values that define the method, for cache keys (fields declared with
         ``option(..., identity=False)`` are left out: a trained editor's checkpoint path, identified by content
-        where it matters, and speed settings whose results differ only by rounding)."""
+        where it matters, and speed settings whose results differ only by rounding). A field declared with
+        ``added=True`` (added after results were cached, with the old behaviour as its default) counts only
+        when it differs from its default, so the caches made before it existed stay valid."""
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                  if f.metadata.get("identity", True)}
+                  if f.metadata.get("identity", True)
+                  and not (f.metadata.get("added") and getattr(self, f.name) == _default(f))}
         # its own JSON form rather than lmedit.digests.digest: a new formula would orphan every cached
         # cell and resumable run on disk
         blob = json.dumps({"type": type(self).__name__, **values}, sort_keys=True)
@@ -161,6 +164,12 @@ class Config:
         return rows
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
@@ -171,10 +180,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def option(default: Any, help: str, *, identity: bool = True, **kw: Any) -> Any:
+def option(default: Any, help: str, *, identity: bool = True, added: bool = False, **kw: Any) -> Any:
     """A config field with a default and a one-line help text; ``identity=False`` keeps it out of
-    :meth:`Config.hash` (a location, or a speed setting, rather than a value of the method)."""
-    meta = {"help": help, "identity": identity}
+    :meth:`Config.hash` (a location, or a speed setting, rather than a value of the method); ``added=True``
+    hashes it only when it differs from its default (see :meth:`Config.hash`)."""
+    meta = {"help": help, "identity": identity, "added": added}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)

@@ -62,6 +62,30 @@ def test_config_coercion_and_roundtrip():
     assert c.hash() != c.replace(lr=0.1).hash()
 
 
+def _versions() -> tuple[type, type]:
+    """The same config before and after a release that added ``stop`` (old behaviour as its default)."""
+
+    @dataclasses.dataclass
+    class Cfg(Config):
+        lr: float = option(0.5, "step size")
+
+    old = Cfg
+
+    @dataclasses.dataclass  # noqa: F811  (the same name on purpose: the hash includes the type's name)
+    class Cfg(Config):
+        lr: float = option(0.5, "step size")
+        stop: float = option(0.05, "added later", added=True)
+        where: str | None = option(None, "a location", identity=False)
+
+    return old, Cfg
+
+
+def test_config_hash_ignores_locations_and_added_fields_at_their_default():
+    old, new = _versions()
+    assert new(lr=0.3).hash() == old(lr=0.3).hash() == new(lr=0.3, where="/x").hash()
+    assert new(lr=0.3, stop=0.0).hash() != old(lr=0.3).hash()  # an added field counts once it is changed
+
+
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ConfigError, match="unknown _Cfg key"):
         _Cfg.from_dict({"learning_rate": 1})

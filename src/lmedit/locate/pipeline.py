@@ -53,6 +53,8 @@ class LocateConfig(Config):
     v_weight_decay: float = option(1e-3, "weight of ‖δ‖/‖v₀‖² in the value loss")
     clamp_norm_factor: float = option(4.0, "‖δ‖ is kept ≤ clamp_norm_factor·‖v₀‖")
     kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
+    v_early_stop: float = option(0.05, "stop a value's optimisation once its loss is below this (0: every step)",
+                                 added=True)
     value_cache: str | None = option(
         None, "folder that keeps the optimised target values and reuses them for the same weights, layer, value "
         "settings and request (e.g. MEMIT and AlphaEdit on the same facts, or a stopped batch run)", identity=False)
@@ -67,6 +69,8 @@ class LocateConfig(Config):
         for name in ("v_num_grad_steps", "mom2_tokens", "v_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.v_early_stop < 0:
+            raise ConfigError(f"v_early_stop must be ≥ 0, got {self.v_early_stop}")
         if self.clamp_norm_factor <= 0:
             raise ConfigError(f"clamp_norm_factor must be > 0, got {self.clamp_norm_factor}")
 
@@ -106,7 +110,7 @@ def depth_layers(handle, center: float, count: int) -> list[int]:
 
 def value_options(cfg: Any) -> ValueOptions:
     return ValueOptions(steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
-                        clamp=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor,
+                        clamp=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, early_stop=cfg.v_early_stop,
                         confident_stop=getattr(cfg, "confident_stop", False))
 
 
