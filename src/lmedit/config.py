@@ -157,17 +157,15 @@ class Config:
         """(name, type, default, help) rows for documentation and ``lmedit methods``."""
         rows = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-            rows.append((f.name, str(cls.field_types()[f.name]), default, f.metadata.get("help", "")))
+            rows.append((f.name, str(cls.field_types()[f.name]), _default(f), f.metadata.get("help", "")))
         return rows
 
 
 def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one for factories; None when it has none)."""
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
-    return f.default
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _plain(v: Any) -> Any:

@@ -16,8 +16,6 @@ model on the same cases; the store scores each case once. Layout: ``<root>/<scop
 the scope is the digest of every weight of the model (``ModelHandle.state_digest``), its dtype and
 device, the scoring protocols and lmedit's version.
 
-
-
 :class:`ValueStore` -- the target values (z, v*) that the locate-then-edit editors optimise before their
 solve, which are almost all of an edit's time. They depend only on the weights, the edited layer and site,
 the value settings, the context templates and the request, not on λ, the lower layers or the solver: MEMIT,
@@ -37,7 +35,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,17 +156,9 @@ class BaselineStore:
         return pre, loc
 
     def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore]) -> None:
-        path = self._path(scope, case)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
                "locality": [dataclasses.asdict(t) for t in loc]}
-        try:
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            log.warning("could not store the baseline of a case in %s: %s", path.parent, e)
+        _replace_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")
 
 
 class ValueStore:
@@ -211,13 +201,18 @@ class ValueStore:
     def put(self, scope: str, request: Any, value: Any) -> None:
         import torch
 
-        path = self._path(scope, request)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            own = {k: {s: t.detach().clone() for s, t in getattr(value, k).items()} for k in ("init", "delta")}
-            torch.save({**own, "losses": list(value.losses)}, tmp)  # clones: never a view's whole storage
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            log.warning("could not store a value in %s: %s", path.parent, e)
+        own = {k: {s: t.detach().clone() for s, t in getattr(value, k).items()} for k in ("init", "delta")}
+        doc = {**own, "losses": list(value.losses)}  # clones: never a view's whole storage
+        _replace_file(self._path(scope, request), lambda tmp: torch.save(doc, tmp), "a value")
+
+
+def _replace_file(path: Path, write: Callable[[Path], object], what: str) -> None:
+    """``write(tmp)`` beside ``path``, then rename it over ``path`` (atomic); a failure only logs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not store %s in %s: %s", what, path.parent, e)
