@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 from .digests import case_digest
 from .edits import Edit, EditError
 from .hooks import get_parameter
+from .io import atomic_write
 from .metrics.efficiency import Measurement, measure
 from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
 from .metrics.records import CaseResult, harmonic_mean, summarize
@@ -482,9 +482,7 @@ def _run_sequential(run: _Run) -> None:
 # --- output folder ---------------------------------------------------------------------------------------
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=str))
 
 
 def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -549,9 +547,7 @@ def _read_cases(path: Path, wanted: set[str]) -> dict[Any, CaseResult]:
         if res.case_id not in done:
             done[res.case_id] = res
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
     return done
 
 

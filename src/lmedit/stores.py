@@ -41,6 +41,7 @@ from typing import Any
 
 from .digests import case_digest, digest, request_digest
 from .edits import Edit
+from .io import atomic_write
 from .metrics.records import Score
 from .metrics.scoring import TargetScore
 
@@ -208,11 +209,7 @@ class ValueStore:
 
 def _replace_file(path: Path, write: Callable[[Path], object], what: str) -> None:
     """``write(tmp)`` beside ``path``, then rename it over ``path`` (atomic); a failure only logs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         log.warning("could not store %s in %s: %s", what, path.parent, e)

@@ -20,6 +20,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from ..io import atomic_write, cache_folder, file_lock
+
 log = logging.getLogger(__name__)
 
 _RAW = "https://raw.githubusercontent.com"
@@ -55,8 +57,7 @@ def offline() -> bool:
 
 
 def cache_dir() -> Path:
-    home = os.environ.get("LMEDIT_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "lmedit") / "data"
+    return cache_folder("data")
 
 
 def repo_root() -> Path | None:
@@ -131,11 +132,14 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
 
 def _download(url: str, dest: Path) -> Path:
     """Fetch ``url`` to ``dest`` atomically (a partial download never looks like a finished file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     log.info("downloading %s -> %s", url, dest)
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:  # noqa: S310
-        while chunk := resp.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, dest)
+
+    def fetch(tmp: Path) -> None:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:  # noqa: S310
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+
+    with file_lock(dest.with_name(f".{dest.name}.lock"), what=f"download of {dest.name}", blocking=True):
+        if not dest.exists():  # another process fetched it while this one waited
+            atomic_write(dest, fetch)
     return dest

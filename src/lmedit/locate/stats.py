@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..hooks import StopForward, get_module
+from ..io import atomic_write, file_lock, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class StatsError(RuntimeError):
 
 def corpus_files(corpus: str | Path | None = None) -> list[Path]:
     """The text files of ``corpus`` (a file or a folder of .txt files), or of the default corpus."""
-    from ..models.loading import lmedit_home
-
     if corpus is None:
         from ..data.paths import candidates as data_candidates
 
@@ -108,8 +107,6 @@ def context_length(model, cap: int = 1024) -> int:
 
 
 def _cache_path(handle, layer: int, chash: str, n_tokens: int) -> Path:
-    from ..models.loading import lmedit_home
-
     dtype = str(handle.dtype).replace("torch.", "")
     return lmedit_home() / "stats" / handle.fingerprint / f"mom2-L{layer}-{chash}-{n_tokens}-{dtype}.pt"
 
@@ -129,10 +126,7 @@ def _load(handle, path: Path) -> dict | None:
 
 
 def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written cache
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # an interrupted save never leaves a half cache
 
 
 def collect_stats(handle, layers: Sequence[int], *, corpus: str | Path | None = None, tokens: int = 100_000,
@@ -148,7 +142,18 @@ def collect_stats(handle, layers: Sequence[int], *, corpus: str | Path | None = 
     files = corpus_files(corpus)
     chash = corpus_hash(files)
     paths = {lay: _cache_path(handle, lay, chash, tokens) for lay in layers}
-    states = {lay: (_load(handle, paths[lay]) if cache else None) for lay in layers}
+    if not cache:
+        return _collect(handle, layers, files, chash, tokens, batch_tokens, progress, paths, None, save_every)
+    lock = paths[layers[0]].with_name(f".mom2-{chash}-{tokens}.lock")
+    with file_lock(lock, blocking=True):  # workers sharing $LMEDIT_HOME: one computes, the others then read
+        states = {lay: _load(handle, paths[lay]) for lay in layers}
+        return _collect(handle, layers, files, chash, tokens, batch_tokens, progress, paths, states, save_every)
+
+
+def _collect(handle, layers: list[int], files, chash: str, tokens: int, batch_tokens: int, progress: bool,
+             paths: dict, states: dict | None, save_every: int) -> dict[int, torch.Tensor]:
+    cache = states is not None
+    states = states if cache else dict.fromkeys(layers)
     todo = [lay for lay in layers if not (states[lay] and states[lay]["done"])]
     if todo:
         start = {int(states[lay]["batches"]) if states[lay] else 0 for lay in todo}
@@ -241,11 +246,10 @@ def second_moments(handle, layers: Sequence[int], *, tokens: int = 100_000, corp
 
 def disk_cached(handle, filename: str, compute) -> dict:
     """A dict of tensors cached under ``$LMEDIT_HOME/stats/<fingerprint>/filename`` (refused for other models)."""
-    from ..models.loading import lmedit_home
-
     path = lmedit_home() / "stats" / handle.fingerprint / filename
-    state = _load(handle, path)
-    if state is None:
-        state = {**compute(), "fingerprint": handle.fingerprint}
-        _save(path, state)
+    with file_lock(path.with_name(f".{filename}.lock"), blocking=True):  # one process computes, others read
+        state = _load(handle, path)
+        if state is None:
+            state = {**compute(), "fingerprint": handle.fingerprint}
+            _save(path, state)
     return state

@@ -42,7 +42,7 @@ from torch import nn
 from ..config import Config, ConfigError, option
 from ..edits import ModuleSwap
 from ..hooks import trace
-from ..models.loading import lmedit_home
+from ..io import atomic_write, file_lock, lmedit_home
 from ..registry import register_editor
 from ..types import EditRequest
 from ._ffn import (
@@ -185,15 +185,21 @@ def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.T
     key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{corpus.name}"
     if key in handle.cache:
         return handle.cache[key]
+    from safetensors.torch import load_file, save_file
+
     file = (lmedit_home() / "cache" / "ffn_memory" /
-            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.pt")
-    if file.exists():
-        mem = torch.load(file, map_location=handle.device)
-    else:
-        mem = _collect_memory(handle, info, cfg, corpus)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(mem.cpu(), file)
-        log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
+            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.safetensors")
+    with file_lock(file.with_name(f".{file.name}.lock"), blocking=True):  # one process computes, the others read
+        mem = None
+        if file.exists():
+            try:
+                mem = load_file(file)["memory"]
+            except Exception as e:  # noqa: BLE001  (a corrupt cache file is recomputed)
+                log.warning("t-patcher: ignoring unreadable memory cache %s (%s)", file, e)
+        if mem is None or mem.ndim != 2 or mem.shape[1] != info.d_model:
+            mem = _collect_memory(handle, info, cfg, corpus)
+            atomic_write(file, lambda tmp: save_file({"memory": mem.cpu().contiguous()}, tmp))
+            log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
     handle.cache[key] = mem.to(handle.device)
     return handle.cache[key]
 

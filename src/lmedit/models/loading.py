@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..io import lmedit_home  # noqa: F401  (re-exported: lmedit.models.loading.lmedit_home)
 from .handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(ValueError):
     """The name is neither a known alias, a local model directory, nor reachable on the hub."""
-
-
-def lmedit_home() -> Path:
-    """Cache root: ``$LMEDIT_HOME`` or ``~/.cache/lmedit``."""
-    return Path(os.environ.get("LMEDIT_HOME", Path.home() / ".cache" / "lmedit")).expanduser()
 
 
 def _smollm2_package_dir() -> Path:

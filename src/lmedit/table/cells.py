@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..digests import digest, plain
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -217,21 +217,15 @@ class CellCache:
                 self.wipe(spec)
         folder.mkdir(parents=True, exist_ok=True)
         if not resume:
-            _atomic_write(key_path, json.dumps(key, sort_keys=True, indent=1))
+            atomic_write(key_path, json.dumps(key, sort_keys=True, indent=1))
         return folder, resume
 
     def store(self, result: CellResult) -> None:
         body = result.to_dict()
         doc = {"sha256": digest(body), "body": body}
-        _atomic_write(self.folder(result.spec) / CELL_FILE, json.dumps(doc, indent=1, sort_keys=True))
+        atomic_write(self.folder(result.spec) / CELL_FILE, json.dumps(doc, indent=1, sort_keys=True))
 
     def wipe(self, spec: CellSpec) -> None:
         shutil.rmtree(self.folder(spec), ignore_errors=True)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file then rename, so an interrupted write never leaves a half file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

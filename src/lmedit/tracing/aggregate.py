@@ -207,7 +207,7 @@ def suggest_layers(handle, n_facts: int = 20, kind: str = "mlp", *, facts: Seque
     key = ("tracing.suggest", kind, n_facts, samples, str(noise), window, facts is None)
     if key in handle.cache:
         return handle.cache[key]
-    from ..models.loading import lmedit_home
+    from ..io import lmedit_home
 
     disk = (lmedit_home() / "tracing" /
             f"suggest-{handle.fingerprint}-{kind}-n{n_facts}-s{samples}-w{window}-{noise or 's3'}.json")

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Save ``<stem>.<hash>.safetensors``, then ``<stem>.json`` pointing to it, then drop older tensor files."""
     from safetensors.torch import save
@@ -74,9 +69,9 @@ def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], in
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
     name = f"{stem}.{digest[:16]}.safetensors"
-    _atomic_write_bytes(directory / name, data)
+    atomic_write(directory / name, data)
     body = {"format": FORMAT, **info, "files": {name: digest}}
-    _atomic_write_bytes(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
+    atomic_write(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
     for old in directory.glob(f"{stem}.*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
