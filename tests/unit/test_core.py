@@ -219,7 +219,7 @@ def test_weight_delta_strict_base_values(tiny_llama):
 
 def test_prompt_context_changes_inputs_not_weights(tiny_llama, tmp_path):
     before = tiny_llama.state_digest()
-    e = PromptContext("New Fact: x\n")
+    e = PromptContext("New Fact: x\n", meta={"model_fingerprint": tiny_llama.fingerprint})
     with e.applied(tiny_llama):
         assert tiny_llama.render("q") == "New Fact: x\nq"
     assert tiny_llama.render("q") == "q" and tiny_llama.state_digest() == before

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edits import SwapModule
 from ..hooks import get_module, replayed
+from ..swaps import SwapModule
 from ..types import EditRequest
 
 log = logging.getLogger(__name__)

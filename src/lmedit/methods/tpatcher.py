@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, option
-from ..edits import ModuleSwap
 from ..hooks import trace
 from ..io import atomic_write, file_lock, lmedit_home
 from ..registry import register_editor
+from ..swaps import ModuleSwap, register_swap_module
 from ..types import EditRequest
 from ._ffn import (
     AddToOutput,
@@ -94,6 +94,7 @@ class TPatcherConfig(Config):
             raise ConfigError("TPatcherConfig.max_patches, steps and memory_size must be ≥ 1")
 
 
+@register_swap_module("t-patcher.patches")
 class Patches(AddToOutput):
     """FFN output + Σ_p act(k_pᵀ x + b_p) · (e_p ⊙ s_p): ``n`` patch neurons beside the FFN."""
 

@@ -57,6 +57,7 @@ class ModelHandle:
         name: the alias, directory or hub id it was loaded from.
         fingerprint: identity of the base weights (cache keys, saved edits).
         contexts: prompt prefixes of applied ``PromptContext`` edits, prepended by :meth:`render`.
+        applied_edits: the edits applied to the model through this handle, oldest first.
         cache: per-model caches owned by this handle (context templates, statistics); never global.
     """
 
@@ -70,12 +71,18 @@ class ModelHandle:
         self.fingerprint = fingerprint(model)
         self.contexts: list[str] = []
         self.cache: dict[str, Any] = {}
+        self._applied: list[Any] = []  # pushed by Edit.apply, popped by Edit.revert
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def __repr__(self) -> str:
         return (f"ModelHandle({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "
                 f"fingerprint={self.fingerprint})")
+
+    @property
+    def applied_edits(self) -> tuple[Any, ...]:
+        """The edits applied to this model now, oldest first; only the last one may be reverted."""
+        return tuple(self._applied)
 
     @property
     def device(self) -> torch.device:
