@@ -22,6 +22,7 @@ failed cases are left out of the metric means and counted in ``summary["n_errors
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Any
 from .digests import case_digest
 from .edits import Edit, EditError
 from .hooks import get_parameter
-from .io import atomic_write
+from .io import atomic_write, folder_lock
 from .metrics.efficiency import Measurement, measure
 from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
 from .metrics.records import CaseResult, harmonic_mean, summarize
@@ -164,8 +165,15 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
                Path(out_dir) if out_dir is not None else None)
     header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
                         protocols=protocols)
-    if run.out is not None:
-        _prepare_out(run, header, resume)
+    with folder_lock(run.out, what=f"run directory {run.out}") if run.out is not None else contextlib.nullcontext():
+        if run.out is not None:
+            _prepare_out(run, header, resume)
+        return _execute(run, header, run_info, edit_store, baseline_store, progress, t0)
+
+
+def _execute(run: _Run, header: dict[str, Any], run_info: dict[str, Any] | None, edit_store: Any,
+             baseline_store: Any, progress: bool, t0: float) -> BenchmarkResult:
+    handle, setting, cases, keys, editor = run.handle, run.setting, run.cases, run.keys, run.editor
     if edit_store is not None and setting == "single":
         from .stores import edit_scope
 

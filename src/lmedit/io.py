@@ -28,6 +28,9 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
+
+
 class LockedError(RuntimeError):
     """Another process holds the lock on a run directory, table cell or cache file."""
 
@@ -105,11 +108,21 @@ def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = Fal
         blocking: wait for the holder instead of raising (for caches: the second process then reads what
             the first one wrote).
 
+    Re-entrant within one process: a nested ``file_lock`` on a path this process already holds just enters.
+
     Raises:
         LockedError: non-blocking, and another process (or another open of the same file) holds it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:  # re-entrant within this process (e.g. the CLI locks before run_benchmark does)
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
     try:
         try:
@@ -122,9 +135,11 @@ def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = Fal
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        _HELD[key] = 1
         try:
             yield path
         finally:
+            del _HELD[key]
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)

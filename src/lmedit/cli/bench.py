@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..benchmark import run_benchmark
     from ..data import load_dataset
+    from ..io import folder_lock
     from ..registry import get_editor
 
     quiet_libraries(args, quiet_lmedit=True)  # the progress bar shows progress; -v brings the INFO lines back
@@ -53,12 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size > 1 and not editor.capabilities.batch:
         raise ValueError(f"{args.method} edits one request at a time; use --batch-size 1")
     cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
-    handle = load_model(args.model)
     out = Path(args.out) if args.out else default_out(args)
-    run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
-                "model": args.model, "data": args.data, "overrides": overrides}
-    run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
-                  eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info)
+    with folder_lock(out, what=f"run directory {out}"):  # a second run on the same folder stops here, at once
+        handle = load_model(args.model)
+        run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
+                    "model": args.model, "data": args.data, "overrides": overrides}
+        run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
+                      eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True,
+                      run_info=run_info)
     table = out / "table.md"
     if table.exists():
         print(table.read_text().rstrip())

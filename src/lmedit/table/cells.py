@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..digests import digest, plain
-from ..io import atomic_write
+from ..io import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,11 @@ class CellCache:
 
     def folder(self, spec: CellSpec) -> Path:
         return self.root / spec.folder
+
+    def locked(self, spec: CellSpec):
+        """Hold the cell's OS lock while it is read, computed and stored (``LockedError`` when another process
+        computes it). The lock file sits beside the cell folder, which :meth:`wipe` may delete."""
+        return file_lock(self.root / f".{spec.folder}.lock", what=f"table cell {spec.name} ({self.folder(spec)})")
 
     def load(self, spec: CellSpec, key: dict[str, Any]) -> CellResult | None:
         """The cached result if it is intact and its key matches; otherwise None (after cleaning up)."""

@@ -6,6 +6,7 @@ the same code with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..io import LockedError
 from ..metrics.records import CaseResult, summarize
 from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
@@ -198,39 +200,44 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     config = editor.config_for(handle)
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
                    data_digest=cases_digest(cases), extra={"checkpoint": checkpoint_identity(overrides.get("checkpoint"))})
-    hit = cache.load(spec, key)
-    if hit is not None:
-        log.info("cell %s: cached", spec.name)
-        return hit
-    if cached_only:
-        raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
-    folder, resume = cache.prepare(spec, key)
-    run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
-    seed_everything(spec.seed)
-    if multihop:
+    with contextlib.ExitStack() as held:
         try:
-            results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
-        except CannotStackEdits as e:
-            raise CellSkipped(str(e)) from None
-        summaries: list[dict[str, Any]] = []
-        adopted = None
-    else:
-        store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
-        results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                 reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR))
-    efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
-    errors = [r.info["error"] for r in results if r.info.get("error")]
-    if results and len(errors) == len(results):
-        cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
-        raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
-    result = CellResult(
-        spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
-        efficiency=efficiency, fields=field_counts(cases), key=key,
-        info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
-              "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
-              **({"reused": adopted} if adopted else {})})
-    cache.store(result)
-    return result
+            held.enter_context(cache.locked(spec))
+        except LockedError as e:
+            raise CellSkipped(f"another process is computing it now: {e}") from None
+        hit = cache.load(spec, key)
+        if hit is not None:
+            log.info("cell %s: cached", spec.name)
+            return hit
+        if cached_only:
+            raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
+        folder, resume = cache.prepare(spec, key)
+        run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
+        seed_everything(spec.seed)
+        if multihop:
+            try:
+                results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
+            except CannotStackEdits as e:
+                raise CellSkipped(str(e)) from None
+            summaries: list[dict[str, Any]] = []
+            adopted = None
+        else:
+            store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
+            results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
+                                                     reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR))
+        efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
+        errors = [r.info["error"] for r in results if r.info.get("error")]
+        if results and len(errors) == len(results):
+            cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
+            raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
+        result = CellResult(
+            spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
+            efficiency=efficiency, fields=field_counts(cases), key=key,
+            info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
+                  "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
+                  **({"reused": adopted} if adopted else {})})
+        cache.store(result)
+        return result
 
 
 def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
