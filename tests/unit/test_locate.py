@@ -162,12 +162,54 @@ def _threshold_with_most_stopping_steps(runs: list[list[float]]) -> float:
     return best
 
 
+def _in_float64(handle, monkeypatch):
+    """Run the value optimisation in float64: the model, new tensors, and the ``.float()`` casts that keep
+    its variables in float32 (values.py) all become float64."""
+    handle.model.double()
+    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self.double())
+    torch.set_default_dtype(torch.float64)  # the caller sets float32 back
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("sites", [["layer"], ["attn", "mlp"]])
 @pytest.mark.parametrize("suffix_path", [True, False])
-def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, sites, suffix_path, monkeypatch):
+def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, sites, suffix_path, dtype,
+                                                                monkeypatch):
     """One batch of rows for several requests: each request keeps its own gradient, Adam state, clamp and
-    stopping step (requests stop at different steps here, so the batch shrinks while it runs)."""
+    stopping step (requests stop at different steps here, so the batch shrinks while it runs).
+
+    Why two tolerances (issue 15, defect 0: on an AMD EPYC the float32 test failed with δ -0.0011 vs
+    -0.0012 against a tolerance of 4e-6). The batched path is the same computation with larger matrices, so
+    its float32 sums are reduced in another order. Measured on the tiny models (max |δ_alone − δ_batch| /
+    ‖δ‖, same stopping steps in every case):
+
+    ==========================  ===================  ===================  =========
+    sites, path                 float32, 1 thread    float32, 2 threads   float64
+    ==========================  ===================  ===================  =========
+    gpt2 layer, suffix          3.0e-06              2.8e-06              5.4e-15
+    gpt2 attn+mlp, suffix/full  8.7e-05              3.8e-04              9.8e-13
+    llama layer, suffix/full    1.6e-06 / 1.4e-06                         3.0e-16
+    llama attn+mlp, suffix/full 5.4e-05 / 4.6e-05                         1.1e-14
+    ==========================  ===================  ===================  =========
+
+    In float64 the difference vanishes (1e-12 or less): no bug, float32 reduction order. Adam amplifies it:
+    it divides each coordinate's gradient by its own running RMS, so a coordinate whose gradient is mostly
+    round-off moves by up to ``lr`` per step whatever the size of that round-off; the elementwise float32
+    difference therefore depends on the CPU's kernels (thread count changes it 4x above) and has no bound
+    near float32's epsilon. So the exactness claim is checked in float64 (1e-9 of ‖v₀‖ + ‖δ‖), and float32
+    only checks what it guarantees on any CPU: the same stopping steps, losses within 1e-3, and δ within 5%
+    of its norm (a request that leaked into another's gradient or Adam state moves δ by O(‖δ‖)).
+    """
     h, groups = tiny_decoder, [["{}"], ["The tower is tall. {}", "I. {}"]]
+    if dtype == "float64":
+        _in_float64(h, monkeypatch)
+    try:
+        _check_together_equals_alone(h, groups, sites, suffix_path, dtype, monkeypatch)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _check_together_equals_alone(h, groups, sites, suffix_path, dtype, monkeypatch):
     if not suffix_path:  # the full-forward path, which keeps every row until the batch ends
         monkeypatch.setattr(V, "_suffix_forward", lambda *a: None)
     free = V.ValueOptions(steps=12, lr=0.2, weight_decay=1e-2, clamp=2.0, early_stop=0.0)
@@ -176,14 +218,20 @@ def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, si
     alone = [V.optimize_value(h, r, 1, sites, groups, opts) for r in JOINT]
     together = V.optimize_values(h, JOINT, 1, sites, groups, opts, batch_size=4)  # a batch of 4, then 1
     assert len({len(a.losses) for a in alone}) > 1  # different stopping steps
+    exact = dtype == "float64"
     for a, t in zip(alone, together, strict=True):
         assert len(a.losses) == len(t.losses)
-        assert a.losses == pytest.approx(t.losses, rel=1e-4, abs=1e-5)
+        assert a.losses == pytest.approx(t.losses, rel=1e-9 if exact else 1e-3, abs=1e-12 if exact else 1e-5)
         for s in sites:
-            assert torch.allclose(a.init[s], t.init[s], atol=1e-5)
+            assert a.delta[s].dtype == (torch.float64 if exact else torch.float32)
+            scale = float(a.init[s].norm() + a.delta[s].norm())
+            assert torch.allclose(a.init[s], t.init[s], rtol=0, atol=(1e-9 if exact else 1e-5) * scale)
             for v in (t.init[s], t.delta[s]):  # standalone tensors: no view keeps the batch's activations
                 assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
-            assert torch.allclose(a.delta[s], t.delta[s], atol=1e-4 * float(a.init[s].norm()) + 1e-6)
+            if exact:
+                assert torch.allclose(a.delta[s], t.delta[s], rtol=0, atol=1e-9 * scale)
+            else:
+                assert float((a.delta[s] - t.delta[s]).norm()) <= 0.05 * float(a.delta[s].norm()) + 1e-7
 
 
 def test_pmet_stop_rule_is_per_request_in_a_batch(tiny_llama):
