@@ -50,8 +50,32 @@ class EditOrderError(EditError):
     """A revert asked for an edit that has later edits applied on top of it; the model is left as it was."""
 
 
+class EditDivergedError(EditError):
+    """An update far larger than the weights it changes (a diverged optimisation); nothing was written."""
+
+
+MAX_RELATIVE_UPDATE = 100.0
+"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``; ``lmedit edit
+--max-relative-update``): an update a hundred times the size of the weights it changes. Real edits stay far
+below it (docs/reliability.md has measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
+
+
 class EditFileError(EditError):
     """A saved edit that is corrupt, altered, malformed, of an older format, or names an unknown module."""
+
+
+def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: float | None) -> None:
+    """Refuse ‖ΔW‖/‖W‖ > bound (a parameter whose values are all zero, e.g. a fresh bias, has no ratio)."""
+    base_norm = float(base.norm())
+    if bound is None or base_norm == 0:
+        return
+    rel = float(delta.to(torch.float32).norm()) / base_norm
+    if rel > bound:
+        raise EditDivergedError(
+            f"refusing edit: ‖ΔW‖/‖W‖ of {name} is {rel:.3g}, above max_relative_update = {bound:g} (the "
+            "optimisation diverged, e.g. a learning rate far too large); the model is unchanged. Lower the "
+            "method's step size (--set lr=...), or raise the bound if the update is intended "
+            "(lmedit edit --max-relative-update X, edit.apply(handle, max_relative_update=X))")
 
 
 def _version() -> str:
@@ -107,12 +131,21 @@ class Edit:
         return f"{type(self).__name__}[{self.meta.get('method', '?')}{what}{more}]"
 
     # --- interface ---------------------------------------------------------------------------------
-    def apply(self, handle: Any, *, strict: bool = True) -> Edit:
-        """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem."""
+    def apply(self, handle: Any, *, strict: bool = True,
+              max_relative_update: float | None = MAX_RELATIVE_UPDATE) -> Edit:
+        """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem.
+
+        Args:
+            strict: refuse weights other than those the edit was computed on.
+            max_relative_update: refuse (:class:`EditDivergedError`) a weight update whose ‖ΔW‖/‖W‖ exceeds
+                this on any parameter (None: no bound); see :data:`MAX_RELATIVE_UPDATE`.
+        """
         if self.is_applied(handle):
             raise EditError("this edit is already applied to that model; revert it first")
+        if max_relative_update is not None and not max_relative_update > 0:
+            raise ValueError(f"max_relative_update must be a positive number or None, got {max_relative_update!r}")
         self._check_model(handle)
-        self._applied_to[id(handle.model)] = self._apply(handle, strict)
+        self._applied_to[id(handle.model)] = self._apply(handle, strict, max_relative_update)
         handle._applied.append(self)
         return self
 
@@ -133,9 +166,9 @@ class Edit:
             stack.pop()
 
     @contextlib.contextmanager
-    def applied(self, handle: Any) -> Iterator[Any]:
+    def applied(self, handle: Any, **apply_kw: Any) -> Iterator[Any]:
         """``with edit.applied(handle): ...`` -- applied inside the block, reverted after it."""
-        self.apply(handle)
+        self.apply(handle, **apply_kw)
         try:
             yield handle
         finally:
@@ -187,7 +220,7 @@ class Edit:
                                 f"{edit_format.RECOMPUTE}") from None
 
     # --- for subclasses ----------------------------------------------------------------------------
-    def _apply(self, handle: Any, strict: bool) -> Any:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> Any:
         raise NotImplementedError
 
     def _revert(self, handle: Any, state: Any) -> None:
@@ -229,7 +262,7 @@ class WeightDelta(Edit):
             return a.float() @ b.float().T
         return d
 
-    def _apply(self, handle: Any, strict: bool) -> dict[str, torch.Tensor]:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> dict[str, torch.Tensor]:
         from .models.handle import tensor_digest
 
         model = handle.model
@@ -244,9 +277,11 @@ class WeightDelta(Edit):
                     f"parameter {name} does not hold the values this edit was computed on (another edit is "
                     "applied, or another checkpoint); revert the other edits first or pass strict=False"
                 )
-            new = (p.detach().to(torch.float32) + delta.to(torch.float32)).to(p.dtype)
+            base = p.detach().to(torch.float32)
+            new = (base + delta.to(torch.float32)).to(p.dtype)
             if not torch.isfinite(new).all():
                 raise EditError(f"refusing edit: it would write NaN/inf into {name}; the model is unchanged")
+            _check_bound(name, delta, base, max_relative_update)
             new_values[name] = new
         originals = {}
         with torch.no_grad():
@@ -317,7 +352,7 @@ class PromptContext(Edit):
         super().__init__(meta)
         self.context = context
 
-    def _apply(self, handle: Any, strict: bool) -> str:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> str:
         handle.contexts.append(self.context)
         return self.context
 

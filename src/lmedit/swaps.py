@@ -98,7 +98,7 @@ class ModuleSwap(Edit):
             raise EditError("a ModuleSwap needs at least one module")
         self.modules = dict(modules)
 
-    def _apply(self, handle: Any, strict: bool) -> list[tuple[str, nn.Module]]:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> list[tuple[str, nn.Module]]:
         for path, m in self.modules.items():
             for name, p in m.own_state_dict().items():
                 if p.is_floating_point() and not torch.isfinite(p).all():

@@ -148,7 +148,7 @@ def test_teacher_forced_positions_left_and_right(tiny_llama):
 def _delta(handle, scale=0.5):
     name = handle.adapter.mlp_out.format(0) + ".weight"
     p = handle.model.get_parameter(name)
-    return name, WeightDelta({name: torch.randn_like(p) * scale}, {name: tensor_digest(p)},
+    return name, WeightDelta({name: torch.randn_like(p) * p.detach().std() * scale}, {name: tensor_digest(p)},
                              meta={"model_fingerprint": handle.fingerprint, "model_name": handle.name})
 
 

@@ -160,14 +160,20 @@ def read_records(file: Path) -> list[dict[str, Any]]:
     return data
 
 
-def require(record: Any, key: str, file: Path, index: int) -> Any:
-    """``record[key]`` (``key`` may be dotted, e.g. ``"portability.New Question"``), or a DatasetError."""
+def require(record: Any, key: str, file: Path, index: int, kind: type | tuple[type, ...] | None = None) -> Any:
+    """``record[key]`` (``key`` may be dotted, e.g. ``"portability.New Question"``), or a DatasetError;
+    with ``kind``, a value of another type (``null``, a number where text belongs ...) is refused too."""
     value = record
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
             have = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DatasetError(f"{file} record {index}: missing field {key!r} (the record has {have})")
         value = value[part]
+    if kind is not None and not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        got = "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+        raise DatasetError(f"{file} record {index}: field {key!r} is {got}, expected a {names}; fix the record "
+                           "or skip it with --offset")
     return value
 
 
