@@ -39,7 +39,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return _coerce(value, arg, name)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{name}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{name}: {value!r} matches none of {tp} ({'; '.join(errors)})")
     if origin is typing.Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{name}: {value!r} is not one of {list(get_args(tp))}")

@@ -131,15 +131,16 @@ class Edit:
         return f"{type(self).__name__}[{self.meta.get('method', '?')}{what}{more}]"
 
     # --- interface ---------------------------------------------------------------------------------
-    def apply(self, handle: Any, *, strict: bool = True,
-              max_relative_update: float | None = MAX_RELATIVE_UPDATE) -> Edit:
+    def apply(self, handle: Any, *, strict: bool = True, max_relative_update: float | None | str = "default") -> Edit:
         """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem.
 
         Args:
             strict: refuse weights other than those the edit was computed on.
             max_relative_update: refuse (:class:`EditDivergedError`) a weight update whose ‖ΔW‖/‖W‖ exceeds
-                this on any parameter (None: no bound); see :data:`MAX_RELATIVE_UPDATE`.
+                this on any parameter (None: no bound; default: :data:`MAX_RELATIVE_UPDATE` when called).
         """
+        if max_relative_update == "default":
+            max_relative_update = MAX_RELATIVE_UPDATE
         if self.is_applied(handle):
             raise EditError("this edit is already applied to that model; revert it first")
         if max_relative_update is not None and not max_relative_update > 0:
@@ -268,7 +269,11 @@ class WeightDelta(Edit):
         model = handle.model
         new_values: dict[str, torch.Tensor] = {}
         for name in self.deltas:
-            p = get_parameter(model, name)
+            try:
+                p = get_parameter(model, name)
+            except LookupError:
+                raise EditMismatchError(f"this edit updates parameter {name!r}, which {handle.name!r} does not "
+                                        "have; apply it to the model it was computed for") from None
             delta = self.dense(name).to(p.device)
             if tuple(delta.shape) != tuple(p.shape):
                 raise EditMismatchError(f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")

@@ -99,15 +99,22 @@ def load_dataset(name: str, *, n: int | None = None, offset: int = 0,
     if spec.kind != "edit":
         raise DatasetError(f"dataset {name!r} holds {spec.kind} records, not edit cases; "
                            f"load it with lmedit.data.load_{name}()")
-    _check_slice(n, offset)
-    return spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    return _load(spec, n, offset, path)
 
 
 def load_mquake(n: int | None = None, offset: int = 0, path: str | Path | None = None) -> list:
     """MQuAKE multi-hop cases (see :mod:`lmedit.data.mquake`)."""
     spec = get_dataset("mquake")
+    return _load(spec, n, offset, path)
+
+
+def _load(spec: DatasetSpec, n: int | None, offset: int, path: str | Path | None) -> list:
     _check_slice(n, offset)
-    return spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    cases = spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    if not cases and n != 0:
+        raise DatasetError(f"dataset {spec.name!r} has no valid records from offset {offset} on; use a smaller "
+                           "offset (`lmedit data` lists each dataset's size)")
+    return cases
 
 
 def load_known(n: int | None = None, path: str | Path | None = None) -> list:

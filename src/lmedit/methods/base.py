@@ -117,6 +117,14 @@ class Editor(ABC):
             raise EditInputError(
                 f"{self.name} cannot edit encoder-decoder models such as {type(handle.model).__name__}"
             )
+        cfg = handle.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        for r in requests:
+            n = len(handle.tokens.encode(r.text + " " + r.target_new))
+            if limit and n > limit:
+                log.warning("%s: the prompt and target of %r are %d tokens, longer than the model's context of "
+                            "%d; the edit sees a truncated or garbled input -- shorten the prompt",
+                            self.name, r.text[:60], n, limit)
         return requests
 
     # --- trained editors ---------------------------------------------------------------------------

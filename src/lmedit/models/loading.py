@@ -121,6 +121,9 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
         path: str | Path = ALIASES[name]()
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory; give "
+                                     "the folder that save_pretrained wrote (config.json + weights + tokenizer)")
     elif Path(name).exists():
         raise ModelNotFoundError(f"{name} is a file, not a model directory; give the directory holding config.json")
     else:
@@ -128,9 +131,14 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
+        from ..data.paths import offline
+
+        why = ("downloads are off (HF_HUB_OFFLINE or LMEDIT_OFFLINE is set), so only models already in the "
+               "Hugging Face cache load by hub id" if offline() else f"the hub could not provide it "
+                                                                    f"({e.__class__.__name__})")
         raise ModelNotFoundError(
             f"cannot load model {name!r}: it is not an alias ({sorted(ALIASES)}), not a local directory, and "
-            f"the hub could not provide it ({e.__class__.__name__}). Give a local Hugging Face model directory."
+            f"{why}. Give a local Hugging Face model directory."
         ) from None
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     t0 = time.time()
