@@ -406,7 +406,7 @@ def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]
 
 def _check_reverted(handle: Any, edit: Edit) -> None:
     """Cheap check after a revert: every parameter the edit touched holds its base values again."""
-    from .models.handle import tensor_digest
+    from .digests import tensor_digest
 
     for name, digest in getattr(edit, "base_digests", {}).items():
         if tensor_digest(get_parameter(handle.model, name)) != digest:

@@ -195,7 +195,7 @@ class WeightDelta(Edit):
         return d
 
     def _apply(self, handle: Any, strict: bool) -> dict[str, torch.Tensor]:
-        from .models.handle import tensor_digest
+        from .digests import tensor_digest
 
         model = handle.model
         new_values: dict[str, torch.Tensor] = {}

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _EDITORS: dict[str, type[Editor]] = {}
 _discovered = False
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+BUILTIN_METHODS = "lmedit.methods"  # package whose modules are imported on the first look-up
 
 
 class UnknownMethodError(KeyError):
@@ -48,9 +49,10 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    from . import methods
-
-    for info in pkgutil.walk_packages(methods.__path__, prefix="lmedit.methods."):
+    # the built-in methods are found like plugins, by package name: the registry (a core module) depends on
+    # no method, and every method depends on it (its decorator)
+    methods = importlib.import_module(BUILTIN_METHODS)
+    for info in pkgutil.walk_packages(methods.__path__, prefix=f"{BUILTIN_METHODS}."):
         if info.name.rsplit(".", 1)[-1].startswith("_") or info.name.endswith(".base"):
             continue
         importlib.import_module(info.name)

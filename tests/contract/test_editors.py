@@ -15,9 +15,10 @@ import torch
 
 from conftest import FAMILIES, make_handle, make_model
 from lmedit.config import ConfigError
+from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from lmedit.metrics.scoring import score_targets
-from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.handle import ModelHandle
 from lmedit.registry import editor_class, get_editor, list_editors
 from lmedit.types import QA, EditCase, EditRequest
 

@@ -11,10 +11,10 @@ import torch
 
 from lmedit.benchmark import BenchmarkError, build_summary, run_benchmark
 from lmedit.config import Config, option
+from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
 from lmedit.methods.base import Capabilities, Editor
 from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC, CaseResult, ProtocolMixError, Score
-from lmedit.models.handle import tensor_digest
 from lmedit.types import QA, EditCase, EditInputError, EditRequest
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lmedit.config import Config, ConfigError, option
+from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from lmedit.models.adapter import UnsupportedArchitectureError, adapter_for
-from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.handle import ModelHandle
 from lmedit.types import EditInputError, EditRequest, to_template
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
 from lmedit.metrics.efficiency import _rss_reader, current_rss, measure
 from lmedit.metrics.evaluate import baseline, evaluate, score_cases
 from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC
 from lmedit.metrics.scoring import TargetScore, score_targets
-from lmedit.models.handle import tensor_digest
 from lmedit.types import QA, EditCase, EditRequest
 
 PROMPT = "The mother tongue of Danielle Darrieux is"

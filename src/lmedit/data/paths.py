@@ -20,6 +20,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from ..errors import LmeditError
+
 log = logging.getLogger(__name__)
 
 _RAW = "https://raw.githubusercontent.com"
@@ -46,6 +48,11 @@ SOURCES: dict[str, str] = {
 }
 
 DOWNLOAD_TIMEOUT_S = 20.0
+
+
+
+class DataFileNotFoundError(LmeditError, FileNotFoundError):
+    """A data file that is in none of the places lmedit looks; ``data["option"]`` names the argument."""
 
 
 def offline() -> bool:
@@ -122,11 +129,11 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
             notes.append(f"Downloading {url} failed: {e}")
     elif url and download:
         notes.append(f"Not downloading {url}: HF_HUB_OFFLINE or LMEDIT_OFFLINE is set.")
-    raise FileNotFoundError("\n".join([
+    raise DataFileNotFoundError("\n".join([
         f"data file {relative!r} not found. Searched:", *(f"  {p}" for p in searched), *notes,
         "Fix: set LMEDIT_DATA to the folder that holds it (e.g. export LMEDIT_DATA=/path/to/shared/data), "
-        "or pass --data / path= with the file or its data folder.",
-    ]))
+        "or pass path= with the file or its data folder.",
+    ]), option="data")
 
 
 def _download(url: str, dest: Path) -> Path:

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter
-from ..models.handle import tensor_digest
 from ..types import EditRequest
 from .keys import gather, request_rows
 from .templates import TemplateGroups, context_templates, flatten, group_mean

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ConfigError, option
+from ..digests import tensor_digest
 from ..hooks import get_parameter
 from ..locate.pipeline import SMOLLM2_VALUE_STEPS, LocateConfig, memit_family, param_name, resolve_batch
 from ..locate.solvers import null_space_update, nullspace_projector
 from ..locate.stats import corpus_files, corpus_hash, disk_cached
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from .base import Capabilities, Editor
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import EditError, WeightDelta
 from ..hooks import get_module, replayed, trace
 from ..metrics.scoring import _logits_at
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..tokens import Batch
 from ..types import EditRequest

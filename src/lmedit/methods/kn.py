@@ -41,9 +41,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter, replayed, trace, trace_many
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..types import EditRequest
 from ._ffn import FFNInfo, ffn_info, low_rank_in_param_layout, prompt_views

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
-from .cells import CellResult, CellSpec, git_commit, lmedit_version
+from .cells import CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
 
@@ -64,7 +64,7 @@ def resolve_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[list[st
             return list(PAPER_METHODS), missing
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError("no methods given; use --methods all, paper, or a comma-separated list")
+        raise TableError("no methods given: pass 'all', 'paper', or method names", option="methods")
     names = [editor_class(m).name for m in methods]  # raises UnknownMethodError listing the available ones
     return list(dict.fromkeys(names)), {}
 

@@ -203,7 +203,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         log.info("cell %s: cached", spec.name)
         return hit
     if cached_only:
-        raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
+        raise CellSkipped("not computed yet (this table was laid out from cached cells only)")
     folder, resume = cache.prepare(spec, key)
     run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
     seed_everything(spec.seed)
@@ -235,11 +235,9 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
 
 def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
     """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
-    train = getattr(editor, "train_command", None)
-    command = train(handle) if callable(train) else (
-        f"lmedit train --method {editor.name} --model {handle.name} --out {where}")
-    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train one "
-            f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
+    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train "
+            f"one for {handle.name} (the train command, or editor.fit(..., out=DIR)) and give the table that "
+            "folder as its checkpoint")
 
 
 def checkpoint_identity(directory: str | None) -> str | None:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ...config import ConfigError, option
-from ...edits import Edit
-from ...methods.base import Capabilities
 from ...registry import register_editor
-from ...training.editor import TrainedConfig, TrainedEditor
-from ...types import EditRequest
+from ..base import Capabilities
+from ..trained import LastLayersEditor, TrainedConfig
 from .objective import MENDObjective
 
 
@@ -43,10 +41,11 @@ class MENDConfig(TrainedConfig):
 
 
 @register_editor("mend")
-class MEND(TrainedEditor):
+class MEND(LastLayersEditor):
     """Meta-trained low-rank gradient transform -> WeightDelta; batch-capable."""
 
     Config: ClassVar[type] = MENDConfig
+    objective_class = MENDObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
                                                          edit_kind="weight_delta", encoder_decoder=True)
     # On a 2-core CPU the editor MLP, not the model, dominates a step (the frozen layers are skipped): rank 512
@@ -56,15 +55,3 @@ class MEND(TrainedEditor):
                                        "edit_lr": 1e-3, "val_every": 4, "val_size": 1, "val_batches": 1,
                                        "patience": 0}
 
-    def resolve(self, handle: Any, cfg: MENDConfig) -> MENDConfig:
-        if cfg.layers is None:
-            n = handle.n_layers
-            cfg = cfg.replace(layers=list(range(max(0, n - 3), n)))
-        handle.adapter.check_layers(handle.model, cfg.layers)
-        return cfg
-
-    def build(self, handle: Any, cfg: MENDConfig) -> MENDObjective:
-        return MENDObjective(handle, self.resolve(handle, cfg))
-
-    def edit_from(self, obj: MENDObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
-        return obj.edit(requests, {"checkpoint": cfg.checkpoint})

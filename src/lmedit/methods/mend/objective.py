@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from ...digests import tensor_digest
 from ...edits import WeightDelta
 from ...hooks import get_parameter
-from ...models.handle import tensor_digest
 from ...training.data import TrainExample
 from ...training.functional import (
     capture_grads,
