@@ -22,14 +22,16 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/lmedit demo
 
-test: install
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# style and the one-way layers (pyproject.toml [tool.importlinter]); `make test` runs it first
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/eval_throughput.py

@@ -145,10 +145,10 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         progress: show a tqdm progress bar.
         protocols: scoring protocols (``token_acc``, ``prob_compare``).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
-        edit_store: an :class:`~lmedit.stores.EditStore`; in the single setting a case whose request it
+        edit_store: an :class:`~lmedit.bench.stores.EditStore`; in the single setting a case whose request it
             holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
             computed edits are kept in it. Efficiency still reports what computing the edit cost.
-        baseline_store: a :class:`~lmedit.stores.BaselineStore`: the unedited model's scores of a case are
+        baseline_store: a :class:`~lmedit.bench.stores.BaselineStore`: the unedited model's scores of a case are
             taken from it when it has them for these exact weights, and kept in it otherwise.
     Returns:
         per-case results in case order, and the summary.
@@ -167,7 +167,7 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     if run.out is not None:
         _prepare_out(run, header, resume)
     if edit_store is not None and setting == "single":
-        from .stores import edit_scope
+        from .bench.stores import edit_scope
 
         run.scope = edit_scope(editor, header)
         run.store = edit_store if run.scope else None

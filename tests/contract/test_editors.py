@@ -194,7 +194,7 @@ def test_save_load_roundtrip(name, family, tokenizer, shared, tmp_path):
 @editors
 @params
 def test_pure_editor_computes_the_same_edit_again(name, family, tokenizer, shared):
-    """What an edit store relies on (lmedit.stores): an editor with ``pure_compute`` gives the same edit
+    """What an edit store relies on (lmedit.bench.stores): an editor with ``pure_compute`` gives the same edit
     for the same request on the same weights, whatever it computed in between."""
     editor, handle = setup(name, family, tokenizer, shared)
     if not editor.pure_compute:

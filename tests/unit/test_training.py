@@ -208,10 +208,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 
 def test_untrained_editor_says_which_command_to_run(tiny_llama):
+    from lmedit.cli._hints import hint
     from lmedit.methods.trained import NotTrainedError
     from lmedit.registry import get_editor
-
-    from lmedit.cli._hints import hint
 
     for name in ("mend", "ke", "serac"):
         with pytest.raises(NotTrainedError, match="editor.fit") as info:

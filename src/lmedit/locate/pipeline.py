@@ -210,7 +210,7 @@ def target_values(handle, requests: Sequence[EditRequest], layer: int, sites: Se
     opts = value_options(cfg)
     if not cfg.value_cache:
         return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=cfg.v_batch_size)
-    from ..stores import ValueStore
+    from .value_store import ValueStore
 
     store = ValueStore(cfg.value_cache)
     scope = store.scope(handle, layer, sites, opts, groups)

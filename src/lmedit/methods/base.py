@@ -51,7 +51,7 @@ class Editor(ABC):
     # the SmolLM2 Table 1 run; only used to start a table's longest cells first when workers share them
     relative_cost: ClassVar[float] = 2.0
     # compute() depends only on the model's weights, the resolved config, the requests and (trained editors)
-    # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.stores); an editor
+    # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.bench.stores); an editor
     # that keeps state between calls sets this to False
     pure_compute: ClassVar[bool] = True
 

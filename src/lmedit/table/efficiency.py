@@ -10,7 +10,7 @@ on CUDA, ``cuda_peak_bytes``. A cell's canonical numbers (what efficiency.md and
 - ``one_off_seconds``: one-time costs a method reports in its edit statistics (``info["stats"]`` keys
   ending in ``_seconds``, e.g. covariance statistics or index building), each counted once (its largest
   value over the cell), also listed as ``one_off:<name>``. Methods that report none get no entry;
-- ``reused_edits``: cases whose edit another cell had computed (:mod:`lmedit.stores`); their
+- ``reused_edits``: cases whose edit another cell had computed (:mod:`lmedit.bench.stores`); their
   ``seconds`` are what computing it cost there, so time per edit does not depend on the reuse, while the
   cell's ``benchmark_wall_seconds`` shows the time it saved.
 """

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from ..bench.stores import BaselineStore, EditStore
 from ..metrics.records import CaseResult, summarize
-from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
@@ -178,7 +178,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
     ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
     edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
-    (:mod:`lmedit.stores`); the numbers are the same, only computed once. Every cell scores the unedited
+    (:mod:`lmedit.bench.stores`); the numbers are the same, only computed once. Every cell scores the unedited
     model on a case once for all methods: the scores are kept in ``<out>/baselines/``.
 
     Raises:
