@@ -54,7 +54,7 @@ def setup(name: str, family: str, tokenizer, shared, dtype: torch.dtype | None =
         model = model.to(dtype)
     handle = ModelHandle(model, tokenizer, name=f"tiny-{family}")
     handle.cache = shared["caches"].setdefault((family, str(dtype)), {})
-    editor = get_editor(name, **getattr(cls, "quick", {}))
+    editor = get_editor(name, **cls.quick)
     if cls.capabilities.needs_fit:
         key = (name, family, str(dtype))
         if key in shared["fitted"]:
@@ -110,7 +110,8 @@ def test_compute_leaves_model_untouched(name, family, tokenizer, shared):
     editor, handle = setup(name, family, tokenizer, shared)
     snap, hooks = snapshot(handle), hook_count(handle)
     modules = [(n, type(m)) for n, m in handle.model.named_modules()]
-    editor.compute(handle, [REQ_A])
+    edit = editor.compute(handle, [REQ_A])
+    assert isinstance(edit, editor.capabilities.edit_kind), "capabilities.edit_kind is not the kind it returns"
     assert_same_weights(handle, snap)
     assert handle.contexts == []
     assert hook_count(handle) == hooks, "compute left hooks on the model"
@@ -232,7 +233,7 @@ def test_config_roundtrip_and_strictness(name, tokenizer, shared):
     cls = editor_class(name)
     handle = make_handle("llama", tokenizer)
     handle.cache = shared["caches"].setdefault(("llama", "None"), {})
-    cfg = get_editor(name, **getattr(cls, "quick", {})).config_for(handle)
+    cfg = get_editor(name, **cls.quick).config_for(handle)
     assert cls.Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert get_editor(name, cfg).config_for(handle) == cfg
     for overrides in cls.presets.values():

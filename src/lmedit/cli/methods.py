@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for name in list_editors():
         cls = editor_class(name)
         cap = cls.capabilities
-        rows.append({"method": name, "edit": cap.edit_kind, "batch": "yes" if cap.batch else "no",
+        rows.append({"method": name, "edit": cap.edit_kind.kind, "batch": "yes" if cap.batch else "no",
                      "sequential": "yes" if cap.sequential else "no",
                      "training": "needs fit" if cap.needs_fit else "-",
                      "t5": "yes" if cap.encoder_decoder else "no", "description": _summary(cls)})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import Config, ConfigError
-from ..edits import Edit
+from ..edits import Edit, WeightDelta
 from ..types import EditInputError, EditRequest
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,14 @@ class Capabilities:
         batch: one ``compute`` can take many requests at once.
         sequential: edits can be stacked on an already-edited model.
         needs_fit: the editor must be trained (``fit``) or loaded before it can edit.
-        edit_kind: the :class:`~lmedit.edits.Edit` subclass it returns.
+        edit_kind: the :class:`~lmedit.edits.Edit` subclass it returns (the contract suite checks it).
         encoder_decoder: it can edit encoder-decoder (T5) models.
     """
 
     batch: bool = False
     sequential: bool = True
     needs_fit: bool = False
-    edit_kind: str = "weight_delta"
+    edit_kind: type[Edit] = WeightDelta
     encoder_decoder: bool = True
 
 
@@ -54,6 +54,9 @@ class Editor(ABC):
     # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.bench.stores); an editor
     # that keeps state between calls sets this to False
     pure_compute: ClassVar[bool] = True
+    # overrides that make an edit take seconds on the tiny test models (tests and `--quick` runs); not a
+    # method's recommended setting
+    quick: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Config | dict | str | Path | None = None, **overrides: Any) -> None:
         if isinstance(config, str | Path):

@@ -98,7 +98,7 @@ class _FineTune(Editor):
 
     objective: ClassVar[str] = ""
     Config = FTConfig
-    capabilities = Capabilities(batch=True, sequential=True, needs_fit=False, edit_kind="weight_delta",
+    capabilities = Capabilities(batch=True, sequential=True, needs_fit=False, edit_kind=WeightDelta,
                                 encoder_decoder=True)
     relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
 

@@ -86,7 +86,7 @@ class IKE(Editor):
     """In-context editing: retrieved demonstrations + the new fact, put before every prompt."""
 
     Config = IKEConfig
-    capabilities = Capabilities(batch=False, sequential=False, needs_fit=False, edit_kind="prompt_context",
+    capabilities = Capabilities(batch=False, sequential=False, needs_fit=False, edit_kind=PromptContext,
                                 encoder_decoder=True)
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m": {"k": 16}}

@@ -190,7 +190,7 @@ class KE(LastLayersEditor):
     Config: ClassVar[type] = KEConfig
     objective_class = KEObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
-                                                         edit_kind="weight_delta", encoder_decoder=True)
+                                                         edit_kind=WeightDelta, encoder_decoder=True)
     quick: ClassVar[dict[str, Any]] = {"steps": 8, "batch_size": 2, "lr": 3e-3, "cond_dim": 32, "lstm_hidden": 16,
                                        "head_hidden": 16, "init_step": 3e-3, "val_every": 4, "val_size": 1,
                                        "val_batches": 1, "patience": 0}

@@ -219,7 +219,7 @@ class KN(Editor):
     """Knowledge neurons: integrated-gradients attribution, then rank-one value-slot edits per layer."""
 
     Config = KNConfig
-    capabilities = Capabilities(batch=False, sequential=True, edit_kind="weight_delta")
+    capabilities = Capabilities(batch=False, sequential=True, edit_kind=WeightDelta)
     relative_cost: ClassVar[float] = 9.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"steps": 20, "layers_per_batch": 5, "adaptive_threshold": 0.2, "max_neurons": 10},

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ...config import ConfigError, option
+from ...edits import WeightDelta
 from ...registry import register_editor
 from ..base import Capabilities
 from ..trained import LastLayersEditor, TrainedConfig
@@ -47,7 +48,7 @@ class MEND(LastLayersEditor):
     Config: ClassVar[type] = MENDConfig
     objective_class = MENDObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
-                                                         edit_kind="weight_delta", encoder_decoder=True)
+                                                         edit_kind=WeightDelta, encoder_decoder=True)
     # On a 2-core CPU the editor MLP, not the model, dominates a step (the frozen layers are skipped): rank 512
     # instead of the paper's 1920 makes a step ~3x cheaper; pass rank=1920 for the paper's size on a GPU.
     presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m": {"rank": 512}}

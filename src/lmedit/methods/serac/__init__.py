@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...config import ConfigError, option
-from ...edits import Edit
+from ...edits import Edit, ModuleSwap
 from ...registry import register_editor
 from ...types import EditRequest
 from ..base import Capabilities
@@ -54,7 +54,7 @@ class SERAC(TrainedEditor):
     Config: ClassVar[type] = SERACConfig
     objective_class = SERACObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
-                                                         edit_kind="module_swap", encoder_decoder=False)
+                                                         edit_kind=ModuleSwap, encoder_decoder=False)
     quick: ClassVar[dict[str, Any]] = {"steps": 30, "batch_size": 3, "lr": 1e-2, "cf_rank": 4, "cf_lr": 2e-2,
                                        "val_every": 15, "val_size": 1, "val_batches": 1, "patience": 0}
 
