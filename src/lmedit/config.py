@@ -94,8 +94,16 @@ class Config:
     """Base class of every method configuration.
 
     Subclasses are dataclasses whose fields each carry a type, a default and a one-line ``help`` in their
-    metadata. ``validate`` (override it) raises :class:`ConfigError` with an actionable message.
+    metadata. ``validate`` (override it) raises :class:`ConfigError` with an actionable message. Values are
+    coerced to the field types and validated on construction, however the config is built
+    (``MyConfig(lr="1e-3")`` and ``MyConfig.from_dict(...)`` alike).
     """
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f, tp in type(self).field_types().items():
+            setattr(self, f, _coerce(getattr(self, f), tp, f"{name}.{f}"))
+        self.validate()
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
@@ -112,10 +120,7 @@ class Config:
             raise ConfigError(
                 f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(types_)}"
             )
-        kwargs = {k: _coerce(v, types_[k], f"{cls.__name__}.{k}") for k, v in merged.items()}
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        return cls(**merged)  # coerced and validated by __post_init__
 
     def replace(self: C, **overrides: Any) -> C:
         return type(self).from_dict({**self.to_dict(), **overrides})

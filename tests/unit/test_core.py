@@ -87,6 +87,18 @@ def test_config_hash_ignores_locations_and_added_fields_at_their_default():
     assert new(lr=0.3, stop=0.0).hash() != old(lr=0.3).hash()  # an added field counts once it is changed
 
 
+def test_config_is_coerced_and_validated_however_it_is_built():
+    from lmedit.methods.calinet import CaliNetConfig
+
+    assert CaliNetConfig(lr="1e-3").lr == 1e-3  # the constructor coerces like from_dict
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig(steps=0)  # and validates: no way around the checks
+    with pytest.raises(ConfigError, match="expected an integer"):
+        CaliNetConfig(width="wide")
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig().replace(steps=0)
+
+
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ConfigError, match="unknown _Cfg key"):
         _Cfg.from_dict({"learning_rate": 1})
