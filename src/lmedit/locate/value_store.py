@@ -16,10 +16,13 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..digests import digest, request_digest
 from ..io import cache_file
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class ValueStore:
         self.root = Path(root)
 
     @staticmethod
-    def scope(handle: Any, layer: int, sites: Sequence[str], options: Any, templates: Any) -> str:
+    def scope(handle: ModelHandle, layer: int, sites: Sequence[str], options: Any, templates: Any) -> str:
         """Where the values of ``handle``'s current weights at ``layer`` with these settings live."""
         from .. import __version__
 

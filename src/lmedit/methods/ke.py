@@ -14,7 +14,7 @@ ascent (KE eq. 4). Edits are dense WeightDeltas; a batch of requests sums their 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from ..training.prefix import PrefixCache
 from ..types import EditRequest
 from .base import Capabilities
 from .trained import LastLayersEditor, TrainedConfig
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 
 @dataclass
@@ -95,7 +98,7 @@ class KENet(nn.Module):
 
 
 class KEObjective:
-    def __init__(self, handle: Any, cfg: KEConfig) -> None:
+    def __init__(self, handle: ModelHandle, cfg: KEConfig) -> None:
         self.handle, self.cfg = handle, cfg
         self.paths = edited_paths(handle, cfg.layers, cfg.matrices)
         torch.manual_seed(cfg.seed)

@@ -14,7 +14,7 @@ fixes the cross-attention mask the caller already built -- the wrapper cannot le
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...config import ConfigError, option
 from ...edits import Edit, ModuleSwap
@@ -23,6 +23,9 @@ from ...types import EditRequest
 from ..base import Capabilities
 from ..trained import TrainedConfig, TrainedEditor
 from .objective import SERACObjective
+
+if TYPE_CHECKING:
+    from ...models.handle import ModelHandle
 
 
 @dataclass
@@ -59,6 +62,6 @@ class SERAC(TrainedEditor):
                                        "val_every": 15, "val_size": 1, "val_batches": 1, "patience": 0}
 
 
-    def edit_from(self, obj: SERACObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+    def edit_from(self, obj: SERACObjective, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         # the routing threshold is a use-time choice: the caller's value wins over the trained config's
         return obj.edit(requests, {"checkpoint": cfg.checkpoint}, threshold=cfg.threshold)
