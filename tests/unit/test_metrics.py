@@ -209,7 +209,8 @@ def test_in_context_scoring_runs_the_shared_context_once_with_the_same_scores(ti
     tiny.contexts.append(ctx)
     served: list[int] = []
     hidden = kv.SharedPrefix.hidden
-    monkeypatch.setattr(kv.SharedPrefix, "hidden", lambda self, ids, mask, k: served.append(k) or hidden(self, ids, mask, k))
+    monkeypatch.setattr(kv.SharedPrefix, "hidden",
+                        lambda self, ids, mask, k: served.append(k) or hidden(self, ids, mask, k))
     fast = score_targets(tiny, prompts, answers, batch_size=3)
     monkeypatch.setattr(scoring, "MIN_SHARED_TOKENS", 10**9)  # every row runs its whole context
     full = score_targets(tiny, prompts, answers, batch_size=3)

@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
         cls = editor_class(args.config)
         print(f"{cls.name}: {_summary(cls)}")
         print(f"config class {cls.Config.__name__}; presets: {', '.join(sorted(cls.presets)) or 'none'}\n")
-        rows = [{"field": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t).replace("typing.", ""), "default": repr(d), "help": h}
-                for n, t, d, h in cls.Config.describe_fields()]
+        rows = [{"field": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t).replace("typing.", ""),
+                 "default": repr(d), "help": h} for n, t, d, h in cls.Config.describe_fields()]
         print(table(rows, ["field", "type", "default", "help"]))
         return 0
     rows = []
