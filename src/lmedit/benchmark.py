@@ -65,6 +65,7 @@ class BenchmarkError(RuntimeError):
 
 @dataclass
 class BenchmarkResult:
+    """What :func:`run_benchmark` returns: every case's result and the summary (also on disk)."""
     results: list[CaseResult]
     summary: dict[str, Any]
 

@@ -107,6 +107,7 @@ class Config:
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
+        """Each field's name and its resolved type hint."""
         hints = get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -123,9 +124,11 @@ class Config:
         return cls(**merged)  # coerced and validated by __post_init__
 
     def replace(self: C, **overrides: Any) -> C:
+        """A copy with ``overrides`` applied, checked like :meth:`from_dict`."""
         return type(self).from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
+        """The field values as plain JSON-serialisable data."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
@@ -147,6 +150,7 @@ class Config:
 
     @classmethod
     def from_file(cls: type[C], path: str | Path) -> C:
+        """Build a config from a YAML (``.yaml``/``.yml``) or JSON file, checked like :meth:`from_dict`."""
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):

@@ -25,6 +25,7 @@ BUILTIN_METHODS = "lmedit.methods"  # package whose modules are imported on the 
 
 
 class UnknownMethodError(KeyError):
+    """No editor is registered under this name; the message lists close matches and the known names."""
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
 
@@ -66,11 +67,13 @@ def _discover() -> None:
 
 
 def list_editors() -> list[str]:
+    """The names of every registered editor, sorted."""
     _discover()
     return sorted(_EDITORS)
 
 
 def editor_class(name: str) -> type[Editor]:
+    """The editor class registered as ``name`` (any case); an unknown name raises UnknownMethodError."""
     _discover()
     key = name.lower()
     if key not in _EDITORS:

@@ -62,6 +62,7 @@ def offline() -> bool:
 
 
 def cache_dir() -> Path:
+    """The download cache: ``$LMEDIT_HOME/data`` (default ``~/.cache/lmedit/data``)."""
     home = os.environ.get("LMEDIT_HOME")
     return (Path(home).expanduser() if home else Path.home() / ".cache" / "lmedit") / "data"
 

@@ -76,6 +76,7 @@ class Editor(ABC):
         return self.resolve(handle, cfg)
 
     def resolve(self, handle: Any, cfg: Config) -> Config:
+        """Fill in what depends on the model (e.g. layers from its depth); the default keeps ``cfg``."""
         return cfg
 
     # --- editing -----------------------------------------------------------------------------------
@@ -124,9 +125,11 @@ class Editor(ABC):
 
     # --- trained editors ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The editor's trained state (tensors and plain values); empty for editors that are not trained."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore trained state saved by :meth:`state_dict` (a no-op for editors that are not trained)."""
         return None
 
     def __repr__(self) -> str:

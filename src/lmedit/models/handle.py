@@ -91,9 +91,11 @@ class ModelHandle:
         return self.adapter.encoder_decoder
 
     def n_params(self) -> int:
+        """The number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def size_bytes(self) -> int:
+        """The parameters' size in bytes in their current dtype (tied weights counted once)."""
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def render(self, prompt: str) -> str:
