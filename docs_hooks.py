@@ -5,7 +5,8 @@ never fail ``mkdocs build --strict`` by itself. This hook reads the ``::: identi
 ``docs/api/*.md``, loads each identifier with griffe (the loader mkdocstrings uses) and walks it: the
 object itself, and for a module or class its public functions, classes and methods (public in griffe's
 sense: no leading underscore, and listed in ``__all__`` where the module has one; attributes and dunder
-methods are not checked). Any of them without a docstring stops the build with their list.
+methods are not checked; a method overriding a documented method of a base class inherits its docstring).
+Any of them without a docstring stops the build with their list.
 """
 
 from __future__ import annotations
@@ -24,9 +25,26 @@ def identifiers(api_dir: Path) -> list[str]:
     return [m.group(1) for page in sorted(api_dir.glob("*.md")) for m in _DIRECTIVE.finditer(page.read_text())]
 
 
+def _documented(obj: griffe.Object) -> bool:
+    return bool(obj.docstring and obj.docstring.value.strip())
+
+
+def _inherits_docstring(method: griffe.Object) -> bool:
+    """A method that overrides a documented method of a base class keeps that method's documentation
+    (as ``inspect.getdoc`` does)."""
+    owner = method.parent
+    if not (owner is not None and owner.is_class):
+        return False
+    try:
+        bases = owner.mro()
+    except Exception:  # a base outside the loaded packages: nothing to inherit from
+        return False
+    return any(method.name in base.members and _documented(base.members[method.name]) for base in bases)
+
+
 def missing_docstrings(obj: griffe.Object) -> list[str]:
     """Paths of ``obj`` and of its public functions, classes and methods that have no docstring."""
-    out = [] if obj.docstring and obj.docstring.value.strip() else [obj.path]
+    out = [] if _documented(obj) or (obj.is_function and _inherits_docstring(obj)) else [obj.path]
     if obj.is_module or obj.is_class:
         for name, member in obj.members.items():
             if member.is_alias or name.startswith("__") or not member.is_public:

@@ -148,6 +148,7 @@ class BaselineStore:
         return pre, loc
 
     def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore]) -> None:
+        """Store ``case``'s pre-edit scores and locality predictions for :meth:`get` (written atomically)."""
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
                "locality": [dataclasses.asdict(t) for t in loc]}
         cache_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")

@@ -148,6 +148,8 @@ class TrainedEditor(Editor):
         self._pending.update(state)
 
     def trained_for(self, handle: Any, cfg: Any) -> Objective:
+        """The trained networks for ``handle``'s model: fitted or loaded before, or read from ``cfg.checkpoint``;
+        NotTrainedError when there are none."""
         if handle.fingerprint in self._trained:
             return self._trained[handle.fingerprint]
         if handle.fingerprint in self._pending:
