@@ -66,6 +66,7 @@ class BenchmarkError(RuntimeError):
 
 @dataclass
 class BenchmarkResult:
+    """What :func:`run_benchmark` returns: every case's result and the summary (also on disk)."""
     results: list[CaseResult]
     summary: dict[str, Any]
 
@@ -146,10 +147,10 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         progress: show a tqdm progress bar.
         protocols: scoring protocols (``token_acc``, ``prob_compare``).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
-        edit_store: an :class:`~lmedit.stores.EditStore`; in the single setting a case whose request it
+        edit_store: an :class:`~lmedit.bench.stores.EditStore`; in the single setting a case whose request it
             holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
             computed edits are kept in it. Efficiency still reports what computing the edit cost.
-        baseline_store: a :class:`~lmedit.stores.BaselineStore`: the unedited model's scores of a case are
+        baseline_store: a :class:`~lmedit.bench.stores.BaselineStore`: the unedited model's scores of a case are
             taken from it when it has them for these exact weights, and kept in it otherwise.
     Returns:
         per-case results in case order, and the summary.
@@ -175,7 +176,7 @@ def _execute(run: _Run, header: dict[str, Any], run_info: dict[str, Any] | None,
              baseline_store: Any, progress: bool, t0: float) -> BenchmarkResult:
     handle, setting, cases, keys, editor = run.handle, run.setting, run.cases, run.keys, run.editor
     if edit_store is not None and setting == "single":
-        from .stores import edit_scope
+        from .bench.stores import edit_scope
 
         run.scope = edit_scope(editor, header)
         run.store = edit_store if run.scope else None
@@ -414,7 +415,7 @@ def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]
 
 def _check_reverted(handle: Any, edit: Edit) -> None:
     """Cheap check after a revert: every parameter the edit touched holds its base values again."""
-    from .models.handle import tensor_digest
+    from .digests import tensor_digest
 
     for name, digest in getattr(edit, "base_digests", {}).items():
         if tensor_digest(get_parameter(handle.model, name)) != digest:

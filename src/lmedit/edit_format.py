@@ -31,7 +31,7 @@ FORMAT = 2
 META_FILE = "edit.json"
 TENSOR_FILE = "tensors.safetensors"
 REQUIRED = {"format": int, "kind": str, "meta": dict, "body": dict, "tensors": dict, "sha256": str}
-RECOMPUTE = "recompute the edit (lmedit edit ... --save DIR, or editor.compute + edit.save) and save it again"
+RECOMPUTE = "recompute the edit (editor.compute, then edit.save) and save it again"
 
 
 class FormatProblem(ValueError):

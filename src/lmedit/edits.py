@@ -51,12 +51,16 @@ class EditOrderError(EditError):
 
 
 class EditDivergedError(EditError):
-    """An update far larger than the weights it changes (a diverged optimisation); nothing was written."""
+    """An update far larger than the weights it changes (a diverged optimisation); nothing was written.
+    ``data["option"]`` names the bound (see :mod:`lmedit.errors`)."""
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.data: dict[str, Any] = data
 
 
 MAX_RELATIVE_UPDATE = 100.0
-"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``; ``lmedit edit
---max-relative-update``): an update a hundred times the size of the weights it changes. Real edits stay far
+"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``): an update a hundred times the size of the weights it changes. Real edits stay far
 below it (docs/reliability.md has measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
 
 
@@ -74,8 +78,8 @@ def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: floa
         raise EditDivergedError(
             f"refusing edit: ‖ΔW‖/‖W‖ of {name} is {rel:.3g}, above max_relative_update = {bound:g} (the "
             "optimisation diverged, e.g. a learning rate far too large); the model is unchanged. Lower the "
-            "method's step size (--set lr=...), or raise the bound if the update is intended "
-            "(lmedit edit --max-relative-update X, edit.apply(handle, max_relative_update=X))")
+            "method's step size (its lr), or raise the bound if the update is intended "
+            "(edit.apply(handle, max_relative_update=X))", option="max_relative_update")
 
 
 def _version() -> str:
@@ -120,6 +124,7 @@ class Edit:
             )
 
     def is_applied(self, handle: Any) -> bool:
+        """Whether this edit is currently applied to ``handle``'s model."""
         return id(handle.model) in self._applied_to
 
     def label(self) -> str:
@@ -176,6 +181,7 @@ class Edit:
             self.revert(handle)
 
     def describe(self) -> str:
+        """A few readable lines: the kind of edit, the method, the model and the requests it carries."""
         reqs = self.meta.get("requests", [])
         lines = [f"{type(self).__name__} by {self.meta.get('method', '?')} for {self.meta.get('model_name', '?')} "
                  f"({len(reqs)} request{'s' if len(reqs) != 1 else ''})"]
@@ -257,6 +263,7 @@ class WeightDelta(Edit):
         self.base_digests = dict(base_digests or {})
 
     def dense(self, name: str) -> torch.Tensor:
+        """The full ΔW of parameter ``name`` (a low-rank pair ``(a, b)`` is multiplied out as ``a @ b.T``)."""
         d = self.deltas[name]
         if isinstance(d, tuple):
             a, b = d
@@ -264,7 +271,7 @@ class WeightDelta(Edit):
         return d
 
     def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> dict[str, torch.Tensor]:
-        from .models.handle import tensor_digest
+        from .digests import tensor_digest
 
         model = handle.model
         new_values: dict[str, torch.Tensor] = {}
@@ -276,7 +283,8 @@ class WeightDelta(Edit):
                                         "have; apply it to the model it was computed for") from None
             delta = self.dense(name).to(p.device)
             if tuple(delta.shape) != tuple(p.shape):
-                raise EditMismatchError(f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
+                raise EditMismatchError(
+                    f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
             if strict and name in self.base_digests and tensor_digest(p) != self.base_digests[name]:
                 raise EditMismatchError(
                     f"parameter {name} does not hold the values this edit was computed on (another edit is "
@@ -337,6 +345,7 @@ class WeightDelta(Edit):
         return cls(deltas, digests, meta)
 
     def norms(self) -> dict[str, float]:
+        """The Frobenius norm ‖ΔW‖ of each edited parameter."""
         return {k: float(self.dense(k).float().norm()) for k in self.deltas}
 
     def _describe_body(self) -> list[str]:

@@ -1,13 +1,15 @@
 """Files that survive crashes and concurrent runs: one atomic write, one OS file lock, the cache folders.
 
-- :func:`atomic_write` -- a file is either its old content or its new content, never half of one: the data
-  goes to a unique temporary file in the same folder (``tempfile``), is flushed to disk (``fsync``) and then
-  renamed over the target (``os.replace``, atomic on POSIX).
+- :func:`atomic_write` (and :func:`cache_file`, its form for cache entries) -- a file is either its old
+  content or its new content, never half of one: the data goes to a unique temporary file in the same
+  folder (``tempfile``), is flushed to disk (``fsync``) and then renamed over the target (``os.replace``,
+  atomic on POSIX).
 - :func:`file_lock` -- an advisory OS lock (``fcntl.flock``) on a lock file. Non-blocking by default: a
   second process gets :class:`LockedError` naming what is locked and, when it can be read, the process that
   holds it. The OS drops the lock when its holder exits, even after ``kill -9``: a stale lock file is never
   a problem, so lock files are left in place (deleting them would race with a new holder).
-- :func:`lmedit_home` / :func:`cache_folder` -- where lmedit keeps converted models and disk caches.
+- :func:`lmedit_home` / :func:`cache_folder` -- where lmedit keeps converted models and disk caches;
+  :func:`offline` -- whether downloads are forbidden.
 
 Core layer: imports nothing from lmedit.
 """
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lmedit.lock"
 
@@ -38,6 +43,12 @@ class LockedError(RuntimeError):
 def lmedit_home() -> Path:
     """Cache root: ``$LMEDIT_HOME`` or ``~/.cache/lmedit``."""
     return Path(os.environ.get("LMEDIT_HOME", Path.home() / ".cache" / "lmedit")).expanduser()
+
+
+def offline() -> bool:
+    """True when downloads are forbidden (``HF_HUB_OFFLINE=1`` or ``LMEDIT_OFFLINE=1``)."""
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE"))
+    return any(f in ("1", "true", "yes") for f in flags)
 
 
 def cache_folder(*parts: str) -> Path:
@@ -89,6 +100,17 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object],
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def cache_file(path: Path, write: Callable[[Path], object], what: str) -> bool:
+    """:func:`atomic_write` for cache entries: a failure only logs (the value is computed again next time)
+    and returns False."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        log.warning("could not store %s in %s: %s", what, Path(path).parent, e)
+        return False
+    return True
 
 
 def _holder(path: Path) -> str:

@@ -33,6 +33,7 @@ class SwapModule(nn.Module):
         self.base: nn.Module | None = None
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor keyword arguments (JSON-serialisable) that rebuild this module on load."""
         return {}
 
     def bind(self, handle: Any) -> None:
@@ -40,6 +41,7 @@ class SwapModule(nn.Module):
         adapter or caches) at run time take it here; it is never saved."""
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's own tensors, without the wrapped ``base`` module's (what a saved edit stores)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
 

@@ -19,6 +19,7 @@ IMPORT = re.compile(r"import_module\(([^)]*)\)")
 ALLOWED_IMPORTS = {
     ("__init__.py", "_LAZY[name]"),  # the fixed table of lazy top-level names
     ("cli/__init__.py", 'f"{__name__}.{info.name}"'),  # pkgutil over lmedit.cli
+    ("registry.py", "BUILTIN_METHODS"),  # the package name lmedit.methods
     ("registry.py", "info.name"),  # pkgutil over lmedit.methods
     ("data/__init__.py", 'f"{__name__}.{info.name}"'),  # pkgutil over lmedit.data
 }

@@ -48,7 +48,8 @@ def _case_from_dict(d: dict[str, Any], i: int) -> EditCase:
     d = dict(d)
     paraphrases = d.pop("paraphrases", ())
     loc = d.pop("locality", ())
-    if not isinstance(loc, list | tuple) or not all(isinstance(q, dict) and set(q) == {"prompt", "answer"} for q in loc):
+    if not isinstance(loc, list | tuple) or not all(isinstance(q, dict) and set(q) == {"prompt", "answer"}
+                                                    for q in loc):
         raise EditInputError(f"request {i}: locality must be a list of {{\"prompt\": ..., \"answer\": ...}} objects")
     d.setdefault("case_id", i)
     try:

@@ -77,6 +77,7 @@ def _discover() -> None:
 
 
 def get_dataset(name: str) -> DatasetSpec:
+    """The registered dataset ``name``; an unknown name raises DatasetError listing the available ones."""
     _discover()
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, _DATASETS, n=2)
@@ -179,8 +180,8 @@ def require(record: Any, key: str, file: Path, index: int, kind: type | tuple[ty
     if kind is not None and not isinstance(value, kind):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         got = "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
-        raise DatasetError(f"{file} record {index}: field {key!r} is {got}, expected a {names}; fix the record "
-                           "or skip it with --offset")
+        raise DatasetError(f"{file} record {index}: field {key!r} is {got}, expected a {names}; fix the record, "
+                           "or start after it (offset=)")
     return value
 
 

@@ -20,7 +20,8 @@ import os
 import urllib.request
 from pathlib import Path
 
-from ..io import atomic_write, cache_folder, file_lock
+from ..errors import LmeditError
+from ..io import atomic_write, cache_folder, file_lock, offline  # noqa: F401  (offline: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,13 @@ SOURCES: dict[str, str] = {
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-def offline() -> bool:
-    """True when downloads are forbidden (``HF_HUB_OFFLINE=1`` or ``LMEDIT_OFFLINE=1``)."""
-    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE"))
-    return any(f in ("1", "true", "yes") for f in flags)
+
+class DataFileNotFoundError(LmeditError, FileNotFoundError):
+    """A data file that is in none of the places lmedit looks; ``data["option"]`` names the argument."""
 
 
 def cache_dir() -> Path:
+    """The download cache: ``$LMEDIT_HOME/data`` (default ``~/.cache/lmedit/data``)."""
     return cache_folder("data")
 
 
@@ -123,11 +124,11 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
             notes.append(f"Downloading {url} failed: {e}")
     elif url and download:
         notes.append(f"Not downloading {url}: HF_HUB_OFFLINE or LMEDIT_OFFLINE is set.")
-    raise FileNotFoundError("\n".join([
+    raise DataFileNotFoundError("\n".join([
         f"data file {relative!r} not found. Searched:", *(f"  {p}" for p in searched), *notes,
         "Fix: set LMEDIT_DATA to the folder that holds it (e.g. export LMEDIT_DATA=/path/to/shared/data), "
-        "or pass --data / path= with the file or its data folder.",
-    ]))
+        "or pass path= with the file or its data folder.",
+    ]), option="data")
 
 
 def _download(url: str, dest: Path) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..io import lmedit_home  # noqa: F401  (re-exported: lmedit.models.loading.lmedit_home)
+from ..io import lmedit_home, offline  # lmedit_home: also re-exported here for old imports
 from .handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -131,8 +132,6 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
-        from ..data.paths import offline
-
         why = ("downloads are off (HF_HUB_OFFLINE or LMEDIT_OFFLINE is set), so only models already in the "
                "Hugging Face cache load by hub id" if offline() else f"the hub could not provide it "
                                                                     f"({e.__class__.__name__})")

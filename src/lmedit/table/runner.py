@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from ..bench.stores import BaselineStore, EditStore
 from ..io import LockedError
 from ..metrics.records import CaseResult, summarize
-from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
@@ -180,7 +180,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
     ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
     edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
-    (:mod:`lmedit.stores`); the numbers are the same, only computed once. Every cell scores the unedited
+    (:mod:`lmedit.bench.stores`); the numbers are the same, only computed once. Every cell scores the unedited
     model on a case once for all methods: the scores are kept in ``<out>/baselines/``.
 
     Raises:
@@ -210,7 +210,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
             log.info("cell %s: cached", spec.name)
             return hit
         if cached_only:
-            raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
+            raise CellSkipped("not computed yet (this table was laid out from cached cells only)")
         folder, resume = cache.prepare(spec, key)
         run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
         seed_everything(spec.seed)
@@ -223,8 +223,9 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
             adopted = None
         else:
             store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
+            baselines = BaselineStore(cache.root.parent / BASELINE_STORE_DIR)
             results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                     reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR))
+                                                     reuse, store, baselines)
         efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
         errors = [r.info["error"] for r in results if r.info.get("error")]
         if results and len(errors) == len(results):
@@ -242,11 +243,9 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
 
 def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
     """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
-    train = getattr(editor, "train_command", None)
-    command = train(handle) if callable(train) else (
-        f"lmedit train --method {editor.name} --model {handle.name} --out {where}")
-    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train one "
-            f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
+    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train "
+            f"one for {handle.name} (the train command, or editor.fit(..., out=DIR)) and give the table that "
+            "folder as its checkpoint")
 
 
 def checkpoint_identity(directory: str | None) -> str | None:
