@@ -39,6 +39,7 @@ class FormatProblem(ValueError):
 
 
 def malformed(what: str) -> FormatProblem:
+    """The error for a saved edit whose structure is wrong (``what`` says which part)."""
     return FormatProblem(f"is malformed: {what}; {RECOMPUTE}")
 
 

@@ -60,8 +60,9 @@ class EditDivergedError(EditError):
 
 
 MAX_RELATIVE_UPDATE = 100.0
-"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``): an update a hundred times the size of the weights it changes. Real edits stay far
-below it (docs/reliability.md has measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
+"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``): an update a
+hundred times the size of the weights it changes. Real edits stay far below it (docs/reliability.md has
+measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
 
 
 class EditFileError(EditError):
