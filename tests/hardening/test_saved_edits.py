@@ -184,3 +184,20 @@ def test_save_refuses_a_file_path_and_an_edit_without_fingerprint(tiny_llama, tm
     with pytest.raises(Exception, match="model_fingerprint"):
         d.save(tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def test_every_swap_module_in_lmedit_is_registered():
+    """Every concrete SwapModule that lmedit's editors install can be saved and loaded by name."""
+    from lmedit.registry import list_editors
+    from lmedit.swaps import _SWAP_MODULES
+
+    list_editors()
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    concrete = {c for c in subclasses(SwapModule) if c.__module__.startswith("lmedit.")
+                and "get_config" in vars(c)}
+    assert concrete and concrete <= set(_SWAP_MODULES.values()), concrete - set(_SWAP_MODULES.values())
