@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .digests import case_digest
-from .edits import Edit, EditError
+from .edits import Edit, EditError, EditFileError
 from .hooks import get_parameter
 from .io import atomic_write, folder_lock
 from .metrics.efficiency import Measurement, measure
@@ -581,7 +581,11 @@ def _load_chunk(run: _Run, k: int, chunk: list[int]) -> tuple[Edit | None, dict,
     rec = json.loads((d / "chunk.json").read_text())
     if rec["case_ids"] != json.loads(json.dumps([run.keys[i] for i in chunk], default=str)):
         raise BenchmarkError(f"{d} was saved for other cases; resume with the same data slice and batch size")
-    edit = Edit.load(d) if rec["error"] is None else None
+    try:
+        edit = Edit.load(d) if rec["error"] is None else None
+    except EditFileError as e:
+        raise BenchmarkError(f"cannot resume {run.out}: {e}. A sequential run rebuilds the edited model from "
+                             "these edits, so start it again in a new folder") from None
     log.info("resume: re-applying saved chunk %d", k)
     return edit, rec["efficiency"], rec["error"]
 

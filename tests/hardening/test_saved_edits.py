@@ -201,3 +201,19 @@ def test_every_swap_module_in_lmedit_is_registered():
     concrete = {c for c in subclasses(SwapModule) if c.__module__.startswith("lmedit.")
                 and "get_config" in vars(c)}
     assert concrete and concrete <= set(_SWAP_MODULES.values()), concrete - set(_SWAP_MODULES.values())
+
+
+def test_sequential_resume_refuses_an_altered_saved_chunk(tiny_llama, tmp_path):
+    from lmedit.benchmark import BenchmarkError, run_benchmark
+    from lmedit.types import EditCase
+
+    cases = [EditCase(EditRequest(prompt="The capital of {} is", subject=s, target_new="Rome", case_id=i))
+             for i, s in enumerate(["France", "Spain"])]
+    kw = dict(setting="sequential", batch_size=1, eval_timing="immediate", out_dir=tmp_path)
+    run_benchmark(get_editor("ft-m", steps=1), tiny_llama, cases, **kw)
+    (tmp_path / "cases.jsonl").write_text("")  # as if it crashed before scoring
+    _edit_json(tmp_path / "edits" / "0", lambda d: d["meta"].update(model_name="x"))
+    before = tiny_llama.state_digest()
+    with pytest.raises(BenchmarkError, match="cannot resume.*changed after it was saved.*new folder"):
+        run_benchmark(get_editor("ft-m", steps=1), tiny_llama, cases, resume=True, **kw)
+    assert tiny_llama.state_digest() == before and tiny_llama.applied_edits == ()
