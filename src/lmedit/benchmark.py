@@ -319,8 +319,7 @@ def adopt_cases(out_dir: str | Path, sources: Sequence[str | Path], header: dict
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, header)
     order = {str(k): i for i, k in enumerate(header["case_ids"])}
-    (out / CASES_FILE).write_text("".join(lines[k] + "\n" for k in sorted(lines, key=order.__getitem__)),
-                                  encoding="utf-8")
+    atomic_write(out / CASES_FILE, "".join(lines[k] + "\n" for k in sorted(lines, key=order.__getitem__)))
     log.info("adopted %d finished case(s) from %s", len(lines), src)
     return len(lines), src
 

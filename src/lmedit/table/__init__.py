@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
 from .cells import CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
@@ -207,12 +208,12 @@ def write_table(cells: list[CellResult], methods: list[str], datasets: list[str]
     eff = method_summary(cells, rows, methods)
     files = {"table1.md": out / "table1.md", "table1.csv": out / "table1.csv", "table1.json": out / "table1.json",
              "efficiency.md": out / "efficiency.md"}
-    files["table1.md"].write_text(md)
-    files["table1.csv"].write_text(to_csv(records))
+    atomic_write(files["table1.md"], md)
+    atomic_write(files["table1.csv"], to_csv(records))
     doc = {"meta": meta, "methods": methods, "datasets": datasets, "rows": records, "efficiency": eff,
            "cells": [{**c.to_dict(), "cached": c.cached} for c in cells]}
-    files["table1.json"].write_text(json.dumps(doc, indent=1, default=str, allow_nan=False))
-    files["efficiency.md"].write_text(efficiency_markdown(eff, datasets, meta))
+    atomic_write(files["table1.json"], json.dumps(doc, indent=1, default=str, allow_nan=False))
+    atomic_write(files["efficiency.md"], efficiency_markdown(eff, datasets, meta))
     if plots:
         from . import plots as figs
 

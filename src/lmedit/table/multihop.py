@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..io import atomic_write
 from ..metrics.records import CaseResult, Score
 from ..metrics.scoring import score_targets
 
@@ -122,7 +123,7 @@ def run_multihop(editor: Any, handle: ModelHandle, cases: list[Any], out_dir: Pa
     path = out_dir / CASES_FILE
     done = _read_done(path) if resume else {}
     # rewrite the file from the parsed lines so a torn line never stays in the middle of it
-    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in done.values()))
+    atomic_write(path, "".join(json.dumps(r.to_dict()) + "\n" for r in done.values()))
     results: list[CaseResult] = []
     for case in cases:
         if str(case.case_id) in done:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..io import atomic_write
 from .causal import KINDS, Tracer
 from .noise import load_known_facts
 
@@ -86,7 +87,7 @@ class AverageEffect:
         doc = asdict(self)
         for k in ("effects", "scores"):
             doc[k] = [[None if np.isnan(v) else float(v) for v in row] for row in getattr(self, k)]
-        path.write_text(json.dumps(doc, indent=1))
+        atomic_write(path, json.dumps(doc, indent=1))  # also a disk cache (suggest_layer): never half written
         return path
 
     @classmethod

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..hooks import trace as hook_trace
+from ..io import atomic_write
 from .noise import resolve_noise
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,13 @@ class TraceResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in asdict(self).items() if k != "scores"}
-        np.savez(path.with_suffix(".npz"), scores=self.scores, meta=json.dumps(meta))
+        def npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, scores=self.scores, meta=json.dumps(meta))
+
+        atomic_write(path.with_suffix(".npz"), npz)
         doc = dict(meta, scores=[[None if np.isnan(v) else float(v) for v in row] for row in self.scores])
-        path.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+        atomic_write(path.with_suffix(".json"), json.dumps(doc, indent=1))
         return path.with_suffix(".npz"), path.with_suffix(".json")
 
     @classmethod
