@@ -140,8 +140,9 @@ class BaselineStore:
     def _path(self, scope: str, case: Any) -> Path:
         return self.root / scope / f"{case_digest(case)}.json"
 
-    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore]] | None:
-        """(pre-edit scores, locality predictions) of ``case``, or None (absent or unreadable)."""
+    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore], list[dict]] | None:
+        """(pre-edit scores, locality predictions, generated text records) of ``case``, or None (absent or
+        unreadable)."""
         path = self._path(scope, case)
         if not path.exists():
             return None
@@ -149,15 +150,17 @@ class BaselineStore:
             doc = json.loads(path.read_text())
             pre = {k: Score(**v) for k, v in doc["pre"].items()}
             loc = [TargetScore(tuple(t["pred"]), tuple(t["labels"]), tuple(t["logprobs"])) for t in doc["locality"]]
+            texts = list(doc.get("texts", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring the stored baseline at %s (%s); scoring it again", path, e)
             path.unlink(missing_ok=True)
             return None
-        return pre, loc
+        return pre, loc, texts
 
-    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore]) -> None:
+    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
+            texts: list[dict] | None = None) -> None:
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
-               "locality": [dataclasses.asdict(t) for t in loc]}
+               "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
         _replace_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")
 
 
