@@ -694,4 +694,11 @@ def render_table(summary: dict[str, Any]) -> str:
     if eff["max_cuda_peak_bytes"]:
         lines.append(f"- max CUDA memory: {eff['max_cuda_peak_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s")
+    if summary.get("missing_protocols"):
+        lines += ["", "Cases not scored with a protocol (left out of its means, not zeros): "
+                  + ", ".join(f"{p}: {n}" for p, n in summary["missing_protocols"].items())]
+    if summary.get("drift"):
+        from .metrics.drift import drift_lines
+
+        lines += ["", *drift_lines(summary["drift"])]
     return "\n".join(lines) + "\n"

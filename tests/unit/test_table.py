@@ -172,11 +172,15 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     files = {p.name for p in tmp_path.iterdir()}
     assert {"table1.md", "table1.csv", "table1.json", "efficiency.md", "table1.png", "efficiency.png"} <= files
     assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r.metric for r in t.rows] == ["reliability", "generalization", "locality", "multihop"]
+    gen = ("gen_em", "gen_f1", "gen_contains")
+    assert [r.metric for r in t.rows] == [
+        "reliability", *(f"reliability@{g}" for g in gen), "generalization", *(f"generalization@{g}" for g in gen),
+        "locality", "locality@gen_em", "locality@gen_f1", *(f"locality_truth@{g}" for g in gen), "multihop"]
     assert all(c.status == "ok" for c in t.cells), [c.reason for c in t.cells]
     doc = json.loads((tmp_path / "table1.json").read_text())
     rec = [r for r in doc["rows"] if r["method"] == TOY]
-    assert {r["protocol"] for r in rec} == {"token_acc", "greedy_exact"}
+    assert {r["protocol"] for r in rec} == {"token_acc", "greedy_exact", *gen}
+    assert all(r["protocol"] == r["metric"].partition("@")[2] for r in rec if "@" in r["metric"])
     assert all(r["n_cases"] == 2 and r["model_fingerprint"] == doc["meta"]["model_fingerprint"] for r in rec)
     assert doc["meta"]["lmedit_version"] and "config_hash" in rec[0]
     header = (tmp_path / "table1.csv").read_text().splitlines()[0]

@@ -190,3 +190,14 @@ class DriftTracker:
             out["change"] = {m: {"before": before[m]["value"], "after": after[-1][m]["value"],
                                  "protocol": before[m]["protocol"]} for m in (PERPLEXITY, NGRAM_ENTROPY)}
         return out
+
+
+def drift_lines(drift: dict[str, Any]) -> list[str]:
+    """A markdown table of a run summary's drift points."""
+    lines = [f"Capability drift (perplexity on {drift['settings']['tokens']:,} WikiText-2 tokens; n-gram entropy "
+             f"of generations on {drift['settings']['prompts']} fixed prompts):", "",
+             "| point | edits applied | perplexity | n-gram entropy |", "|---|---:|---:|---:|"]
+    for p in drift["points"]:
+        lines.append(f"| {p['point']} | {p.get('edits_applied', '')} | {p[PERPLEXITY]['value']:.2f} | "
+                     f"{p[NGRAM_ENTROPY]['value']:.3f} |")
+    return lines

@@ -121,3 +121,15 @@ def scope_labels(protocols: Sequence[str], settings: GenSettings | None) -> list
     teacher-forced names as they were, so scores stored before the generation protocol stay valid)."""
     key = (settings or GenSettings()).key()
     return [f"{GEN}({key['context']},{key['max_new_tokens']})" if p == GEN else p for p in protocols]
+
+
+def judge_scores(records: list[dict[str, Any]], judge: Any) -> dict[str, Score]:
+    """``<metric>@gen_judge``: the fraction of a case's answers that ``judge`` (a
+    :class:`~lmedit.metrics.judge.Judge`) grades CORRECT against their gold; ungraded answers are left out."""
+    per: dict[str, list[float]] = {}
+    for rec in records:
+        verdict = judge.grade(rec["prompt"], rec["gold"], extract_answer(rec["text"]))
+        if verdict is not None:
+            metric = LOCALITY_TRUTH if rec["metric"] == LOCALITY else rec["metric"]
+            per.setdefault(metric_key(metric, GEN_JUDGE), []).append(float(verdict == "CORRECT"))
+    return {k: _mean(v, GEN_JUDGE) for k, v in per.items()}
