@@ -228,7 +228,7 @@ def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any
     if todo:
         log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
         b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
-        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts, strict=True):
+        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
             got[i] = (pre, loc, texts)
             if store is not None:
                 store.put(scope, run.cases[i], pre, loc, texts)

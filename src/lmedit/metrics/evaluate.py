@@ -43,7 +43,8 @@ class Baseline:
 
     locality: list[list[TargetScore]] = field(default_factory=list)
     pre: list[dict[str, Score]] = field(default_factory=list)
-    texts: list[list[dict[str, Any]]] = field(default_factory=list)  # generation protocol: its text records
+    # the generation protocol's text records per case (empty when it was not computed)
+    texts: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def baseline(handle: Any, cases: Sequence[EditCase], *, protocols: Sequence[str]
     items = _items(cases, protocols)
     scores = _score(handle, items, batch_size)
     pre, loc = _aggregate(cases, items, scores, None)
-    texts: list[list[dict[str, Any]]] = [[] for _ in cases]
+    texts: list[list[dict[str, Any]]] = []
     if GEN in protocols:
         texts = generate_records(handle, cases, generation or GenSettings())
         for p, recs in zip(pre, texts, strict=True):

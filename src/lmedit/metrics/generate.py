@@ -106,7 +106,7 @@ def generate_texts(handle: Any, texts: list[str], *, max_new_tokens: int = DEFAU
             raise GenerationError(f"prompt {t!r} has no tokens and the model adds no BOS; give a non-empty prompt")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[Generation | None] = [None] * len(rows)
-    prefixes: dict[tuple[int, ...], SharedPrefix] = {}
+    prefixes: list[SharedPrefix] = []  # the first batch's common beginning, offered to the later batches
     run = _run_seq2seq if handle.is_encoder_decoder else _run_decoder
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -116,11 +116,13 @@ def generate_texts(handle: Any, texts: list[str], *, max_new_tokens: int = DEFAU
     return out  # type: ignore[return-value]
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
-    """Leading tokens that every row shares, leaving each row at least one token of its own."""
+def _common_prefix(rows: list[list[int]], first: list[int] | None = None) -> int:
+    """Leading tokens that every row (and ``first``, when given) shares, leaving each row at least one token
+    of its own."""
     k = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
+    first = rows[0] if first is None else first
+    k = min(k, len(first))
+    for r in rows:
         j = 0
         while j < k and r[j] == first[j]:
             j += 1
@@ -151,14 +153,23 @@ class _Stepper:
 
 
 def _run_decoder(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: bool,
-                 prefixes: dict[tuple[int, ...], SharedPrefix]) -> list[Generation]:
+                 prefixes: list[SharedPrefix]) -> list[Generation]:
     n, tok = len(rows), handle.tokenizer
-    k = _common_prefix(rows) if body_and_head(handle.model) is not None else 0
     prefix = None
-    if k >= MIN_SHARED_TOKENS:
-        key = tuple(rows[0][:k])
-        prefix = prefixes.setdefault(key, SharedPrefix(handle.model, list(key), handle.device))
-    else:
+    k = 0
+    if body_and_head(handle.model) is not None:
+        if prefixes:  # the beginning an earlier batch shared (an in-context edit's demonstrations)
+            k = _common_prefix(rows, prefixes[0].ids)
+            prefix = prefixes[0]
+        if k < MIN_SHARED_TOKENS:
+            k = _common_prefix(rows)
+            prefix = None
+            if k >= MIN_SHARED_TOKENS and not prefixes:
+                prefixes.append(SharedPrefix(handle.model, rows[0][:k], handle.device))
+                prefix = prefixes[0]
+            elif k >= MIN_SHARED_TOKENS:
+                prefix = SharedPrefix(handle.model, rows[0][:k], handle.device)
+    if prefix is None:
         k = 0
     ids, suffix_mask = handle.tokens.pad([r[k:] for r in rows], "left")
     mask = torch.cat([torch.ones(n, k, dtype=suffix_mask.dtype), suffix_mask], 1)
@@ -195,7 +206,7 @@ def _run_decoder(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: 
 
 
 def _run_seq2seq(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: bool,
-                 prefixes: dict[tuple[int, ...], SharedPrefix]) -> list[Generation]:
+                 prefixes: list[SharedPrefix]) -> list[Generation]:
     """Encoder-decoder models: transformers' greedy search, then the same stop rules on its output."""
     ids, mask = handle.tokens.pad(rows, "right")
     cfg = handle.model.config
