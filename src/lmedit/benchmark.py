@@ -190,6 +190,7 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     if run.out is not None:
         _prepare_out(run, header, resume)
         run.reopened = coverage.reopen(run.done, protocols, run.old_protocols, fill=fill_missing)
+        coverage.drop_cases(run.out / CASES_FILE, set(map(str, run.reopened)))
     if drift is not None and setting != "single":
         run.drift = DriftTracker(handle, drift, run.out, n_chunks=len(run.chunks()), setting=setting)
     if edit_store is not None and setting == "single":

@@ -9,8 +9,11 @@ and the summary counts them. A missing protocol is never a zero.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .records import CaseResult
@@ -83,3 +86,21 @@ def missing_counts(results: Sequence[CaseResult]) -> dict[str, int]:
         for p in r.info.get(MISSING, []):
             counts[p] = counts.get(p, 0) + 1
     return counts
+
+
+def drop_cases(path: Path, keys: set[str]) -> None:
+    """Rewrite the cases file ``path`` without the lines of cases ``keys`` (by str(case_id)): reopened cases
+    are written again when they finish (their old numbers are merged in from memory)."""
+    if not keys or not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if str(json.loads(line)["case_id"]) in keys:
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+        keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
