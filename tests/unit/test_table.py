@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lmedit.config import Config, option
+from lmedit.metrics.generate import GenSettings
 from lmedit.edits import PromptContext
 from lmedit.methods.base import Capabilities, Editor
 from lmedit.registry import UnknownMethodError, editor_class, register_editor
@@ -454,3 +455,46 @@ def test_a_t5_table_shows_why_decoder_only_methods_cannot_run(tmp_path):
         assert status[m][0] == "skipped" and "encoder-decoder" in status[m][1], status[m]
     md = (tmp_path / "out" / "table1.md").read_text()
     assert md.count("-[^") >= 6 and "encoder-decoder" in md, "rome and memit: '-' in each row, reason in a footnote"
+
+
+def test_cells_cached_before_the_generation_protocol_keep_their_key_and_gain_it(toy, model_dir, tmp_path):
+    old = _table(model_dir, tmp_path, protocols=["token_acc", "prob_compare"])
+    cell = old.cells[0]
+    assert not any("@" in m for m in cell.post) and "reliability" in cell.post
+    # a cell written before cells recorded their protocols
+    path = tmp_path / "cells" / f"{TOY}__zsre" / "cell.json"
+    doc = json.loads(path.read_text())
+    doc["body"]["info"].pop("protocols")
+    from lmedit.digests import digest
+
+    doc["sha256"] = digest(doc["body"])
+    path.write_text(json.dumps(doc))
+    key = json.loads((tmp_path / "cells" / f"{TOY}__zsre" / "key.json").read_text())
+    calls = toy.calls
+
+    look = _table(model_dir, tmp_path, cached_only=True)  # both protocols asked, nothing computed
+    assert toy.calls == calls and look.cells[0].cached
+    assert "cached before the generation protocol" in look.markdown
+    gen_row = next(r for r in look.rows if r.metric == "reliability@gen_em")
+    assert gen_row.values[TOY] is None, "marked missing, not zero"
+
+    full = _table(model_dir, tmp_path)  # the default: both protocols; the cached cell is topped up
+    assert toy.calls == calls + 2, "its two cases were edited again for the generation protocol"
+    assert json.loads((tmp_path / "cells" / f"{TOY}__zsre" / "key.json").read_text()) == key, "same cache key"
+    topped = full.cells[0]
+    assert topped.post["reliability"] == cell.post["reliability"], "the teacher-forced number is kept"
+    assert topped.post["reliability@gen_em"]["protocol"] == "gen_em"
+    assert set(topped.info["protocols"]) >= {"token_acc", "prob_compare", "gen"}
+    again = _table(model_dir, tmp_path)
+    assert toy.calls == calls + 2 and again.cells[0].cached
+    only_tf = _table(model_dir, tmp_path, protocols=["token_acc"])
+    assert not any("@" in r.metric for r in only_tf.rows) and toy.calls == calls + 2
+    qa = _table(model_dir, tmp_path, generation=GenSettings(context="qa"))
+    assert not qa.cells[0].cached, "other generation settings are another cell"
+
+
+def test_qaedit_block(toy, model_dir, tmp_path):
+    t = _table(model_dir, tmp_path, datasets=["qaedit"], protocols=["token_acc", "gen"])
+    assert t.cells[0].status == "ok", t.cells[0].reason
+    assert "| QAEdit | Reliability | token_acc |" in t.markdown
+    assert "| Reliability | gen_em |" in t.markdown and "Locality (ground truth)" in t.markdown

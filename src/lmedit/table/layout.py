@@ -81,6 +81,8 @@ def _row_metrics(dataset: str, cells: list[CellResult], protocols: list[str] | N
             rows.extend(found)
         elif dataset in BLOCK_ROWS:  # a portability block without portability numbers still shows its row
             rows.append("portability")
+    if any(GEN in c.info.get("missing_protocols", []) for c in cells):  # show the rows such a cell lacks
+        keys |= {k for m in rows for k in _gen_rows(m, None)}
     out: list[str] = []
     for m in rows:
         if m in DEFAULT_PROTOCOL or protocols is None or "token_acc" in protocols:
@@ -90,9 +92,14 @@ def _row_metrics(dataset: str, cells: list[CellResult], protocols: list[str] | N
     return out
 
 
-def _gen_rows(metric: str, keys: set[str]) -> list[str]:
-    """The generation protocol's row keys of ``metric`` that the cells report, in tag order (Locality: its
-    agreement with the unedited model, then its ground-truth rows)."""
+def _gen_rows(metric: str, keys: set[str] | None) -> list[str]:
+    """The generation protocol's row keys of ``metric`` that the cells report (``keys``; None: those the
+    protocol always computes), in tag order (Locality: its agreement with the unedited model, then its
+    ground-truth rows)."""
+    if keys is None:
+        if metric == "locality":
+            return [f"locality@{GEN_EM}", f"locality@{GEN_F1}"] + [f"{LOCALITY_TRUTH}@{t}" for t in GEN_ORDER[:3]]
+        return [f"{metric}@{t}" for t in GEN_ORDER[:3]] if metric not in DEFAULT_PROTOCOL else []
     bases = (metric, LOCALITY_TRUTH) if metric == "locality" else (metric,)
     return [k for b in bases for tag in GEN_ORDER if (k := f"{b}@{tag}") in keys]
 
