@@ -43,7 +43,7 @@ from .metrics.drift import DriftSettings, DriftTracker
 from .metrics.efficiency import Measurement, measure
 from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
 from .metrics.gen_protocol import GEN, scope_labels
-from .metrics.generate import GenSettings
+from .metrics.generate import GenSettings, frame
 from .metrics.records import CaseResult, harmonic_mean, summarize
 from .training.checkpoint import state_id
 from .types import EditCase, EditInputError, EditRequest
@@ -183,6 +183,8 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         raise EditInputError("case ids are not unique; give every case its own case_id")
     timing = eval_timing if setting == "sequential" else None
     protocols = check_protocols(protocols)
+    if GEN in protocols:
+        frame(handle, cases[0].request.text, (generation or GenSettings()).context)  # e.g. no chat template
     run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
                Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings())
     header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,

@@ -10,8 +10,9 @@ of the method, its config hash, the checkpoint's content, the model fingerprint 
 changed config or a retrained editor never meets an old edit; a stored edit is applied strictly, so
 weights other than the ones it was computed on refuse it.
 
-:class:`BaselineStore` -- the unedited model's scores of a case (pre-edit metrics and the locality
-predictions that post-edit locality compares against). Every method of a table scores the same unedited
+:class:`BaselineStore` -- the unedited model's scores of a case (pre-edit metrics, the locality
+predictions that post-edit locality compares against and, for the generation protocol, the generated
+answers). Every method of a table scores the same unedited
 model on the same cases; the store scores each case once. Layout: ``<root>/<scope>/<case digest>.json``;
 the scope is the digest of every weight of the model (``ModelHandle.state_digest``), its dtype and
 device, the scoring protocols and lmedit's version.

@@ -257,3 +257,22 @@ def test_drift_points_of_batch_and_sequential_runs(tiny_llama, tmp_path, setting
     run_benchmark(ToyEditor(scale=2.0), tiny_llama, _cases(6), setting=setting, batch_size=2, out_dir=out,
                   drift=drift, protocols=("token_acc",), resume=True)
     assert len((out / "drift.jsonl").read_text().splitlines()) == len(points), "a resumed run measures nothing again"
+
+
+def test_cli_bench_qaedit_both_protocols_then_rescore(tiny_dir, tmp_path, capsys):
+    from lmedit.cli import main
+
+    out = tmp_path / "run"
+    args = ["bench", "--method", "ft-m", "--dataset", "qaedit", "--n", "1", "--model", str(tiny_dir),
+            "--set", "steps=1", "--out", str(out)]
+    assert main(args + ["--context", "chat"]) == 1
+    assert "no chat template; use --context question or qa" in capsys.readouterr().err
+    assert not out.exists(), "a bad option writes nothing"
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| reliability | token_acc |" in printed and "| reliability@gen_em | gen_em |" in printed
+    line = _lines(out)[0]
+    assert line["case_id"] == "NQ:1104" and line["texts"]["post"]
+    assert main(["rescore", str(out)]) == 0 and "reliability@gen_em" in capsys.readouterr().out
+    assert main(["bench", *args[1:], "--protocols", "token_acc,bogus"]) == 1
+    assert "unknown scoring protocol" in capsys.readouterr().err
