@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lmedit.config import Config, option
-from lmedit.metrics.generate import GenSettings
 from lmedit.edits import PromptContext
 from lmedit.methods.base import Capabilities, Editor
+from lmedit.metrics.generate import GenSettings
 from lmedit.registry import UnknownMethodError, editor_class, register_editor
 from lmedit.table import build_table, resolve_methods
 from lmedit.table.cells import CellCache, CellResult, CellSpec, cell_key
