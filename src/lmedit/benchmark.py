@@ -314,8 +314,8 @@ def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str |
             res = CaseResult.from_dict(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn line: that case is simply computed again
-        if str(res.case_id) in take:
-            lines.setdefault(str(res.case_id), line)
+        if str(res.case_id) in take:  # stamped with the protocols it holds: the borrower tops up the others
+            lines.setdefault(str(res.case_id), coverage.stamp(line, res, old.get("protocols")))
     return lines, "" if lines else f"{src} has no finished case among these"
 
 

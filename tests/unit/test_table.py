@@ -498,3 +498,23 @@ def test_qaedit_block(toy, model_dir, tmp_path):
     assert t.cells[0].status == "ok", t.cells[0].reason
     assert "| QAEdit | Reliability | token_acc |" in t.markdown
     assert "| Reliability | gen_em |" in t.markdown and "Locality (ground truth)" in t.markdown
+
+
+def test_a_teacher_forced_bench_run_lends_its_cases_and_the_cell_computes_the_generation_protocol(
+        toy, model_dir, tmp_path):
+    from lmedit.benchmark import run_benchmark
+    from lmedit.data import load_dataset
+    from lmedit.models.loading import load_model
+    from lmedit.registry import get_editor
+
+    handle = load_model(model_dir)
+    zsre = load_dataset("zsre", n=2)
+    bench = run_benchmark(get_editor(TOY), handle, zsre, out_dir=tmp_path / "runs" / "tf",
+                          protocols=("token_acc", "prob_compare"), run_info={"dataset": "zsre"})
+    calls = toy.calls
+    t = _table(model_dir, tmp_path / "t", reuse=[str(tmp_path / "runs")])
+    cell = t.cells[0]
+    assert cell.info["reused"]["cases"] == 2
+    assert toy.calls == calls + 2, "the lent cases lack the generation protocol: edited again for it"
+    assert cell.post["reliability"]["mean"] == bench.summary["post"]["reliability"]["mean"]
+    assert cell.post["reliability@gen_em"]["protocol"] == "gen_em"

@@ -104,3 +104,11 @@ def drop_cases(path: Path, keys: set[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def stamp(line: str, res: CaseResult, run_protocols: Sequence[str] | None) -> str:
+    """A cases.jsonl ``line`` that records the protocols it holds (lent to another run, whose run.json
+    would otherwise speak for it)."""
+    if res.protocols is not None:
+        return line
+    return json.dumps({**json.loads(line), "protocols": sorted(held(res, run_protocols))}, default=str)
