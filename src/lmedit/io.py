@@ -122,13 +122,17 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = False) -> Iterator[Path]:
+def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = False,
+              tidy: bool = False) -> Iterator[Path]:
     """Hold an exclusive OS lock on the file ``path`` (created if needed) inside the block.
 
     Args:
         what: how the error names the locked thing (default: the lock file's folder).
         blocking: wait for the holder instead of raising (for caches: the second process then reads what
             the first one wrote).
+        tidy: on release, if the lock file is alone in its folder, remove both (still holding the lock, so no
+            other process can take a lock on the removed file): a run that stopped before writing anything
+            leaves no folder behind.
 
     Re-entrant within one process: a nested ``file_lock`` on a path this process already holds just enters.
 
@@ -164,6 +168,9 @@ def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = Fal
             del _HELD[key]
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+                if tidy and [p.name for p in path.parent.iterdir()] == [path.name]:
+                    path.unlink()
+                    path.parent.rmdir()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -171,6 +178,8 @@ def file_lock(path: str | Path, *, what: str | None = None, blocking: bool = Fal
 
 def folder_lock(folder: str | Path, *, what: str | None = None, blocking: bool = False
                 ) -> contextlib.AbstractContextManager[Path]:
-    """:func:`file_lock` on ``folder/.lmedit.lock`` (the folder is created): one process per folder."""
+    """:func:`file_lock` on ``folder/.lmedit.lock``: one process per folder. A folder created here is removed
+    again on release when nothing but the lock file was written into it."""
     folder = Path(folder)
-    return file_lock(folder / LOCK_FILE, what=what or f"folder {folder}", blocking=blocking)
+    return file_lock(folder / LOCK_FILE, what=what or f"folder {folder}", blocking=blocking,
+                     tidy=not folder.exists())

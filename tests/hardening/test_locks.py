@@ -129,3 +129,16 @@ def test_table_cell_being_computed_elsewhere_is_skipped(tiny_llama, tmp_path, ho
     with pytest.raises(CellSkipped, match="another process is computing it now.*in use"):
         run_cell(tiny_llama, spec, cache)
     assert not cache.folder(spec).exists()
+
+
+def test_a_folder_the_lock_created_is_removed_when_nothing_was_written(tmp_path):
+    with folder_lock(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()
+    with folder_lock(tmp_path / "used"):
+        (tmp_path / "used" / "cases.jsonl").write_text("")
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == [".lmedit.lock", "cases.jsonl"]
+    (tmp_path / "old").mkdir()
+    with folder_lock(tmp_path / "old"):
+        pass
+    assert (tmp_path / "old").is_dir()  # a folder that was there before stays

@@ -10,8 +10,9 @@ of the method, its config hash, the checkpoint's content, the model fingerprint 
 changed config or a retrained editor never meets an old edit; a stored edit is applied strictly, so
 weights other than the ones it was computed on refuse it.
 
-:class:`BaselineStore` -- the unedited model's scores of a case (pre-edit metrics and the locality
-predictions that post-edit locality compares against). Every method of a table scores the same unedited
+:class:`BaselineStore` -- the unedited model's scores of a case (pre-edit metrics, the locality
+predictions that post-edit locality compares against and, for the generation protocol, the generated
+answers). Every method of a table scores the same unedited
 model on the same cases; the store scores each case once. Layout: ``<root>/<scope>/<case digest>.json``;
 the scope is the digest of every weight of the model (``ModelHandle.state_digest``), its dtype and
 device, the scoring protocols and lmedit's version.
@@ -132,8 +133,9 @@ class BaselineStore:
     def _path(self, scope: str, case: Any) -> Path:
         return self.root / scope / f"{case_digest(case)}.json"
 
-    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore]] | None:
-        """(pre-edit scores, locality predictions) of ``case``, or None (absent or unreadable)."""
+    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore], list[dict]] | None:
+        """(pre-edit scores, locality predictions, generated text records) of ``case``, or None (absent or
+        unreadable)."""
         path = self._path(scope, case)
         if not path.exists():
             return None
@@ -141,14 +143,17 @@ class BaselineStore:
             doc = json.loads(path.read_text())
             pre = {k: Score(**v) for k, v in doc["pre"].items()}
             loc = [TargetScore(tuple(t["pred"]), tuple(t["labels"]), tuple(t["logprobs"])) for t in doc["locality"]]
+            texts = list(doc.get("texts", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring the stored baseline at %s (%s); scoring it again", path, e)
             path.unlink(missing_ok=True)
             return None
-        return pre, loc
+        return pre, loc, texts
 
-    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore]) -> None:
-        """Store ``case``'s pre-edit scores and locality predictions for :meth:`get` (written atomically)."""
+    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
+            texts: list[dict] | None = None) -> None:
+        """Store ``case``'s pre-edit scores, locality predictions and generated texts for :meth:`get`
+        (written atomically)."""
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
-               "locality": [dataclasses.asdict(t) for t in loc]}
+               "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
         cache_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")

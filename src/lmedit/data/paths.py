@@ -44,6 +44,8 @@ SOURCES: dict[str, str] = {
     "portability/MQuAKE-hard_300.json":
         f"{_RAW}/Alanzxd/memit_for_mquake/7d658a522b3988b18bd1cdc22335837303223f42/data/MQuAKE-hard.json",
     "misc/known_1000.json": f"{_ROME}/known_1000.json",
+    "qaedit/QAEdit_inter_1k_800.json":
+        f"{_RAW}/WanliYoung/Revisit-Editing-Evaluation/d6025e0ee9731d3b59b84ea242dc06bf0e0c8a74/data/QAEdit_inter_1k.json",
     "corpus/wikitext-2_valid.tokens.txt": f"{_WT}/valid.txt",
     "corpus/wikitext-2_test.tokens.txt": f"{_WT}/test.txt",
 }

@@ -10,6 +10,7 @@ from typing import Any
 TOKEN_ACC = "token_acc"  # teacher-forced token accuracy (Yao et al. 2023 / EasyEdit)
 PROB_COMPARE = "prob_compare"  # CounterFact probability comparison (ROME: ES/PS/NS and magnitudes)
 GENERATION = "generation"  # free generation (fluency n-gram entropy)
+# the generation protocol's tags (gen_em, gen_f1, gen_contains, gen_judge) live in lmedit.metrics.gen_protocol
 EFFICIENCY = "efficiency"  # seconds, bytes
 
 
@@ -27,23 +28,35 @@ class Score:
 
 @dataclass
 class CaseResult:
-    """Everything measured for one case: post-edit scores, pre-edit scores, efficiency, notes."""
+    """Everything measured for one case: post-edit scores, pre-edit scores, efficiency, notes.
+
+    ``texts``: the generation protocol's text records, ``{"pre": [...], "post": [...]}`` (rescoring reads
+    them); ``protocols``: the protocols the case was scored with (None in records written before it was
+    kept: the run's protocols then).
+    """
 
     case_id: Any
     post: dict[str, Score] = field(default_factory=dict)
     pre: dict[str, Score] = field(default_factory=dict)
     efficiency: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    protocols: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON data (one line of a run's ``cases.jsonl``)."""
-        return {
+        d = {
             "case_id": self.case_id,
             "post": {k: v.to_dict() for k, v in self.post.items()},
             "pre": {k: v.to_dict() for k, v in self.pre.items()},
             "efficiency": self.efficiency,
             "info": self.info,
         }
+        if self.texts:
+            d["texts"] = self.texts
+        if self.protocols is not None:
+            d["protocols"] = list(self.protocols)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaseResult:
@@ -54,6 +67,8 @@ class CaseResult:
             {k: Score(**v) for k, v in d.get("pre", {}).items()},
             dict(d.get("efficiency", {})),
             dict(d.get("info", {})),
+            dict(d.get("texts", {})),
+            list(d["protocols"]) if d.get("protocols") is not None else None,
         )
 
 

@@ -32,7 +32,7 @@ __all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "c
 
 # The columns of the paper's Table 1, in its order (a column list, not behaviour: nothing branches on these).
 PAPER_METHODS = ("ft-l", "serac", "ike", "calinet", "t-patcher", "ke", "mend", "kn", "rome", "memit")
-DEFAULT_DATASETS = ("zsre", "counterfact", "zsre-portability", "mquake")
+DEFAULT_DATASETS = ("zsre", "counterfact", "qaedit", "zsre-portability", "mquake")
 
 
 @dataclass
@@ -120,7 +120,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 method_overrides: dict[str, dict[str, Any]] | None = None,
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
                 threads: int | None = None, plots: bool = True, progress: Progress | None = None,
-                reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False) -> TableResult:
+                reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False,
+                protocols: tuple[str, ...] | list[str] | None = None, generation: Any = None) -> TableResult:
     """Benchmark every (method, dataset) cell and write the table files into ``out``.
 
     Args:
@@ -153,7 +154,15 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
             on the same cases (id and content) instead of recomputing them.
         cached_only: compute nothing: finished cells are laid out, the others show '-' ("not computed
             yet"); for a look at a table while its run goes on elsewhere.
+        protocols: scoring protocols (default: ``token_acc``, ``prob_compare`` and ``gen``, the generation
+            protocol); rows of other protocols are left out. generation: a
+            :class:`~lmedit.metrics.generate.GenSettings` (context, token cap).
     """
+    from ..metrics.evaluate import ALL_PROTOCOLS, check_protocols
+    from ..metrics.generate import GenSettings
+
+    protocols = check_protocols(protocols or ALL_PROTOCOLS)
+    generation = generation or GenSettings()
     datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
     sizes = slice_sizes(datasets, n, multihop_n)
@@ -167,7 +176,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     shared = shared_requests(specs, data_path) if setting == "single" and not cached_only else []
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
                       threads=threads, reuse=[str(r) for r in reuse], cached_only=cached_only,
-                      shared_requests=shared)
+                      shared_requests=shared, protocols=protocols, generation=generation)
     t0 = time.time()
     if backend == "local":
         workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)
@@ -183,7 +192,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                                   eval_timing=eval_timing, seed=seed), "skipped", reason)
               for m, reason in unavailable.items() for ds in datasets]
     meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, workers=workers,
-                 seconds=time.time() - t0, threads=threads)
+                 seconds=time.time() - t0, threads=threads, protocols=list(protocols),
+                 generation=generation.key())
     return write_table(cells, names, datasets, meta, out, plots=plots)
 
 
@@ -201,7 +211,7 @@ def _meta(model: str, cells: list[CellResult], specs: list[CellSpec], **extra: A
 def write_table(cells: list[CellResult], methods: list[str], datasets: list[str], meta: dict[str, Any],
                 out: Path, *, plots: bool = True) -> TableResult:
     """Lay the cells out and write table1.{md,csv,json}, efficiency.md and (with ``plots``) the PNGs."""
-    rows = build_rows(cells, methods, datasets)
+    rows = build_rows(cells, methods, datasets, protocols=meta.get("protocols"))
     meta = {**meta, "reused": {c.spec.name: c.info["reused"] for c in cells if c.info.get("reused")}}
     md = markdown(rows, methods, meta)
     records = long_records(rows, cells, meta)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from ..metrics.evaluate import ALL_PROTOCOLS
+from ..metrics.generate import GenSettings
 from .cells import CellCache, CellResult, CellSpec, TableError
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class RunOptions:
     reuse: list[str] = field(default_factory=list)  # earlier bench runs whose finished cases cells may take
     cached_only: bool = False  # lay out the finished cells; compute nothing
     shared_requests: list[str] = field(default_factory=list)  # digests of requests that several cells edit
+    protocols: tuple[str, ...] = ALL_PROTOCOLS  # scoring protocols of every cell
+    generation: GenSettings = field(default_factory=GenSettings)  # how the gen protocol generates
 
 
 def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
@@ -61,7 +65,8 @@ def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress |
         result = run_cell(handle, spec, CellCache(opts.out), checkpoints=opts.checkpoints, data_path=opts.data_path,
                           progress=bool(progress and progress.inner_bars),
                           on_case=progress.case_done if progress else None, reuse=opts.reuse,
-                          cached_only=opts.cached_only, shared_requests=opts.shared_requests)
+                          cached_only=opts.cached_only, shared_requests=opts.shared_requests,
+                          protocols=opts.protocols, generation=opts.generation)
     except CellSkipped as e:
         result = CellResult(spec, "skipped", str(e))
     except EditInputError as e:  # e.g. a method that cannot edit this architecture or these requests
