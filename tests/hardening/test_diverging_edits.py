@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lmedit import edits, get_editor
-from lmedit.benchmark import run_benchmark
+from lmedit.bench import run_benchmark
 from lmedit.config import ConfigError
 from lmedit.edits import EditDivergedError
 from lmedit.types import EditCase, EditRequest

@@ -91,7 +91,7 @@ def test_blocking_lock_waits_for_the_holder(tmp_path, holders):
 # --- bench, table --------------------------------------------------------------------------------------
 def test_second_bench_on_the_same_folder_is_refused_and_changes_nothing(tiny_llama, tmp_path, holders):
     from lmedit import get_editor
-    from lmedit.benchmark import run_benchmark
+    from lmedit.bench import run_benchmark
     from lmedit.types import EditCase, EditRequest
 
     out = tmp_path / "run"

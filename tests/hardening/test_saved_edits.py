@@ -204,7 +204,7 @@ def test_every_swap_module_in_lmedit_is_registered():
 
 
 def test_sequential_resume_refuses_an_altered_saved_chunk(tiny_llama, tmp_path):
-    from lmedit.benchmark import BenchmarkError, run_benchmark
+    from lmedit.bench import BenchmarkError, run_benchmark
     from lmedit.types import EditCase
 
     cases = [EditCase(EditRequest(prompt="The capital of {} is", subject=s, target_new="Rome", case_id=i))
