@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError
 from ..edits import EditError
@@ -37,7 +38,7 @@ from ..registry import UnknownMethodError
 from ..types import EditInputError, EditRequest
 from .engine import Engine, Generation
 from .errors import BadRequest, NotFound, ServeError, TooBusy
-from .security import LOOPBACK_HOSTS, BodyTooLarge, Guard, is_loopback
+from .security import LOOPBACK_HOSTS, Guard, is_loopback
 from .teach import TeachSpec
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allowed_hosts: set
         parts = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
         return _error(400, "invalid request: " + "; ".join(parts))
 
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Request, e: BodyTooLarge) -> JSONResponse:
-        return _error(413, str(e))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, f"{e.detail}: see the routes in GET / or the docs (docs/serve.md)"
+                      if e.status_code in (404, 405) else str(e.detail))
 
     for exc in (EditInputError, ConfigError, UnknownMethodError, EditError, ValueError):
         app.add_exception_handler(exc, lambda _r, e: _error(400, str(e)))

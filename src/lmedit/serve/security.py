@@ -70,7 +70,11 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _reply(send, 413, f"request body over {limit} bytes")
             return
-        await self.app(scope, _bounded(receive, limit), send)
+        body = await _read_body(receive, limit)
+        if body is None:
+            await _reply(send, 413, f"request body over {limit} bytes")
+            return
+        await self.app(scope, _replay(body, receive), send)
 
     @staticmethod
     def _given_key(scope: Scope, headers: dict[str, str]) -> str | None:
@@ -89,21 +93,31 @@ class Guard:
         return None
 
 
-class BodyTooLarge(Exception):
-    pass
+async def _read_body(receive: Callable, limit: int) -> bytes | None:
+    """The whole request body, or None once it passes ``limit`` (chunked bodies are counted as they come)."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b""
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
-def _bounded(receive: Callable, limit: int) -> Callable:
-    seen = 0
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """A ``receive`` that hands the app the body already read, then waits on the real one (disconnects)."""
+    sent = False
 
     async def wrapped() -> dict[str, Any]:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(f"request body over {limit} bytes")
-        return message
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
 
     return wrapped
 
