@@ -91,3 +91,75 @@ def live_server(model_dir, store, *, method: str = "ft-m", extra: tuple[str, ...
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# --- the browser -----------------------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _missing(what: str) -> None:
+    """In CI (the CI variable set) a missing browser fails the test; elsewhere it skips it."""
+    msg = f"{what}; `make install` installs it (apt-get install -y chromium chromium-driver; pip install playwright)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1280, height: int = 900):
+    """A page of Debian's headless Chromium driven by Playwright (never `playwright install`), opened at ``url``."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed")
+    if not os.path.exists(CHROMIUM):
+        _missing(f"{CHROMIUM} is not installed")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def ask_in_page(page, text: str, *, timeout: float = 120_000) -> str:
+    """Clear the chat, ask ``text``, wait for the whole streamed answer, return it."""
+    page.click("#chat-clear")
+    page.fill("#chat-input", text)
+    page.click("#chat-send")
+    page.wait_for_selector(".msg.assistant.done", timeout=timeout)
+    answer = page.inner_text(".msg.assistant.done .text")
+    assert "[error:" not in answer, answer
+    return answer
+
+
+def teach_in_page(page, prompt: str, target: str, method: str, options: dict | None = None, *,
+                  paraphrase: str = "", neighbour: str = "", timeout: float = 300_000) -> dict:
+    """Fill the teach form and submit; returns {before, after} of the prompt row and the edit id."""
+    page.fill("#teach-prompt", prompt)
+    page.fill("#teach-target", target)
+    page.fill("#teach-paraphrase", paraphrase)
+    page.fill("#teach-neighbour", neighbour)
+    page.select_option("#teach-method", method)
+    if options:
+        page.click("details summary")
+        for name, value in options.items():
+            page.fill(f"[data-opt='{name}']", str(value))
+    page.click("#teach-submit")
+    page.wait_for_selector("#teach-result table.cont, #teach-result .err", timeout=timeout)
+    err = page.query_selector("#teach-result .err")
+    assert err is None, err.inner_text()
+    return {"before": page.inner_text("#teach-result table.cont tr:nth-child(2) td.before"),
+            "after": page.inner_text("#teach-result table.cont tr:nth-child(2) td.after"),
+            "id": page.get_attribute("#teach-result", "data-edit")}
+
+
+def undo_in_page(page, edit_id: str, *, timeout: float = 300_000) -> None:
+    page.click(f"#edits li[data-id='{edit_id}'] button.undo")
+    page.wait_for_function(f"!document.querySelector(\"#edits li[data-id='{edit_id}']\")", timeout=timeout)
+    page.wait_for_function("document.getElementById('n-edits')?.textContent === '0'", timeout=timeout)
