@@ -6,9 +6,13 @@ import base64
 import json
 
 import pytest
-from servekit import FACT, PROMPT, client, engine, tiny_engine  # noqa: F401  (client, engine: fixtures)
+import servekit
+from servekit import FACT, PROMPT, tiny_engine
 
 from lmedit.serve.app import check_bind, create_app
+
+client = servekit.client
+engine = servekit.engine  # fixtures (a conftest.py here would shadow tests/conftest.py)
 
 
 def complete(client, prompt=PROMPT, **kw):

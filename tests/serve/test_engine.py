@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from servekit import FACT, PROMPT, engine, tiny_engine  # noqa: F401  (engine: a fixture)
+import servekit
+from servekit import FACT, PROMPT, tiny_engine
 
 from lmedit.serve.engine import state_fingerprint
 from lmedit.serve.errors import BadRequest, Conflict, NotFound
@@ -15,6 +16,8 @@ from lmedit.serve.locks import RWLock
 from lmedit.serve.store import EditStore, StoreError
 from lmedit.serve.teach import TeachSpec, check_config
 from lmedit.types import EditRequest
+
+engine = servekit.engine  # fixtures (a conftest.py here would shadow tests/conftest.py)
 
 
 def spec(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target="English", **kw) -> TeachSpec:
