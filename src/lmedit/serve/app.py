@@ -127,6 +127,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, allowed_hosts: set
     for exc in (EditInputError, ConfigError, UnknownMethodError, EditError, ValueError):
         app.add_exception_handler(exc, lambda _r, e: _error(400, str(e)))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error ({type(e).__name__}: {e}); the server log has the details", "server_error")
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_id(engine):
             raise NotFound(f"model {name!r} is not served here; this server serves {model_id(engine)!r}")

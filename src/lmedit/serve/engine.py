@@ -298,6 +298,7 @@ class Engine:
                 if rec.id in undone:
                     continue
                 edit2, how = self._rebuild(rec, edit)
+                kept.append((rec, edit2))  # applied now: the rollback below must see it
                 rec2 = replace(rec, state_before=state, state_after=state_fingerprint(self.handle),
                                report={**rec.report, "rebuilt": how})
                 if edit2 is not edit:
@@ -305,7 +306,7 @@ class Engine:
                     rec2.config, rec2.config_hash = edit2.meta.get("config", {}), edit2.meta.get("config_hash", "")
                     self.store.write_edit(edit2, rec2.folder)
                     new_folders.append(rec2.folder)
-                kept.append((rec2, edit2))
+                kept[-1] = (rec2, edit2)
                 rebuilt.append(rec2)
                 state = rec2.state_after
             self.store.mark_undone(undone, rebuilt)
