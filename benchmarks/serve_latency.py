@@ -4,8 +4,9 @@
    1, 4 and 8 concurrent chats (each asks a different question, ``--tokens`` tokens, greedy): TTFT is from
    sending the request to the first non-empty content chunk; tokens/s per chat is (completion tokens - 1)
    / (last chunk - first chunk); the aggregate is all completion tokens / wall time of the round.
-2. One ROME edit (the demo fact) through ``POST /v1/edits`` against the same edit through the library
-   (``get_editor("rome").compute`` + ``apply``), medians of ``--repeats`` after one warm-up each. The API
+2. One edit of the demo fact (``--method``, FT-M by default) through ``POST /v1/edits`` against the same edit
+   through the library (``get_editor(method).compute`` + ``apply``), alternately, medians of ``--repeats``
+   after one warm-up each. The API
    time includes what the page shows: continuations before/after, the scores, the weights' full digest,
    saving the edit and the SQLite commit.
 
@@ -70,41 +71,38 @@ async def chat_round(url: str, concurrency: int, tokens: int) -> dict:
             "aggregate": sum(r["chunks"] for r in res) / wall}
 
 
-def api_edits(url: str, repeats: int) -> tuple[list[float], list[float]]:
-    walls, computes = [], []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/edits", json=FACT, timeout=900)
-        wall = time.perf_counter() - t0
-        r.raise_for_status()
-        httpx.delete(f"{url}/v1/edits/{r.json()['id']}", timeout=900).raise_for_status()
-        if i:  # the first one is the warm-up
-            walls.append(wall)
-            computes.append(r.json()["report"]["efficiency"]["seconds"])
-    return walls, computes
-
-
-def library_edits(repeats: int) -> tuple[list[float], list[float]]:
+def timed_edits(url: str, fact: dict, repeats: int) -> tuple[tuple, tuple]:
+    """The same edit through the API and through the library, alternately (the machine's load drifts), after
+    one warm-up of each; returns ((api walls, api computes), (library computes, library totals))."""
     import torch
 
     import lmedit
 
     torch.set_num_threads(2)
     handle = lmedit.load_model("smollm2-135m")
-    req = lmedit.EditRequest(FACT["prompt"], FACT["subject"], FACT["target_new"], target_true=FACT["target_true"])
-    editor = lmedit.get_editor("rome", FACT["config"])
-    computes, totals = [], []
+    req = lmedit.EditRequest(fact["prompt"], fact["subject"], fact["target_new"], target_true=fact["target_true"])
+    editor = lmedit.get_editor(fact["method"], fact["config"])
+    api_wall, api_compute, lib_compute, lib_total = [], [], [], []
     for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/edits", json=fact, timeout=900)
+        wall = time.perf_counter() - t0
+        r.raise_for_status()
+        httpx.delete(f"{url}/v1/edits/{r.json()['id']}", timeout=900).raise_for_status()
         t0 = time.perf_counter()
         edit = editor.compute(handle, req)
         t1 = time.perf_counter()
         edit.apply(handle)
         t2 = time.perf_counter()
         edit.revert(handle)
-        if i:
-            computes.append(t1 - t0)
-            totals.append(t2 - t0)
-    return computes, totals
+        if i:  # the first of each is the warm-up
+            api_wall.append(wall)
+            api_compute.append(r.json()["report"]["efficiency"]["seconds"])
+            lib_compute.append(t1 - t0)
+            lib_total.append(t2 - t0)
+        print(f"edit {i}: API {wall:.2f} s (compute {r.json()['report']['efficiency']['seconds']:.2f} s), "
+              f"library {t2 - t0:.2f} s", flush=True)
+    return (api_wall, api_compute), (lib_compute, lib_total)
 
 
 def start_server(store: str, port: int) -> subprocess.Popen:
@@ -137,7 +135,8 @@ def report(args: argparse.Namespace, rounds: list[dict], api: tuple | None, lib:
               for r in rounds]
     lines += ["", "Chats share the weights under a read lock and run in parallel threads on the same cores, so "
               "per-chat speed falls as concurrency rises while the total stays near the CPU's limit.", "",
-              f"## One ROME edit (median of {args.repeats}, after a warm-up)", "",
+              f"## One {args.method} edit, API against library (median of {args.repeats}, after a warm-up; "
+              "the two alternate)", "",
               "| way | compute (s) | total (s) |", "|---|---:|---:|"]
     if lib:
         lines.append(f"| library: `compute` + `apply` | {med(lib[0]):.2f} | {med(lib[1]):.2f} |")
@@ -148,7 +147,7 @@ def report(args: argparse.Namespace, rounds: list[dict], api: tuple | None, lib:
               "protocols), the full digest of the weights, the saved edit (fsynced) and the SQLite commit.", "",
               f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
               "Command: `LMEDIT_DATA=/work/shared/data python benchmarks/serve_latency.py "
-              f"--tokens {args.tokens} --repeats {args.repeats}`"]
+              f"--tokens {args.tokens} --repeats {args.repeats} --method {args.method}`"]
     write_report(RESULT, lines)
 
 
@@ -158,6 +157,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8], help="concurrent chats per round")
     ap.add_argument("--repeats", type=int, default=2, help="timed edits (after one warm-up) per way")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--method", default="ft-m", help="editing method of the timed edit (rome needs its statistics)")
     args = ap.parse_args()
 
     rounds: list[dict] = []
@@ -169,12 +169,12 @@ def main() -> None:
             for c in args.levels:
                 rounds.append(asyncio.run(chat_round(url, c, args.tokens)))
                 report(args, rounds, None, None)
-            api = api_edits(url, args.repeats)
-            report(args, rounds, api, None)
+            fact = {**FACT, "method": args.method, "config": FACT["config"] if args.method == "rome" else {}}
+            api, lib = timed_edits(url, fact, args.repeats)
         finally:
             proc.terminate()
             proc.wait(30)
-    report(args, rounds, api, library_edits(args.repeats))
+    report(args, rounds, api, lib)
 
 
 if __name__ == "__main__":
