@@ -44,6 +44,8 @@ def test_teach_and_undo_a_fact_through_the_page_on_smollm2(tmp_path):
             page.fill("#trace-prompt", "The mother tongue of [Danielle Darrieux] is")
             page.click("#trace-run")
             page.wait_for_selector("#trace-result table.heat", timeout=300_000)
+            page.click("details summary")  # fold the method options away again
+            page.wait_for_function("document.getElementById('status').textContent.includes('idle')")
             Path(shot).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=shot, full_page=True)
         undo_in_page(page, taught["id"])

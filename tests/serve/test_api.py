@@ -199,3 +199,11 @@ def test_api_key_host_and_origin(tmp_path):
     with pytest.raises(ValueError, match="--api-key"):
         check_bind("0.0.0.0", None)
     assert check_bind("0.0.0.0", "k") is None and "localhost" in check_bind("127.0.0.1", None)
+
+
+def test_the_cli_refuses_a_public_address_without_a_key_before_loading_anything(capsys, monkeypatch):
+    from lmedit.cli import main
+
+    monkeypatch.delenv("LMEDIT_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--model", "/nonexistent"]) == 1
+    assert "give --api-key KEY" in capsys.readouterr().err
