@@ -136,7 +136,8 @@ def report(args: argparse.Namespace, rounds: list[dict], api: tuple | None, lib:
              "jobs (load average during the run: see below); server and library each with 2 torch threads; "
              f"greedy decoding, {args.tokens} tokens per answer, one server process (`--workers 8`).", "",
              "## Streamed chats", "",
-             "| concurrent chats | TTFT median (s) | TTFT worst (s) | tokens/s per chat (median) | tokens/s all chats |",
+             "| concurrent chats | TTFT median (s) | TTFT worst (s) | tokens/s per chat (median) "
+             "| tokens/s all chats |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['ttft']:.2f} | {r['ttft_max']:.2f} | {r['tps']:.1f} | {r['aggregate']:.1f} |"
               for r in rounds]

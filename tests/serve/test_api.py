@@ -77,8 +77,10 @@ def test_sampling_is_accepted(client):
 @pytest.mark.parametrize("path,body,status,match", [
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "serves 'tiny-llama'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 513}, 400, "between 1 and 512"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404,
+     "serves 'tiny-llama'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 513}, 400,
+     "between 1 and 512"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "word " * 300, "max_tokens": 5}, 400, "window"),
     ("/v1/completions", {"prompt": "x", "temperature": 5}, 400, "temperature"),
