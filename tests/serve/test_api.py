@@ -46,7 +46,7 @@ def test_page_status_models_methods(client):
     names = {m["name"] for m in methods["data"]}
     assert {"rome", "ft-m", "ike"} <= names and "mend" not in names and methods["default"] == "ft-m"
     ftm = next(m for m in methods["data"] if m["name"] == "ft-m")
-    assert any(f["name"] == "lr" and f["help"] for f in ftm["config"])
+    assert any(f["name"] == "lr" and f["help"] for f in ftm["config"]) and ftm["edit_kind"] == "weight_delta"
 
 
 def test_chat_and_completion_plain_and_streamed(client):

@@ -219,9 +219,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allowed_hosts: set
             cls = editor_class(name)
             if cls.capabilities.needs_fit:
                 continue
-            fields = [{"name": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t), "default": d, "help": h}
+            fields = [{"name": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t),
+                       "default": json.loads(json.dumps(d, default=str)), "help": h}
                       for n, t, d, h in cls.Config.describe_fields()]
-            out.append({"name": name, "edit_kind": cls.capabilities.edit_kind, "config": fields})
+            out.append({"name": name, "edit_kind": cls.capabilities.edit_kind.kind, "config": fields})
         return {"object": "list", "default": engine.method, "data": out}
 
     # --- OpenAI-compatible --------------------------------------------------------------------------------
