@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from lmedit.benchmark import BenchmarkError, build_summary, run_benchmark
+from lmedit.bench import BenchmarkError, build_summary, run_benchmark
 from lmedit.config import Config, option
 from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
@@ -325,8 +325,8 @@ def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
 
 
 def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
+    from lmedit.bench import run_header
     from lmedit.bench.stores import edit_scope
-    from lmedit.benchmark import run_header
     from lmedit.registry import get_editor
 
     cases = _cases(1)
@@ -338,7 +338,7 @@ def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
 
 
 def test_baseline_store_scores_the_unedited_model_once(tiny_llama, tmp_path, monkeypatch):
-    import lmedit.benchmark as bench
+    import lmedit.bench.run as bench
     from lmedit.bench.stores import BaselineStore
 
     computed = []

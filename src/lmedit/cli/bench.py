@@ -1,4 +1,4 @@
-"""``lmedit bench``: run a method over a dataset (a thin layer over :func:`lmedit.benchmark.run_benchmark`)."""
+"""``lmedit bench``: run a method over a dataset (a thin layer over :func:`lmedit.bench.run_benchmark`)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def default_out(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load_model
-    from ..benchmark import run_benchmark
+    from ..bench import run_benchmark
     from ..data import load_dataset
     from ..registry import get_editor
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                   protocols=protocols, generation=generation, drift=drift)
     judge = make_judge(args, out)
     if judge is not None:
-        from ..metrics.rescore import rescore_run
+        from ..bench.rescore import rescore_run
 
         rescore_run(out, judge=judge)
     table = out / "table.md"

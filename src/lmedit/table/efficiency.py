@@ -1,4 +1,4 @@
-"""Efficiency numbers of a cell, from the per-case records of :func:`lmedit.benchmark.run_benchmark`.
+"""Efficiency numbers of a cell, from the per-case records of :func:`lmedit.bench.run_benchmark`.
 
 Per case the benchmark records ``seconds`` (the editor's ``compute`` wall-clock divided by the requests in
 that edit: time per edit, scoring excluded), ``peak_rss_bytes`` (process RSS peak during the compute) and,

@@ -110,8 +110,8 @@ def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
 def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: str, target: Path,
            reuse: list[str] | tuple[str, ...], scoring: dict[str, Any]) -> dict[str, Any] | None:
     """Seed ``target`` with finished cases of an earlier ``lmedit bench`` run of the same method, config,
-    model and setting (see :func:`lmedit.benchmark.adopt_cases`); what was adopted, or None."""
-    from ..benchmark import adopt_cases, run_header
+    model and setting (see :func:`lmedit.bench.adopt_cases`); what was adopted, or None."""
+    from ..bench import adopt_cases, run_header
 
     header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
                         eval_timing=spec.eval_timing, **scoring)
@@ -131,7 +131,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
     A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
     cell takes and keeps edits in ``edit_store``; every cell shares the unedited model's scores through
     ``baseline_store``. ``scoring``: the protocols and generation settings (run_benchmark's keywords)."""
-    from ..benchmark import run_benchmark
+    from ..bench import run_benchmark
 
     scoring = scoring or {}
     if spec.setting == "sequential":

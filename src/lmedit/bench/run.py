@@ -24,47 +24,41 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import shutil
-import statistics
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .digests import case_digest
-from .edits import Edit, EditError
-from .hooks import get_parameter
-from .metrics import coverage
-from .metrics.drift import DriftSettings, DriftTracker
-from .metrics.efficiency import Measurement, measure
-from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
-from .metrics.gen_protocol import GEN, scope_labels
-from .metrics.generate import GenSettings, frame
-from .metrics.records import CaseResult, harmonic_mean, summarize
-from .training.checkpoint import state_id
-from .types import EditCase, EditInputError, EditRequest
+from ..edits import Edit, EditError
+from ..hooks import get_parameter
+from ..metrics import coverage
+from ..metrics.drift import DriftSettings, DriftTracker
+from ..metrics.efficiency import Measurement, measure
+from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
+from ..metrics.gen_protocol import GEN, scope_labels
+from ..metrics.generate import GenSettings, frame
+from ..metrics.records import CaseResult
+from ..types import EditCase, EditInputError, EditRequest
+from .rundir import (
+    CASES_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
+    BenchmarkError,
+    case_keys,
+    load_chunk,
+    prepare_out,
+    run_header,
+    save_chunk,
+    write_json,
+)
+from .summary import METRIC_ORDER, build_summary, render_table
 
 log = logging.getLogger(__name__)
 
 SETTINGS = ("single", "batch", "sequential")
 EVAL_TIMINGS = ("immediate", "final")
-CASES_FILE, SUMMARY_FILE, TABLE_FILE = "cases.jsonl", "summary.json", "table.md"
-RUN_FILE, EDITS_DIR = "run.json", "edits"
-NEWER_FIELDS = ("case_digests", "checkpoint_state", "generation")  # run.json fields that older runs on disk do not have
-# run.json fields compared through another: the resolved config through config_hash, which leaves out
-# locations such as a checkpoint's path (checkpoint_state identifies the checkpoint by content)
-BY_HASH = ("config",)
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
-SCORE_S_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
-METRIC_ORDER = ("reliability", "generalization", "locality", "portability", "efficacy", "paraphrase", "neighborhood")
-
-
-class BenchmarkError(RuntimeError):
-    """The run cannot go on as asked (a resume that does not match, a model that was not restored)."""
 
 
 @dataclass
@@ -191,13 +185,13 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
                         protocols=protocols, generation=run.generation)
     if run.out is not None:
-        _prepare_out(run, header, resume)
+        prepare_out(run, header, resume)
         run.reopened = coverage.reopen(run.done, protocols, run.old_protocols, fill=fill_missing)
         coverage.drop_cases(run.out / CASES_FILE, set(map(str, run.reopened)))
     if drift is not None and setting != "single":
         run.drift = DriftTracker(handle, drift, run.out, n_chunks=len(run.chunks()), setting=setting)
     if edit_store is not None and setting == "single":
-        from .bench.stores import edit_scope
+        from .stores import edit_scope
 
         run.scope = edit_scope(editor, header)
         run.store = edit_store if run.scope else None
@@ -239,119 +233,6 @@ def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any
     run.base = {run.keys[i]: got[i] for i in pending}
 
 
-def case_keys(cases: Sequence[EditCase]) -> list[Any]:
-    """Each case's key in a run: its case_id, or its position when it has none."""
-    return [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
-
-
-def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single", batch_size: int = 1,
-               eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS,
-               generation: GenSettings | None = None) -> dict[str, Any]:
-    """What a run is (``run.json``): method, resolved config, model, setting and case ids; resume checks it."""
-    cfg = editor.config_for(handle)
-    keys = case_keys(cases)
-    return {"method": editor.name or type(editor).__name__, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-            "model": {"name": handle.name, "fingerprint": handle.fingerprint}, "setting": setting,
-            "batch_size": batch_size if setting != "single" else 1,
-            "eval_timing": eval_timing if setting == "sequential" else None,
-            "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str)),
-            "case_digests": [case_digest(c) for c in cases],
-            # a trained editor is its checkpoint's content, not its path (retraining in place changes it)
-            **({"checkpoint_state": state_id(ckpt)} if (ckpt := getattr(cfg, "checkpoint", None)) else {}),
-            **({"generation": (generation or GenSettings()).key()} if GEN in protocols else {})}
-
-
-def _dataset_of(run_dir: Path) -> str | None:
-    """The dataset name a finished run's summary.json records (``lmedit bench`` or a table cell), if any."""
-    try:
-        data = json.loads((run_dir / SUMMARY_FILE).read_text()).get("data") or {}
-    except (OSError, ValueError):
-        return None
-    return data.get("dataset") or (data.get("cell") or {}).get("dataset")
-
-
-def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str | None = None
-                   ) -> tuple[dict[str, str], str]:
-    """The finished cases of an earlier run in ``source`` that the run described by ``header`` may take.
-
-    The earlier run must be the same run but for its case list (method, resolved config and its hash,
-    model fingerprint, setting, batch size, protocols: everything in ``header`` but the case list), and a
-    case is lent only when it is the same case: same id and same content digest. A run written before
-    runs recorded content digests is trusted only when its summary.json names ``dataset``. A single-edit
-    case does not depend on the others, so any shared case is lent; a batch run lends only a prefix of
-    whole batches; a sequential run lends nothing (its scores depend on every edit).
-
-    Returns:
-        ({case id: its cases.jsonl line}, why nothing is lent when empty).
-    """
-    src = Path(source)
-    try:
-        old = json.loads((src / RUN_FILE).read_text())
-    except (OSError, ValueError) as e:
-        return {}, f"{src / RUN_FILE} is unreadable ({e})"
-    ignore = ("case_ids", "case_digests", *BY_HASH, *coverage.tolerated_differences(old, header))
-    diff = sorted(k for k in header if k not in ignore and old.get(k) != header[k])
-    if diff:
-        return {}, f"{src} is another run (different {', '.join(diff)})"
-    if header["setting"] == "sequential":
-        return {}, "sequential runs cannot lend cases"
-    # (id, content digest) pairs: a case is the same case when both match
-    if "case_digests" in old:
-        wanted = list(zip(map(str, header["case_ids"]), header["case_digests"], strict=True))
-        had = list(zip(map(str, old["case_ids"]), old["case_digests"], strict=True))
-    elif dataset is not None and _dataset_of(src) == dataset:  # an older run: its summary names the dataset
-        wanted = [(str(k), None) for k in header["case_ids"]]
-        had = [(str(k), None) for k in old.get("case_ids") or []]
-    else:
-        return {}, (f"{src} does not record its cases' content, and its summary.json does not say it ran on "
-                    f"{dataset!r}" if dataset else f"{src} does not record its cases' content")
-    if header["setting"] == "batch":
-        n = len(wanted) - len(wanted) % max(1, int(header["batch_size"]))
-        wanted = wanted[:n] if had[:n] == wanted[:n] else []
-    take = {key for key, _ in set(wanted) & set(had)}
-    lines: dict[str, str] = {}
-    for line in (src / CASES_FILE).read_text(encoding="utf-8").splitlines() if take and (src / CASES_FILE).exists() else []:
-        try:
-            res = CaseResult.from_dict(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a torn line: that case is simply computed again
-        if str(res.case_id) in take:  # stamped with the protocols it holds: the borrower tops up the others
-            lines.setdefault(str(res.case_id), coverage.stamp(line, res, old.get("protocols")))
-    return lines, "" if lines else f"{src} has no finished case among these"
-
-
-def adopt_cases(out_dir: str | Path, sources: Sequence[str | Path], header: dict[str, Any], *,
-                dataset: str | None = None) -> tuple[int, str]:
-    """Seed ``out_dir`` (which must not hold a run yet) with what the best of ``sources`` can lend (see
-    :func:`lendable_cases`: the source that lends the most cases); ``run_benchmark(..., resume=True)`` on
-    ``out_dir`` then keeps the adopted cases and computes the rest.
-
-    Returns:
-        (cases adopted, the source they came from; or 0 and why no source could lend any).
-    """
-    out = Path(out_dir)
-    if (out / CASES_FILE).exists() and (out / CASES_FILE).stat().st_size:
-        return 0, f"{out} already holds a run"
-    best: tuple[dict[str, str], str] = ({}, "")
-    why = []
-    for src in sources:
-        lines, reason = lendable_cases(src, header, dataset=dataset)
-        if len(lines) > len(best[0]):
-            best = (lines, str(src))
-        elif reason:
-            why.append(reason)
-    lines, src = best
-    if not lines:
-        return 0, "; ".join(why) or "no earlier run was given"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / RUN_FILE, header)
-    order = {str(k): i for i, k in enumerate(header["case_ids"])}
-    (out / CASES_FILE).write_text("".join(lines[k] + "\n" for k in sorted(lines, key=order.__getitem__)),
-                                  encoding="utf-8")
-    log.info("adopted %d finished case(s) from %s", len(lines), src)
-    return len(lines), src
-
-
 def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:
     """Check the model is the original again, then summarise and write summary.json and table.md."""
     end_digest = run.handle.state_digest()
@@ -366,7 +247,7 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
     if run.drift is not None:
         summary["drift"] = run.drift.summary()
     if run.out is not None:
-        _write_json(run.out / SUMMARY_FILE, summary)
+        write_json(run.out / SUMMARY_FILE, summary)
         (run.out / TABLE_FILE).write_text(render_table(summary), encoding="utf-8")
     if not restored:
         raise BenchmarkError(f"the model's weights differ after reverting every edit (digest {end_digest}, was "
@@ -394,8 +275,6 @@ def _check_args(editor: Any, handle: Any, cases: list, setting: str, batch_size:
     if handle.contexts:
         raise BenchmarkError("in-context edits are active on this handle; revert them before benchmarking")
 
-
-# --- editing ---------------------------------------------------------------------------------------------
 
 def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, Any], str | None]:
     """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message.
@@ -444,7 +323,7 @@ def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]
 
 def _check_reverted(handle: Any, edit: Edit) -> None:
     """Cheap check after a revert: every parameter the edit touched holds its base values again."""
-    from .digests import tensor_digest
+    from ..digests import tensor_digest
 
     for name, digest in getattr(edit, "base_digests", {}).items():
         if tensor_digest(get_parameter(handle.model, name)) != digest:
@@ -490,7 +369,7 @@ def _run_sequential(run: _Run) -> None:
     chunks = run.chunks()
     try:
         for k, chunk in enumerate(chunks):
-            saved = _load_chunk(run, k, chunk)
+            saved = load_chunk(run, k, chunk)
             if saved is None:
                 edit, eff, err = _compute_apply(run, chunk)
             else:
@@ -504,7 +383,7 @@ def _run_sequential(run: _Run) -> None:
                 if edit.meta.get("stats"):
                     run.chunk_stats.append({"chunk": k, "stats": edit.meta["stats"]})
             if saved is None:
-                _save_chunk(run, k, chunk, edit, eff, err)
+                save_chunk(run, k, chunk, edit, eff, err)
             todo, info = run.todo(chunk), _info(edit, k, err)
             if err or run.eval_timing == "immediate":
                 posts = [{} for _ in todo] if err else (run.score(todo) if todo else [])
@@ -519,190 +398,3 @@ def _run_sequential(run: _Run) -> None:
     finally:
         for edit in reversed(applied):
             edit.revert(run.handle)
-
-
-# --- output folder ---------------------------------------------------------------------------------------
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A single/batch run over a longer slice whose first cases are the old run's (``--n`` raised on resume).
-
-    Sequential runs never extend (their final scores depend on every edit), nor batch runs whose last old
-    chunk was partial (the longer slice would chunk those cases differently).
-    """
-    ids = old.get("case_ids") or []
-    whole_chunks = new.get("setting") == "single" or (
-        new.get("setting") == "batch" and len(ids) % max(1, int(new.get("batch_size") or 1)) == 0)
-    same_content = "case_digests" not in old or new["case_digests"][: len(ids)] == old["case_digests"]
-    return whole_chunks and new["case_ids"][: len(ids)] == ids and same_content
-
-
-def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
-    """Create the folder; on resume check that it holds the same run and read its finished cases."""
-    out = run.out
-    out.mkdir(parents=True, exist_ok=True)
-    cases_file = out / CASES_FILE
-    if not resume:
-        if (cases_file.exists() and cases_file.stat().st_size) or (out / EDITS_DIR).exists():
-            raise BenchmarkError(f"{out} already holds a run; pass resume=True to continue it, or use another folder")
-        _write_json(out / RUN_FILE, header)
-        cases_file.write_text("")
-        return
-    if (out / RUN_FILE).exists():
-        old = json.loads((out / RUN_FILE).read_text())
-        # fields newer than some runs on disk: for those, the case ids and the run's other fields decide
-        tolerated = (*BY_HASH, *coverage.tolerated_differences(old, header))
-        diff = sorted(k for k in header if k not in tolerated and old.get(k) != header[k]
-                      and (k in old or k not in NEWER_FIELDS))
-        run.old_protocols = old.get("protocols")
-        if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
-            log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
-            diff = []
-        if diff:
-            raise BenchmarkError(f"cannot resume {out}: it was run with different {', '.join(diff)}; use the same "
-                                 "method, config, model, data slice and setting, or another folder")
-    _write_json(out / RUN_FILE, header)
-    run.done = _read_cases(cases_file, set(map(str, run.keys)))
-    log.info("resuming %s: %d of %d case(s) already done", out, len(run.done), len(run.keys))
-
-
-def _read_cases(path: Path, wanted: set[str]) -> dict[Any, CaseResult]:
-    """Finished cases of an earlier try; a torn last line (a crash mid-write) is dropped and the file rewritten."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    done: dict[Any, CaseResult] = {}
-    keep: list[str] = []
-    for j, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            res = CaseResult.from_dict(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if j == len(lines) - 1:
-                log.warning("%s: dropping a torn last line (the earlier run stopped while writing it)", path)
-                continue
-            raise BenchmarkError(f"{path} line {j + 1} is not a case record ({e}); fix or delete the file") from None
-        if str(res.case_id) not in wanted:
-            raise BenchmarkError(f"{path} holds case {res.case_id!r}, which is not in this run's cases")
-        if res.case_id not in done:
-            done[res.case_id] = res
-            keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
-    return done
-
-
-def _save_chunk(run: _Run, k: int, chunk: list[int], edit: Edit | None, eff: dict, err: str | None) -> None:
-    """Keep an applied sequential edit (or its failure) so that a resumed run can rebuild the edited model."""
-    if run.out is None:
-        return
-    d = run.out / EDITS_DIR / str(k)
-    if d.exists():
-        shutil.rmtree(d)  # an unfinished earlier try of this chunk
-    if edit is not None:
-        edit.save(d)
-    d.mkdir(parents=True, exist_ok=True)
-    keys = json.loads(json.dumps([run.keys[i] for i in chunk], default=str))
-    _write_json(d / "chunk.json", {"case_ids": keys, "efficiency": eff, "error": err})  # written last: "done"
-
-
-def _load_chunk(run: _Run, k: int, chunk: list[int]) -> tuple[Edit | None, dict, str | None] | None:
-    if run.out is None or not (run.out / EDITS_DIR / str(k) / "chunk.json").exists():
-        return None
-    d = run.out / EDITS_DIR / str(k)
-    rec = json.loads((d / "chunk.json").read_text())
-    if rec["case_ids"] != json.loads(json.dumps([run.keys[i] for i in chunk], default=str)):
-        raise BenchmarkError(f"{d} was saved for other cases; resume with the same data slice and batch size")
-    edit = Edit.load(d) if rec["error"] is None else None
-    log.info("resume: re-applying saved chunk %d", k)
-    return edit, rec["efficiency"], rec["error"]
-
-
-# --- summary ---------------------------------------------------------------------------------------------
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def build_summary(results: list[CaseResult], header: dict[str, Any]) -> dict[str, Any]:
-    """Per-metric means (post and pre; refuses protocol mixes), Score S, counts and efficiency."""
-    from . import __version__
-
-    ok = [r for r in results if "error" not in r.info]
-    summary = {**header, "lmedit_version": __version__, "git_commit": _git_commit(),
-               "n_errors": len(results) - len(ok),
-               "n_already_true": sum(bool(r.info.get("already_true")) for r in results),
-               "post": summarize(ok, "post"), "pre": summarize(results, "pre")}
-    if missing := coverage.missing_counts(results):
-        summary["missing_protocols"] = missing  # cases not scored with these protocols: not zeros
-    for which in ("post", "pre"):
-        parts = [summary[which].get(m, {}).get("mean") for m in SCORE_S_PARTS]
-        if all(p is not None and not math.isnan(p) for p in parts):
-            summary[which]["score_s"] = {"mean": harmonic_mean(parts),
-                                         "protocol": summary[which][SCORE_S_PARTS[0]]["protocol"],
-                                         "cases": min(summary[which][m]["cases"] for m in SCORE_S_PARTS)}
-    secs = [r.efficiency["seconds"] for r in ok if "seconds" in r.efficiency]
-    rss = [r.efficiency["peak_rss_bytes"] for r in results if "peak_rss_bytes" in r.efficiency]
-    cuda = [r.efficiency["cuda_peak_bytes"] for r in results if "cuda_peak_bytes" in r.efficiency]
-    summary["efficiency"] = {
-        "median_seconds_per_edit": statistics.median(secs) if secs else None,
-        "mean_seconds_per_edit": statistics.fmean(secs) if secs else None,
-        "total_edit_seconds": sum(r.efficiency.get("seconds", 0.0) for r in results),
-        "max_peak_rss_bytes": max(rss) if rss else None, "max_cuda_peak_bytes": max(cuda) if cuda else None,
-    }
-    return summary
-
-
-def _metric_key(name: str) -> tuple[int, str]:
-    for rank, prefix in enumerate(METRIC_ORDER):
-        if name.startswith(prefix):
-            return rank, name
-    return (len(METRIC_ORDER) + (name == "score_s"), name)
-
-
-def render_table(summary: dict[str, Any]) -> str:
-    """A readable markdown table of a summary: metric, protocol, post ×100, pre ×100, N; then efficiency."""
-    post, pre = summary["post"], summary["pre"]
-    setting = summary["setting"] + (f", batch size {summary['batch_size']}" if summary["setting"] != "single" else "")
-    if summary.get("eval_timing"):
-        setting += f", eval timing {summary['eval_timing']}"
-    data = ", ".join(f"{k}={v}" for k, v in summary.get("data", {}).items())
-    lines = [f"# {summary['method']} on {summary['model']['name']}", "",
-             f"Setting: {setting}. Cases: {summary['n_cases']} (errors: {summary['n_errors']}, already true "
-             f"before the edit: {summary['n_already_true']}).{' Data: ' + data + '.' if data else ''}", "",
-             "| metric | protocol | post ×100 | pre ×100 | N |", "|---|---|---:|---:|---:|"]
-    for name in sorted(set(post) | set(pre), key=_metric_key):
-        p, q = post.get(name, {}), pre.get(name, {})
-        fmt = lambda s: f"{100 * s['mean']:.2f}" if s and not math.isnan(s["mean"]) else "–"  # noqa: E731
-        lines.append(f"| {name} | {p.get('protocol') or q.get('protocol')} | {fmt(p)} | {fmt(q)} | "
-                     f"{p.get('cases', q.get('cases', 0))} |")
-    eff = summary["efficiency"]
-    lines += ["", "Efficiency (editor compute only):"]
-    if eff["median_seconds_per_edit"] is not None:
-        lines.append(f"- seconds per edit: median {eff['median_seconds_per_edit']:.3f}, "
-                     f"mean {eff['mean_seconds_per_edit']:.3f}; total {eff['total_edit_seconds']:.1f} s")
-    if eff["max_peak_rss_bytes"]:
-        lines.append(f"- max peak RSS: {eff['max_peak_rss_bytes'] / 2**20:,.0f} MiB")
-    if eff["max_cuda_peak_bytes"]:
-        lines.append(f"- max CUDA memory: {eff['max_cuda_peak_bytes'] / 2**20:,.0f} MiB")
-    lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s")
-    if summary.get("missing_protocols"):
-        lines += ["", "Cases not scored with a protocol (left out of its means, not zeros): "
-                  + ", ".join(f"{p}: {n}" for p, n in summary["missing_protocols"].items())]
-    if summary.get("drift"):
-        from .metrics.drift import drift_lines
-
-        lines += ["", *drift_lines(summary["drift"])]
-    return "\n".join(lines) + "\n"
