@@ -114,8 +114,9 @@ class ModelHandle:
         return self.model(**batch.model_inputs(self.device)).logits
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation of ``prompt`` (rendered with active contexts)."""
+    def generate(self, prompt: str, max_new_tokens: int = 20, **options: Any) -> str:
+        """Greedy continuation of ``prompt`` (rendered with active contexts). ``options`` go to the model's
+        ``generate`` (a ``streamer``, or ``do_sample=True`` with its temperature)."""
         text = self.render(prompt)
         ids = torch.tensor([self.tokens.prompt_ids(text)], device=self.device)
         cfg = self.model.config
@@ -124,7 +125,8 @@ class ModelHandle:
         uneven = self.is_encoder_decoder and getattr(cfg, "num_decoder_layers", None) not in (None, cfg.num_layers)
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=self.tokens.pad_id, **({"use_cache": False} if uneven else {}),
+            **{"do_sample": False, "pad_token_id": self.tokens.pad_id, **({"use_cache": False} if uneven else {}),
+               **options},
         )
         new = out[0] if self.is_encoder_decoder else out[0, ids.shape[1]:]
         return self.tokenizer.decode(new, skip_special_tokens=True)
