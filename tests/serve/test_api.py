@@ -165,7 +165,7 @@ def test_imports_are_checked(client, engine):
     bad(lambda d: d.update(format="other"), 400, "not an exported edit")
     bad(lambda d: d["edit"]["meta"].update(model_fingerprint="0" * 16), 400, "made for model fingerprint")
     bad(lambda d: d["edit"]["meta"].pop("model_fingerprint"), 400, "made for model fingerprint")
-    bad(lambda d: d["edit"].update(kind="module_swap"), 400, "cannot be imported")
+    bad(lambda d: d["edit"].update(kind="python_object"), 400, "cannot be imported")
     bad(lambda d: d.update(tensors="%%%"), 400, "not valid base64")
     bad(lambda d: d.update(tensors=base64.b64encode(b"not safetensors").decode()), 400, "cannot be read")
     error(client.post("/v1/edits/import", content=b"{not json"), 400, "not JSON")

@@ -22,9 +22,9 @@ from .errors import BadRequest
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "lmedit.edit/1"
-# Edit kinds accepted from the network. ModuleSwap is refused: until Edit.load takes module classes from an
-# allow-list (the hardening issue), loading one imports a class named in the file.
-IMPORT_KINDS = ("weight_delta", "prompt_context")
+# Edit kinds accepted from the network. Edit.load builds a ModuleSwap's modules only from the registered swap
+# module kinds (lmedit.swaps) and checks every tensor's digest, so no kind can run code from the file.
+IMPORT_KINDS = ("weight_delta", "prompt_context", "module_swap")
 # config fields that name files: a request may not set them (no path from a request reaches the disk)
 PATH_FIELDS = ("checkpoint", "corpus", "cache_dir")
 
