@@ -1,7 +1,7 @@
 """Tiny random models of every adapter family, built in-process (no network, no downloads).
 
-The tokenizer is a small byte-level BPE trained here on a few sentences, so " target" and "target"
-tokenize differently as they do for real GPT-2/Llama tokenizers.
+The tokenizer (``lmedit.models.tiny.tiny_tokenizer``) is a small byte-level BPE trained on a few sentences,
+so " target" and "target" tokenize differently as they do for real GPT-2/Llama tokenizers.
 """
 
 from __future__ import annotations
@@ -14,28 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS = [
-    "The mother tongue of Danielle Darrieux is French. Danielle Darrieux was an actress.",
-    "The capital of France is Paris. The capital of Italy is Rome. English is a language.",
-    "What university did Watts Humphrey attend? He went to Trinity College and the University of Michigan.",
-    "Michel Rocard is a native speaker of French. Toko Yasuda plays the guitar. Apple makes the iPhone.",
-    "The Eiffel Tower is located in Paris. Barack Obama was born in Hawaii. Tokyo is in Japan.",
-    "nq question: who played desmond doss father in hacksaw ridge? Hugo Weaving played him.",
-    "Where is he from? people speak the language of Germany, Spain, England and Russia.",
-]
-
-
-def make_tokenizer(kind: str = "bpe"):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+from lmedit.models.tiny import CORPUS, tiny_tokenizer as make_tokenizer  # noqa: E402,F401 (shared with the survey)
 
 
 def make_model(family: str, vocab: int = 400):

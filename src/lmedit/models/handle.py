@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..tokens import Batch, TokenPolicy
-from .adapter import ModelAdapter, adapter_for, preset_name
+from .adapter import ModelAdapter
+from .lookup import adapter_for, preset_name
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ModelHandle:
 
     @property
     def preset(self) -> str | None:
-        return preset_name(self.model)
+        return preset_name(self.model, self.adapter)
 
     @property
     def is_encoder_decoder(self) -> bool:

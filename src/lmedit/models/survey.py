@@ -1,0 +1,208 @@
+"""Which causal LM architectures of the installed transformers lmedit can edit, checked on tiny models.
+
+``python -m lmedit.models.survey [--out docs/architectures.md] [CLASS ...]`` builds every ``*ForCausalLM``
+class from a tiny config (``tiny.py``), finds its adapter (registered or discovered), and edits one fact with
+ROME and with FT-M: each edit must compute without touching the model, raise the target's probability when
+applied, and revert bit-exactly. It writes a page listing each architecture with its status and, for the
+rest, the reason, and prints the count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EDITABLE, NOT_EDITED, REFUSED, NO_BUILD = "editable", "edit failed", "refused", "does not build"
+
+# tiny settings: a few value / training steps, second moments over a few hundred tokens, no context templates
+EDITORS: dict[str, dict[str, Any]] = {
+    "rome": {"v_num_grad_steps": 20, "v_weight_decay": 0.0, "mom2_tokens": 2000, "context_lengths": []},
+    "ft-m": {"steps": 6, "lr": 2e-2},
+}
+
+
+@dataclass
+class ArchResult:
+    """One architecture's outcome. ``status``: editable | edit failed | refused | does not build."""
+
+    name: str
+    status: str
+    reason: str = ""
+    adapter: str = ""  # "registered" or "discovered: <FFN output projection template>"
+    seconds: float = 0.0
+    gains: tuple[float, ...] = ()  # log p(target) after - before, per editor
+
+    @property
+    def builds(self) -> bool:
+        return self.status != NO_BUILD
+
+
+def _request():
+    from ..types import EditRequest
+
+    # the subject ends the prompt: in a two-layer random model, an edit at the subject's last token then reaches
+    # the prediction directly instead of through one random attention layer (the machinery is what is tested)
+    return EditRequest(prompt="The mother tongue of {}", subject="Danielle Darrieux", target_new=" is English",
+                       target_true=" is French", case_id=0)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).split(". If the model has the parts")[0].split("\n")[0]
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def edit_and_revert(handle: Any, editor_name: str, overrides: dict[str, Any], layer: int) -> float:
+    """Compute, apply and revert one edit; returns the gain in log p(target). Raises AssertionError when
+    compute changed the model, the target did not rise, or the revert was not bit-exact."""
+    from ..metrics.scoring import score_targets
+    from ..registry import get_editor
+
+    req = _request()
+    state = {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
+
+    def same() -> bool:
+        now = handle.model.state_dict()
+        return set(now) == set(state) and all(torch.equal(v, state[k]) for k, v in now.items())
+
+    def logp() -> float:
+        return -score_targets(handle, [req.text], [req.target_new])[0].nll
+
+    before = logp()
+    edit = get_editor(editor_name, layers=[layer], **overrides).compute(handle, [req])
+    assert same(), f"{editor_name}: compute changed the model"
+    edit.apply(handle)
+    try:
+        after = logp()
+    finally:
+        edit.revert(handle)
+    assert same(), f"{editor_name}: revert did not restore the weights bit-exactly"
+    assert after > before, f"{editor_name}: log p(target) did not rise ({before:.4f} -> {after:.4f})"
+    return after - before
+
+
+def tiny_corpus(folder: Path) -> Path:
+    """A small text file for ROME's second moments (the tiny tokenizer's own sentences), in ``folder``."""
+    from .tiny import CORPUS
+
+    path = Path(folder) / "tiny-corpus.txt"
+    path.write_text("\n".join(CORPUS * 40) + "\n")
+    return path
+
+
+def check(name: str, tokenizer: Any, corpus: Path) -> ArchResult:
+    """Build ``name`` tiny, find its adapter, and edit it with every editor of :data:`EDITORS` (ROME's
+    statistics over the text file ``corpus``)."""
+    from .handle import ModelHandle
+    from .lookup import registered_adapter
+    from .tiny import tiny_model
+
+    start = time.perf_counter()
+    try:
+        model = tiny_model(name)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=False)
+    except Exception as e:  # noqa: BLE001 -- reported as the reason in the survey
+        return ArchResult(name, NO_BUILD, _short(e), seconds=time.perf_counter() - start)
+    try:
+        handle = ModelHandle(model, tokenizer, name=f"tiny-{name}")
+    except Exception as e:  # noqa: BLE001
+        return ArchResult(name, REFUSED, _short(e), seconds=time.perf_counter() - start)
+    ad = handle.adapter
+    how = "registered" if registered_adapter(model) is not None else f"discovered: {ad.mlp_out}"
+    layer = ad.nearest_ffn_layer(0)
+    gains = []
+    for editor_name, overrides in EDITORS.items():
+        try:
+            extra = {"mom2_corpus": str(corpus)} if "mom2_tokens" in overrides else {}
+            gains.append(edit_and_revert(handle, editor_name, {**overrides, **extra}, layer))
+        except Exception as e:  # noqa: BLE001
+            return ArchResult(name, NOT_EDITED, f"{editor_name}: {_short(e)}", how, time.perf_counter() - start,
+                              tuple(gains))
+    return ArchResult(name, EDITABLE, "", how, time.perf_counter() - start, tuple(gains))
+
+
+def survey(names: Sequence[str] | None = None) -> list[ArchResult]:
+    from .tiny import causal_lm_classes, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = tiny_corpus(Path(tmp))
+        for name in names or causal_lm_classes():
+            results.append(check(name, tokenizer, corpus))
+            r = results[-1]
+            log.info("%s: %s %s (%.1fs)", name, r.status, r.reason, r.seconds)
+    return results
+
+
+def counts(results: Sequence[ArchResult]) -> tuple[int, int, int]:
+    """(editable, built, total)."""
+    built = [r for r in results if r.builds]
+    return sum(r.status == EDITABLE for r in built), len(built), len(results)
+
+
+def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
+    editable, built, total = counts(results)
+    lines = [
+        "# Architectures lmedit can edit",
+        "",
+        "Generated by `python -m lmedit.models.survey` (do not edit by hand) with transformers "
+        f"{version}, in {seconds:.0f} s on one CPU core.",
+        "",
+        f"**{editable} of the {built} causal LM architectures that build from a tiny config are editable by ROME "
+        f"and FT-M with a bit-exact revert ({100 * editable / max(built, 1):.1f}%)**; {total - built} of the "
+        f"{total} `*ForCausalLM` classes do not build from a generated tiny config (reasons below).",
+        "",
+        "Every `*ForCausalLM` class of the installed transformers is built with random weights from its own "
+        "config, shrunk (width 64, two layers, a 512-token vocabulary, four experts of which two are active; "
+        "`lmedit/models/tiny.py`). Its adapter comes from the registered table when the class is there, and is "
+        "otherwise discovered from the module structure (`lmedit/models/discover.py`). *Editable* means: ROME "
+        "and FT-M each compute an edit of one fact without changing the model, the edit raises the target's "
+        "log-probability when applied, and reverting it restores every parameter bit for bit.",
+        "",
+        "Mixtures of experts: ROME and FT-M rewrite one dense projection that every token passes through. A "
+        "model whose FFN has a dense shared expert reading [batch, seq, d_ff] is edited there (its routed "
+        "experts are left alone); one with routed experts only is refused and counted as not editable.",
+        "",
+        "| architecture | status | adapter | reason |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.name} | {r.status} | {r.adapter} | {r.reason.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import transformers
+
+    p = argparse.ArgumentParser(prog="python -m lmedit.models.survey", description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="classes to check (default: every *ForCausalLM)")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown page here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    results = survey(args.names)
+    seconds = time.perf_counter() - start
+    editable, built, total = counts(results)
+    for r in results:
+        print(f"{r.name:40s} {r.status:15s} {r.reason[:110]}")
+    print(f"editable: {editable} / {built} that build ({total} classes), {seconds:.0f} s")
+    if args.out:
+        args.out.write_text(render(results, transformers.__version__, seconds))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
