@@ -95,6 +95,15 @@ class ModelAdapter:
     def module(self, model: nn.Module, template: str, i: int | None = None) -> nn.Module:
         return get_module(model, template.format(i) if i is not None else template)
 
+    @staticmethod
+    def has(model: nn.Module, path: str) -> bool:
+        """Does the model have a module at ``path``? (A hybrid model's recurrent layers lack some parts.)"""
+        try:
+            get_module(model, path)
+        except LookupError:
+            return False
+        return True
+
     # --- weights -----------------------------------------------------------------------------------
     def weight_out_in(self, module: nn.Module) -> torch.Tensor:
         """The module's weight as [out, in] (a view; transposed for Conv1D)."""
@@ -121,6 +130,12 @@ class ModelAdapter:
     def hidden(output: Any) -> torch.Tensor:
         """The hidden-state tensor of a block/module output (tuple in older transformers)."""
         return output[0] if isinstance(output, tuple | list) else output
+
+    @staticmethod
+    def per_token(x: torch.Tensor, batch: int) -> torch.Tensor:
+        """A [batch, seq, d] view of a module's tensor; some families run their FFN on tokens flattened to
+        [batch·seq, d] (OPT, the shared expert of several mixtures of experts). 3-D tensors pass unchanged."""
+        return x.view(batch, -1, x.shape[-1]) if x.dim() == 2 else x
 
     @staticmethod
     def with_hidden(output: Any, h: torch.Tensor) -> Any:

@@ -37,7 +37,7 @@ from .adapter import ModelAdapter, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 
-SEQ = 6
+SEQ = 16  # tokens of the probe: a routed expert practically never receives all of them
 
 
 class DiscoveryError(UnsupportedArchitectureError):
@@ -197,6 +197,8 @@ class _Block:
         return name[len(self.path) + 1:]
 
     def mixes(self, name: str) -> bool:
+        if name not in self.seen:  # a container that is never called itself (a ModuleList of attentions)
+            return False
         if name not in self._mix:
             self._mix[name] = mixes_tokens(get_module(self.model, name), self.seen[name])
         return self._mix[name]
@@ -216,7 +218,9 @@ class _Block:
         return out
 
     def per_token(self, t: torch.Tensor | None) -> bool:
-        return t is not None and t.dim() == 3 and t.shape[0] * t.shape[1] == self.tokens
+        """Every token, as [batch, seq, ·] or flattened to [batch·seq, ·] (a routed expert sees fewer)."""
+        return t is not None and ((t.dim() == 3 and t.shape[0] * t.shape[1] == self.tokens)
+                                  or (t.dim() == 2 and t.shape[0] == self.tokens))
 
 
 @dataclass
@@ -258,7 +262,7 @@ def block_parts(block: _Block) -> BlockParts:
                and not block.mixes(n) and not any(block.mixes(a) for a in block.ancestors(n))]
         # the FFN module: the outermost position-wise ancestor holding an input projection too; none when the
         # block holds the FFN's linears directly or in sibling modules (OPT, BERT)
-        container = next((a for a in block.ancestors(out) if block.per_token(block.seen[a].y)
+        container = next((a for a in block.ancestors(out) if a in block.seen and block.per_token(block.seen[a].y)
                           and any(_under(n, a) for n in ins)), None)
         ins = [n for n in ins if container is None or _under(n, container)]
         if ins:
@@ -267,7 +271,13 @@ def block_parts(block: _Block) -> BlockParts:
         experts = [n for n, p in block.model.named_parameters() if _under(n, block.path) and p.dim() == 3
                    and n.rpartition(".")[0] in block.seen and not block.mixes(n.rpartition(".")[0])
                    and not any(block.mixes(a) for a in block.ancestors(n.rpartition(".")[0]))]
-        if experts or routed:
+        other_length = [n for n in writes_d if block.seen[n].x is not None and block.seen[n].x.dim() == 3
+                        and not block.mixes(n) and not block.per_token(block.seen[n].x)]
+        if other_length and not experts:
+            parts.why_no_ffn = (f"its FFN sees {block.seen[other_length[0]].x.shape[:2]} positions for "
+                                f"{block.tokens} input tokens (the model adds or reorders positions), so the "
+                                "subject's token cannot be found in it")
+        elif experts or routed:
             parts.why_no_ffn = ("its FFN is a mixture of experts without a dense shared expert that reads "
                                 "[batch, seq, d_ff]; ROME and FT-M rewrite one dense projection that every token "
                                 "passes through")
@@ -407,7 +417,8 @@ def validate(model: nn.Module, adapter: ModelAdapter, inputs: dict[str, torch.Te
     d = seen[adapter.layer(0)].y.shape[-1]
     for i in layers:
         out = seen[adapter.mlp_out.format(i)]
-        if out.x is None or out.x.shape[:2] != (b, s) or out.y.shape != (b, s, d):
+        if out.x is None or ModelAdapter.per_token(out.x, b).shape[:2] != (b, s) \
+                or ModelAdapter.per_token(out.y, b).shape != (b, s, d):
             raise DiscoveryError(model, f"the FFN output projection of layer {i} does not map [batch, seq, d_ff] "
                                         f"to [batch, seq, {d}]")
         if linear_layout(get_module(model, adapter.mlp_out.format(i)), out) != adapter.weight_layout:
@@ -417,9 +428,14 @@ def validate(model: nn.Module, adapter: ModelAdapter, inputs: dict[str, torch.Te
     checks = [(adapter.mlp_out.format(layers[0]), f"the FFN output of layer {layers[0]}")]
     if adapter.ln_final:
         checks.append((adapter.ln_final, "the final norm's output"))
+    g = torch.Generator().manual_seed(0)
     for path, what in checks:
-        hook = get_module(model, path).register_forward_hook(
-            lambda _m, _a, o: ModelAdapter.with_hidden(o, ModelAdapter.hidden(o) + 1.0))
+        def bump(_m: nn.Module, _a: Any, o: Any) -> Any:  # random, not constant: a LayerNorm removes a shift
+            h = ModelAdapter.hidden(o)
+            noise = torch.randn(h.shape, generator=g).to(h.device, h.dtype)
+            return ModelAdapter.with_hidden(o, h + noise * (1.0 + h.abs().mean()))
+
+        hook = get_module(model, path).register_forward_hook(bump)
         try:
             moved = _run(model, inputs)
         finally:
