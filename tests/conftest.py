@@ -20,6 +20,11 @@ from lmedit.models.tiny import CORPUS, tiny_tokenizer as make_tokenizer  # noqa:
 def make_model(family: str, vocab: int = 400):
     import transformers as tf
 
+    if family.endswith("ForCausalLM"):  # a class outside the table: its adapter is discovered
+        from lmedit.models.tiny import tiny_model
+
+        return tiny_model(family, layers=4)
+
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "gpt2":
@@ -67,6 +72,12 @@ def _threads(request):
 
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
+# families outside the registered table, whose adapters are discovered: a fused gated FFN (Phi-3), QK-norm
+# (OLMo-2), parallel attention with in-place adds (Falcon), a shared expert on flattened tokens beside routed
+# ones (Qwen2-MoE), sliding/global layers (Gemma-3), local attention (GPT-Neo), multi-query attention
+# (GPTBigCode), a parallel block (CodeGen)
+DISCOVERED = ["Phi3ForCausalLM", "Olmo2ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM",
+              "Gemma3ForCausalLM", "GPTNeoForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM"]
 DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 
 

@@ -50,7 +50,8 @@ def body_and_head(model: Any) -> tuple[Any, Any] | None:
     if body is None or head is None:
         return None
     verdict = model.__dict__.get("_lmedit_plain_head")
-    if verdict is None:  # checked once per model: the structure never changes, only weights do
+    if verdict is None:  # checked once per model (ModelHandle does it at load, before any hook is installed):
+        # the structure never changes, only weights do
         verdict = _head_reproduces_logits(model, body, head)
         model.__dict__["_lmedit_plain_head"] = verdict
     return (body, head) if verdict else None

@@ -72,6 +72,11 @@ def ffn_info(handle: Any, layer: int) -> FFNInfo:
     ad = handle.adapter
     ad.check_layers(handle.model, [layer])
     mlp_path, out_path = ad.mlp.format(layer), ad.mlp_out.format(layer)
+    if ad.mlp == ad.mlp_out:
+        raise UnsupportedFFNError(
+            f"the FFN of {type(handle.model).__name__} is not one module (its linears sit directly in the block, "
+            "or in sibling modules), so there is no FFN input and output to wrap; edit its output projection "
+            "with ROME, MEMIT or FT instead")
     try:
         mlp = get_module(handle.model, mlp_path)
         if out_path.startswith(mlp_path + "."):  # an installed swap moves the FFN's parts under .base

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kv import body_and_head
 from ..tokens import Batch, TokenPolicy
 from .adapter import ModelAdapter
 from .lookup import adapter_for, preset_name
@@ -73,6 +74,7 @@ class ModelHandle:
         self.cache: dict[str, Any] = {}
         for p in self.model.parameters():
             p.requires_grad_(False)
+        body_and_head(self.model)  # decides once, before any hook exists, whether logits = head(body(x))
 
     def __repr__(self) -> str:
         return (f"ModelHandle({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "

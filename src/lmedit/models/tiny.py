@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 VOCAB = 512
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 MAX_PARAMS = 5_000_000
 LAYERS = 2
 
@@ -94,29 +95,29 @@ def causal_lm_classes() -> list[str]:
     return sorted(n for n in dir(transformers) if n.endswith("ForCausalLM") and not n.startswith("Auto"))
 
 
-def _pick_layers(values: list | tuple) -> list:
-    """``LAYERS`` entries of a per-layer list, keeping one of each distinct kind first (a hybrid model keeps
+def _pick_layers(values: list | tuple, layers: int) -> list:
+    """``layers`` entries of a per-layer list, keeping one of each distinct kind first (a hybrid model keeps
     an attention layer and a recurrent one), in their original order."""
     firsts = list(dict.fromkeys(range(len(values)), None))
     kinds: dict[str, int] = {}
     for i in firsts:
         kinds.setdefault(repr(values[i]), i)
-    keep = sorted(kinds.values())[:LAYERS]
-    keep += [i for i in firsts if i not in keep][: LAYERS - len(keep)]
+    keep = sorted(kinds.values())[:layers]
+    keep += [i for i in firsts if i not in keep][: layers - len(keep)]
     return [values[i] for i in sorted(keep)]
 
 
-def _overrides(cfg: Any) -> dict[str, Any]:
+def _overrides(cfg: Any, layers: int) -> dict[str, Any]:
     """Constructor arguments that make ``cfg`` (a default config) tiny."""
     d = {k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)}
     depth = next((d[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(d.get(k), int)), None)
     out: dict[str, Any] = {}
     for key, value in {**SIZES, **TOKEN_IDS}.items():
         if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
-            out[key] = value
+            out[key] = layers if key in DEPTH_KEYS else value
     for key, value in d.items():  # per-layer lists follow the new depth
-        if isinstance(value, list | tuple) and depth and len(value) == depth > LAYERS:
-            out[key] = _pick_layers(value)
+        if isinstance(value, list | tuple) and depth and len(value) == depth > layers:
+            out[key] = _pick_layers(value, layers)
     if "qk_rope_head_dim" in d:  # multi-head latent attention: rotary part = head_dim, q/k head = nope + rope,
         if isinstance(d.get("num_key_value_heads"), int):  # one key/value head per query head
             out["num_key_value_heads"] = out.get("num_attention_heads", 4)
@@ -127,28 +128,29 @@ def _overrides(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def tiny_config(name: str) -> Any:
-    """The config of class ``name`` (e.g. ``"Gemma3ForCausalLM"``) with every known size field shrunk."""
+def tiny_config(name: str, layers: int = LAYERS) -> Any:
+    """The config of class ``name`` (e.g. ``"Gemma3ForCausalLM"``) with every known size field shrunk, and
+    ``layers`` layers."""
     import transformers
 
     config_class = getattr(transformers, name).config_class
     default = config_class()
-    kwargs = _overrides(default)
+    kwargs = _overrides(default, layers)
     for sub in ("text_config", "decoder", "decoder_config"):
         inner = getattr(default, sub, None)
         if inner is not None and hasattr(inner, "to_dict"):
-            kwargs[sub] = {**inner.to_dict(), **_overrides(inner)}
+            kwargs[sub] = {**inner.to_dict(), **_overrides(inner, layers)}
     if hasattr(default, "is_decoder"):
         kwargs["is_decoder"] = True  # encoder families (BERT-like) are causal only as decoders
     return config_class(**kwargs)
 
 
-def tiny_model(name: str, seed: int = 0) -> nn.Module:
+def tiny_model(name: str, seed: int = 0, layers: int = LAYERS) -> nn.Module:
     """A randomly initialised float32 model of class ``name`` from :func:`tiny_config`, in eval mode."""
     import transformers
 
     cls = getattr(transformers, name)
-    cfg = tiny_config(name)
+    cfg = tiny_config(name, layers)
     with torch.device("meta"):  # count first: a size field this module does not know leaves a model big
         n = sum(p.numel() for p in cls(cfg).parameters())
     if n > MAX_PARAMS:
