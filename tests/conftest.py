@@ -72,12 +72,12 @@ def _threads(request):
 
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
-# families outside the registered table, whose adapters are discovered: a fused gated FFN (Phi-3), QK-norm
-# (OLMo-2), parallel attention with in-place adds (Falcon), a shared expert on flattened tokens beside routed
-# ones (Qwen2-MoE), sliding/global layers (Gemma-3), local attention (GPT-Neo), multi-query attention
-# (GPTBigCode), a parallel block (CodeGen)
-DISCOVERED = ["Phi3ForCausalLM", "Olmo2ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM",
-              "Gemma3ForCausalLM", "GPTNeoForCausalLM", "GPTBigCodeForCausalLM", "CodeGenForCausalLM"]
+# families outside the registered table, whose adapters are discovered: a fused gated FFN (Phi-3), parallel
+# attention with in-place adds (Falcon), a shared expert on flattened tokens beside routed ones (Qwen2-MoE),
+# local attention (GPT-Neo), partial rotary + LayerNorm (StableLM), a plain FFN with biases (StarCoder2),
+# a parallel block (Phi), QK-norm (OLMo)
+DISCOVERED = ["Phi3ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM", "GPTNeoForCausalLM",
+              "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "OlmoForCausalLM"]
 DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 
 

@@ -57,13 +57,13 @@ class FFNInfo:
 def activation_name(model: nn.Module) -> str:
     """The FFN activation named in the model config (the config keys differ between families)."""
     cfg = getattr(model, "config", None)
-    for key in ("hidden_act", "activation_function", "dense_act_fn"):
+    for key in ("hidden_act", "activation_function", "dense_act_fn", "hidden_activation", "activation"):
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:
             return value
     raise UnsupportedFFNError(
         f"cannot tell the FFN activation of {type(model).__name__}: its config has none of hidden_act, "
-        "activation_function, dense_act_fn"
+        "activation_function, dense_act_fn, hidden_activation, activation"
     )
 
 
