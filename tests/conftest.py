@@ -14,7 +14,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lmedit.models.tiny import CORPUS, tiny_tokenizer as make_tokenizer  # noqa: E402,F401 (shared with the survey)
+from lmedit.models.tiny import CORPUS  # noqa: E402,F401 (shared with the survey)
+from lmedit.models.tiny import tiny_tokenizer as make_tokenizer
 
 
 def make_model(family: str, vocab: int = 400):

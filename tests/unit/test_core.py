@@ -10,8 +10,8 @@ import torch
 from lmedit.config import Config, ConfigError, option
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from lmedit.models.adapter import UnsupportedArchitectureError
-from lmedit.models.lookup import adapter_for
 from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.lookup import adapter_for
 from lmedit.types import EditInputError, EditRequest, to_template
 
 

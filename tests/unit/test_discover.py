@@ -125,5 +125,29 @@ def test_discovery_leaves_the_model_as_it_was():
 
 def test_tiny_configs_are_tiny():
     cfg = tiny_config("LlamaForCausalLM")
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 2, 512)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 2, 400)
     assert isinstance(adapter_for(tiny_model("LlamaForCausalLM")), ModelAdapter)
+
+
+@pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM"])
+def test_layers_auto_traces_a_discovered_model(name, tokenizer, tmp_path, monkeypatch):
+    """``--layers auto`` (causal tracing over known facts) on an FFN that reads flattened tokens (OPT) and on a
+    model whose last layer holds experts instead of the dense FFN (DeepSeek-V3): the chosen layer has one."""
+    from lmedit.locate.pipeline import auto_layers
+
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path))
+    handle = ModelHandle(tiny_model(name, layers=4), tokenizer)
+    from lmedit.models.tiny import CORPUS
+
+    # facts the random model "knows": its own top answers after prefixes of the corpus sentences (tracing keeps
+    # those whose answer token round-trips through the tokenizer)
+    prompts = [" ".join(sent.split()[:k]) for sent in CORPUS for k in (3, 4, 5, 6)]
+    with torch.no_grad():
+        top = handle.logits(handle.tokens.prompts(prompts, side="left"))[:, -1].argmax(-1)
+    facts = [{"known_id": i, "prompt": p, "subject": " ".join(p.split()[:2]),
+              "attribute": handle.tokenizer.decode([int(t)])} for i, (p, t) in enumerate(zip(prompts, top, strict=True))]
+    monkeypatch.setattr("lmedit.tracing.aggregate.load_known_facts", lambda path=None: facts)
+    monkeypatch.setattr("lmedit.tracing.noise.load_known_facts", lambda path=None: facts)
+    (layer,) = auto_layers(handle, 1, "rome")
+    handle.adapter.check_layers(handle.model, [layer])
+    assert handle.adapter.ffn_layers is None or layer in handle.adapter.ffn_layers

@@ -13,8 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.lookup import supported_architectures
     from ..models.loading import list_models, lmedit_home
+    from ..models.lookup import supported_architectures
 
     print("Model aliases (use with --model; any local Hugging Face model directory works too)")
     print(table(list_models(), ["alias", "status", "source"]))

@@ -10,7 +10,6 @@ read the argmax prediction and the log-probability of the true next token. From 
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 
 import torch

@@ -164,15 +164,54 @@ def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
         f"{total} `*ForCausalLM` classes do not build from a generated tiny config (reasons below).",
         "",
         "Every `*ForCausalLM` class of the installed transformers is built with random weights from its own "
-        "config, shrunk (width 64, two layers, a 512-token vocabulary, four experts of which two are active; "
+        "config, shrunk (width 64, two layers, a 400-token vocabulary, four experts of which two are active; "
         "`lmedit/models/tiny.py`). Its adapter comes from the registered table when the class is there, and is "
         "otherwise discovered from the module structure (`lmedit/models/discover.py`). *Editable* means: ROME "
         "and FT-M each compute an edit of one fact without changing the model, the edit raises the target's "
         "log-probability when applied, and reverting it restores every parameter bit for bit.",
         "",
         "Mixtures of experts: ROME and FT-M rewrite one dense projection that every token passes through. A "
-        "model whose FFN has a dense shared expert reading [batch, seq, d_ff] is edited there (its routed "
-        "experts are left alone); one with routed experts only is refused and counted as not editable.",
+        "model whose FFN has a dense shared expert is edited there (its routed experts are left alone); one "
+        "with routed experts only is refused and counted as not editable.",
+        "",
+        "## How an unregistered model gets its adapter",
+        "",
+        "`lmedit.load_model(...)` / `ModelHandle(model, tokenizer)` call `adapter_for(model)` "
+        "(`lmedit/models/lookup.py`): a class in the registered table (`lmedit/models/architectures.py`) gets "
+        "its adapter as written there; any other model gets one discovered from one short forward pass with "
+        "hooks on every module (`lmedit/models/discover.py`):",
+        "",
+        "- decoder blocks: the outermost `nn.ModuleList` whose blocks map [batch, seq, d] to the same shape;",
+        "- attention (token mixer) vs position-wise parts: a module is re-run on its recorded input with "
+        "position 0 changed; a position-wise module's other positions do not move;",
+        "- FFN output projection (the keys of ROME/MEMIT are its input): a linear map outside the token mixer "
+        "that writes width d and reads every token, Linear or Conv1D, its orientation read from the weight "
+        "shape and confirmed by recomputing its output; the FFN input projection(s) read width d (two, or one "
+        "fused, when gated); routed experts (which see only their tokens) are never chosen;",
+        "- embeddings and head from `get_input_embeddings` / `get_output_embeddings` (tied or not), the final "
+        "norm as the module between the last block and the head;",
+        "- hybrid models whose layers differ (recurrent or expert layers beside dense ones) record the layers "
+        "that have the FFN; layer checks refuse the others by name and depth defaults move to the nearest "
+        "FFN layer.",
+        "",
+        "The adapter is then validated: every part runs with the expected shapes, and perturbing the FFN output "
+        "and the final norm output must change the logits. It is logged once when a handle is made. Models "
+        "without a tuned preset take layers from depth and hyperparameters from width, and `--layers auto` "
+        "(causal tracing) works on them. Encoder-decoders other than T5 are refused. When discovery fails, "
+        "the error names what it could not find and shows how to register an adapter by hand:",
+        "",
+        "```python",
+        "from lmedit.models.adapter import ModelAdapter",
+        "from lmedit.models.lookup import register_adapter",
+        'register_adapter("MyForCausalLM", ModelAdapter(family="my", embed="model.embed_tokens", '
+        'layers="model.layers.{}",',
+        '    attn="model.layers.{}.self_attn", attn_out="model.layers.{}.self_attn.o_proj", '
+        'mlp="model.layers.{}.mlp",',
+        '    mlp_in=("model.layers.{}.mlp.up_proj",), mlp_out="model.layers.{}.mlp.down_proj", '
+        'ln_final="model.norm", lm_head="lm_head"))',
+        "```",
+        "",
+        "## Every class",
         "",
         "| architecture | status | adapter | reason |",
         "|---|---|---|---|",

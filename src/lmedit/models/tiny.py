@@ -2,7 +2,7 @@
 
 The architecture survey (``python -m lmedit.models.survey``) and the tests use these to check that lmedit can
 edit every causal LM family without downloading anything: the class's config is created with its defaults,
-then every size field it has is shrunk (width 64, two layers, a 512-token vocabulary, four experts of which
+then every size field it has is shrunk (width 64, two layers, a 400-token vocabulary, four experts of which
 two are active, ...). Per-layer lists (``layer_types``, ...) are cut to the new depth. Nothing here knows a
 family by name: :data:`SIZES` lists config *field* names, which transformers shares across families.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-VOCAB = 512
+VOCAB = 400  # the tiny tokenizer's size: every id the model predicts decodes to a token
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 MAX_PARAMS = 5_000_000
 LAYERS = 2
