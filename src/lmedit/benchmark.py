@@ -38,8 +38,12 @@ from typing import Any
 from .digests import case_digest
 from .edits import Edit, EditError
 from .hooks import get_parameter
+from .metrics import coverage
+from .metrics.drift import DriftSettings, DriftTracker
 from .metrics.efficiency import Measurement, measure
-from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, score_cases
+from .metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
+from .metrics.gen_protocol import GEN, scope_labels
+from .metrics.generate import GenSettings, frame
 from .metrics.records import CaseResult, harmonic_mean, summarize
 from .training.checkpoint import state_id
 from .types import EditCase, EditInputError, EditRequest
@@ -50,7 +54,7 @@ SETTINGS = ("single", "batch", "sequential")
 EVAL_TIMINGS = ("immediate", "final")
 CASES_FILE, SUMMARY_FILE, TABLE_FILE = "cases.jsonl", "summary.json", "table.md"
 RUN_FILE, EDITS_DIR = "run.json", "edits"
-NEWER_FIELDS = ("case_digests", "checkpoint_state")  # run.json fields that older runs on disk do not have
+NEWER_FIELDS = ("case_digests", "checkpoint_state", "generation")  # run.json fields that older runs on disk do not have
 # run.json fields compared through another: the resolved config through config_hash, which leaves out
 # locations such as a checkpoint's path (checkpoint_state identifies the checkpoint by content)
 BY_HASH = ("config",)
@@ -65,6 +69,7 @@ class BenchmarkError(RuntimeError):
 
 @dataclass
 class BenchmarkResult:
+    """What :func:`run_benchmark` returns: every case's result and the summary (also on disk)."""
     results: list[CaseResult]
     summary: dict[str, Any]
 
@@ -90,6 +95,11 @@ class _Run:
     store: Any = None  # EditStore whose edits this run takes and keeps, with its scope (single setting only,
     # so every chunk is one request)
     scope: str | None = None
+    generation: GenSettings | None = None  # how the generation protocol generates (when it is asked)
+    texts: dict[Any, list] = field(default_factory=dict)  # key -> post-edit text records, until recorded
+    reopened: dict[Any, CaseResult] = field(default_factory=dict)  # finished cases topped up with new protocols
+    old_protocols: list[str] | None = None  # the protocols of the run being resumed (its run.json)
+    drift: Any = None  # DriftTracker of batch and sequential runs
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -100,10 +110,13 @@ class _Run:
 
     def sub_base(self, idx: list[int]) -> Baseline:
         rows = [self.base[self.keys[i]] for i in idx]
-        return Baseline(locality=[loc for _, loc in rows], pre=[pre for pre, _ in rows])
+        return Baseline(locality=[r[1] for r in rows], pre=[r[0] for r in rows], texts=[r[2] for r in rows])
 
     def score(self, idx: list[int]) -> list[dict]:
-        return score_cases(self.handle, [self.cases[i] for i in idx], self.sub_base(idx), protocols=self.protocols)
+        posts, texts = score_cases_with_texts(self.handle, [self.cases[i] for i in idx], self.sub_base(idx),
+                                              protocols=self.protocols, generation=self.generation)
+        self.texts.update({self.keys[i]: t for i, t in zip(idx, texts, strict=True)})
+        return posts
 
     def record(self, i: int, post: dict, efficiency: dict, info: dict, chunk: int) -> None:
         """Store one finished case, append it to cases.jsonl (flushed) and advance the progress bar."""
@@ -112,7 +125,11 @@ class _Run:
         if "reliability" in pre and pre["reliability"].value == 1.0:
             info["already_true"] = True
             log.info("case %s: the model already gives the new target before the edit", key)
-        res = CaseResult(key, post=post, pre=pre, efficiency=efficiency, info=info)
+        texts = {"pre": self.base[key][2], "post": self.texts.pop(key, [])} if GEN in self.protocols else {}
+        res = CaseResult(key, post=post, pre=pre, efficiency=efficiency, info=info, texts=texts,
+                         protocols=list(self.protocols))
+        if key in self.reopened:
+            res = coverage.merge(self.reopened.pop(key), res)
         self.done[key] = res
         if self.out is not None:
             line = {**res.to_dict(), "setting": {"setting": self.setting, "batch_size": self.batch_size,
@@ -133,7 +150,8 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
                   batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
                   run_info: dict[str, Any] | None = None, edit_store: Any = None,
-                  baseline_store: Any = None) -> BenchmarkResult:
+                  baseline_store: Any = None, generation: GenSettings | None = None,
+                  drift: DriftSettings | None = None, fill_missing: bool = True) -> BenchmarkResult:
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
@@ -143,13 +161,18 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
         out_dir: folder for cases.jsonl / summary.json / table.md (None: nothing is written).
         resume: continue a run in ``out_dir``: finished cases are kept, finished chunks are not redone.
         progress: show a tqdm progress bar.
-        protocols: scoring protocols (``token_acc``, ``prob_compare``).
+        protocols: scoring protocols (``token_acc``, ``prob_compare``, ``gen``). Resuming a run with protocols
+            its finished cases lack computes them for those cases (``fill_missing``) or marks them as
+            missing (:mod:`lmedit.metrics.coverage`).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
-        edit_store: an :class:`~lmedit.stores.EditStore`; in the single setting a case whose request it
+        edit_store: an :class:`~lmedit.bench.stores.EditStore`; in the single setting a case whose request it
             holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
             computed edits are kept in it. Efficiency still reports what computing the edit cost.
-        baseline_store: a :class:`~lmedit.stores.BaselineStore`: the unedited model's scores of a case are
+        baseline_store: a :class:`~lmedit.bench.stores.BaselineStore`: the unedited model's scores of a case are
             taken from it when it has them for these exact weights, and kept in it otherwise.
+        generation: how the ``gen`` protocol generates (context, token cap); default GenSettings().
+        drift: capability drift (perplexity, n-gram entropy) before and after the edits of a batch or
+            sequential run (:mod:`lmedit.metrics.drift`); None: not measured.
     Returns:
         per-case results in case order, and the summary.
     """
@@ -160,14 +183,21 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     if len(set(map(str, keys))) != len(keys):
         raise EditInputError("case ids are not unique; give every case its own case_id")
     timing = eval_timing if setting == "sequential" else None
-    run = _Run(editor, handle, cases, keys, setting, batch_size, timing, tuple(protocols),
-               Path(out_dir) if out_dir is not None else None)
+    protocols = check_protocols(protocols)
+    if GEN in protocols:
+        frame(handle, cases[0].request.text, (generation or GenSettings()).context)  # e.g. no chat template
+    run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
+               Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings())
     header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
-                        protocols=protocols)
+                        protocols=protocols, generation=run.generation)
     if run.out is not None:
         _prepare_out(run, header, resume)
+        run.reopened = coverage.reopen(run.done, protocols, run.old_protocols, fill=fill_missing)
+        coverage.drop_cases(run.out / CASES_FILE, set(map(str, run.reopened)))
+    if drift is not None and setting != "single":
+        run.drift = DriftTracker(handle, drift, run.out, n_chunks=len(run.chunks()), setting=setting)
     if edit_store is not None and setting == "single":
-        from .stores import edit_scope
+        from .bench.stores import edit_scope
 
         run.scope = edit_scope(editor, header)
         run.store = edit_store if run.scope else None
@@ -175,6 +205,8 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
     pending = [i for i in range(len(cases)) if keys[i] not in run.done]
     if pending:
         _score_baseline(run, pending, start_digest, baseline_store)
+        if run.drift is not None:
+            run.drift.before()
     if progress:
         from tqdm.auto import tqdm
 
@@ -191,18 +223,19 @@ def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, settin
 def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
     """The unedited model's scores of the pending cases: from ``store`` where it has them, else computed
     (in one batched pass) and kept there."""
-    got: dict[int, tuple[dict, list]] = {}
-    scope = store.scope(run.handle, state_digest, run.protocols) if store is not None else ""
+    got: dict[int, tuple[dict, list, list]] = {}
+    scope = store.scope(run.handle, state_digest, scope_labels(run.protocols, run.generation)) \
+        if store is not None else ""
     if store is not None:
         got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
     todo = [i for i in pending if i not in got]
     if todo:
         log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
-        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols)
-        for i, pre, loc in zip(todo, b.pre, b.locality, strict=True):
-            got[i] = (pre, loc)
+        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
+        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
+            got[i] = (pre, loc, texts)
             if store is not None:
-                store.put(scope, run.cases[i], pre, loc)
+                store.put(scope, run.cases[i], pre, loc, texts)
     run.base = {run.keys[i]: got[i] for i in pending}
 
 
@@ -212,7 +245,8 @@ def case_keys(cases: Sequence[EditCase]) -> list[Any]:
 
 
 def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single", batch_size: int = 1,
-               eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS) -> dict[str, Any]:
+               eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS,
+               generation: GenSettings | None = None) -> dict[str, Any]:
     """What a run is (``run.json``): method, resolved config, model, setting and case ids; resume checks it."""
     cfg = editor.config_for(handle)
     keys = case_keys(cases)
@@ -223,7 +257,8 @@ def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: 
             "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str)),
             "case_digests": [case_digest(c) for c in cases],
             # a trained editor is its checkpoint's content, not its path (retraining in place changes it)
-            **({"checkpoint_state": state_id(ckpt)} if (ckpt := getattr(cfg, "checkpoint", None)) else {})}
+            **({"checkpoint_state": state_id(ckpt)} if (ckpt := getattr(cfg, "checkpoint", None)) else {}),
+            **({"generation": (generation or GenSettings()).key()} if GEN in protocols else {})}
 
 
 def _dataset_of(run_dir: Path) -> str | None:
@@ -254,7 +289,8 @@ def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str |
         old = json.loads((src / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
         return {}, f"{src / RUN_FILE} is unreadable ({e})"
-    diff = sorted(k for k in header if k not in ("case_ids", "case_digests", *BY_HASH) and old.get(k) != header[k])
+    ignore = ("case_ids", "case_digests", *BY_HASH, *coverage.tolerated_differences(old, header))
+    diff = sorted(k for k in header if k not in ignore and old.get(k) != header[k])
     if diff:
         return {}, f"{src} is another run (different {', '.join(diff)})"
     if header["setting"] == "sequential":
@@ -279,8 +315,8 @@ def lendable_cases(source: str | Path, header: dict[str, Any], *, dataset: str |
             res = CaseResult.from_dict(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn line: that case is simply computed again
-        if str(res.case_id) in take:
-            lines.setdefault(str(res.case_id), line)
+        if str(res.case_id) in take:  # stamped with the protocols it holds: the borrower tops up the others
+            lines.setdefault(str(res.case_id), coverage.stamp(line, res, old.get("protocols")))
     return lines, "" if lines else f"{src} has no finished case among these"
 
 
@@ -327,6 +363,8 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
                                       "model_restored": restored, "wall_seconds": time.perf_counter() - t0})
     if run.chunk_stats:
         summary["chunk_stats"] = run.chunk_stats
+    if run.drift is not None:
+        summary["drift"] = run.drift.summary()
     if run.out is not None:
         _write_json(run.out / SUMMARY_FILE, summary)
         (run.out / TABLE_FILE).write_text(render_table(summary), encoding="utf-8")
@@ -406,7 +444,7 @@ def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]
 
 def _check_reverted(handle: Any, edit: Edit) -> None:
     """Cheap check after a revert: every parameter the edit touched holds its base values again."""
-    from .models.handle import tensor_digest
+    from .digests import tensor_digest
 
     for name, digest in getattr(edit, "base_digests", {}).items():
         if tensor_digest(get_parameter(handle.model, name)) != digest:
@@ -433,6 +471,8 @@ def _run_independent(run: _Run) -> None:
         edit, eff, err = _compute_apply(run, chunk)
         if edit is not None:
             try:
+                if run.drift is not None:
+                    run.drift.after_chunk(k, len(chunk))
                 posts = run.score(todo)
             finally:
                 edit.revert(run.handle)
@@ -459,6 +499,8 @@ def _run_sequential(run: _Run) -> None:
                     edit.apply(run.handle)  # strict: refuses weights other than those it was computed on
             if edit is not None:
                 applied.append(edit)
+                if run.drift is not None:
+                    run.drift.after_chunk(k, chunk[-1] + 1)  # chunks are consecutive from case 0
                 if edit.meta.get("stats"):
                     run.chunk_stats.append({"chunk": k, "stats": edit.meta["stats"]})
             if saved is None:
@@ -514,8 +556,10 @@ def _prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
     if (out / RUN_FILE).exists():
         old = json.loads((out / RUN_FILE).read_text())
         # fields newer than some runs on disk: for those, the case ids and the run's other fields decide
-        diff = sorted(k for k in header if k not in BY_HASH and old.get(k) != header[k]
+        tolerated = (*BY_HASH, *coverage.tolerated_differences(old, header))
+        diff = sorted(k for k in header if k not in tolerated and old.get(k) != header[k]
                       and (k in old or k not in NEWER_FIELDS))
+        run.old_protocols = old.get("protocols")
         if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
             log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
             diff = []
@@ -601,6 +645,8 @@ def build_summary(results: list[CaseResult], header: dict[str, Any]) -> dict[str
                "n_errors": len(results) - len(ok),
                "n_already_true": sum(bool(r.info.get("already_true")) for r in results),
                "post": summarize(ok, "post"), "pre": summarize(results, "pre")}
+    if missing := coverage.missing_counts(results):
+        summary["missing_protocols"] = missing  # cases not scored with these protocols: not zeros
     for which in ("post", "pre"):
         parts = [summary[which].get(m, {}).get("mean") for m in SCORE_S_PARTS]
         if all(p is not None and not math.isnan(p) for p in parts):
@@ -652,4 +698,11 @@ def render_table(summary: dict[str, Any]) -> str:
     if eff["max_cuda_peak_bytes"]:
         lines.append(f"- max CUDA memory: {eff['max_cuda_peak_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s")
+    if summary.get("missing_protocols"):
+        lines += ["", "Cases not scored with a protocol (left out of its means, not zeros): "
+                  + ", ".join(f"{p}: {n}" for p, n in summary["missing_protocols"].items())]
+    if summary.get("drift"):
+        from .metrics.drift import drift_lines
+
+        lines += ["", *drift_lines(summary["drift"])]
     return "\n".join(lines) + "\n"

@@ -83,6 +83,7 @@ class Edit:
             )
 
     def is_applied(self, handle: Any) -> bool:
+        """Whether this edit is currently applied to ``handle``'s model."""
         return id(handle.model) in self._applied_to
 
     # --- interface ---------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class Edit:
             self.revert(handle)
 
     def describe(self) -> str:
+        """A few readable lines: the kind of edit, the method, the model and the requests it carries."""
         reqs = self.meta.get("requests", [])
         lines = [f"{type(self).__name__} by {self.meta.get('method', '?')} for {self.meta.get('model_name', '?')} "
                  f"({len(reqs)} request{'s' if len(reqs) != 1 else ''})"]
@@ -188,6 +190,7 @@ class WeightDelta(Edit):
         self.base_digests = dict(base_digests or {})
 
     def dense(self, name: str) -> torch.Tensor:
+        """The full ΔW of parameter ``name`` (a low-rank pair ``(a, b)`` is multiplied out as ``a @ b.T``)."""
         d = self.deltas[name]
         if isinstance(d, tuple):
             a, b = d
@@ -195,7 +198,7 @@ class WeightDelta(Edit):
         return d
 
     def _apply(self, handle: Any, strict: bool) -> dict[str, torch.Tensor]:
-        from .models.handle import tensor_digest
+        from .digests import tensor_digest
 
         model = handle.model
         new_values: dict[str, torch.Tensor] = {}
@@ -246,6 +249,7 @@ class WeightDelta(Edit):
         return cls(deltas, body.get("base_digests"), meta)
 
     def norms(self) -> dict[str, float]:
+        """The Frobenius norm ‖ΔW‖ of each edited parameter."""
         return {k: float(self.dense(k).float().norm()) for k in self.deltas}
 
     def _describe_body(self) -> list[str]:
@@ -270,6 +274,7 @@ class SwapModule(nn.Module):
         self.base: nn.Module | None = None
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor keyword arguments (JSON-serialisable) that rebuild this module on load."""
         return {}
 
     def bind(self, handle: Any) -> None:
@@ -277,6 +282,7 @@ class SwapModule(nn.Module):
         adapter or caches) at run time take it here; it is never saved."""
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's own tensors, without the wrapped ``base`` module's (what a saved edit stores)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
 

@@ -104,13 +104,18 @@ class SharedPrefix:
             self._caches[k] = cache
         return self._caches[k]
 
+    def batch_cache(self, k: int, rows: int) -> Any:
+        """A fresh copy of the cache of the first ``k`` prefix tokens, repeated for ``rows`` rows."""
+        cache = copy.deepcopy(self._cache(k))
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
         """Last hidden states [rows, seq - k, d] of right-padded rows whose first ``k`` tokens are the
         prefix's, running only their tokens after ``k`` on a copy of the prefix's cache."""
         rows = input_ids.shape[0]
-        cache = copy.deepcopy(self._cache(k))
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
+        cache = self.batch_cache(k, rows)
         suffix_mask = attention_mask[:, k:]
         mask = torch.cat([torch.ones(rows, k, dtype=attention_mask.dtype, device=attention_mask.device),
                           suffix_mask], 1)

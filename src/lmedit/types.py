@@ -89,6 +89,7 @@ class EditRequest:
         return self.template.format(self.subject)
 
     def to_dict(self) -> dict[str, Any]:
+        """The request as plain JSON data, with the subject filled into the prompt."""
         return {
             "prompt": self.text,
             "subject": self.subject,
@@ -99,6 +100,7 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EditRequest:
+        """A request from a mapping (see :meth:`to_dict`); unknown or missing fields raise EditInputError."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = set(d) - known
         if unknown:

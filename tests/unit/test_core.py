@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lmedit.config import Config, ConfigError, option
+from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from lmedit.models.adapter import UnsupportedArchitectureError
-from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.handle import ModelHandle
 from lmedit.models.lookup import adapter_for
 from lmedit.types import EditInputError, EditRequest, to_template
 
@@ -85,6 +86,18 @@ def test_config_hash_ignores_locations_and_added_fields_at_their_default():
     old, new = _versions()
     assert new(lr=0.3).hash() == old(lr=0.3).hash() == new(lr=0.3, where="/x").hash()
     assert new(lr=0.3, stop=0.0).hash() != old(lr=0.3).hash()  # an added field counts once it is changed
+
+
+def test_config_is_coerced_and_validated_however_it_is_built():
+    from lmedit.methods.calinet import CaliNetConfig
+
+    assert CaliNetConfig(lr="1e-3").lr == 1e-3  # the constructor coerces like from_dict
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig(steps=0)  # and validates: no way around the checks
+    with pytest.raises(ConfigError, match="expected an integer"):
+        CaliNetConfig(width="wide")
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig().replace(steps=0)
 
 
 def test_config_rejects_unknown_and_bad_values():

@@ -216,7 +216,8 @@ def test_not_found_error_names_places_and_fix(isolated, monkeypatch):
     msg = str(e.value)
     assert str(isolated / "mydata" / "counterfact" / "easyedit_counterfact-edit.json") in msg
     assert str(isolated / "home" / "data" / "counterfact") in msg
-    assert "LMEDIT_DATA" in msg and "--data" in msg and "Not downloading" in msg
+    assert "LMEDIT_DATA" in msg and "path=" in msg and "Not downloading" in msg
+    assert e.value.data == {"option": "data"}  # the CLI adds its --data flag (lmedit.cli._hints)
 
 
 def test_download_only_when_allowed(isolated, monkeypatch):
@@ -250,3 +251,31 @@ def test_download_only_when_allowed(isolated, monkeypatch):
     monkeypatch.setattr(data_paths, "_download", failing)
     with pytest.raises(FileNotFoundError, match="(?s)failed: network unreachable.*LMEDIT_DATA"):
         find_data_file("zsre/zsre_mend_train_1k.json")
+
+
+def test_qaedit_mapping_keys_and_repeated_subjects(tmp_path):
+    raw = _raw("qaedit/QAEdit_inter_1k_800.json")
+    cases = load_dataset("qaedit")
+    assert len(cases) == 800 == len(raw)
+    assert len({c.case_id for c in cases}) == 800, "(source, id) is the key"
+    first = cases[0]
+    assert first.case_id == f"{raw[0]['source']}:{raw[0]['id']}" == "NQ:1104"
+    assert first.request.target_new == raw[0]["target"] == "Wilt Chamberlain *"  # kept as upstream has it
+    assert first.request.target_true is None and first.paraphrases == (raw[0]["rephrase"],)
+    assert [(q.prompt, q.answer) for q in first.locality] == [(raw[0]["locality"][0]["loc"],
+                                                               raw[0]["locality"][0]["loc_ans"])]
+    assert len(load_dataset("qaedit-loc5", n=1)[0].locality) == 5
+    # 'tandoor' occurs inside 'tandoori' first: the whole word is the subject, the prompt text is unchanged
+    tandoor = next(c for c, r in zip(cases, raw, strict=True) if r["subject"] == "tandoor")
+    assert tandoor.request.text == raw[cases.index(tandoor)]["prompt"]
+    assert "'tandoori'" in tandoor.request.template and "a {}." in tandoor.request.template
+    assert {c.case_id.split(":")[0] for c in cases} == {"NQ", "TQA", "SQA"}
+
+    dup = [dict(raw[0]), dict(raw[0])]
+    (tmp_path / "qa.json").write_text(json.dumps(dup))
+    with pytest.raises(DatasetError, match="occurs twice"):
+        load_dataset("qaedit", path=tmp_path / "qa.json")
+    bad = [{**raw[0], "locality": []}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DatasetError, match="record 0: locality"):
+        load_dataset("qaedit", path=tmp_path / "bad.json")

@@ -145,7 +145,8 @@ def test_layers_auto_traces_a_discovered_model(name, tokenizer, tmp_path, monkey
     with torch.no_grad():
         top = handle.logits(handle.tokens.prompts(prompts, side="left"))[:, -1].argmax(-1)
     facts = [{"known_id": i, "prompt": p, "subject": " ".join(p.split()[:2]),
-              "attribute": handle.tokenizer.decode([int(t)])} for i, (p, t) in enumerate(zip(prompts, top, strict=True))]
+              "attribute": handle.tokenizer.decode([int(t)])}
+             for i, (p, t) in enumerate(zip(prompts, top, strict=True))]
     monkeypatch.setattr("lmedit.tracing.aggregate.load_known_facts", lambda path=None: facts)
     monkeypatch.setattr("lmedit.tracing.noise.load_known_facts", lambda path=None: facts)
     (layer,) = auto_layers(handle, 1, "rome")

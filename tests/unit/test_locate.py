@@ -13,7 +13,9 @@ from conftest import CORPUS, make_handle
 from lmedit.config import ConfigError
 from lmedit.edits import EditError
 from lmedit.locate import keys as K
+from lmedit.locate import rows as R
 from lmedit.locate import stats as S
+from lmedit.locate import suffix as Sx
 from lmedit.locate import values as V
 from lmedit.locate.pipeline import depth_layers, width_lambda
 from lmedit.locate.templates import context_templates, group_mean
@@ -101,14 +103,14 @@ def test_batched_keys_equal_single_unpadded_passes(tiny_decoder):
 def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
     h = tiny_decoder
     groups = [["{}"], ["The tower is tall. {}"]]
-    p = V._problem(h, REQ, groups)
-    full = V._logits(h, p)
+    p = R.problem(h, REQ, groups)
+    full = Sx.loss_logits(h, p)
     out = {}
     hook = h.model.get_submodule(h.adapter.layer(1)).register_forward_hook(lambda m, a, o: out.setdefault("o", o))
-    V._logits(h, p)
+    Sx.loss_logits(h, p)
     hook.remove()
-    with V._replaying(h, 2, out["o"]):
-        assert torch.equal(V._logits(h, p), full)
+    with Sx.replaying(h, 2, out["o"]):
+        assert torch.equal(Sx.loss_logits(h, p), full)
     assert full.shape[0] == len(p.rows)  # logits at loss positions only
 
 
@@ -116,17 +118,17 @@ def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
 def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, subject):
     h = tiny_decoder
     req = EditRequest(prompt="{} was born in", subject=subject, target_new="Paris")
-    p = V._problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
+    p = R.problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
     sites = V._Sites(h, {"layer": V.site_path(h.adapter, "layer", 1)}, p)
     try:
         with torch.enable_grad():
-            clean, _ = V._clean_pass(h, p, 1)
-            suffix = V._suffix_forward(h, p, sites, clean, 1)
+            clean, _ = Sx.clean_pass(h, p, 1)
+            suffix = Sx.suffix_forward(h, p, sites, clean, 1)
             assert suffix is not None
             sites.delta["layer"][0].data += 0.5
             fast = suffix.logits()
             sites.set_index(p.index)
-            assert torch.allclose(fast, V._logits(h, p), atol=1e-5)
+            assert torch.allclose(fast, Sx.loss_logits(h, p), atol=1e-5)
             assert not torch.equal(fast, clean)  # δ reaches the loss positions (weakly in random models)
     finally:
         sites.close()
@@ -189,7 +191,7 @@ def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, si
 def test_pmet_stop_rule_is_per_request_in_a_batch(tiny_llama):
     """PMET's rule (×0.1 NLL once every target token is the argmax; stop once KL ≤ 0.01) per request."""
     h = tiny_llama
-    p = V._assemble(h, [V._part(h, r, [["{}"]]) for r in JOINT[:3]])
+    p = R.assemble(h, [R.request_rows(h, r, [["{}"]]) for r in JOINT[:3]])
     n_t, vocab = len(p.labels), h.model.config.vocab_size
     logits = torch.zeros(n_t + 3, vocab)
     kl_init = torch.log_softmax(torch.randn(3, vocab), -1)
@@ -362,7 +364,7 @@ def test_many_token_target_and_batch_of_requests(tiny_llama, corpus, home):
     long = EditRequest(prompt="{} was born in", subject="Barack Obama",
                        target_new="the University of Michigan at Trinity College")
     assert len(tiny_llama.tokens.target_ids(long.text, long.target_new)) > 8
-    p = V._problem(tiny_llama, long, [["{}"]])
+    p = R.problem(tiny_llama, long, [["{}"]])
     assert len(p.labels) == len(tiny_llama.tokens.target_ids(long.text, long.target_new))
     edit = quick("memit", corpus).compute(tiny_llama, [REQ, long])
     (a, b), = edit.deltas.values()

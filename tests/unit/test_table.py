@@ -16,6 +16,7 @@ import torch
 from lmedit.config import Config, option
 from lmedit.edits import PromptContext
 from lmedit.methods.base import Capabilities, Editor
+from lmedit.metrics.generate import GenSettings
 from lmedit.registry import UnknownMethodError, editor_class, register_editor
 from lmedit.table import build_table, resolve_methods
 from lmedit.table.cells import CellCache, CellResult, CellSpec, cell_key
@@ -172,11 +173,15 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     files = {p.name for p in tmp_path.iterdir()}
     assert {"table1.md", "table1.csv", "table1.json", "efficiency.md", "table1.png", "efficiency.png"} <= files
     assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r.metric for r in t.rows] == ["reliability", "generalization", "locality", "multihop"]
+    gen = ("gen_em", "gen_f1", "gen_contains")
+    assert [r.metric for r in t.rows] == [
+        "reliability", *(f"reliability@{g}" for g in gen), "generalization", *(f"generalization@{g}" for g in gen),
+        "locality", "locality@gen_em", "locality@gen_f1", *(f"locality_truth@{g}" for g in gen), "multihop"]
     assert all(c.status == "ok" for c in t.cells), [c.reason for c in t.cells]
     doc = json.loads((tmp_path / "table1.json").read_text())
     rec = [r for r in doc["rows"] if r["method"] == TOY]
-    assert {r["protocol"] for r in rec} == {"token_acc", "greedy_exact"}
+    assert {r["protocol"] for r in rec} == {"token_acc", "greedy_exact", *gen}
+    assert all(r["protocol"] == r["metric"].partition("@")[2] for r in rec if "@" in r["metric"])
     assert all(r["n_cases"] == 2 and r["model_fingerprint"] == doc["meta"]["model_fingerprint"] for r in rec)
     assert doc["meta"]["lmedit_version"] and "config_hash" in rec[0]
     header = (tmp_path / "table1.csv").read_text().splitlines()[0]
@@ -258,7 +263,7 @@ def test_cli_unknown_method(toy, capsys):
 def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_path):
     t = _table(model_dir, tmp_path, methods=f"{TOY},{TOY_FIT}")
     fit = next(c for c in t.cells if c.spec.method == TOY_FIT)
-    assert fit.status == "skipped" and "lmedit train --method table-toy-fit" in fit.reason
+    assert fit.status == "skipped" and "table-toy-fit must be trained" in fit.reason and "checkpoint" in fit.reason
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "editor.json").write_text(json.dumps({"history": [{"step": 5, "seconds": 3.0}, {"step": 10, "seconds": 7.5}]}))
@@ -450,3 +455,66 @@ def test_a_t5_table_shows_why_decoder_only_methods_cannot_run(tmp_path):
         assert status[m][0] == "skipped" and "encoder-decoder" in status[m][1], status[m]
     md = (tmp_path / "out" / "table1.md").read_text()
     assert md.count("-[^") >= 6 and "encoder-decoder" in md, "rome and memit: '-' in each row, reason in a footnote"
+
+
+def test_cells_cached_before_the_generation_protocol_keep_their_key_and_gain_it(toy, model_dir, tmp_path):
+    old = _table(model_dir, tmp_path, protocols=["token_acc", "prob_compare"])
+    cell = old.cells[0]
+    assert not any("@" in m for m in cell.post) and "reliability" in cell.post
+    # a cell written before cells recorded their protocols
+    path = tmp_path / "cells" / f"{TOY}__zsre" / "cell.json"
+    doc = json.loads(path.read_text())
+    doc["body"]["info"].pop("protocols")
+    from lmedit.digests import digest
+
+    doc["sha256"] = digest(doc["body"])
+    path.write_text(json.dumps(doc))
+    key = json.loads((tmp_path / "cells" / f"{TOY}__zsre" / "key.json").read_text())
+    calls = toy.calls
+
+    look = _table(model_dir, tmp_path, cached_only=True)  # both protocols asked, nothing computed
+    assert toy.calls == calls and look.cells[0].cached
+    assert "cached before the generation protocol" in look.markdown
+    gen_row = next(r for r in look.rows if r.metric == "reliability@gen_em")
+    assert gen_row.values[TOY] is None, "marked missing, not zero"
+
+    full = _table(model_dir, tmp_path)  # the default: both protocols; the cached cell is topped up
+    assert toy.calls == calls + 2, "its two cases were edited again for the generation protocol"
+    assert json.loads((tmp_path / "cells" / f"{TOY}__zsre" / "key.json").read_text()) == key, "same cache key"
+    topped = full.cells[0]
+    assert topped.post["reliability"] == cell.post["reliability"], "the teacher-forced number is kept"
+    assert topped.post["reliability@gen_em"]["protocol"] == "gen_em"
+    assert set(topped.info["protocols"]) >= {"token_acc", "prob_compare", "gen"}
+    again = _table(model_dir, tmp_path)
+    assert toy.calls == calls + 2 and again.cells[0].cached
+    only_tf = _table(model_dir, tmp_path, protocols=["token_acc"])
+    assert not any("@" in r.metric for r in only_tf.rows) and toy.calls == calls + 2
+    qa = _table(model_dir, tmp_path, generation=GenSettings(context="qa"))
+    assert not qa.cells[0].cached, "other generation settings are another cell"
+
+
+def test_qaedit_block(toy, model_dir, tmp_path):
+    t = _table(model_dir, tmp_path, datasets=["qaedit"], protocols=["token_acc", "gen"])
+    assert t.cells[0].status == "ok", t.cells[0].reason
+    assert "| QAEdit | Reliability | token_acc |" in t.markdown
+    assert "| Reliability | gen_em |" in t.markdown and "Locality (ground truth)" in t.markdown
+
+
+def test_a_teacher_forced_bench_run_lends_its_cases_and_the_cell_computes_the_generation_protocol(
+        toy, model_dir, tmp_path):
+    from lmedit.benchmark import run_benchmark
+    from lmedit.data import load_dataset
+    from lmedit.models.loading import load_model
+    from lmedit.registry import get_editor
+
+    handle = load_model(model_dir)
+    zsre = load_dataset("zsre", n=2)
+    bench = run_benchmark(get_editor(TOY), handle, zsre, out_dir=tmp_path / "runs" / "tf",
+                          protocols=("token_acc", "prob_compare"), run_info={"dataset": "zsre"})
+    calls = toy.calls
+    t = _table(model_dir, tmp_path / "t", reuse=[str(tmp_path / "runs")])
+    cell = t.cells[0]
+    assert cell.info["reused"]["cases"] == 2
+    assert toy.calls == calls + 2, "the lent cases lack the generation protocol: edited again for it"
+    assert cell.post["reliability"]["mean"] == bench.summary["post"]["reliability"]["mean"]
+    assert cell.post["reliability@gen_em"]["protocol"] == "gen_em"

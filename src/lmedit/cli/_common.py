@@ -94,3 +94,43 @@ def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """``--protocols``, ``--context`` and ``--max-new-tokens``: what scores a run, and how answers are generated."""
+    p.add_argument("--protocols", default="token_acc,prob_compare,gen",
+                   help="scoring protocols, comma-separated (default %(default)s): token_acc = teacher-forced token "
+                        "accuracy; prob_compare = CounterFact P(new) > P(true); gen = free generation scored by "
+                        "exact match / token F1 / contains (tags gen_em, gen_f1, gen_contains)")
+    p.add_argument("--context", choices=("question", "qa", "chat"), default="question",
+                   help="gen: the prompt alone (default), with a short QA instruction, or in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="gen: the cap on generated tokens (never depends on the gold answer; default 32)")
+
+
+def protocol_options(args: argparse.Namespace) -> tuple[tuple[str, ...], Any]:
+    """(protocols, GenSettings) from the arguments of :func:`add_protocol_args`; bad values raise."""
+    from ..metrics.evaluate import check_protocols
+    from ..metrics.generate import GenSettings
+
+    protocols = check_protocols([x.strip() for x in args.protocols.split(",") if x.strip()])
+    return protocols, GenSettings(context=args.context, max_new_tokens=args.max_new_tokens)
+
+
+def add_judge_args(p: argparse.ArgumentParser) -> None:
+    """``--judge URL`` and its model and key variable."""
+    p.add_argument("--judge", metavar="URL",
+                   help="grade generated answers with an LLM judge at this OpenAI-compatible endpoint (e.g. "
+                        "https://api.openai.com/v1); tag gen_judge; off by default")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to the judge (default %(default)s)")
+    p.add_argument("--judge-key-env", default="LMEDIT_JUDGE_KEY",
+                   help="environment variable holding the judge's API key (default %(default)s)")
+
+
+def make_judge(args: argparse.Namespace, folder: Path) -> Any:
+    """The Judge the arguments ask for (its verdict cache in ``folder``), or None."""
+    if not getattr(args, "judge", None):
+        return None
+    from ..metrics.judge import Judge
+
+    return Judge(args.judge, model=args.judge_model, key_env=args.judge_key_env, cache=folder / "judge_cache.jsonl")

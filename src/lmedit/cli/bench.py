@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import DEFAULT_MODEL, add_config_args, config_overrides, quiet_libraries
+from ._common import (
+    DEFAULT_MODEL,
+    add_config_args,
+    add_judge_args,
+    add_protocol_args,
+    config_overrides,
+    make_judge,
+    protocol_options,
+    quiet_libraries,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
     p.add_argument("--data", metavar="PATH", help="read the dataset from this file instead of the default")
     add_config_args(p)
+    add_protocol_args(p)
+    add_judge_args(p)
+    p.add_argument("--drift-tokens", type=int, default=20_000,
+                   help="batch/sequential: perplexity on this many WikiText-2 tokens and n-gram entropy of "
+                        "generations, before and after the edits (default %(default)s; 0: not measured)")
+    p.add_argument("--drift-every", type=int, default=0,
+                   help="batch: measure drift after every K-th chunk (default 0: the first); sequential: also "
+                        "after every K-th chunk (default 0: after the last only)")
     p.add_argument("--editor-checkpoint", metavar="DIR", help="trained editor state, for methods that need training")
     p.set_defaults(func=run)
 
@@ -52,13 +69,25 @@ def run(args: argparse.Namespace) -> int:
                          "with --batch-size")
     if args.batch_size > 1 and not editor.capabilities.batch:
         raise ValueError(f"{args.method} edits one request at a time; use --batch-size 1")
+    protocols, generation = protocol_options(args)
+    drift = None
+    if args.drift_tokens and args.setting != "single":
+        from ..metrics.drift import DriftSettings
+
+        drift = DriftSettings(tokens=args.drift_tokens, every=args.drift_every)
     cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
     handle = load_model(args.model)
     out = Path(args.out) if args.out else default_out(args)
     run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
                 "model": args.model, "data": args.data, "overrides": overrides}
     run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
-                  eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info)
+                  eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info,
+                  protocols=protocols, generation=generation, drift=drift)
+    judge = make_judge(args, out)
+    if judge is not None:
+        from ..metrics.rescore import rescore_run
+
+        rescore_run(out, judge=judge)
     table = out / "table.md"
     if table.exists():
         print(table.read_text().rstrip())

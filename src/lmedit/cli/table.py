@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import DEFAULT_MODEL, quiet_libraries
+from ._common import DEFAULT_MODEL, add_protocol_args, protocol_options, quiet_libraries
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
     p.add_argument("--methods", default="paper",
                    help="'paper' (the paper's ten methods, default), 'all' (every registered editor) or m1,m2")
-    p.add_argument("--datasets", default="zsre,counterfact,zsre-portability,mquake",
+    p.add_argument("--datasets", default="zsre,counterfact,qaedit,zsre-portability,mquake",
                    help="comma-separated dataset names (default: %(default)s)")
     p.add_argument("--n", type=int, default=100, help="cases per dataset (default 100; 20 for a quick look)")
     p.add_argument("--multihop-n", type=int,
@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="compute nothing: lay out the finished cells, '-' for the others (e.g. while a run goes on)")
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    add_protocol_args(p)
     p.set_defaults(func=run)
 
 
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     # bad names fail here, before the model loads or a bar is drawn
     datasets = check_datasets([d.strip() for d in args.datasets.split(",") if d.strip()])
     names, unavailable = resolve_methods(args.methods)  # fail on unknown methods before loading anything
+    protocols, generation = protocol_options(args)
     if args.backend == "ray":
         try:
             import ray  # noqa: F401
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
             plots=not args.no_plots, progress=progress, reuse=args.reuse,
-            cached_only=args.cached_only)
+            cached_only=args.cached_only, protocols=protocols, generation=generation)
     finally:
         if progress:
             progress.close()

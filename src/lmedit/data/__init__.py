@@ -77,6 +77,7 @@ def _discover() -> None:
 
 
 def get_dataset(name: str) -> DatasetSpec:
+    """The registered dataset ``name``; an unknown name raises DatasetError listing the available ones."""
     _discover()
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, _DATASETS, n=2)

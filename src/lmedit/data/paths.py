@@ -20,6 +20,8 @@ import os
 import urllib.request
 from pathlib import Path
 
+from ..errors import LmeditError
+
 log = logging.getLogger(__name__)
 
 _RAW = "https://raw.githubusercontent.com"
@@ -41,11 +43,18 @@ SOURCES: dict[str, str] = {
     "portability/MQuAKE-hard_300.json":
         f"{_RAW}/Alanzxd/memit_for_mquake/7d658a522b3988b18bd1cdc22335837303223f42/data/MQuAKE-hard.json",
     "misc/known_1000.json": f"{_ROME}/known_1000.json",
+    "qaedit/QAEdit_inter_1k_800.json":
+        f"{_RAW}/WanliYoung/Revisit-Editing-Evaluation/d6025e0ee9731d3b59b84ea242dc06bf0e0c8a74/data/QAEdit_inter_1k.json",
     "corpus/wikitext-2_valid.tokens.txt": f"{_WT}/valid.txt",
     "corpus/wikitext-2_test.tokens.txt": f"{_WT}/test.txt",
 }
 
 DOWNLOAD_TIMEOUT_S = 20.0
+
+
+
+class DataFileNotFoundError(LmeditError, FileNotFoundError):
+    """A data file that is in none of the places lmedit looks; ``data["option"]`` names the argument."""
 
 
 def offline() -> bool:
@@ -55,6 +64,7 @@ def offline() -> bool:
 
 
 def cache_dir() -> Path:
+    """The download cache: ``$LMEDIT_HOME/data`` (default ``~/.cache/lmedit/data``)."""
     home = os.environ.get("LMEDIT_HOME")
     return (Path(home).expanduser() if home else Path.home() / ".cache" / "lmedit") / "data"
 
@@ -122,11 +132,11 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
             notes.append(f"Downloading {url} failed: {e}")
     elif url and download:
         notes.append(f"Not downloading {url}: HF_HUB_OFFLINE or LMEDIT_OFFLINE is set.")
-    raise FileNotFoundError("\n".join([
+    raise DataFileNotFoundError("\n".join([
         f"data file {relative!r} not found. Searched:", *(f"  {p}" for p in searched), *notes,
         "Fix: set LMEDIT_DATA to the folder that holds it (e.g. export LMEDIT_DATA=/path/to/shared/data), "
-        "or pass --data / path= with the file or its data folder.",
-    ]))
+        "or pass path= with the file or its data folder.",
+    ]), option="data")
 
 
 def _download(url: str, dest: Path) -> Path:

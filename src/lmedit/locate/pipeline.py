@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter
-from ..models.handle import tensor_digest
 from ..types import EditRequest
 from .keys import gather, request_rows
 from .templates import TemplateGroups, context_templates, flatten, group_mean
@@ -210,7 +210,7 @@ def target_values(handle, requests: Sequence[EditRequest], layer: int, sites: Se
     opts = value_options(cfg)
     if not cfg.value_cache:
         return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=cfg.v_batch_size)
-    from ..stores import ValueStore
+    from .value_store import ValueStore
 
     store = ValueStore(cfg.value_cache)
     scope = store.scope(handle, layer, sites, opts, groups)

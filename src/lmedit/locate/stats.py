@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LmeditError
 from ..hooks import StopForward, get_module
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ CACHE_KEY = "locate.stats"
 SETUP_SECONDS = "setup_seconds"  # handle.cache entry: seconds spent on one-time per-model work (lmedit demo reports it)
 
 
-class StatsError(RuntimeError):
+class StatsError(LmeditError, RuntimeError):
     """Statistics cannot be computed or loaded as asked; the message says what to fix."""
 
 
@@ -51,8 +52,8 @@ def corpus_files(corpus: str | Path | None = None) -> list[Path]:
         if not found:
             raise StatsError(
                 "no text corpus for the second-moment statistics: pass corpus=PATH (a text file or a folder of "
-                "*.txt files; CLI: --corpus PATH), or set LMEDIT_CORPUS or LMEDIT_DATA, or put WikiText files in "
-                f"{lmedit_home() / 'corpus'}")
+                "*.txt files), or set LMEDIT_CORPUS or LMEDIT_DATA, or put WikiText files in "
+                f"{lmedit_home() / 'corpus'}", option="corpus")
         corpus = found[0]
     path = Path(corpus).expanduser()
     if not path.exists():

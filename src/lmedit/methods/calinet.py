@@ -74,7 +74,7 @@ class CaliNet(Editor):
     """Train a zero-initialised side FFN at late layers on the requests; the base model is untouched."""
 
     Config = CaliNetConfig
-    capabilities = Capabilities(batch=True, sequential=True, edit_kind="module_swap")
+    capabilities = Capabilities(batch=True, sequential=True, edit_kind=ModuleSwap)
     relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [28, 29], "width": 64, "lr": 1e-3, "steps": 300},

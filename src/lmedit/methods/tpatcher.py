@@ -237,7 +237,7 @@ class TPatcher(Editor):
     """Add up to ``max_patches`` trained neurons to the last FFN until the edit holds."""
 
     Config = TPatcherConfig
-    capabilities = Capabilities(batch=False, sequential=True, edit_kind="module_swap")
+    capabilities = Capabilities(batch=False, sequential=True, edit_kind=ModuleSwap)
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layer": 29, "lr": 1e-2, "alc": 1.0, "mlc": 10.0, "memory_size": 20000},

@@ -7,6 +7,8 @@ Token-accuracy protocol (Yao et al. 2023, tag ``token_acc``):
 CounterFact probability protocol (ROME, tag ``prob_compare``), when the case knows the true answer:
   efficacy_score / paraphrase_score: P(new) > P(true); neighborhood_score: P(true) > P(new) on other subjects;
   *_magnitude: the probability differences. The summary adds score_s, their harmonic mean.
+Generation protocol (selected as ``gen``; tags ``gen_em``, ``gen_f1``, ``gen_contains``): the model answers
+freely and the answer is scored as text (:mod:`lmedit.metrics.gen_protocol`); the generated texts are kept.
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..types import EditCase
+from .gen_protocol import GEN, generate_records, scores_from_records
+from .generate import GenSettings
 from .records import PROB_COMPARE, TOKEN_ACC, CaseResult, Score
 from .scoring import TargetScore, score_targets
 
-ALL_PROTOCOLS = (TOKEN_ACC, PROB_COMPARE)
+TEACHER_FORCED = (TOKEN_ACC, PROB_COMPARE)  # what lmedit computed before the generation protocol existed
+ALL_PROTOCOLS = (TOKEN_ACC, PROB_COMPARE, GEN)
+KNOWN_PROTOCOLS = ALL_PROTOCOLS
+
+
+def check_protocols(protocols: Sequence[str]) -> tuple[str, ...]:
+    """The protocols, deduplicated; an unknown name is an error that lists the known ones."""
+    out = tuple(dict.fromkeys(protocols))
+    bad = [p for p in out if p not in KNOWN_PROTOCOLS]
+    if bad or not out:
+        raise ValueError(f"unknown scoring protocol(s) {bad or '(none given)'}; choose from {', '.join(KNOWN_PROTOCOLS)}")
+    return out
 
 
 @dataclass
@@ -28,6 +43,8 @@ class Baseline:
 
     locality: list[list[TargetScore]] = field(default_factory=list)
     pre: list[dict[str, Score]] = field(default_factory=list)
+    # the generation protocol's text records per case (empty when it was not computed)
+    texts: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -97,40 +114,68 @@ def _aggregate(cases: Sequence[EditCase], items: list[_Item], scores: list[Targe
 
 
 def baseline(handle: Any, cases: Sequence[EditCase], *, protocols: Sequence[str] = ALL_PROTOCOLS,
-             batch_size: int = 32) -> Baseline:
-    """Score the unedited model once: pre-edit metrics and the locality predictions to compare against."""
+             batch_size: int = 32, generation: GenSettings | None = None) -> Baseline:
+    """Score the unedited model once: pre-edit metrics and the locality predictions (and, for the
+    generation protocol, the answers) to compare against."""
     if handle.contexts:
         raise RuntimeError("baseline must be computed on the unedited model, but in-context edits are active")
     items = _items(cases, protocols)
     scores = _score(handle, items, batch_size)
     pre, loc = _aggregate(cases, items, scores, None)
-    return Baseline(locality=loc, pre=pre)
+    texts: list[list[dict[str, Any]]] = []
+    if GEN in protocols:
+        texts = generate_records(handle, cases, generation or GenSettings())
+        for p, recs in zip(pre, texts, strict=True):
+            p.update(scores_from_records(recs))
+    return Baseline(locality=loc, pre=pre, texts=texts)
 
 
-def score_cases(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
-                protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32) -> list[dict[str, Score]]:
-    """Score the model as it is now (edited) against the baseline of the original model."""
+def score_cases_with_texts(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
+                           protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
+                           generation: GenSettings | None = None
+                           ) -> tuple[list[dict[str, Score]], list[list[dict[str, Any]]]]:
+    """Score the model as it is now (edited) against the baseline of the original model; also returns the
+    generation protocol's text records per case (empty lists without it)."""
     items = _items(cases, protocols)
     scores = _score(handle, items, batch_size)
     post, _ = _aggregate(cases, items, scores, base.locality)
-    return post
+    texts: list[list[dict[str, Any]]] = [[] for _ in cases]
+    if GEN in protocols:
+        if len(base.texts) != len(cases):
+            raise ValueError("the baseline has no generated answers for these cases; compute it with the "
+                             "generation protocol")
+        texts = generate_records(handle, cases, generation or GenSettings())
+        for p, recs, before in zip(post, texts, base.texts, strict=True):
+            p.update(scores_from_records(recs, before))
+    return post, texts
+
+
+def score_cases(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
+                protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
+                generation: GenSettings | None = None) -> list[dict[str, Score]]:
+    """Score the model as it is now (edited) against the baseline of the original model."""
+    return score_cases_with_texts(handle, cases, base, protocols=protocols, batch_size=batch_size,
+                                  generation=generation)[0]
 
 
 def evaluate(handle: Any, cases: Sequence[EditCase], edit: Any = None, *,
              protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
-             base: Baseline | None = None) -> list[CaseResult]:
+             base: Baseline | None = None, generation: GenSettings | None = None) -> list[CaseResult]:
     """Per-case results for ``edit`` on ``cases``: pre-edit scores, then the edit applied, scored, reverted.
 
     With ``edit=None`` the model is scored as it is (post == the current model) -- for edits already
     applied, pass the ``base`` computed before applying them.
     """
     cases = list(cases)
+    kw = {"protocols": protocols, "batch_size": batch_size, "generation": generation}
     if base is None:
-        base = baseline(handle, cases, protocols=protocols, batch_size=batch_size)
+        base = baseline(handle, cases, **kw)
     if edit is None:
-        post = score_cases(handle, cases, base, protocols=protocols, batch_size=batch_size)
+        post, texts = score_cases_with_texts(handle, cases, base, **kw)
     else:
         with edit.applied(handle):
-            post = score_cases(handle, cases, base, protocols=protocols, batch_size=batch_size)
-    return [CaseResult(c.case_id, post=p, pre={k: v for k, v in pre.items()})
-            for c, p, pre in zip(cases, post, base.pre, strict=True)]
+            post, texts = score_cases_with_texts(handle, cases, base, **kw)
+    pre_texts = base.texts or [[] for _ in cases]
+    return [CaseResult(c.case_id, post=p, pre={k: v for k, v in pre.items()},
+                       texts={"pre": b, "post": t} if (b or t) else {})
+            for c, p, pre, t, b in zip(cases, post, base.pre, texts, pre_texts, strict=True)]

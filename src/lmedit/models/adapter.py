@@ -60,19 +60,24 @@ class ModelAdapter:
     discovered: bool = False
 
     def replace(self, **kw: Any) -> ModelAdapter:
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
 
     # --- paths -------------------------------------------------------------------------------------
     def layer(self, i: int) -> str:
+        """The module path of layer ``i``."""
         return self.layers.format(i)
 
     def layer_container(self) -> str:
+        """The module path of the list that holds the layers."""
         return self.layers.split(".{}")[0]
 
     def n_layers(self, model: nn.Module) -> int:
+        """How many layers ``model`` has."""
         return len(get_module(model, self.layer_container()))
 
     def check_layers(self, model: nn.Module, layers: list[int] | tuple[int, ...]) -> None:
+        """Raise ValueError naming the valid range when a layer index is outside the model."""
         n = self.n_layers(model)
         bad = [i for i in layers if not (0 <= int(i) < n)]
         if bad:
@@ -93,6 +98,7 @@ class ModelAdapter:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("family", "discovered")}
 
     def module(self, model: nn.Module, template: str, i: int | None = None) -> nn.Module:
+        """The module at ``template`` (formatted with layer ``i`` when given) inside ``model``."""
         return get_module(model, template.format(i) if i is not None else template)
 
     @staticmethod

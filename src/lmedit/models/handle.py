@@ -10,20 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..digests import tensor_digest
 from ..kv import body_and_head
 from ..tokens import Batch, TokenPolicy
 from .adapter import ModelAdapter
 from .lookup import adapter_for, preset_name
 
 log = logging.getLogger(__name__)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A full-content hash of one tensor (used for the parameters an edit touches)."""
-    data = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -101,9 +94,11 @@ class ModelHandle:
         return self.adapter.encoder_decoder
 
     def n_params(self) -> int:
+        """The number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def size_bytes(self) -> int:
+        """The parameters' size in bytes in their current dtype (tied weights counted once)."""
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def render(self, prompt: str) -> str:

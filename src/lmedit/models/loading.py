@@ -108,6 +108,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

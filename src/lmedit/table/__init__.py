@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
-from .cells import CellResult, CellSpec, git_commit, lmedit_version
+from .cells import CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
 
@@ -31,7 +31,7 @@ __all__ = ["PAPER_METHODS", "DEFAULT_DATASETS", "TableResult", "build_table", "c
 
 # The columns of the paper's Table 1, in its order (a column list, not behaviour: nothing branches on these).
 PAPER_METHODS = ("ft-l", "serac", "ike", "calinet", "t-patcher", "ke", "mend", "kn", "rome", "memit")
-DEFAULT_DATASETS = ("zsre", "counterfact", "zsre-portability", "mquake")
+DEFAULT_DATASETS = ("zsre", "counterfact", "qaedit", "zsre-portability", "mquake")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def resolve_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[list[st
             return list(PAPER_METHODS), missing
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError("no methods given; use --methods all, paper, or a comma-separated list")
+        raise TableError("no methods given: pass 'all', 'paper', or method names", option="methods")
     names = [editor_class(m).name for m in methods]  # raises UnknownMethodError listing the available ones
     return list(dict.fromkeys(names)), {}
 
@@ -119,20 +119,31 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 method_overrides: dict[str, dict[str, Any]] | None = None,
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
                 threads: int | None = None, plots: bool = True, progress: Progress | None = None,
-                reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False) -> TableResult:
+                reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False,
+                protocols: tuple[str, ...] | list[str] | None = None, generation: Any = None) -> TableResult:
     """Benchmark every (method, dataset) cell and write the table files into ``out``.
 
     Args:
         model: alias or model directory (see ``lmedit models``).
         methods: ``"paper"`` (default), ``"all"``, ``"m1,m2"`` or a list.
         datasets: dataset names; a multi-hop dataset (``mquake``) gives the Multi-hop row.
-        n / offset: the slice of each dataset; multihop_n: cases of a multi-hop dataset (default n // 4,
-            as each applies 4 edits). setting / edits / eval_timing / batch_size: see CellSpec.
-        backend: ``local`` or ``ray`` (``address``: an existing cluster).
+        n: cases per dataset.
+        multihop_n: cases of a multi-hop dataset (default n // 4, as each applies 4 edits).
+        offset: skip this many valid records of each dataset first.
+        setting: ``single`` or ``sequential`` (see CellSpec).
+        edits: sequential: edits stacked per sequence.
+        eval_timing: sequential: ``final`` or ``immediate``.
+        batch_size: requests per edit for methods that batch.
+        out: the folder the table files (and the per-cell cache) go to.
+        backend: ``local`` or ``ray``.
+        address: ray: an existing cluster (default: start a local one).
+        seed: RNG seed set at the start of every cell.
         workers: local: worker processes (default 1: this process, where editors registered at run time
             are known; ``"auto"``: one per CPU core, at most 4, and 1 on a GPU machine, as the CLI does);
             ray: actors and the size of the local cluster (default 2).
-        method_overrides: config overrides per method; checkpoints: trained-editor folder per method.
+        method_overrides: config overrides per method.
+        checkpoints: trained-editor folder per method.
+        data_path: a folder to read the datasets from.
         threads: torch threads per process (default: torch's choice in this process, the CPU cores shared
             out among local workers, 1 per Ray worker).
         plots: write table1.png and efficiency.png (needs matplotlib).
@@ -142,7 +153,15 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
             on the same cases (id and content) instead of recomputing them.
         cached_only: compute nothing: finished cells are laid out, the others show '-' ("not computed
             yet"); for a look at a table while its run goes on elsewhere.
+        protocols: scoring protocols (default: ``token_acc``, ``prob_compare`` and ``gen``, the generation
+            protocol); rows of other protocols are left out. generation: a
+            :class:`~lmedit.metrics.generate.GenSettings` (context, token cap).
     """
+    from ..metrics.evaluate import ALL_PROTOCOLS, check_protocols
+    from ..metrics.generate import GenSettings
+
+    protocols = check_protocols(protocols or ALL_PROTOCOLS)
+    generation = generation or GenSettings()
     datasets = check_datasets(datasets)
     names, unavailable = resolve_methods(methods)
     sizes = slice_sizes(datasets, n, multihop_n)
@@ -156,7 +175,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     shared = shared_requests(specs, data_path) if setting == "single" and not cached_only else []
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
                       threads=threads, reuse=[str(r) for r in reuse], cached_only=cached_only,
-                      shared_requests=shared)
+                      shared_requests=shared, protocols=protocols, generation=generation)
     t0 = time.time()
     if backend == "local":
         workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)
@@ -172,7 +191,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                                   eval_timing=eval_timing, seed=seed), "skipped", reason)
               for m, reason in unavailable.items() for ds in datasets]
     meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, workers=workers,
-                 seconds=time.time() - t0, threads=threads)
+                 seconds=time.time() - t0, threads=threads, protocols=list(protocols),
+                 generation=generation.key())
     return write_table(cells, names, datasets, meta, out, plots=plots)
 
 
@@ -190,7 +210,7 @@ def _meta(model: str, cells: list[CellResult], specs: list[CellSpec], **extra: A
 def write_table(cells: list[CellResult], methods: list[str], datasets: list[str], meta: dict[str, Any],
                 out: Path, *, plots: bool = True) -> TableResult:
     """Lay the cells out and write table1.{md,csv,json}, efficiency.md and (with ``plots``) the PNGs."""
-    rows = build_rows(cells, methods, datasets)
+    rows = build_rows(cells, methods, datasets, protocols=meta.get("protocols"))
     meta = {**meta, "reused": {c.spec.name: c.info["reused"] for c in cells if c.info.get("reused")}}
     md = markdown(rows, methods, meta)
     records = long_records(rows, cells, meta)

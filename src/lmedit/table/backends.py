@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .cells import CellCache, CellResult, CellSpec
+from ..metrics.evaluate import ALL_PROTOCOLS
+from ..metrics.generate import GenSettings
+from .cells import CellCache, CellResult, CellSpec, TableError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class RunOptions:
     reuse: list[str] = field(default_factory=list)  # earlier bench runs whose finished cases cells may take
     cached_only: bool = False  # lay out the finished cells; compute nothing
     shared_requests: list[str] = field(default_factory=list)  # digests of requests that several cells edit
+    protocols: tuple[str, ...] = ALL_PROTOCOLS  # scoring protocols of every cell
+    generation: GenSettings = field(default_factory=GenSettings)  # how the gen protocol generates
 
 
 def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
@@ -61,7 +65,8 @@ def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress |
         result = run_cell(handle, spec, CellCache(opts.out), checkpoints=opts.checkpoints, data_path=opts.data_path,
                           progress=bool(progress and progress.inner_bars),
                           on_case=progress.case_done if progress else None, reuse=opts.reuse,
-                          cached_only=opts.cached_only, shared_requests=opts.shared_requests)
+                          cached_only=opts.cached_only, shared_requests=opts.shared_requests,
+                          protocols=opts.protocols, generation=opts.generation)
     except CellSkipped as e:
         result = CellResult(spec, "skipped", str(e))
     except EditInputError as e:  # e.g. a method that cannot edit this architecture or these requests
@@ -109,7 +114,7 @@ def run_local(specs: list[CellSpec], opts: RunOptions, progress: Progress | None
     ``workers`` > 1, in that many spawned processes that each load the model once and take whole cells
     (each with ``threads`` torch threads, by default an equal share of the CPU cores)."""
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise TableError(f"workers must be at least 1, got {workers}", option="workers")
     if workers > 1 and len(specs) > 1:
         return _run_processes(specs, opts, min(workers, len(specs)), progress)
     handle = _load(opts.model, opts.threads)
@@ -172,7 +177,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise ImportError("the ray backend needs Ray: pip install ray  (or use --backend local)") from e
+        raise ImportError("the ray backend needs Ray: pip install ray  (or use the local backend)") from e
     return ray
 
 
@@ -181,7 +186,7 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
     """Cells on Ray actors (a local cluster of ``workers`` CPUs unless ``address`` names one)."""
     ray = _ray()
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise TableError(f"workers must be at least 1, got {workers}", option="workers")
     started = False
     if not ray.is_initialized():
         if address:

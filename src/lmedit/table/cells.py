@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..digests import digest, plain
+from ..errors import LmeditError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ CELL_FILE = "cell.json"
 KEY_FILE = "key.json"
 SETTINGS = ("single", "sequential")
 TIMINGS = ("final", "immediate")
+
+
+class TableError(LmeditError, ValueError):
+    """A table asked for with arguments that cannot make one; ``data["option"]`` names the argument."""
 
 
 @dataclass(frozen=True)

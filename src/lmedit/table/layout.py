@@ -5,6 +5,10 @@ Reliability / Generalization / Locality for ZsRE and CounterFact, Portability (o
 for the ZsRE portability set, Multi-hop for MQuAKE. Values are x100. In each row the best value among
 the method columns is bold (ties: all of them). A cell that could not run, or a metric the dataset cannot
 provide, is ``-`` with a footnote that says why. The pre-edit column is the unedited model, not bolded.
+
+Each metric has a row per protocol: the teacher-forced one (``token_acc``), then the generation protocol's
+(``gen_em``, ``gen_f1``, ``gen_contains``, and ``gen_judge`` when a judge graded the answers), and for
+Locality also its generation rows against the ground truth. Protocols are never averaged together.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..metrics.gen_protocol import GEN, GEN_CONTAINS, GEN_EM, GEN_F1, GEN_JUDGE, LOCALITY_TRUTH, split_key
 from .cells import CellResult
 
-DATASET_LABELS = {"zsre": "ZsRE", "counterfact": "CounterFact", "zsre-portability": "ZsRE (portability)",
-                  "mquake": "MQuAKE (multi-hop)"}
+DATASET_LABELS = {"zsre": "ZsRE", "counterfact": "CounterFact", "qaedit": "QAEdit",
+                  "zsre-portability": "ZsRE (portability)", "mquake": "MQuAKE (multi-hop)"}
 METRIC_LABELS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
-                 "multihop": "Multi-hop"}
+                 "multihop": "Multi-hop", LOCALITY_TRUTH: "Locality (ground truth)"}
+GEN_ORDER = (GEN_EM, GEN_F1, GEN_CONTAINS, GEN_JUDGE)
 CORE_ROWS = ("reliability", "generalization", "locality")
 # Blocks whose rows differ from CORE_ROWS (+ any portability groups the cells report).
 BLOCK_ROWS = {"zsre-portability": ("portability",), "mquake": ("multihop",)}
@@ -43,9 +49,10 @@ class Row:
 
     @property
     def label(self) -> str:
-        if self.metric.startswith("portability_"):
-            return f"Portability ({self.metric.removeprefix('portability_').replace('_', '-')})"
-        return METRIC_LABELS.get(self.metric, self.metric.replace("_", " ").capitalize())
+        metric = split_key(self.metric)[0]
+        if metric.startswith("portability_"):
+            return f"Portability ({metric.removeprefix('portability_').replace('_', '-')})"
+        return METRIC_LABELS.get(metric, metric.replace("_", " ").capitalize())
 
     def best(self) -> set[str]:
         nums = {m: v for m, v in self.values.items() if v is not None}
@@ -62,9 +69,10 @@ def _mean(stat: dict[str, Any] | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _row_metrics(dataset: str, cells: list[CellResult]) -> list[str]:
+def _row_metrics(dataset: str, cells: list[CellResult], protocols: list[str] | None = None) -> list[str]:
     wanted = BLOCK_ROWS.get(dataset, CORE_ROWS + ("portability",))
-    found = sorted({m for c in cells for m in c.post if m.startswith("portability_")})
+    keys = {m for c in cells for m in c.post}
+    found = sorted({m for m in keys if m.startswith("portability_") and split_key(m)[1] is None})
     rows: list[str] = []
     for m in wanted:
         if m != "portability":
@@ -73,24 +81,50 @@ def _row_metrics(dataset: str, cells: list[CellResult]) -> list[str]:
             rows.extend(found)
         elif dataset in BLOCK_ROWS:  # a portability block without portability numbers still shows its row
             rows.append("portability")
-    return rows
+    if any(GEN in c.info.get("missing_protocols", []) for c in cells):  # show the rows such a cell lacks
+        keys |= {k for m in rows for k in _gen_rows(m, None)}
+    out: list[str] = []
+    for m in rows:
+        if m in DEFAULT_PROTOCOL or protocols is None or "token_acc" in protocols:
+            out.append(m)
+        if protocols is None or GEN in protocols:
+            out += _gen_rows(m, keys)
+    return out
+
+
+def _gen_rows(metric: str, keys: set[str] | None) -> list[str]:
+    """The generation protocol's row keys of ``metric`` that the cells report (``keys``; None: those the
+    protocol always computes), in tag order (Locality: its agreement with the unedited model, then its
+    ground-truth rows)."""
+    if keys is None:
+        if metric == "locality":
+            return [f"locality@{GEN_EM}", f"locality@{GEN_F1}"] + [f"{LOCALITY_TRUTH}@{t}" for t in GEN_ORDER[:3]]
+        return [f"{metric}@{t}" for t in GEN_ORDER[:3]] if metric not in DEFAULT_PROTOCOL else []
+    bases = (metric, LOCALITY_TRUTH) if metric == "locality" else (metric,)
+    return [k for b in bases for tag in GEN_ORDER if (k := f"{b}@{tag}") in keys]
 
 
 def _missing_reason(cell: CellResult, metric: str) -> str:
-    field_name = METRIC_FIELDS.get(metric.split("_")[0])
+    tag = split_key(metric)[1]
+    if tag and tag.startswith(GEN) and GEN in cell.info.get("missing_protocols", []):
+        return (f"{cell.spec.method}/{cell.spec.dataset} was cached before the generation protocol; run the table "
+                "without --cached-only to compute it")
+    field_name = METRIC_FIELDS.get(split_key(metric)[0].split("_")[0])
     if field_name and cell.fields.get(field_name, 1) == 0:
         return f"the {cell.spec.dataset} cases have no '{field_name}' field, which {metric} needs"
     return f"{cell.spec.method} reported no {metric} on {cell.spec.dataset}"
 
 
-def build_rows(cells: list[CellResult], methods: list[str], datasets: list[str]) -> list[Row]:
-    """The table's rows in display order, from the cells (any order)."""
+def build_rows(cells: list[CellResult], methods: list[str], datasets: list[str],
+               protocols: list[str] | None = None) -> list[Row]:
+    """The table's rows in display order, from the cells (any order); ``protocols``: only these protocols'
+    rows (None: every protocol the cells report)."""
     by = {(c.spec.method, c.spec.dataset): c for c in cells}
     rows: list[Row] = []
     for ds in datasets:
         ds_cells = [c for c in cells if c.spec.dataset == ds]
-        for metric in _row_metrics(ds, [c for c in ds_cells if c.status == "ok"]):
-            row = Row(ds, metric, protocol=DEFAULT_PROTOCOL.get(metric, "token_acc"))
+        for metric in _row_metrics(ds, [c for c in ds_cells if c.status == "ok"], protocols):
+            row = Row(ds, metric, protocol=DEFAULT_PROTOCOL.get(metric, split_key(metric)[1] or "token_acc"))
             for m in methods:
                 cell = by.get((m, ds))
                 stat = cell.post.get(metric) if cell is not None else None
@@ -127,7 +161,7 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
              f"Model `{meta['model']}` (fingerprint `{meta['model_fingerprint']}`), lmedit {meta['lmedit_version']}"
              f" (commit `{meta.get('commit') or 'unknown'}`). Setting: {meta['setting_label']}. "
              f"N = {_n_text(meta)} (per-cell N in table1.csv). Values x100; "
-             "best per row in **bold**.", "",
+             "best per row in **bold**." + _generation_text(meta, rows), "",
              "| Dataset | Metric | Protocol | Pre-edit | " + " | ".join(methods) + " |",
              "|---|---|---|---:|" + "---:|" * len(methods)]
     last = None
@@ -156,6 +190,14 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _generation_text(meta: dict[str, Any], rows: list[Row]) -> str:
+    gen = meta.get("generation")
+    if not gen or not any((split_key(r.metric)[1] or "").startswith(GEN) for r in rows):
+        return ""
+    return (f" Generation rows: context `{gen['context']}`, at most {gen['max_new_tokens']} new tokens, "
+            "greedy; never averaged with the teacher-forced rows.")
+
+
 PROTOCOL_TEXT = {
     "token_acc": "teacher-forced token accuracy of the answer after the prompt (EasyEdit); Locality = agreement "
                  "of the edited model's argmax tokens with the unedited model's",
@@ -163,6 +205,12 @@ PROTOCOL_TEXT = {
                     "questions begins with the new answer or an alias (checked by teacher forcing: every "
                     "answer token is the argmax)",
     "prob_compare": "CounterFact probability comparison P(new) > P(true) (ROME)",
+    GEN_EM: "free greedy generation (stops at EOS, the first line break after the answer has begun, or the "
+            "token cap), normalised exact match of the answer's first line with the gold; Locality = the "
+            "edited model's answer equals the unedited model's; Locality (ground truth) = equals the dataset's answer",
+    GEN_F1: "token F1 of the same generated answer against the gold (Locality: against the unedited model's answer)",
+    GEN_CONTAINS: "the normalised gold occurs in the same generated answer (lenient)",
+    GEN_JUDGE: "an LLM judge grades the same generated answer CORRECT (SimpleQA rubric)",
 }
 
 CSV_COLUMNS = ("dataset", "metric", "method", "value", "protocol", "n_cases", "status", "reason", "setting",

@@ -15,8 +15,12 @@ from typing import Any
 
 import torch
 
+from ..bench.stores import BaselineStore, EditStore
+from ..metrics.coverage import MISSING
+from ..metrics.evaluate import ALL_PROTOCOLS, TEACHER_FORCED
+from ..metrics.gen_protocol import GEN
+from ..metrics.generate import GenSettings
 from ..metrics.records import CaseResult, summarize
-from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
@@ -104,13 +108,13 @@ def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
 
 
 def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: str, target: Path,
-           reuse: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+           reuse: list[str] | tuple[str, ...], scoring: dict[str, Any]) -> dict[str, Any] | None:
     """Seed ``target`` with finished cases of an earlier ``lmedit bench`` run of the same method, config,
     model and setting (see :func:`lmedit.benchmark.adopt_cases`); what was adopted, or None."""
     from ..benchmark import adopt_cases, run_header
 
     header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
-                        eval_timing=spec.eval_timing)
+                        eval_timing=spec.eval_timing, **scoring)
     n, source = adopt_cases(target, find_runs(reuse, header["method"]), header, dataset=spec.dataset)
     if not n:
         log.info("cell %s: nothing to reuse: %s", spec.name, source)
@@ -121,14 +125,15 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
 
 def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
                run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = (),
-               edit_store: Any = None, baseline_store: Any = None
+               edit_store: Any = None, baseline_store: Any = None, scoring: dict[str, Any] | None = None
                ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
     """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential).
     A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
     cell takes and keeps edits in ``edit_store``; every cell shares the unedited model's scores through
-    ``baseline_store``."""
+    ``baseline_store``. ``scoring``: the protocols and generation settings (run_benchmark's keywords)."""
     from ..benchmark import run_benchmark
 
+    scoring = scoring or {}
     if spec.setting == "sequential":
         chunks = [cases[i:i + spec.edits] for i in range(0, len(cases), spec.edits)]
         setting = "sequential"
@@ -137,7 +142,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
         setting = "batch" if spec.batch_size > 1 else "single"
     adopted = None
     if reuse and setting != "sequential" and not resume:
-        adopted = _adopt(editor, handle, cases, spec, setting, folder / "run-000", reuse)
+        adopted = _adopt(editor, handle, cases, spec, setting, folder / "run-000", reuse, scoring)
     results: list[CaseResult] = []
     summaries: list[dict[str, Any]] = []
     for i, chunk in enumerate(chunks):
@@ -145,7 +150,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
                             eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}",
                             resume=resume or adopted is not None,
                             progress=progress, run_info={**run_info, "sequence": i}, edit_store=edit_store,
-                            baseline_store=baseline_store)
+                            baseline_store=baseline_store, **scoring)
         results.extend(out.results)
         summaries.append(out.summary)
     return results, summaries, adopted
@@ -169,7 +174,8 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
 def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
              on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
-             cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = ()) -> CellResult:
+             cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = (),
+             protocols: tuple[str, ...] = ALL_PROTOCOLS, generation: GenSettings | None = None) -> CellResult:
     """The result of one cell: from the cache when intact and current, else computed now and stored.
 
     ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
@@ -178,8 +184,12 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
     ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
     edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
-    (:mod:`lmedit.stores`); the numbers are the same, only computed once. Every cell scores the unedited
+    (:mod:`lmedit.bench.stores`); the numbers are the same, only computed once. Every cell scores the unedited
     model on a case once for all methods: the scores are kept in ``<out>/baselines/``.
+    ``protocols`` / ``generation``: how cases are scored. The protocols are not part of the cell's key: a
+    cached cell that lacks one of them (a cell computed before the generation protocol existed) is resumed
+    to compute it for its finished cases (:mod:`lmedit.metrics.coverage`), or, with ``cached_only``, shown
+    with that protocol marked missing. Generation settings other than the default enter the key.
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -196,14 +206,23 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     editor, overrides = _editor(cls, spec, handle, checkpoints)
     cases = load_cases(spec, data_path)
     config = editor.config_for(handle)
+    generation = generation or GenSettings()
+    extra: dict[str, Any] = {"checkpoint": checkpoint_identity(overrides.get("checkpoint"))}
+    if GEN in protocols and generation.key() != GenSettings().key():  # default settings keep older keys valid
+        extra["generation"] = generation.key()
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
-                   data_digest=cases_digest(cases), extra={"checkpoint": checkpoint_identity(overrides.get("checkpoint"))})
+                   data_digest=cases_digest(cases), extra=extra)
     hit = cache.load(spec, key)
-    if hit is not None:
+    missing = cell_lacks(hit, protocols, multihop) if hit is not None else []
+    if hit is not None and (not missing or cached_only):
         log.info("cell %s: cached", spec.name)
+        if missing:
+            hit.info[MISSING] = missing
         return hit
+    if missing:
+        log.info("cell %s: cached without protocol(s) %s; computing them for its cases", spec.name, missing)
     if cached_only:
-        raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
+        raise CellSkipped("not computed yet (this table was laid out from cached cells only)")
     folder, resume = cache.prepare(spec, key)
     run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
     seed_everything(spec.seed)
@@ -217,7 +236,8 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     else:
         store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
         results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                 reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR))
+                                                 reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR),
+                                                 {"protocols": protocols, "generation": generation})
     efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
     errors = [r.info["error"] for r in results if r.info.get("error")]
     if results and len(errors) == len(results):
@@ -228,18 +248,26 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         efficiency=efficiency, fields=field_counts(cases), key=key,
         info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
               "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
+              "protocols": sorted(set(protocols) | set(hit.info.get("protocols") or TEACHER_FORCED))
+              if hit is not None else list(protocols),
               **({"reused": adopted} if adopted else {})})
     cache.store(result)
     return result
 
 
+def cell_lacks(cell: CellResult, protocols: tuple[str, ...], multihop: bool) -> list[str]:
+    """The protocols a cached cell was not computed with (a multi-hop cell has its own single protocol)."""
+    if multihop:
+        return []
+    held = cell.info.get("protocols") or TEACHER_FORCED  # cells from before the info was kept
+    return [p for p in protocols if p not in held]
+
+
 def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
     """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
-    train = getattr(editor, "train_command", None)
-    command = train(handle) if callable(train) else (
-        f"lmedit train --method {editor.name} --model {handle.name} --out {where}")
-    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train one "
-            f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
+    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train "
+            f"one for {handle.name} (the train command, or editor.fit(..., out=DIR)) and give the table that "
+            "folder as its checkpoint")
 
 
 def checkpoint_identity(directory: str | None) -> str | None:

@@ -91,6 +91,7 @@ class AverageEffect:
 
     @classmethod
     def load(cls, path: str | Path) -> AverageEffect:
+        """Read an average saved by :meth:`save` (the ``.json`` next to ``path``)."""
         doc = json.loads(Path(path).with_suffix(".json").read_text())
         for k in ("effects", "scores"):
             doc[k] = np.array([[np.nan if v is None else v for v in row] for row in doc[k]], dtype=float)

@@ -92,6 +92,7 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
+        """Read a trace saved by :meth:`save` (the ``.npz`` next to ``path``)."""
         with np.load(Path(path).with_suffix(".npz")) as z:
             meta = json.loads(str(z["meta"]))
             meta["subject_range"] = tuple(meta["subject_range"])

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..errors import LmeditError
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -33,7 +35,7 @@ TRAIN = "train"
 BEST = "best"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LmeditError, RuntimeError):
     """A checkpoint that cannot be used here; the message says why and what to do."""
 
 
@@ -106,14 +108,15 @@ def read(directory: str | Path, stem: str, *, method: str, fingerprint: str | No
         raise CheckpointError(f"{meta_path} is not an lmedit checkpoint of format {FORMAT}")
     if info.get("method") != method:
         raise CheckpointError(
-            f"checkpoint {directory} was trained for method {info.get('method')!r}, not {method!r}; "
-            f"train one with: lmedit train --method {method} --model <model> --dataset zsre --out DIR")
+            f"checkpoint {directory} was trained for method {info.get('method')!r}, not {method!r}; train a "
+            f"{method} editor (editor.fit(handle, cases, out=DIR)) and load that folder",
+            train={"method": method, "model": model_name or "MODEL"})
     if fingerprint is not None and info.get("model_fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {directory} was trained on model {info.get('model_name')!r} (fingerprint "
             f"{info.get('model_fingerprint')}), not on {model_name!r} (fingerprint {fingerprint}); a trained "
-            f"editor only works for the model it was trained on: run lmedit train --method {method} "
-            f"--model {model_name} ...")
+            "editor only works for the model it was trained on: train one for this model",
+            train={"method": method, "model": model_name or "MODEL"})
     files = info.get("files") or {}
     if len(files) != 1:
         raise CheckpointError(f"{meta_path} names no tensor file; the checkpoint is corrupted")

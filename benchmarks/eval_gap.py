@@ -1,0 +1,92 @@
+"""The gap between teacher-forced and generation-scored editing, per method, from finished `lmedit bench` runs.
+
+Reads each run folder's summary.json and writes one markdown table (teacher forced next to generation
+scored Reliability / Generalization / Locality, each tagged) and a figure of the gap per method and dataset.
+
+    python benchmarks/eval_gap.py RUN_DIR... --out benchmarks/results/eval_gap.md --figure docs/img/eval_gap.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = [("reliability", "token_acc"), ("reliability@gen_em", "gen_em"), ("reliability@gen_contains", "gen_contains"),
+           ("generalization", "token_acc"), ("generalization@gen_em", "gen_em"),
+           ("generalization@gen_contains", "gen_contains"),
+           ("locality", "token_acc"), ("locality@gen_em", "gen_em"), ("locality_truth@gen_em", "gen_em")]
+HEADER = ("| method | dataset | N | Rel. TF | Rel. gen EM | Rel. gen contains | Gen. TF | Gen. gen EM | "
+          "Gen. gen contains | Loc. TF | Loc. gen EM (= unedited answer) | Loc. gen EM (ground truth) |")
+
+
+def read(run: Path) -> dict:
+    s = json.loads((run / "summary.json").read_text())
+    row = {"method": s["method"], "dataset": (s.get("data") or {}).get("dataset", "?"), "n": s["n_cases"],
+           "pre": s["pre"]}
+    for key, tag in COLUMNS:
+        stat = s["post"].get(key)
+        if stat is not None and stat["protocol"] != tag:
+            raise ValueError(f"{run}: {key} has protocol {stat['protocol']}, expected {tag}")
+        row[key] = None if stat is None else stat["mean"]
+    return row
+
+
+def fmt(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, metric in zip(axes, ("reliability", "generalization"), strict=True):
+        labels = [f"{r['method']}\n{r['dataset']}" for r in rows]
+        xs = range(len(rows))
+        for off, (key, name) in zip((-0.27, 0, 0.27), ((metric, "teacher forced (token_acc)"),
+                                                         (f"{metric}@gen_contains", "generated, gold contained"),
+                                                         (f"{metric}@gen_em", "generated, exact match")), strict=True):
+            ax.bar([x + off for x in xs], [100 * (r[key] or 0) for r in rows], width=0.27, label=name)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(metric.capitalize())
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("x100")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_gap.md")
+    ap.add_argument("--figure", type=Path)
+    args = ap.parse_args()
+    rows = [read(r) for r in args.runs if (r / "summary.json").exists()]
+    lines = ["# Teacher forcing vs generation, per method", "",
+             "From `lmedit bench` runs (single edits, SmolLM2-135M-Instruct, first N cases; both protocols "
+             "computed in the same run on the same edits). Values x100. TF = teacher-forced token accuracy "
+             "(`token_acc`); gen EM = normalised exact match of the greedy answer's first line (`gen_em`); "
+             "gen contains = the gold occurs in it (`gen_contains`).", "", HEADER, "|---|---|---:|" + "---:|" * 9]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | " + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + " |")
+    lines += ["", "Unedited model (pre-edit) on the same cases: " + "; ".join(
+        f"{r['dataset']} rel. TF {fmt((r['pre'].get('reliability') or {}).get('mean'))}, gen EM "
+        f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}" for r in {r['dataset']: r for r in rows}.values())
+        + "."]
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    if args.figure:
+        figure(rows, args.figure)
+
+
+if __name__ == "__main__":
+    main()
