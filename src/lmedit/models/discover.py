@@ -277,7 +277,7 @@ def block_parts(block: _Block) -> BlockParts:
         other_length = [n for n in writes_d if block.seen[n].x is not None and block.seen[n].x.dim() == 3
                         and not block.mixes(n) and not block.per_token(block.seen[n].x)]
         if other_length and not experts:
-            parts.why_no_ffn = (f"its FFN sees {block.seen[other_length[0]].x.shape[:2]} positions for "
+            parts.why_no_ffn = (f"its FFN sees {tuple(block.seen[other_length[0]].x.shape[:2])} positions for "
                                 f"{block.tokens} input tokens (the model adds or reorders positions), so the "
                                 "subject's token cannot be found in it")
         elif experts or routed:

@@ -10,10 +10,11 @@ rest, the reason, and prints the count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def check(name: str, tokenizer: Any, corpus: Path) -> ArchResult:
         model = tiny_model(name)
         with torch.no_grad():
             model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=False)
-    except Exception as e:  # noqa: BLE001 -- reported as the reason in the survey
+    except (Exception, MemoryError) as e:  # noqa: BLE001 -- reported as the reason in the survey
         return ArchResult(name, NO_BUILD, _short(e), seconds=time.perf_counter() - start)
     try:
         handle = ModelHandle(model, tokenizer, name=f"tiny-{name}")
@@ -125,18 +126,36 @@ def check(name: str, tokenizer: Any, corpus: Path) -> ArchResult:
         try:
             extra = {"mom2_corpus": str(corpus)} if "mom2_tokens" in overrides else {}
             gains.append(edit_and_revert(handle, editor_name, {**overrides, **extra}, layer))
-        except Exception as e:  # noqa: BLE001
+        except (Exception, MemoryError) as e:  # noqa: BLE001
             return ArchResult(name, NOT_EDITED, f"{editor_name}: {_short(e)}", how, time.perf_counter() - start,
                               tuple(gains))
     return ArchResult(name, EDITABLE, "", how, time.perf_counter() - start, tuple(gains))
 
 
-def survey(names: Sequence[str] | None = None) -> list[ArchResult]:
+@contextlib.contextmanager
+def memory_limit(gib: float | None) -> Iterator[None]:
+    """Cap this process's address space for the block (a tiny config whose forward still allocates gigabytes
+    then fails with a MemoryError/RuntimeError, reported as its reason, instead of exhausting the machine)."""
+    if not gib:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (min(cap, hard) if hard != resource.RLIM_INFINITY else cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def survey(names: Sequence[str] | None = None, max_memory_gib: float | None = 14.0) -> list[ArchResult]:
     from .tiny import causal_lm_classes, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, memory_limit(max_memory_gib):
         corpus = tiny_corpus(Path(tmp))
         for name in names or causal_lm_classes():
             results.append(check(name, tokenizer, corpus))
@@ -151,6 +170,29 @@ def counts(results: Sequence[ArchResult]) -> tuple[int, int, int]:
     return sum(r.status == EDITABLE for r in built), len(built), len(results)
 
 
+KINDS_NOT_EDITABLE = {
+    "mixture of experts": "mixtures of experts with routed experts only (no dense projection every token reads)",
+    "no position-wise feed-forward": "models without a feed-forward block (state-space / recurrent layers only)",
+}
+
+
+def _breakdown(results: Sequence[ArchResult]) -> list[str]:
+    """Lines counting the built-but-not-editable architectures by kind of reason."""
+    rest = [r for r in results if r.builds and r.status != EDITABLE]
+    if not rest:
+        return []
+    lines = [f"The {len(rest)} built architectures that are not editable:", ""]
+    for key, label in KINDS_NOT_EDITABLE.items():
+        lines.append(f"- {sum(key in r.reason for r in rest)} {label};")
+    other = [r.name for r in rest if not any(k in r.reason for k in KINDS_NOT_EDITABLE)]
+    lines += [f"- {len(other)} for other reasons ({', '.join(other)}).", ""]
+    editable = sum(r.status == EDITABLE for r in results)
+    dense = sum(r.builds for r in results) - sum(any(k in r.reason for k in KINDS_NOT_EDITABLE) for r in rest)
+    lines += [f"Of the {dense} that have a dense feed-forward projection, {editable} are editable "
+              f"({100 * editable / max(dense, 1):.1f}%).", ""]
+    return lines
+
+
 def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
     editable, built, total = counts(results)
     lines = [
@@ -163,6 +205,7 @@ def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
         f"and FT-M with a bit-exact revert ({100 * editable / max(built, 1):.1f}%)**; {total - built} of the "
         f"{total} `*ForCausalLM` classes do not build from a generated tiny config (reasons below).",
         "",
+        *_breakdown(results),
         "Every `*ForCausalLM` class of the installed transformers is built with random weights from its own "
         "config, shrunk (width 64, two layers, a 400-token vocabulary, four experts of which two are active; "
         "`lmedit/models/tiny.py`). Its adapter comes from the registered table when the class is there, and is "

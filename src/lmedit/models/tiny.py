@@ -38,7 +38,8 @@ SIZES: dict[str, int] = {
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
     # feed-forward
     "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "d_ff": 128, "decoder_ffn_dim": 128,
-    "ffn_hidden_size": 128, "dim_ff": 128, "block_ff_dim": 128, "intermediate_size_mlp": 128, "ffn_inner_dim": 128,
+    "ffn_hidden_size": 128, "dim_ff": 128,
+    "first_dense_intermediate_size": 128, "block_ff_dim": 128, "intermediate_size_mlp": 128, "ffn_inner_dim": 128,
     # mixture of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_selected_experts": 2,
