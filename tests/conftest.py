@@ -75,9 +75,9 @@ def _threads(request):
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
 # families outside the registered table, whose adapters are discovered: a fused gated FFN (Phi-3), parallel
 # attention with in-place adds (Falcon), a shared expert on flattened tokens beside routed ones (Qwen2-MoE),
-# local attention (GPT-Neo), partial rotary + LayerNorm (StableLM), a plain FFN with biases (StarCoder2),
-# a parallel block (Phi), QK-norm (OLMo)
-DISCOVERED = ["Phi3ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM", "GPTNeoForCausalLM",
+# a fused gate_up with partial rotary (GLM), partial rotary + LayerNorm (StableLM), a plain FFN with biases
+# (StarCoder2), a parallel block (Phi), OLMo's non-parametric norms
+DISCOVERED = ["Phi3ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM", "GlmForCausalLM",
               "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "OlmoForCausalLM"]
 DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 

@@ -281,9 +281,8 @@ def block_parts(block: _Block) -> BlockParts:
                                 f"{block.tokens} input tokens (the model adds or reorders positions), so the "
                                 "subject's token cannot be found in it")
         elif experts or routed:
-            parts.why_no_ffn = ("its FFN is a mixture of experts without a dense shared expert that reads "
-                                "[batch, seq, d_ff]; ROME and FT-M rewrite one dense projection that every token "
-                                "passes through")
+            parts.why_no_ffn = ("its FFN is a mixture of routed experts without a dense shared expert; ROME "
+                                "and FT-M rewrite one dense projection that every token passes through")
         elif not writes_d:
             parts.why_no_ffn = "no linear layer (W x + b) in the block writes the hidden width"
         else:
