@@ -260,7 +260,7 @@ def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
         "|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.name} | {r.status} | {r.adapter} | {r.reason.replace('|', '/')} |")
+        lines.append(f"| {r.name} | {r.status} | {r.adapter} | {r.reason.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
 
 
