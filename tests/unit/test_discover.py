@@ -64,7 +64,7 @@ def test_gpt2_conv1d_orientation_is_read_and_checked():
 def test_mixture_of_experts_edits_a_shared_expert_or_is_refused():
     shared = adapter_for(tiny_model("Qwen2MoeForCausalLM"))  # routed experts + a shared one, flattened tokens
     assert shared.mlp_out.endswith("mlp.shared_expert.down_proj") and shared.mlp.endswith("mlp")
-    with pytest.raises(DiscoveryError, match="(?s)mixture of experts.*register_adapter"):
+    with pytest.raises(DiscoveryError, match="(?s)mixture of routed experts.*register_adapter"):
         adapter_for(tiny_model("MixtralForCausalLM"))
 
 

@@ -171,7 +171,8 @@ def counts(results: Sequence[ArchResult]) -> tuple[int, int, int]:
 
 
 KINDS_NOT_EDITABLE = {
-    "mixture of experts": "mixtures of experts with routed experts only (no dense projection every token reads)",
+    "mixture of routed experts":
+        "mixtures of experts with routed experts only (no dense projection every token reads)",
     "no position-wise feed-forward": "models without a feed-forward block (state-space / recurrent layers only)",
 }
 
