@@ -1,5 +1,8 @@
 """The Editor contract: every registered editor × every tiny model family (design.md §9).
 
+The families are the registered table's (``FAMILIES``) and eight classes outside it whose adapters are
+discovered from their module structure (``DISCOVERED``, built by ``lmedit.models.tiny`` with four layers).
+
 A new editor joins automatically through ``list_editors()``. Each editor's ``quick`` class attribute gives
 config overrides that make it fast on the tiny random models; an editor with ``capabilities.needs_fit`` is
 fitted once per family (``fit(handle, cases, quick=True)``) and its state reused. A combination is skipped
@@ -13,7 +16,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, make_handle, make_model
+from conftest import DISCOVERED, FAMILIES, make_handle, make_model
 from lmedit.config import ConfigError
 from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
@@ -99,7 +102,7 @@ def other_model(family: str, tokenizer) -> ModelHandle:
     return ModelHandle(model, tokenizer, name=f"other-{family}")
 
 
-params = pytest.mark.parametrize("family", FAMILIES)
+params = pytest.mark.parametrize("family", FAMILIES + DISCOVERED)  # the table's families, then discovered ones
 editors = pytest.mark.parametrize("name", EDITORS)
 
 

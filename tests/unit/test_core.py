@@ -10,8 +10,9 @@ import torch
 from lmedit.config import Config, ConfigError, option
 from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
-from lmedit.models.adapter import UnsupportedArchitectureError, adapter_for
+from lmedit.models.adapter import UnsupportedArchitectureError
 from lmedit.models.handle import ModelHandle
+from lmedit.models.lookup import adapter_for
 from lmedit.types import EditInputError, EditRequest, to_template
 
 

@@ -247,7 +247,7 @@ def auto_layers(handle, count: int, name: str) -> list[int]:
     from ..tracing import suggest_layers
 
     found = suggest_layers(handle, progress=True)
-    layers = [found.layer] if count == 1 else found.span(min(count, handle.n_layers))
+    layers = [handle.adapter.nearest_ffn_layer(found.layer)] if count == 1 else found.span(min(count, handle.n_layers))
     log.info("%s: layers=auto -> %s (MLP indirect-effect peak at layer %d over %d known facts)", name, layers,
              found.layer, found.evidence.n_facts)
     return layers

@@ -101,10 +101,16 @@ def token_rows(tokens, files: Sequence[Path], budget: int, row_len: int) -> Iter
         yield buf[:left]
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_target_positions", "max_seq_len", "n_ctx",
+                 "seq_length")
+
+
 def context_length(model, cap: int = 1024) -> int:
+    """Tokens per statistics row: the model's position limit (two spare: BERT-style models number positions
+    from padding_idx + 1), at most ``cap``."""
     cfg = model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or cap
-    return int(min(n, cap))
+    n = next((getattr(cfg, k) for k in POSITION_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    return int(min(n - 2, cap)) if n else cap
 
 
 def _cache_path(handle, layer: int, chash: str, n_tokens: int) -> Path:

@@ -123,16 +123,25 @@ def suffix_forward(handle, p: Problem, sites: Any, clean: torch.Tensor, layer: i
     sites.enabled = False  # the clean prefix pass carries no δ
     try:
         suffix = Suffix(handle, p, layer)
+    except (RuntimeError, ValueError, TypeError) as e:  # a cache this family cannot share (recurrent layers)
+        return _full_forwards(sites, p, f"the prefix key/value cache is unusable ({str(e)[:120]})")
     finally:
         sites.enabled = True
     sites.set_index(suffix.index)
-    got = suffix.record_below()
+    try:
+        got = suffix.record_below()
+    except (RuntimeError, ValueError, TypeError) as e:
+        return _full_forwards(sites, p, f"the prefix key/value cache is unusable ({str(e)[:120]})")
     clean = clean.detach()
     tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
     diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
     if diff <= tol * max(1.0, float(clean.abs().max())):
         return suffix
-    log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards", diff)
+    return _full_forwards(sites, p, f"prefix key/value cache changed the logits (max diff {diff:.3g})")
+
+
+def _full_forwards(sites: Any, p: Problem, why: str) -> None:
+    log.warning("%s; using full forwards", why)
     sites.set_index(p.index)
     return None
 

@@ -102,7 +102,8 @@ class _Sites:
         def add(_m: nn.Module, _a: tuple, out: object) -> object:
             if not self.enabled:
                 return None
-            h = self.adapter.hidden(out)  # [rows, seq, d]
+            flat = self.adapter.hidden(out)
+            h = self.adapter.per_token(flat, len(self.index))  # [rows, seq, d] (some FFNs flatten tokens)
             if self.index.device != h.device:
                 self.index, self.request = self.index.to(h.device), self.request.to(h.device)
             at = (torch.arange(h.shape[0], device=h.device), self.index)
@@ -113,7 +114,7 @@ class _Sites:
             deltas = [self.delta[site][g] for g in self.order]
             d = deltas[0] if len(deltas) == 1 else torch.stack(deltas)[self.request]  # one request: broadcast
             h = h.index_put(at, h[at] + d.to(h.dtype))
-            return self.adapter.with_hidden(out, h)
+            return self.adapter.with_hidden(out, h.view(flat.shape))
 
         return add
 

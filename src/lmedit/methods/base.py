@@ -145,6 +145,7 @@ class Editor(ABC):
 
 
 def depth_layer(handle: Any, fraction: float) -> int:
-    """The layer at ``fraction`` of the model's depth (0 = first, 1 = last)."""
+    """The layer at ``fraction`` of the model's depth (0 = first, 1 = last); in a hybrid model, the closest
+    layer that has a feed-forward block."""
     n = handle.n_layers
-    return min(n - 1, max(0, round(fraction * (n - 1))))
+    return handle.adapter.nearest_ffn_layer(min(n - 1, max(0, round(fraction * (n - 1)))))

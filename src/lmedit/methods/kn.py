@@ -152,7 +152,7 @@ def _attribute_step(handle: ModelHandle, infos: list[FFNInfo], prefix: _Prefix, 
     with torch.no_grad(), trace_many(model, paths, input=True, output=False) as tr, \
             trace_many(model, [ad.layer(i) for i in below], input=False, output=True) as lower:
         logits = model(**prefix.inputs(1)).logits[0, -1]  # [vocab]
-    acts = torch.stack([tr[p].input[0, -1].float() for p in paths])  # [L, d_ff]
+    acts = torch.stack([ad.per_token(tr[p].input, 1)[0, -1].float() for p in paths])  # [L, d_ff]
     alphas = torch.linspace(0, 1, cfg.steps, device=acts.device)  # [m]
     attr = torch.zeros_like(acts)
     m = cfg.steps
@@ -168,10 +168,11 @@ def _attribute_step(handle: ModelHandle, infos: list[FFNInfo], prefix: _Prefix, 
         traces = []
         try:
             for b, j in enumerate(chunk):
-                def put(x: torch.Tensor, b: int = b, leaf: torch.Tensor = leaves[b]) -> torch.Tensor:
-                    x = x.clone()
-                    x[b * m:(b + 1) * m, -1] = leaf.to(x.dtype)
-                    return x
+                def put(x: torch.Tensor, b: int = b, leaf: torch.Tensor = leaves[b], rows: int = rows
+                        ) -> torch.Tensor:
+                    y = ad.per_token(x, rows).clone()  # [rows, seq, d_ff] (some FFNs flatten tokens)
+                    y[b * m:(b + 1) * m, -1] = leaf.to(y.dtype)
+                    return y.view(x.shape)
                 traces.append(trace(model, paths[j], output=False, edit_input=put))
             with replayed(model, frozen):
                 out = model(**prefix.inputs(rows)).logits[:, -1]  # [rows, vocab]

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ..digests import tensor_digest
+from ..kv import body_and_head
 from ..tokens import Batch, TokenPolicy
-from .adapter import ModelAdapter, adapter_for, preset_name
+from .adapter import ModelAdapter
+from .lookup import adapter_for, preset_name
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class ModelHandle:
         self._applied: list[Any] = []  # pushed by Edit.apply, popped by Edit.revert
         for p in self.model.parameters():
             p.requires_grad_(False)
+        body_and_head(self.model)  # decides once, before any hook exists, whether logits = head(body(x))
 
     def __repr__(self) -> str:
         return (f"ModelHandle({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "
@@ -91,7 +94,7 @@ class ModelHandle:
 
     @property
     def preset(self) -> str | None:
-        return preset_name(self.model)
+        return preset_name(self.model, self.adapter)
 
     @property
     def is_encoder_decoder(self) -> bool:
