@@ -2,17 +2,17 @@
 
 Each class is built with random weights (``lmedit.models.tiny``), gets its adapter (registered or discovered),
 and must let ROME and FT-M (tiny settings) compute an edit without touching the model, raise the target's
-probability when applied, and revert bit-exactly (``lmedit.models.survey.check``). A class that cannot be
+probability when applied, and revert bit-exactly (``lmedit.survey.check``). A class that cannot be
 built from a generated config is skipped with the reason; one that discovery refuses must be refused with a
 ``DiscoveryError`` naming what it could not find. The last test reports editable / built and checks the share.
-``python -m lmedit.models.survey --out docs/architectures.md`` writes the same sweep as a page.
+``python -m lmedit.survey --out docs/architectures.md`` writes the same sweep as a page.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from lmedit.models.survey import EDITABLE, NO_BUILD, REFUSED, check, counts, memory_limit, tiny_corpus
+from lmedit.survey import EDITABLE, NO_BUILD, REFUSED, check, counts, memory_limit, tiny_corpus
 from lmedit.models.tiny import causal_lm_classes
 
 NAMES = causal_lm_classes()

@@ -1,6 +1,6 @@
 """Tiny random models of any ``*ForCausalLM`` class of the installed transformers, built from its own config.
 
-The architecture survey (``python -m lmedit.models.survey``) and the tests use these to check that lmedit can
+The architecture survey (``python -m lmedit.survey``) and the tests use these to check that lmedit can
 edit every causal LM family without downloading anything: the class's config is created with its defaults,
 then every size field it has is shrunk (width 64, two layers, a 400-token vocabulary, four experts of which
 two are active, ...). Per-layer lists (``layer_types``, ...) are cut to the new depth. Nothing here knows a
