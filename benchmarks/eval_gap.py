@@ -55,9 +55,10 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_title(metric.capitalize())
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("x100")
-    axes[0].legend(fontsize=7, loc="upper right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
