@@ -5,7 +5,8 @@
    after their own layer (EasyEdit's ``layer_stats`` way), side by side, disk cache off for both.
 2. Single edits (stats cached) on the first ``--cases`` records of ``zsre-train`` (zsre_mend_train_1k.json),
    one row per editor of ``--methods`` (default ROME, MEMIT, KN, CaliNet, T-Patcher; batch-capable ones also
-   edit all cases at once): median ``compute`` seconds, split into keys / values / solve where reported, and reliability / generalization / locality with the token-accuracy protocol
+   edit all cases at once): median ``compute`` seconds, split into keys / values / solve where reported, and
+   reliability / generalization / locality with the token-accuracy protocol
    (edit computed on the unedited model, applied, scored, reverted).
 
     flock /tmp/lmedit-heavy.lock python benchmarks/edit_speed.py      # writes results/edit_speed.md

@@ -69,7 +69,8 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32 CPU; total wall time {time.time() - t0:.0f} s.",
         "",
-        "| method | median s / edit | reliability | generalization | locality | EasyEdit s | EasyEdit rel / gen / loc |",
+        "| method | median s / edit | reliability | generalization | locality | EasyEdit s "
+        "| EasyEdit rel / gen / loc |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():

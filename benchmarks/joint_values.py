@@ -26,7 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="first N CounterFact requests")
     ap.add_argument("--dataset", default="counterfact")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="batch sizes; the first is the reference")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16],
+                    help="batch sizes; the first is the reference")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()

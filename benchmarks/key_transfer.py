@@ -11,7 +11,8 @@ templates) and every paraphrase key at the edited layer on the unedited model, a
 by transfer bin. If generalization tracks t, the paraphrases fail because the subject's last token is
 represented differently in their context (the key), not because the inserted value is too weak.
 
-    python benchmarks/key_transfer.py --run runs/rome-zsre-200 [--dataset zsre] [--out benchmarks/results/key_transfer.md]
+    python benchmarks/key_transfer.py --run runs/rome-zsre-200 [--dataset zsre] \
+        [--out benchmarks/results/key_transfer.md]
 """
 
 from __future__ import annotations

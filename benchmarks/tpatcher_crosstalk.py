@@ -5,7 +5,8 @@ its saved edits in order, and for every edit's prompt (teacher forced with its t
 neurons fire (pre-activation > 0 at any answer-predicting position). A patch is meant to fire on its own
 edit only: every *other* patch that fires adds its value vector to this edit's answer.
 
-    python benchmarks/tpatcher_crosstalk.py --run runs/tpatcher-zsre-seq100 [--out benchmarks/results/tpatcher_crosstalk.md]
+    python benchmarks/tpatcher_crosstalk.py --run runs/tpatcher-zsre-seq100 \
+        [--out benchmarks/results/tpatcher_crosstalk.md]
 
 With ``--paraphrases N`` it also makes N single edits on ``--paraphrase-dataset`` and reports whether each edit's patch
 fires on the case's paraphrases (pre-activation > 0 at every answer position), which is what
@@ -101,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", default=[], help="sequential T-Patcher run folder (repeatable)")
     ap.add_argument("--first", type=int, help="only the first N edits of each run (compare runs of unequal length)")
-    ap.add_argument("--paraphrases", type=int, default=0, metavar="N", help="also N single edits: fires on paraphrases?")
+    ap.add_argument("--paraphrases", type=int, default=0, metavar="N",
+                    help="also N single edits: fires on paraphrases?")
     ap.add_argument("--paraphrase-dataset", default="counterfact", help="dataset of the --paraphrases edits")
     ap.add_argument("--dataset", default="zsre")
     ap.add_argument("--model", default="smollm2-135m")
@@ -120,12 +122,14 @@ def main() -> None:
         corpus = r["config"].get("corpus") or "WikiText (default)"
         lines.append(f"| `{Path(run).name}` | {corpus} | {r['edits']} ({r['neurons']}) | {r['held']}/{r['edits']} | "
                      f"{r['seconds']:.1f} | {r['own_fires']}/{r['edits']} | "
-                     f"{r['others_mean']:.1f} / {r['others_median']:.0f} / {r['others_max']} | {r['none']}/{r['edits']} |")
+                     f"{r['others_mean']:.1f} / {r['others_median']:.0f} / {r['others_max']} | "
+                     f"{r['none']}/{r['edits']} |")
     if args.paraphrases:
         r = paraphrase_firing(handle, args.paraphrase_dataset, args.paraphrases)
         lines += ["", f"Single edits, first {r['cases']} {args.paraphrase_dataset} cases (`--paraphrases {r['cases']} "
-                  f"--paraphrase-dataset {args.paraphrase_dataset}`): the patch fires at every answer position of its own prompt in {r['own']}/"
-                  f"{r['cases']} edits and of a paraphrase in {r['para']}/{r['total']} paraphrases; the paraphrase's mean "
+                  f"--paraphrase-dataset {args.paraphrase_dataset}`): the patch fires at every answer position "
+                  f"of its own prompt in {r['own']}/{r['cases']} edits and of a paraphrase in "
+                  f"{r['para']}/{r['total']} paraphrases; the paraphrase's mean "
                   f"pre-activation is a median {r['ratio']:.2f}× the edit prompt's."]
     write_report(args.out, lines)
 

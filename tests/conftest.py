@@ -1,7 +1,7 @@
 """Tiny random models of every adapter family, built in-process (no network, no downloads).
 
-The tokenizer is a small byte-level BPE trained here on a few sentences, so " target" and "target"
-tokenize differently as they do for real GPT-2/Llama tokenizers.
+The tokenizer (``lmedit.models.tiny.tiny_tokenizer``) is a small byte-level BPE trained on a few sentences,
+so " target" and "target" tokenize differently as they do for real GPT-2/Llama tokenizers.
 """
 
 from __future__ import annotations
@@ -14,32 +14,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS = [
-    "The mother tongue of Danielle Darrieux is French. Danielle Darrieux was an actress.",
-    "The capital of France is Paris. The capital of Italy is Rome. English is a language.",
-    "What university did Watts Humphrey attend? He went to Trinity College and the University of Michigan.",
-    "Michel Rocard is a native speaker of French. Toko Yasuda plays the guitar. Apple makes the iPhone.",
-    "The Eiffel Tower is located in Paris. Barack Obama was born in Hawaii. Tokyo is in Japan.",
-    "nq question: who played desmond doss father in hacksaw ridge? Hugo Weaving played him.",
-    "Where is he from? people speak the language of Germany, Spain, England and Russia.",
-]
-
-
-def make_tokenizer(kind: str = "bpe"):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+from lmedit.models.tiny import CORPUS  # noqa: E402,F401 (shared with the survey)
+from lmedit.models.tiny import tiny_tokenizer as make_tokenizer
 
 
 def make_model(family: str, vocab: int = 400):
     import transformers as tf
+
+    if family.endswith("ForCausalLM"):  # a class outside the table: its adapter is discovered
+        from lmedit.models.tiny import tiny_model
+
+        return tiny_model(family, layers=4)
 
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -87,7 +72,26 @@ def _threads(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _tiny_model_update_bound(request, monkeypatch):
+    """The tiny random models have weights of norm ~1, so ordinary test edits (KN on T5, MEND, toy deltas)
+    reach ‖ΔW‖/‖W‖ of 10²-10⁷ (MEND on a tiny T5), above the default bound meant for real models
+    (lmedit.edits.MAX_RELATIVE_UPDATE); fast tests use 10⁹. Real-model tests and tests/hardening/
+    test_diverging_edits.py keep the default."""
+    if not request.node.get_closest_marker("slow"):
+        import lmedit.edits
+
+        monkeypatch.setattr(lmedit.edits, "MAX_RELATIVE_UPDATE", 1e9)
+    yield
+
+
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "t5"]
+# families outside the registered table, whose adapters are discovered: a fused gated FFN (Phi-3), parallel
+# attention with in-place adds (Falcon), a shared expert on flattened tokens beside routed ones (Qwen2-MoE),
+# a fused gate_up with partial rotary (GLM), partial rotary + LayerNorm (StableLM), a plain FFN with biases
+# (StarCoder2), a parallel block (Phi), OLMo's non-parametric norms
+DISCOVERED = ["Phi3ForCausalLM", "FalconForCausalLM", "Qwen2MoeForCausalLM", "GlmForCausalLM",
+              "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "OlmoForCausalLM"]
 DECODER_FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 
 

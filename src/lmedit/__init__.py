@@ -33,7 +33,7 @@ _LAZY = {
     "register_editor": "lmedit.registry",
     "evaluate": "lmedit.metrics.evaluate",
     "load_dataset": "lmedit.data",
-    "run_benchmark": "lmedit.benchmark",
+    "run_benchmark": "lmedit.bench",
 }
 
 __all__ = sorted(_LAZY)

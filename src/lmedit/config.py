@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -38,7 +39,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return _coerce(value, arg, name)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{name}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{name}: {value!r} matches none of {tp} ({'; '.join(errors)})")
     if origin is typing.Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{name}: {value!r} is not one of {list(get_args(tp))}")
@@ -79,9 +80,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: {value!r} is not a finite number; give a finite value")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -94,11 +98,20 @@ class Config:
     """Base class of every method configuration.
 
     Subclasses are dataclasses whose fields each carry a type, a default and a one-line ``help`` in their
-    metadata. ``validate`` (override it) raises :class:`ConfigError` with an actionable message.
+    metadata. ``validate`` (override it) raises :class:`ConfigError` with an actionable message. Values are
+    coerced to the field types and validated on construction, however the config is built
+    (``MyConfig(lr="1e-3")`` and ``MyConfig.from_dict(...)`` alike).
     """
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f, tp in type(self).field_types().items():
+            setattr(self, f, _coerce(getattr(self, f), tp, f"{name}.{f}"))
+        self.validate()
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
+        """Each field's name and its resolved type hint."""
         hints = get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -112,15 +125,14 @@ class Config:
             raise ConfigError(
                 f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(types_)}"
             )
-        kwargs = {k: _coerce(v, types_[k], f"{cls.__name__}.{k}") for k, v in merged.items()}
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        return cls(**merged)  # coerced and validated by __post_init__
 
     def replace(self: C, **overrides: Any) -> C:
+        """A copy with ``overrides`` applied, checked like :meth:`from_dict`."""
         return type(self).from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
+        """The field values as plain JSON-serialisable data."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
@@ -142,6 +154,7 @@ class Config:
 
     @classmethod
     def from_file(cls: type[C], path: str | Path) -> C:
+        """Build a config from a YAML (``.yaml``/``.yml``) or JSON file, checked like :meth:`from_dict`."""
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):

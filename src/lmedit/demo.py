@@ -11,9 +11,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .types import QA, EditCase, EditRequest
+
+if TYPE_CHECKING:
+    from .models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def choose_method(preferred: tuple[str, ...] = PREFERRED_METHODS) -> str:
     return usable[0]
 
 
-def _continue(handle: Any, prompt: str, max_new_tokens: int) -> str:
+def _continue(handle: ModelHandle, prompt: str, max_new_tokens: int) -> str:
     """The greedy continuation, cut at the first line break (chat models like to ramble on)."""
     text = handle.generate(prompt, max_new_tokens=max_new_tokens)
     return text.split("\n")[0].rstrip()
@@ -96,7 +99,7 @@ def _was_cached(model: str) -> bool | None:
 SETUP_SECONDS = "setup_seconds"
 
 
-def _compute(editor: Any, handle: Any, request: EditRequest) -> tuple[Any, Any, float, float | None]:
+def _compute(editor: Any, handle: ModelHandle, request: EditRequest) -> tuple[Any, Any, float, float | None]:
     """Compute the edit under the efficiency meter; returns (edit, meter, own seconds, one-time seconds).
 
     Locate-then-edit methods compute statistics once per model (cached on the handle and on disk) and add

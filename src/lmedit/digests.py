@@ -1,4 +1,4 @@
-"""Content digests of plain data (cases, cache keys): one canonical JSON form, one hash.
+"""Content digests of plain data (cases, cache keys) and of tensors: one canonical form, one hash.
 
 Used wherever a run or cache entry must recognise "the same data" (benchmark resume and case adoption, the
 table's cell keys), so that all of them agree on what "the same" means.
@@ -38,3 +38,13 @@ def request_digest(request: Any) -> str:
     """Identity of an edit request by what an editor sees: prompt (subject filled in), subject, new and
     true target; not its case_id, so the same fact in two datasets has one identity."""
     return digest([request.text, request.subject, request.target_new, request.target_true])[:16]
+
+
+def tensor_digest(t: Any) -> str:
+    """A full-content hash of one tensor (used for the parameters an edit touches)."""
+    import torch
+
+    data = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
+    h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()[:24]

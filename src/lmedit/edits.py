@@ -8,14 +8,21 @@ Three kinds cover every method:
   removed cleanly on revert; only the new modules' own weights are saved.
 - :class:`PromptContext` -- text put before every prompt (IKE); the model's weights never change.
 
+A handle keeps the stack of edits applied to its model (``handle.applied_edits``, oldest first): ``apply``
+pushes, ``revert`` pops, and reverting anything but the newest applied edit raises :class:`EditOrderError`
+with nothing changed (undoing an edit under a later one would leave the later one's wrappers or deltas
+computed against weights that are no longer there).
+
+Saving and loading: see :mod:`lmedit.edit_format` (digests of every tensor and of the metadata, checked on
+load). Nothing in a saved edit is imported or unpickled: a :class:`ModuleSwap` stores the *registered name*
+of each module class (:func:`register_swap_module`), never a class path.
+
 The benchmark runner and the CLI only ever call these methods: there are no method-name switches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -23,14 +30,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from .hooks import get_module, get_parameter, set_module
+from . import edit_format
+from .edit_format import META_FILE, TENSOR_FILE, malformed  # noqa: F401  (re-exported)
+from .hooks import get_parameter
 
 log = logging.getLogger(__name__)
-
-META_FILE = "edit.json"
-TENSOR_FILE = "tensors.safetensors"
 
 
 class EditError(RuntimeError):
@@ -39,6 +44,43 @@ class EditError(RuntimeError):
 
 class EditMismatchError(EditError):
     """An edit made for other weights (another model, or other base values) than the ones given."""
+
+
+class EditOrderError(EditError):
+    """A revert asked for an edit that has later edits applied on top of it; the model is left as it was."""
+
+
+class EditDivergedError(EditError):
+    """An update far larger than the weights it changes (a diverged optimisation); nothing was written.
+    ``data["option"]`` names the bound (see :mod:`lmedit.errors`)."""
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.data: dict[str, Any] = data
+
+
+MAX_RELATIVE_UPDATE = 100.0
+"""Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``): an update a
+hundred times the size of the weights it changes. Real edits stay far below it (docs/reliability.md has
+measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
+
+
+class EditFileError(EditError):
+    """A saved edit that is corrupt, altered, malformed, of an older format, or names an unknown module."""
+
+
+def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: float | None) -> None:
+    """Refuse ‖ΔW‖/‖W‖ > bound (a parameter whose values are all zero, e.g. a fresh bias, has no ratio)."""
+    base_norm = float(base.norm())
+    if bound is None or base_norm == 0:
+        return
+    rel = float(delta.to(torch.float32).norm()) / base_norm
+    if rel > bound:
+        raise EditDivergedError(
+            f"refusing edit: ‖ΔW‖/‖W‖ of {name} is {rel:.3g}, above max_relative_update = {bound:g} (the "
+            "optimisation diverged, e.g. a learning rate far too large); the model is unchanged. Lower the "
+            "method's step size (its lr), or raise the bound if the update is intended "
+            "(edit.apply(handle, max_relative_update=X))", option="max_relative_update")
 
 
 def _version() -> str:
@@ -83,33 +125,64 @@ class Edit:
             )
 
     def is_applied(self, handle: Any) -> bool:
+        """Whether this edit is currently applied to ``handle``'s model."""
         return id(handle.model) in self._applied_to
 
+    def label(self) -> str:
+        """A short name for messages: kind, method and first request."""
+        reqs = self.meta.get("requests") or []
+        first = reqs[0] if reqs and isinstance(reqs[0], dict) else {}
+        what = f" {first.get('prompt')!r} -> {first.get('target_new')!r}" if first else ""
+        more = f" (+{len(reqs) - 1} more)" if len(reqs) > 1 else ""
+        return f"{type(self).__name__}[{self.meta.get('method', '?')}{what}{more}]"
+
     # --- interface ---------------------------------------------------------------------------------
-    def apply(self, handle: Any, *, strict: bool = True) -> Edit:
-        """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem."""
+    def apply(self, handle: Any, *, strict: bool = True, max_relative_update: float | None | str = "default") -> Edit:
+        """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem.
+
+        Args:
+            strict: refuse weights other than those the edit was computed on.
+            max_relative_update: refuse (:class:`EditDivergedError`) a weight update whose ‖ΔW‖/‖W‖ exceeds
+                this on any parameter (None: no bound; default: :data:`MAX_RELATIVE_UPDATE` when called).
+        """
+        if max_relative_update == "default":
+            max_relative_update = MAX_RELATIVE_UPDATE
         if self.is_applied(handle):
             raise EditError("this edit is already applied to that model; revert it first")
+        if max_relative_update is not None and not max_relative_update > 0:
+            raise ValueError(f"max_relative_update must be a positive number or None, got {max_relative_update!r}")
         self._check_model(handle)
-        self._applied_to[id(handle.model)] = self._apply(handle, strict)
+        self._applied_to[id(handle.model)] = self._apply(handle, strict, max_relative_update)
+        handle._applied.append(self)
         return self
 
     def revert(self, handle: Any) -> None:
-        """Undo :meth:`apply` exactly. Edits applied after this one must be reverted first."""
+        """Undo :meth:`apply` exactly. Edits applied after this one must be reverted first
+        (:class:`EditOrderError` otherwise, with nothing changed)."""
         if not self.is_applied(handle):
             raise EditError("this edit is not applied to that model; nothing to revert")
+        stack = handle._applied
+        if self in stack and stack[-1] is not self:
+            later = stack[stack.index(self) + 1:]
+            raise EditOrderError(
+                f"cannot revert {self.label()}: {len(later)} edit(s) applied after it are still applied; revert "
+                f"them first, newest first: {', '.join(e.label() for e in reversed(later))} "
+                "(handle.applied_edits lists the applied edits, oldest first); nothing was changed")
         self._revert(handle, self._applied_to.pop(id(handle.model)))
+        if stack and stack[-1] is self:
+            stack.pop()
 
     @contextlib.contextmanager
-    def applied(self, handle: Any) -> Iterator[Any]:
+    def applied(self, handle: Any, **apply_kw: Any) -> Iterator[Any]:
         """``with edit.applied(handle): ...`` -- applied inside the block, reverted after it."""
-        self.apply(handle)
+        self.apply(handle, **apply_kw)
         try:
             yield handle
         finally:
             self.revert(handle)
 
     def describe(self) -> str:
+        """A few readable lines: the kind of edit, the method, the model and the requests it carries."""
         reqs = self.meta.get("requests", [])
         lines = [f"{type(self).__name__} by {self.meta.get('method', '?')} for {self.meta.get('model_name', '?')} "
                  f"({len(reqs)} request{'s' if len(reqs) != 1 else ''})"]
@@ -121,38 +194,41 @@ class Edit:
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:
-        """Save to a directory: ``edit.json`` (metadata) and ``tensors.safetensors`` (if any tensors)."""
-        from safetensors.torch import save_file
-
+        """Save to a directory: ``edit.json`` (metadata and digests) and ``tensors.safetensors`` (if any
+        tensors); see :mod:`lmedit.edit_format`. Refuses a path that is a file, and an edit without
+        ``meta["model_fingerprint"]`` (its loader could not check the model)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise EditError(f"cannot save the edit to {path}: it is a file; give a folder path (new or empty)")
+        if not self.meta.get("model_fingerprint"):
+            raise EditError("this edit has no meta['model_fingerprint'], so a loaded copy could not check its "
+                            "model; set edit.meta['model_fingerprint'] = handle.fingerprint before saving")
         tensors, body = self._to_state()
-        meta = {"kind": self.kind, "meta": self.meta, "body": body}
-        if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path / TENSOR_FILE)
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        return edit_format.write(path, self.kind, self.meta, body, tensors)
 
     @staticmethod
     def load(path: str | Path) -> Edit:
-        """Load an edit saved with :meth:`save`; it still refuses models other than the one it was made for."""
-        from safetensors.torch import load_file
-
+        """Load an edit saved with :meth:`save`, after checking its digests, fields, tensor shapes and module
+        names (:class:`EditFileError` otherwise); it still refuses models other than the one it was made for."""
         path = Path(path)
-        if not (path / META_FILE).exists():
+        if not (path / META_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a saved edit (no {META_FILE}); save one with edit.save(path)")
+        from . import swaps  # noqa: F401  (registers the module_swap kind)
+
         try:
-            meta = json.loads((path / META_FILE).read_text())
-            tensors = load_file(path / TENSOR_FILE) if (path / TENSOR_FILE).exists() else {}
-        except Exception as e:  # noqa: BLE001  (corrupt files of any sort)
-            raise EditError(f"saved edit at {path} is corrupted: {e}") from e
-        cls = Edit._kinds.get(meta.get("kind"))
-        if cls is None:
-            raise EditError(f"saved edit at {path} has unknown kind {meta.get('kind')!r}")
-        return cls._from_state(meta["meta"], meta.get("body", {}), tensors)
+            kind, meta, body, tensors = edit_format.read(path)
+            cls = Edit._kinds.get(kind)
+            if cls is None:
+                raise edit_format.FormatProblem(f"has unknown kind {kind!r}; known: {sorted(Edit._kinds)}")
+            return cls._from_state(meta, body, tensors)
+        except edit_format.FormatProblem as e:
+            raise EditFileError(f"saved edit at {path} {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # EditError included
+            raise EditFileError(f"saved edit at {path} is malformed ({type(e).__name__}: {e}); "
+                                f"{edit_format.RECOMPUTE}") from None
 
     # --- for subclasses ----------------------------------------------------------------------------
-    def _apply(self, handle: Any, strict: bool) -> Any:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> Any:
         raise NotImplementedError
 
     def _revert(self, handle: Any, state: Any) -> None:
@@ -188,30 +264,38 @@ class WeightDelta(Edit):
         self.base_digests = dict(base_digests or {})
 
     def dense(self, name: str) -> torch.Tensor:
+        """The full ΔW of parameter ``name`` (a low-rank pair ``(a, b)`` is multiplied out as ``a @ b.T``)."""
         d = self.deltas[name]
         if isinstance(d, tuple):
             a, b = d
             return a.float() @ b.float().T
         return d
 
-    def _apply(self, handle: Any, strict: bool) -> dict[str, torch.Tensor]:
-        from .models.handle import tensor_digest
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> dict[str, torch.Tensor]:
+        from .digests import tensor_digest
 
         model = handle.model
         new_values: dict[str, torch.Tensor] = {}
         for name in self.deltas:
-            p = get_parameter(model, name)
+            try:
+                p = get_parameter(model, name)
+            except LookupError:
+                raise EditMismatchError(f"this edit updates parameter {name!r}, which {handle.name!r} does not "
+                                        "have; apply it to the model it was computed for") from None
             delta = self.dense(name).to(p.device)
             if tuple(delta.shape) != tuple(p.shape):
-                raise EditMismatchError(f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
+                raise EditMismatchError(
+                    f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
             if strict and name in self.base_digests and tensor_digest(p) != self.base_digests[name]:
                 raise EditMismatchError(
                     f"parameter {name} does not hold the values this edit was computed on (another edit is "
                     "applied, or another checkpoint); revert the other edits first or pass strict=False"
                 )
-            new = (p.detach().to(torch.float32) + delta.to(torch.float32)).to(p.dtype)
+            base = p.detach().to(torch.float32)
+            new = (base + delta.to(torch.float32)).to(p.dtype)
             if not torch.isfinite(new).all():
                 raise EditError(f"refusing edit: it would write NaN/inf into {name}; the model is unchanged")
+            _check_bound(name, delta, base, max_relative_update)
             new_values[name] = new
         originals = {}
         with torch.no_grad():
@@ -240,12 +324,29 @@ class WeightDelta(Edit):
 
     @classmethod
     def _from_state(cls, meta: dict, body: dict, tensors: dict[str, torch.Tensor]) -> WeightDelta:
+        layout, digests = body.get("layout"), body.get("base_digests", {})
+        if not isinstance(layout, dict) or not layout:
+            raise malformed("body.layout must map parameter names to 'dense' or 'low_rank'")
+        if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+            raise malformed("body.base_digests must map parameter names to digests")
         deltas: dict[str, Any] = {}
-        for name, kind in body["layout"].items():
-            deltas[name] = (tensors[f"{name}::a"], tensors[f"{name}::b"]) if kind == "low_rank" else tensors[name]
-        return cls(deltas, body.get("base_digests"), meta)
+        for name, kind in layout.items():
+            if kind == "low_rank":
+                a, b = tensors.get(f"{name}::a"), tensors.get(f"{name}::b")
+                if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+                    raise malformed(f"low-rank update of {name} needs factors a [rows, r] and b [cols, r]")
+                deltas[name] = (a, b)
+            elif kind == "dense" and name in tensors:
+                deltas[name] = tensors[name]
+            else:
+                raise malformed(f"update of {name} has layout {kind!r} or no tensor")
+        used = {k for n, kind in layout.items() for k in ([f"{n}::a", f"{n}::b"] if kind == "low_rank" else [n])}
+        if set(tensors) != used:
+            raise malformed(f"tensors {sorted(set(tensors) - used)} belong to no update")
+        return cls(deltas, digests, meta)
 
     def norms(self) -> dict[str, float]:
+        """The Frobenius norm ‖ΔW‖ of each edited parameter."""
         return {k: float(self.dense(k).float().norm()) for k in self.deltas}
 
     def _describe_body(self) -> list[str]:
@@ -254,100 +355,6 @@ class WeightDelta(Edit):
         for name, n in self.norms().items():
             extra = f", ‖ΔW‖/‖W‖ = {rel[name]:.4g}" if name in rel else ""
             out.append(f"  Δ {name}: ‖ΔW‖ = {n:.4g}{extra}")
-        return out
-
-
-class SwapModule(nn.Module):
-    """Base class of modules that a :class:`ModuleSwap` installs in place of an existing module.
-
-    The replaced module is kept as ``self.base`` while installed. Subclasses implement ``forward`` (usually
-    calling ``self.base``) and ``get_config()`` (constructor kwargs, JSON-serialisable), so that a saved edit
-    can rebuild them; only the subclass's own parameters are saved.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.base: nn.Module | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        return {}
-
-    def bind(self, handle: Any) -> None:
-        """Called by :meth:`ModuleSwap.apply` before installing: modules that need the handle (its tokenizer,
-        adapter or caches) at run time take it here; it is never saved."""
-
-    def own_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
-
-
-class ModuleSwap(Edit):
-    """Modules installed at given paths, each wrapping the module it replaces."""
-
-    kind = "module_swap"
-
-    def __init__(self, modules: dict[str, SwapModule], meta: dict[str, Any] | None = None) -> None:
-        super().__init__(meta)
-        if not modules:
-            raise EditError("a ModuleSwap needs at least one module")
-        self.modules = dict(modules)
-
-    def _apply(self, handle: Any, strict: bool) -> list[tuple[str, nn.Module]]:
-        for path, m in self.modules.items():
-            for name, p in m.own_state_dict().items():
-                if p.is_floating_point() and not torch.isfinite(p).all():
-                    raise EditError(f"refusing edit: module for {path} has NaN/inf in {name}")
-        installed: list[tuple[str, nn.Module]] = []
-        try:
-            for path, m in self.modules.items():
-                original = get_module(handle.model, path)
-                ref = next(original.parameters(), None)
-                if ref is not None:
-                    m.to(device=ref.device)
-                m.base = original
-                m.bind(handle)
-                set_module(handle.model, path, m)
-                installed.append((path, original))
-        except Exception:
-            self._revert(handle, installed)
-            raise
-        return installed
-
-    def _revert(self, handle: Any, installed: list[tuple[str, nn.Module]]) -> None:
-        for path, original in reversed(installed):
-            set_module(handle.model, path, original)
-            self.modules[path].base = None
-
-    def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors: dict[str, torch.Tensor] = {}
-        body: dict[str, Any] = {"modules": {}}
-        for path, m in self.modules.items():
-            cls = type(m)
-            body["modules"][path] = {"class": f"{cls.__module__}:{cls.__qualname__}", "config": m.get_config()}
-            for name, t in m.own_state_dict().items():
-                tensors[f"{path}::{name}"] = t
-        return tensors, body
-
-    @classmethod
-    def _from_state(cls, meta: dict, body: dict, tensors: dict[str, torch.Tensor]) -> ModuleSwap:
-        modules: dict[str, SwapModule] = {}
-        for path, spec in body["modules"].items():
-            mod_name, _, qual = spec["class"].partition(":")
-            if not mod_name.startswith("lmedit."):
-                raise EditError(f"refusing to import module class {spec['class']!r} from a saved edit")
-            klass = importlib.import_module(mod_name)
-            for part in qual.split("."):
-                klass = getattr(klass, part)
-            m = klass(**spec["config"])
-            own = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{path}::")}
-            m.load_state_dict(own, strict=False)
-            modules[path] = m
-        return cls(modules, meta)
-
-    def _describe_body(self) -> list[str]:
-        out = []
-        for path, m in self.modules.items():
-            n = sum(t.numel() for t in m.own_state_dict().values())
-            out.append(f"  {type(m).__name__} at {path} ({n:,} own parameters)")
         return out
 
 
@@ -360,7 +367,7 @@ class PromptContext(Edit):
         super().__init__(meta)
         self.context = context
 
-    def _apply(self, handle: Any, strict: bool) -> str:
+    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> str:
         handle.contexts.append(self.context)
         return self.context
 
@@ -375,7 +382,22 @@ class PromptContext(Edit):
 
     @classmethod
     def _from_state(cls, meta: dict, body: dict, tensors: dict[str, torch.Tensor]) -> PromptContext:
+        if not isinstance(body.get("context"), str) or tensors:
+            raise malformed("body.context must be a string, and a prompt context has no tensors")
         return cls(body["context"], meta)
 
     def _describe_body(self) -> list[str]:
         return [f"  context of {len(self.context)} characters put before each prompt"]
+
+
+_SWAPS = ("ModuleSwap", "SwapModule", "register_swap_module", "swap_module_class", "swap_module_name")
+
+
+def __getattr__(name: str) -> Any:
+    """``from lmedit.edits import ModuleSwap`` (and the swap-module registry) keeps working: they live in
+    :mod:`lmedit.swaps`, imported on first use."""
+    if name in _SWAPS:
+        from . import swaps
+
+        return getattr(swaps, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

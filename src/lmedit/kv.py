@@ -47,7 +47,29 @@ def body_and_head(model: Any) -> tuple[Any, Any] | None:
         return None
     body = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return None if body is None or head is None else (body, head)
+    if body is None or head is None:
+        return None
+    verdict = model.__dict__.get("_lmedit_plain_head")
+    if verdict is None:  # checked once per model (ModelHandle does it at load, before any hook is installed):
+        # the structure never changes, only weights do
+        verdict = _head_reproduces_logits(model, body, head)
+        model.__dict__["_lmedit_plain_head"] = verdict
+    return (body, head) if verdict else None
+
+
+@torch.no_grad()
+def _head_reproduces_logits(model: Any, body: Any, head: Any) -> bool:
+    """Does ``head(body(x))`` give the model's logits? Not when a transform sits between them (BERT-style
+    prediction heads) or the forward rescales the logits (e.g. Granite's ``logits_scaling``)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[3, 4, 5, 6]], device=device) % int(head.weight.shape[0])
+    try:
+        full = model(input_ids=ids, use_cache=False).logits
+        h = body(input_ids=ids, use_cache=False)[0]
+        part = head(h)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return part.shape == full.shape and torch.allclose(part, full, rtol=1e-4, atol=1e-4)
 
 
 class SharedPrefix:

@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 _EDITORS: dict[str, type[Editor]] = {}
 _discovered = False
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+BUILTIN_METHODS = "lmedit.methods"  # package whose modules are imported on the first look-up
 
 
 class UnknownMethodError(KeyError):
+    """No editor is registered under this name; the message lists close matches and the known names."""
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
 
@@ -48,9 +50,10 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    from . import methods
-
-    for info in pkgutil.walk_packages(methods.__path__, prefix="lmedit.methods."):
+    # the built-in methods are found like plugins, by package name: the registry (a core module) depends on
+    # no method, and every method depends on it (its decorator)
+    methods = importlib.import_module(BUILTIN_METHODS)
+    for info in pkgutil.walk_packages(methods.__path__, prefix=f"{BUILTIN_METHODS}."):
         if info.name.rsplit(".", 1)[-1].startswith("_") or info.name.endswith(".base"):
             continue
         importlib.import_module(info.name)
@@ -64,11 +67,13 @@ def _discover() -> None:
 
 
 def list_editors() -> list[str]:
+    """The names of every registered editor, sorted."""
     _discover()
     return sorted(_EDITORS)
 
 
 def editor_class(name: str) -> type[Editor]:
+    """The editor class registered as ``name`` (any case); an unknown name raises UnknownMethodError."""
     _discover()
     key = name.lower()
     if key not in _EDITORS:

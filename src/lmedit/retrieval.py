@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .io import atomic_write, file_lock, lmedit_home
+
 log = logging.getLogger(__name__)
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
@@ -91,8 +93,6 @@ def file_digest(path: str | Path) -> str:
 
 
 def cache_root() -> Path:
-    from .models.loading import lmedit_home
-
     return lmedit_home() / "cache" / "embeddings"
 
 
@@ -109,6 +109,13 @@ def embed_corpus(texts: Sequence[str], cache: dict[str, Any], key: str = "") -> 
     if mem_key in cache:
         return cache[mem_key]
     path = cache_root() / f"{name}.pt"
+    with file_lock(path.with_name(f".{path.name}.lock"), blocking=True):  # one process computes, the others read
+        emb = _embed_cached(texts, cache, path)
+    cache[mem_key] = emb
+    return emb
+
+
+def _embed_cached(texts: Sequence[str], cache: dict[str, Any], path: Path) -> torch.Tensor:
     emb = None
     if path.exists():
         try:
@@ -121,11 +128,7 @@ def embed_corpus(texts: Sequence[str], cache: dict[str, Any], key: str = "") -> 
     if emb is None:
         log.info("embedding %d texts with %s (cached afterwards in %s)", len(texts), EMBEDDER_NAME, path.parent)
         emb = get_embedder(cache).encode(texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(emb, tmp)
-        tmp.replace(path)
-    cache[mem_key] = emb
+        atomic_write(path, lambda tmp: torch.save(emb, tmp))
     return emb
 
 

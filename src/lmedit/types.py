@@ -19,8 +19,28 @@ class EditInputError(ValueError):
 
 def _check_text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise EditInputError(f"{name} must be a string, got {type(value).__name__}")
+        raise EditInputError(f"{name} must be a string, got {type(value).__name__} {value!r:.60}")
     return value
+
+
+def _texts(value: Any, name: str) -> tuple[str, ...]:
+    """A tuple of strings from a list or tuple of strings; a lone string is refused (it would be read as
+    one item per character)."""
+    if isinstance(value, str):
+        raise EditInputError(f"{name} must be a list of strings, got the single string {value!r:.60}; wrap it "
+                             f"in a list: {name}=[{value!r:.40}]")
+    if not isinstance(value, list | tuple):
+        raise EditInputError(f"{name} must be a list of strings, got {type(value).__name__}")
+    return tuple(_check_text(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _qas(value: Any, name: str) -> tuple[QA, ...]:
+    if not isinstance(value, list | tuple):
+        raise EditInputError(f"{name} must be a list of QA(prompt, answer), got {type(value).__name__}")
+    for i, q in enumerate(value):
+        if not isinstance(q, QA):
+            raise EditInputError(f"{name}[{i}] must be a QA(prompt, answer), got {type(q).__name__}")
+    return tuple(value)
 
 
 def to_template(prompt: str, subject: str) -> str:
@@ -81,7 +101,16 @@ class EditRequest:
             raise EditInputError(f"target_new is empty for prompt {self.prompt!r}; give the new answer")
         if self.target_true is not None:
             _check_text(self.target_true, "target_true")
-        object.__setattr__(self, "template", to_template(self.prompt, self.subject))
+        if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(self.case_id, str | int)):
+            raise EditInputError(f"case_id must be a string, an integer or None, got {type(self.case_id).__name__}")
+        template = to_template(self.prompt, self.subject)
+        try:
+            template.format(self.subject)
+        except (KeyError, IndexError, ValueError) as e:
+            raise EditInputError(
+                f"prompt {self.prompt!r} has braces other than the one '{{}}' slot ({type(e).__name__}: {e}); "
+                "write literal braces as '{{' and '}}', or put the subject in the prompt instead of '{}'") from None
+        object.__setattr__(self, "template", template)
 
     @property
     def text(self) -> str:
@@ -89,6 +118,7 @@ class EditRequest:
         return self.template.format(self.subject)
 
     def to_dict(self) -> dict[str, Any]:
+        """The request as plain JSON data, with the subject filled into the prompt."""
         return {
             "prompt": self.text,
             "subject": self.subject,
@@ -99,6 +129,7 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EditRequest:
+        """A request from a mapping (see :meth:`to_dict`); unknown or missing fields raise EditInputError."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = set(d) - known
         if unknown:
@@ -115,6 +146,10 @@ class QA:
 
     prompt: str
     answer: str
+
+    def __post_init__(self) -> None:
+        _check_text(self.prompt, "QA.prompt")
+        _check_text(self.answer, f"QA.answer (for prompt {self.prompt!r:.60})")
 
 
 @dataclass(frozen=True)
@@ -139,6 +174,19 @@ class EditCase:
     neighborhood: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request, EditRequest):
+            raise EditInputError(f"EditCase.request must be an EditRequest, got {type(self.request).__name__}")
+        for name in ("paraphrases", "neighborhood", "generation_prompts"):
+            object.__setattr__(self, name, _texts(getattr(self, name), name))
+        object.__setattr__(self, "locality", _qas(self.locality, "locality"))
+        if not isinstance(self.portability, dict):
+            raise EditInputError(f"portability must be a dict of group -> list of QA, got "
+                                 f"{type(self.portability).__name__}")
+        object.__setattr__(self, "portability", {_check_text(k, "portability group"): _qas(v, f"portability[{k!r}]")
+                                                 for k, v in self.portability.items()})
+        _check_text(self.source, "source")
 
     @property
     def case_id(self) -> str | int | None:

@@ -1,5 +1,8 @@
 """The Editor contract: every registered editor × every tiny model family (design.md §9).
 
+The families are the registered table's (``FAMILIES``) and eight classes outside it whose adapters are
+discovered from their module structure (``DISCOVERED``, built by ``lmedit.models.tiny`` with four layers).
+
 A new editor joins automatically through ``list_editors()``. Each editor's ``quick`` class attribute gives
 config overrides that make it fast on the tiny random models; an editor with ``capabilities.needs_fit`` is
 fitted once per family (``fit(handle, cases, quick=True)``) and its state reused. A combination is skipped
@@ -13,11 +16,12 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, make_handle, make_model
+from conftest import DISCOVERED, FAMILIES, make_handle, make_model
 from lmedit.config import ConfigError
+from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from lmedit.metrics.scoring import score_targets
-from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.handle import ModelHandle
 from lmedit.registry import editor_class, get_editor, list_editors
 from lmedit.types import QA, EditCase, EditRequest
 
@@ -53,7 +57,7 @@ def setup(name: str, family: str, tokenizer, shared, dtype: torch.dtype | None =
         model = model.to(dtype)
     handle = ModelHandle(model, tokenizer, name=f"tiny-{family}")
     handle.cache = shared["caches"].setdefault((family, str(dtype)), {})
-    editor = get_editor(name, **getattr(cls, "quick", {}))
+    editor = get_editor(name, **cls.quick)
     if cls.capabilities.needs_fit:
         key = (name, family, str(dtype))
         if key in shared["fitted"]:
@@ -98,7 +102,7 @@ def other_model(family: str, tokenizer) -> ModelHandle:
     return ModelHandle(model, tokenizer, name=f"other-{family}")
 
 
-params = pytest.mark.parametrize("family", FAMILIES)
+params = pytest.mark.parametrize("family", FAMILIES + DISCOVERED)  # the table's families, then discovered ones
 editors = pytest.mark.parametrize("name", EDITORS)
 
 
@@ -109,7 +113,8 @@ def test_compute_leaves_model_untouched(name, family, tokenizer, shared):
     editor, handle = setup(name, family, tokenizer, shared)
     snap, hooks = snapshot(handle), hook_count(handle)
     modules = [(n, type(m)) for n, m in handle.model.named_modules()]
-    editor.compute(handle, [REQ_A])
+    edit = editor.compute(handle, [REQ_A])
+    assert isinstance(edit, editor.capabilities.edit_kind), "capabilities.edit_kind is not the kind it returns"
     assert_same_weights(handle, snap)
     assert handle.contexts == []
     assert hook_count(handle) == hooks, "compute left hooks on the model"
@@ -193,7 +198,7 @@ def test_save_load_roundtrip(name, family, tokenizer, shared, tmp_path):
 @editors
 @params
 def test_pure_editor_computes_the_same_edit_again(name, family, tokenizer, shared):
-    """What an edit store relies on (lmedit.stores): an editor with ``pure_compute`` gives the same edit
+    """What an edit store relies on (lmedit.bench.stores): an editor with ``pure_compute`` gives the same edit
     for the same request on the same weights, whatever it computed in between."""
     editor, handle = setup(name, family, tokenizer, shared)
     if not editor.pure_compute:
@@ -231,7 +236,7 @@ def test_config_roundtrip_and_strictness(name, tokenizer, shared):
     cls = editor_class(name)
     handle = make_handle("llama", tokenizer)
     handle.cache = shared["caches"].setdefault(("llama", "None"), {})
-    cfg = get_editor(name, **getattr(cls, "quick", {})).config_for(handle)
+    cfg = get_editor(name, **cls.quick).config_for(handle)
     assert cls.Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert get_editor(name, cfg).config_for(handle) == cfg
     for overrides in cls.presets.values():

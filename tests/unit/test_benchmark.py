@@ -9,12 +9,12 @@ import zlib
 import pytest
 import torch
 
-from lmedit.benchmark import BenchmarkError, build_summary, run_benchmark
+from lmedit.bench import BenchmarkError, build_summary, run_benchmark
 from lmedit.config import Config, option
+from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
 from lmedit.methods.base import Capabilities, Editor
 from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC, CaseResult, ProtocolMixError, Score
-from lmedit.models.handle import tensor_digest
 from lmedit.types import QA, EditCase, EditInputError, EditRequest
 
 
@@ -288,8 +288,8 @@ def test_real_model_real_data_sequential(tmp_path):
 
 
 def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
+    from lmedit.bench.stores import EditStore
     from lmedit.digests import request_digest
-    from lmedit.stores import EditStore
 
     cases, store = _cases(4), EditStore(tmp_path / "edits")
     first_editor = ToyEditor()
@@ -325,9 +325,9 @@ def test_edit_store_shares_single_edits_between_runs(tiny_llama, tmp_path):
 
 
 def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
-    from lmedit.benchmark import run_header
+    from lmedit.bench import run_header
+    from lmedit.bench.stores import edit_scope
     from lmedit.registry import get_editor
-    from lmedit.stores import edit_scope
 
     cases = _cases(1)
     assert edit_scope(ToyEditor(), run_header(ToyEditor(), tiny_llama, cases))
@@ -338,8 +338,8 @@ def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
 
 
 def test_baseline_store_scores_the_unedited_model_once(tiny_llama, tmp_path, monkeypatch):
-    import lmedit.benchmark as bench
-    from lmedit.stores import BaselineStore
+    import lmedit.bench.run as bench
+    from lmedit.bench.stores import BaselineStore
 
     computed = []
     real = bench.baseline

@@ -59,6 +59,20 @@ def test_data_lists_datasets_with_sizes(capsys):
     assert "zsre" in out and "counterfact" in out
 
 
+def test_every_model_flag_defaults_to_the_same_model():
+    """`lmedit trace` once required --model while the other subcommands defaulted to SmolLM2 (issue 16)."""
+    from lmedit.cli import build_parser
+    from lmedit.cli._common import DEFAULT_MODEL
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    with_model = {name: next((a for a in p._actions if "--model" in a.option_strings), None)
+                  for name, p in subparsers.items()}
+    with_model = {name: action for name, action in with_model.items() if action is not None}
+    assert "trace" in with_model and "edit" in with_model
+    for name, action in with_model.items():
+        assert not action.required and action.default == DEFAULT_MODEL, name
+
+
 # --- edit ----------------------------------------------------------------------------------------------
 def test_edit_json_reports_scores_and_saves_a_loadable_edit(capsys, tiny_dir, tmp_path):
     import lmedit

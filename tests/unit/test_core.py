@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from lmedit.config import Config, ConfigError, option
+from lmedit.digests import tensor_digest
 from lmedit.edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
-from lmedit.models.adapter import UnsupportedArchitectureError, adapter_for
-from lmedit.models.handle import ModelHandle, tensor_digest
+from lmedit.models.adapter import UnsupportedArchitectureError
+from lmedit.models.handle import ModelHandle
+from lmedit.models.lookup import adapter_for
 from lmedit.types import EditInputError, EditRequest, to_template
 
 
@@ -86,6 +88,18 @@ def test_config_hash_ignores_locations_and_added_fields_at_their_default():
     assert new(lr=0.3, stop=0.0).hash() != old(lr=0.3).hash()  # an added field counts once it is changed
 
 
+def test_config_is_coerced_and_validated_however_it_is_built():
+    from lmedit.methods.calinet import CaliNetConfig
+
+    assert CaliNetConfig(lr="1e-3").lr == 1e-3  # the constructor coerces like from_dict
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig(steps=0)  # and validates: no way around the checks
+    with pytest.raises(ConfigError, match="expected an integer"):
+        CaliNetConfig(width="wide")
+    with pytest.raises(ConfigError, match="width and steps must be"):
+        CaliNetConfig().replace(steps=0)
+
+
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ConfigError, match="unknown _Cfg key"):
         _Cfg.from_dict({"learning_rate": 1})
@@ -148,7 +162,7 @@ def test_teacher_forced_positions_left_and_right(tiny_llama):
 def _delta(handle, scale=0.5):
     name = handle.adapter.mlp_out.format(0) + ".weight"
     p = handle.model.get_parameter(name)
-    return name, WeightDelta({name: torch.randn_like(p) * scale}, {name: tensor_digest(p)},
+    return name, WeightDelta({name: torch.randn_like(p) * p.detach().std() * scale}, {name: tensor_digest(p)},
                              meta={"model_fingerprint": handle.fingerprint, "model_name": handle.name})
 
 
@@ -219,7 +233,7 @@ def test_weight_delta_strict_base_values(tiny_llama):
 
 def test_prompt_context_changes_inputs_not_weights(tiny_llama, tmp_path):
     before = tiny_llama.state_digest()
-    e = PromptContext("New Fact: x\n")
+    e = PromptContext("New Fact: x\n", meta={"model_fingerprint": tiny_llama.fingerprint})
     with e.applied(tiny_llama):
         assert tiny_llama.render("q") == "New Fact: x\nq"
     assert tiny_llama.render("q") == "q" and tiny_llama.state_digest() == before

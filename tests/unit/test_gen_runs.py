@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from test_benchmark import ToyEditor, _cases, _lines
 
-from lmedit.benchmark import BenchmarkError, run_benchmark
+from lmedit.bench import BenchmarkError, run_benchmark
+from lmedit.bench.rescore import rescore_run
 from lmedit.metrics.drift import DriftSettings, ngram_entropy, perplexity
 from lmedit.metrics.evaluate import TEACHER_FORCED
 from lmedit.metrics.gen_protocol import GEN_TAGS, split_key
 from lmedit.metrics.generate import GenSettings
 from lmedit.metrics.judge import Judge, parse_verdict
 from lmedit.metrics.records import TOKEN_ACC, CaseResult, ProtocolMixError, Score, summarize
-from lmedit.metrics.rescore import rescore_run
 
 KNOWN_TAGS = {"token_acc", "prob_compare", *GEN_TAGS, "gen_judge"}
 

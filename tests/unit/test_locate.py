@@ -13,7 +13,9 @@ from conftest import CORPUS, make_handle
 from lmedit.config import ConfigError
 from lmedit.edits import EditError
 from lmedit.locate import keys as K
+from lmedit.locate import rows as R
 from lmedit.locate import stats as S
+from lmedit.locate import suffix as Sx
 from lmedit.locate import values as V
 from lmedit.locate.pipeline import depth_layers, width_lambda
 from lmedit.locate.templates import context_templates, group_mean
@@ -101,14 +103,14 @@ def test_batched_keys_equal_single_unpadded_passes(tiny_decoder):
 def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
     h = tiny_decoder
     groups = [["{}"], ["The tower is tall. {}"]]
-    p = V._problem(h, REQ, groups)
-    full = V._logits(h, p)
+    p = R.problem(h, REQ, groups)
+    full = Sx.loss_logits(h, p)
     out = {}
     hook = h.model.get_submodule(h.adapter.layer(1)).register_forward_hook(lambda m, a, o: out.setdefault("o", o))
-    V._logits(h, p)
+    Sx.loss_logits(h, p)
     hook.remove()
-    with V._replaying(h, 2, out["o"]):
-        assert torch.equal(V._logits(h, p), full)
+    with Sx.replaying(h, 2, out["o"]):
+        assert torch.equal(Sx.loss_logits(h, p), full)
     assert full.shape[0] == len(p.rows)  # logits at loss positions only
 
 
@@ -116,17 +118,17 @@ def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
 def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, subject):
     h = tiny_decoder
     req = EditRequest(prompt="{} was born in", subject=subject, target_new="Paris")
-    p = V._problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
+    p = R.problem(h, req, [["{}"], ["The tower is tall. {}", "I. {}"]])
     sites = V._Sites(h, {"layer": V.site_path(h.adapter, "layer", 1)}, p)
     try:
         with torch.enable_grad():
-            clean, _ = V._clean_pass(h, p, 1)
-            suffix = V._suffix_forward(h, p, sites, clean, 1)
+            clean, _ = Sx.clean_pass(h, p, 1)
+            suffix = Sx.suffix_forward(h, p, sites, clean, 1)
             assert suffix is not None
             sites.delta["layer"][0].data += 0.5
             fast = suffix.logits()
             sites.set_index(p.index)
-            assert torch.allclose(fast, V._logits(h, p), atol=1e-5)
+            assert torch.allclose(fast, Sx.loss_logits(h, p), atol=1e-5)
             assert not torch.equal(fast, clean)  # δ reaches the loss positions (weakly in random models)
     finally:
         sites.close()
@@ -162,12 +164,54 @@ def _threshold_with_most_stopping_steps(runs: list[list[float]]) -> float:
     return best
 
 
+def _in_float64(handle, monkeypatch):
+    """Run the value optimisation in float64: the model, new tensors, and the ``.float()`` casts that keep
+    its variables in float32 (values.py) all become float64."""
+    handle.model.double()
+    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self.double())
+    torch.set_default_dtype(torch.float64)  # the caller sets float32 back
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("sites", [["layer"], ["attn", "mlp"]])
 @pytest.mark.parametrize("suffix_path", [True, False])
-def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, sites, suffix_path, monkeypatch):
+def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, sites, suffix_path, dtype,
+                                                                monkeypatch):
     """One batch of rows for several requests: each request keeps its own gradient, Adam state, clamp and
-    stopping step (requests stop at different steps here, so the batch shrinks while it runs)."""
+    stopping step (requests stop at different steps here, so the batch shrinks while it runs).
+
+    Why two tolerances (issue 15, defect 0: on an AMD EPYC the float32 test failed with δ -0.0011 vs
+    -0.0012 against a tolerance of 4e-6). The batched path is the same computation with larger matrices, so
+    its float32 sums are reduced in another order. Measured on the tiny models (max |δ_alone − δ_batch| /
+    ‖δ‖, same stopping steps in every case):
+
+    ==========================  ===================  ===================  =========
+    sites, path                 float32, 1 thread    float32, 2 threads   float64
+    ==========================  ===================  ===================  =========
+    gpt2 layer, suffix          3.0e-06              2.8e-06              5.4e-15
+    gpt2 attn+mlp, suffix/full  8.7e-05              3.8e-04              9.8e-13
+    llama layer, suffix/full    1.6e-06 / 1.4e-06                         3.0e-16
+    llama attn+mlp, suffix/full 5.4e-05 / 4.6e-05                         1.1e-14
+    ==========================  ===================  ===================  =========
+
+    In float64 the difference vanishes (1e-12 or less): no bug, float32 reduction order. Adam amplifies it:
+    it divides each coordinate's gradient by its own running RMS, so a coordinate whose gradient is mostly
+    round-off moves by up to ``lr`` per step whatever the size of that round-off; the elementwise float32
+    difference therefore depends on the CPU's kernels (thread count changes it 4x above) and has no bound
+    near float32's epsilon. So the exactness claim is checked in float64 (1e-9 of ‖v₀‖ + ‖δ‖), and float32
+    only checks what it guarantees on any CPU: the same stopping steps, losses within 1e-3, and δ within 5%
+    of its norm (a request that leaked into another's gradient or Adam state moves δ by O(‖δ‖)).
+    """
     h, groups = tiny_decoder, [["{}"], ["The tower is tall. {}", "I. {}"]]
+    if dtype == "float64":
+        _in_float64(h, monkeypatch)
+    try:
+        _check_together_equals_alone(h, groups, sites, suffix_path, dtype, monkeypatch)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _check_together_equals_alone(h, groups, sites, suffix_path, dtype, monkeypatch):
     if not suffix_path:  # the full-forward path, which keeps every row until the batch ends
         monkeypatch.setattr(V, "_suffix_forward", lambda *a: None)
     free = V.ValueOptions(steps=12, lr=0.2, weight_decay=1e-2, clamp=2.0, early_stop=0.0)
@@ -176,20 +220,26 @@ def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, si
     alone = [V.optimize_value(h, r, 1, sites, groups, opts) for r in JOINT]
     together = V.optimize_values(h, JOINT, 1, sites, groups, opts, batch_size=4)  # a batch of 4, then 1
     assert len({len(a.losses) for a in alone}) > 1  # different stopping steps
+    exact = dtype == "float64"
     for a, t in zip(alone, together, strict=True):
         assert len(a.losses) == len(t.losses)
-        assert a.losses == pytest.approx(t.losses, rel=1e-4, abs=1e-5)
+        assert a.losses == pytest.approx(t.losses, rel=1e-9 if exact else 1e-3, abs=1e-12 if exact else 1e-5)
         for s in sites:
-            assert torch.allclose(a.init[s], t.init[s], atol=1e-5)
+            assert a.delta[s].dtype == (torch.float64 if exact else torch.float32)
+            scale = float(a.init[s].norm() + a.delta[s].norm())
+            assert torch.allclose(a.init[s], t.init[s], rtol=0, atol=(1e-9 if exact else 1e-5) * scale)
             for v in (t.init[s], t.delta[s]):  # standalone tensors: no view keeps the batch's activations
                 assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
-            assert torch.allclose(a.delta[s], t.delta[s], atol=1e-4 * float(a.init[s].norm()) + 1e-6)
+            if exact:
+                assert torch.allclose(a.delta[s], t.delta[s], rtol=0, atol=1e-9 * scale)
+            else:
+                assert float((a.delta[s] - t.delta[s]).norm()) <= 0.05 * float(a.delta[s].norm()) + 1e-7
 
 
 def test_pmet_stop_rule_is_per_request_in_a_batch(tiny_llama):
     """PMET's rule (×0.1 NLL once every target token is the argmax; stop once KL ≤ 0.01) per request."""
     h = tiny_llama
-    p = V._assemble(h, [V._part(h, r, [["{}"]]) for r in JOINT[:3]])
+    p = R.assemble(h, [R.request_rows(h, r, [["{}"]]) for r in JOINT[:3]])
     n_t, vocab = len(p.labels), h.model.config.vocab_size
     logits = torch.zeros(n_t + 3, vocab)
     kl_init = torch.log_softmax(torch.randn(3, vocab), -1)
@@ -362,7 +412,7 @@ def test_many_token_target_and_batch_of_requests(tiny_llama, corpus, home):
     long = EditRequest(prompt="{} was born in", subject="Barack Obama",
                        target_new="the University of Michigan at Trinity College")
     assert len(tiny_llama.tokens.target_ids(long.text, long.target_new)) > 8
-    p = V._problem(tiny_llama, long, [["{}"]])
+    p = R.problem(tiny_llama, long, [["{}"]])
     assert len(p.labels) == len(tiny_llama.tokens.target_ids(long.text, long.target_new))
     edit = quick("memit", corpus).compute(tiny_llama, [REQ, long])
     (a, b), = edit.deltas.values()

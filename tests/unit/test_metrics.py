@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
 from lmedit.metrics.efficiency import _rss_reader, current_rss, measure
 from lmedit.metrics.evaluate import baseline, evaluate, score_cases
 from lmedit.metrics.records import PROB_COMPARE, TOKEN_ACC
 from lmedit.metrics.scoring import TargetScore, score_targets
-from lmedit.models.handle import tensor_digest
 from lmedit.types import QA, EditCase, EditRequest
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
@@ -209,7 +209,8 @@ def test_in_context_scoring_runs_the_shared_context_once_with_the_same_scores(ti
     tiny.contexts.append(ctx)
     served: list[int] = []
     hidden = kv.SharedPrefix.hidden
-    monkeypatch.setattr(kv.SharedPrefix, "hidden", lambda self, ids, mask, k: served.append(k) or hidden(self, ids, mask, k))
+    monkeypatch.setattr(kv.SharedPrefix, "hidden",
+                        lambda self, ids, mask, k: served.append(k) or hidden(self, ids, mask, k))
     fast = score_targets(tiny, prompts, answers, batch_size=3)
     monkeypatch.setattr(scoring, "MIN_SHARED_TOKENS", 10**9)  # every row runs its whole context
     full = score_targets(tiny, prompts, answers, batch_size=3)

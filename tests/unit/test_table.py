@@ -263,7 +263,7 @@ def test_cli_unknown_method(toy, capsys):
 def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_path):
     t = _table(model_dir, tmp_path, methods=f"{TOY},{TOY_FIT}")
     fit = next(c for c in t.cells if c.spec.method == TOY_FIT)
-    assert fit.status == "skipped" and "lmedit train --method table-toy-fit" in fit.reason
+    assert fit.status == "skipped" and "table-toy-fit must be trained" in fit.reason and "checkpoint" in fit.reason
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "editor.json").write_text(json.dumps({"history": [{"step": 5, "seconds": 3.0}, {"step": 10, "seconds": 7.5}]}))
@@ -300,7 +300,7 @@ def test_multihop_leaves_model_untouched(toy, model_dir):
 
 
 def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
-    from lmedit.benchmark import run_benchmark
+    from lmedit.bench import run_benchmark
     from lmedit.data import load_dataset
     from lmedit.metrics.records import summarize
     from lmedit.models.loading import load_model
@@ -343,7 +343,7 @@ def test_cells_reuse_finished_bench_runs(toy, model_dir, tmp_path):
 
 
 def test_adopt_cases_refuses_other_runs(tmp_path):
-    from lmedit.benchmark import adopt_cases
+    from lmedit.bench import adopt_cases
 
     header = {"method": "m", "config_hash": "a", "setting": "batch", "batch_size": 2, "case_ids": [1, 2, 3],
               "case_digests": ["d1", "d2", "d3"]}
@@ -375,7 +375,7 @@ def test_adopt_cases_refuses_other_runs(tmp_path):
 
 
 def test_a_retrained_checkpoint_lends_nothing(toy, model_dir, tmp_path):
-    from lmedit.benchmark import lendable_cases, run_benchmark, run_header
+    from lmedit.bench import lendable_cases, run_benchmark, run_header
     from lmedit.data import load_dataset
     from lmedit.models.loading import load_model
     from lmedit.registry import get_editor
@@ -502,7 +502,7 @@ def test_qaedit_block(toy, model_dir, tmp_path):
 
 def test_a_teacher_forced_bench_run_lends_its_cases_and_the_cell_computes_the_generation_protocol(
         toy, model_dir, tmp_path):
-    from lmedit.benchmark import run_benchmark
+    from lmedit.bench import run_benchmark
     from lmedit.data import load_dataset
     from lmedit.models.loading import load_model
     from lmedit.registry import get_editor

@@ -83,7 +83,7 @@ def test_memory_is_cached_on_handle_and_disk(tiny_llama, tmp_path, monkeypatch):
     info = ffn_info(tiny_llama, 3)
     mem = ffn_input_memory(tiny_llama, info, cfg)
     assert mem.shape == (50, 32)
-    files = list((tmp_path / "cache" / "ffn_memory").glob("*.pt"))
+    files = list((tmp_path / "cache" / "ffn_memory").glob("*.safetensors"))
     assert len(files) == 1 and tiny_llama.fingerprint in files[0].name
     assert ffn_input_memory(tiny_llama, info, cfg) is mem  # handle cache
     tiny_llama.cache.clear()

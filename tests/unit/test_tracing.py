@@ -190,11 +190,12 @@ def test_category_rows():
 def test_average_and_suggest(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_HOME", str(tmp_path))
     h = sharpen(tiny_llama)
-    prompts = [("The Eiffel Tower is located in", "The Eiffel Tower"), ("Danielle Darrieux was an", "Danielle Darrieux"),
-               ("The capital of France is", "France")]
+    prompts = [("The Eiffel Tower is located in", "The Eiffel Tower"),
+               ("Danielle Darrieux was an", "Danielle Darrieux"), ("The capital of France is", "France")]
     facts = []
     for i, (p, s) in enumerate(prompts):
-        top = h.tokenizer.decode([int(h.model(input_ids=torch.tensor([h.tokens.prompt_ids(p)])).logits[0, -1].argmax())])
+        ids = torch.tensor([h.tokens.prompt_ids(p)])
+        top = h.tokenizer.decode([int(h.model(input_ids=ids).logits[0, -1].argmax())])
         facts.append({"known_id": i, "prompt": p, "subject": s, "attribute": top.strip() or top})
     facts.append({"known_id": 9, "prompt": "Tokyo is in", "subject": "Tokyo", "attribute": "zzzz"})  # wrong
     avg = average_indirect_effect(h, facts, "mlp", n=10, samples=2, noise=2.0, window=2)

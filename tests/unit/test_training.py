@@ -208,12 +208,27 @@ def test_resume_refuses_a_changed_config(tmp_path):
 
 
 def test_untrained_editor_says_which_command_to_run(tiny_llama):
+    from lmedit.cli._hints import hint
+    from lmedit.methods.trained import NotTrainedError
     from lmedit.registry import get_editor
-    from lmedit.training import NotTrainedError
 
     for name in ("mend", "ke", "serac"):
-        with pytest.raises(NotTrainedError, match=f"lmedit train --method {name} --model tiny-llama"):
+        with pytest.raises(NotTrainedError, match="editor.fit") as info:
             get_editor(name).compute(tiny_llama, [case(0).request])
+        assert "--" not in str(info.value)  # the library speaks Python; the CLI adds its flags
+        assert info.value.data["train"] == {"method": name, "model": "tiny-llama", "dataset": "zsre"}
+        assert f"lmedit train --method {name} --model tiny-llama" in hint(info.value)
+
+
+def test_library_errors_carry_the_option_and_the_cli_names_its_flag(capsys):
+    from lmedit.cli import main
+    from lmedit.table import resolve_methods
+
+    with pytest.raises(ValueError, match="no methods given") as info:
+        resolve_methods(",")
+    assert info.value.data == {"option": "methods"} and "--" not in str(info.value)
+    assert main(["table", "--methods", ",", "--out", "unused"]) == 1
+    assert "--methods" in capsys.readouterr().err
 
 
 def test_train_cli_parses_and_refuses_untrained_methods(capsys):

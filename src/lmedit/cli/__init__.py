@@ -14,7 +14,9 @@ import os
 import pkgutil
 import sys
 
+from ..errors import LmeditError
 from ..types import EditInputError
+from ._hints import hint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (EditInputError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (LmeditError, EditInputError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         if args.verbose > 1:
             raise
         print(f"lmedit {args.command}: error: {e}", file=sys.stderr)
+        extra = hint(e)
+        if extra:
+            print(extra, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``lmedit bench``: run a method over a dataset (a thin layer over :func:`lmedit.benchmark.run_benchmark`)."""
+"""``lmedit bench``: run a method over a dataset (a thin layer over :func:`lmedit.bench.run_benchmark`)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def default_out(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load_model
-    from ..benchmark import run_benchmark
+    from ..bench import run_benchmark
     from ..data import load_dataset
+    from ..io import folder_lock
     from ..registry import get_editor
 
     quiet_libraries(args, quiet_lmedit=True)  # the progress bar shows progress; -v brings the INFO lines back
@@ -76,18 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
         drift = DriftSettings(tokens=args.drift_tokens, every=args.drift_every)
     cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
-    handle = load_model(args.model)
     out = Path(args.out) if args.out else default_out(args)
-    run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
-                "model": args.model, "data": args.data, "overrides": overrides}
-    run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
-                  eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info,
-                  protocols=protocols, generation=generation, drift=drift)
-    judge = make_judge(args, out)
-    if judge is not None:
-        from ..metrics.rescore import rescore_run
+    with folder_lock(out, what=f"run directory {out}"):  # a second run on the same folder stops here, at once
+        handle = load_model(args.model)
+        run_info = {"command": "lmedit bench", "dataset": args.dataset, "n": args.n, "offset": args.offset,
+                    "model": args.model, "data": args.data, "overrides": overrides}
+        run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
+                      eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info,
+                      protocols=protocols, generation=generation, drift=drift)
+        judge = make_judge(args, out)
+        if judge is not None:
+            from ..bench.rescore import rescore_run
 
-        rescore_run(out, judge=judge)
+            rescore_run(out, judge=judge)
     table = out / "table.md"
     if table.exists():
         print(table.read_text().rstrip())

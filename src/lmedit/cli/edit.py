@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "paraphrases, locality: [{prompt, answer}]]}")
     add_config_args(p)
     p.add_argument("--editor-checkpoint", metavar="DIR", help="trained editor state, for methods that need training")
-    p.add_argument("--save", metavar="DIR", help="save the edit here (load it later with Edit.load)")
+    p.add_argument("--save", metavar="DIR", help="save the edit here (a new or empty folder; load it with Edit.load)")
+    p.add_argument("--max-relative-update", type=float, default=None, metavar="X",
+                   help="refuse an edit whose ‖ΔW‖/‖W‖ exceeds X on any parameter (default "
+                        "lmedit.edits.MAX_RELATIVE_UPDATE = 100; 0 turns the bound off)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per continuation")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
@@ -42,11 +46,18 @@ def _case_from_dict(d: dict[str, Any], i: int) -> EditCase:
     if not isinstance(d, dict):
         raise EditInputError(f"request {i} in the request file is {type(d).__name__}, expected an object")
     d = dict(d)
-    paraphrases = tuple(d.pop("paraphrases", ()))
+    paraphrases = d.pop("paraphrases", ())
     loc = d.pop("locality", ())
-    locality = tuple(QA(q["prompt"], q["answer"]) for q in loc)
+    if not isinstance(loc, list | tuple) or not all(isinstance(q, dict) and set(q) == {"prompt", "answer"}
+                                                    for q in loc):
+        raise EditInputError(f"request {i}: locality must be a list of {{\"prompt\": ..., \"answer\": ...}} objects")
     d.setdefault("case_id", i)
-    return EditCase(EditRequest.from_dict(d), paraphrases=paraphrases, locality=locality, source=f"request {i}")
+    try:
+        locality = tuple(QA(q["prompt"], q["answer"]) for q in loc)
+        return EditCase(EditRequest.from_dict(d), paraphrases=paraphrases, locality=locality,
+                        source=f"request {i}")
+    except EditInputError as e:
+        raise EditInputError(f"request {i} in the request file: {e}") from None
 
 
 def build_cases(args: argparse.Namespace) -> list[EditCase]:
@@ -88,18 +99,24 @@ def run(args: argparse.Namespace) -> int:
                                                        args.editor_checkpoint))
     if len(cases) > 1 and not editor.capabilities.batch:  # say so before the model loads
         raise EditInputError(f"{args.method} edits one request at a time; the request file holds {len(cases)}")
+    save = Path(args.save) if args.save else None
+    if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise EditInputError(f"--save {save} already exists and is not an empty folder; give a new folder "
+                             "(nothing was computed)")
+    bound = _bound(args.max_relative_update)
     from .. import load_model
     from ..metrics.efficiency import measure
-    from ..metrics.evaluate import evaluate
+    from ..metrics.evaluate import baseline, evaluate
 
     handle = load_model(args.model)
     gen = [{"kind": k, "prompt": p, "before": handle.generate(p, args.max_new_tokens)} for k, p in _prompts(cases)]
     with measure() as m:
         edit = editor.compute(handle, [c.request for c in cases])
-    with edit.applied(handle):
+    base = baseline(handle, cases)
+    with edit.applied(handle, max_relative_update=bound):
         for g in gen:
             g["after"] = handle.generate(g["prompt"], args.max_new_tokens)
-    results = evaluate(handle, cases, edit)
+        results = evaluate(handle, cases, base=base)
     out = {
         "model": handle.name, "method": editor.name, "edit": edit.describe(),
         "config": edit.meta.get("config", {}), "continuations": gen,
@@ -115,6 +132,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_text(out)
     return 0
+
+
+def _bound(value: float | None) -> float | None:
+    from ..edits import MAX_RELATIVE_UPDATE
+
+    if value is None:
+        return MAX_RELATIVE_UPDATE
+    if not math.isfinite(value) or value < 0:
+        raise EditInputError(f"--max-relative-update must be a finite number ≥ 0 (0 turns the bound off), got {value}")
+    return value or None
 
 
 def _first_line(text: str) -> str:

@@ -26,15 +26,15 @@ def run(args: argparse.Namespace) -> int:
         cls = editor_class(args.config)
         print(f"{cls.name}: {_summary(cls)}")
         print(f"config class {cls.Config.__name__}; presets: {', '.join(sorted(cls.presets)) or 'none'}\n")
-        rows = [{"field": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t).replace("typing.", ""), "default": repr(d), "help": h}
-                for n, t, d, h in cls.Config.describe_fields()]
+        rows = [{"field": n, "type": re.sub(r"<class '([\w.]+)'>", r"\1", t).replace("typing.", ""),
+                 "default": repr(d), "help": h} for n, t, d, h in cls.Config.describe_fields()]
         print(table(rows, ["field", "type", "default", "help"]))
         return 0
     rows = []
     for name in list_editors():
         cls = editor_class(name)
         cap = cls.capabilities
-        rows.append({"method": name, "edit": cap.edit_kind, "batch": "yes" if cap.batch else "no",
+        rows.append({"method": name, "edit": cap.edit_kind.kind, "batch": "yes" if cap.batch else "no",
                      "sequential": "yes" if cap.sequential else "no",
                      "training": "needs fit" if cap.needs_fit else "-",
                      "t5": "yes" if cap.encoder_decoder else "no", "description": _summary(cls)})

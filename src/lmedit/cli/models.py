@@ -13,13 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.adapter import supported_architectures
     from ..models.loading import list_models, lmedit_home
+    from ..models.lookup import supported_architectures
 
     print("Model aliases (use with --model; any local Hugging Face model directory works too)")
     print(table(list_models(), ["alias", "status", "source"]))
     print(f"\nConverted models are cached in {lmedit_home() / 'models'}")
-    print("\nSupported architectures (Hugging Face classes)")
+    print("\nRegistered architectures (Hugging Face classes); any other decoder-only causal LM gets an adapter "
+          "discovered from its module structure (docs/architectures.md)")
     for name in supported_architectures():
         print(f"  {name}")
     return 0

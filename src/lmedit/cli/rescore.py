@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics.rescore import rescore_run
+    from ..bench.rescore import rescore_run
 
     out = Path(args.run)
     rescore_run(out, judge=make_judge(args, out))

@@ -1,8 +1,10 @@
 """``lmedit trace``: causal tracing of one fact, or the average over known facts, with heatmaps.
 
-    lmedit trace --model smollm2-135m --prompt "The Eiffel Tower is located in the city of" \
-        --subject "The Eiffel Tower" --kind all --out runs/trace
-    lmedit trace --model smollm2-135m --batch known --n 50 --kind mlp --out runs/trace-avg
+    lmedit trace --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
+        --kind all --out runs/trace
+    lmedit trace --batch known --n 50 --kind mlp --out runs/trace-avg
+
+``--model`` defaults to smollm2-135m, as in the other subcommands.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import re
 import time
 from pathlib import Path
 
+from ._common import DEFAULT_MODEL
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("trace", help="causal tracing (ROME): where does the model recall a fact?",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model alias, local directory or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias or directory (default {DEFAULT_MODEL})")
     p.add_argument("--prompt", help="prompt containing the subject (or a {} slot for it)")
     p.add_argument("--subject", help="the subject substring whose embeddings are corrupted")
     p.add_argument("--answer", help="trace p(first token of this answer) (default: the model's top token)")

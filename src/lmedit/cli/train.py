@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cls = editor_class(args.method)
     if not cls.capabilities.needs_fit:
-        raise ValueError(f"method {cls.name!r} needs no training; use it directly with `lmedit edit --method {cls.name}`")
+        raise ValueError(f"method {cls.name!r} needs no training; use it directly with "
+                         f"`lmedit edit --method {cls.name}`")
     overrides = _overrides(args)
     if args.val_size is not None:
         overrides["val_size"] = args.val_size

@@ -77,6 +77,7 @@ def _discover() -> None:
 
 
 def get_dataset(name: str) -> DatasetSpec:
+    """The registered dataset ``name``; an unknown name raises DatasetError listing the available ones."""
     _discover()
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, _DATASETS, n=2)
@@ -99,15 +100,22 @@ def load_dataset(name: str, *, n: int | None = None, offset: int = 0,
     if spec.kind != "edit":
         raise DatasetError(f"dataset {name!r} holds {spec.kind} records, not edit cases; "
                            f"load it with lmedit.data.load_{name}()")
-    _check_slice(n, offset)
-    return spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    return _load(spec, n, offset, path)
 
 
 def load_mquake(n: int | None = None, offset: int = 0, path: str | Path | None = None) -> list:
     """MQuAKE multi-hop cases (see :mod:`lmedit.data.mquake`)."""
     spec = get_dataset("mquake")
+    return _load(spec, n, offset, path)
+
+
+def _load(spec: DatasetSpec, n: int | None, offset: int, path: str | Path | None) -> list:
     _check_slice(n, offset)
-    return spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    cases = spec.loader(find_data_file(spec.file, path), n=n, offset=offset)
+    if not cases and n != 0:
+        raise DatasetError(f"dataset {spec.name!r} has no valid records from offset {offset} on; use a smaller "
+                           "offset (`lmedit data` lists each dataset's size)")
+    return cases
 
 
 def load_known(n: int | None = None, path: str | Path | None = None) -> list:
@@ -160,14 +168,20 @@ def read_records(file: Path) -> list[dict[str, Any]]:
     return data
 
 
-def require(record: Any, key: str, file: Path, index: int) -> Any:
-    """``record[key]`` (``key`` may be dotted, e.g. ``"portability.New Question"``), or a DatasetError."""
+def require(record: Any, key: str, file: Path, index: int, kind: type | tuple[type, ...] | None = None) -> Any:
+    """``record[key]`` (``key`` may be dotted, e.g. ``"portability.New Question"``), or a DatasetError;
+    with ``kind``, a value of another type (``null``, a number where text belongs ...) is refused too."""
     value = record
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
             have = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DatasetError(f"{file} record {index}: missing field {key!r} (the record has {have})")
         value = value[part]
+    if kind is not None and not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        got = "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+        raise DatasetError(f"{file} record {index}: field {key!r} is {got}, expected a {names}; fix the record, "
+                           "or start after it (offset=)")
     return value
 
 

@@ -31,7 +31,7 @@ def _skip(rec: Any) -> str | None:
 
 
 def easyedit_case(rec: dict[str, Any], file: Path, index: int) -> EditCase:
-    f = {k: require(rec, k, file, index) for k in ("prompt", "subject", "target_new", "ground_truth",
+    f = {k: require(rec, k, file, index, str) for k in ("prompt", "subject", "target_new", "ground_truth",
                                                     "rephrase_prompt", "locality_prompt", "locality_ground_truth")}
     case_id = rec.get("case_id", index)
 
@@ -50,10 +50,10 @@ def rome_case(rec: dict[str, Any], file: Path, index: int) -> EditCase:
         kind = type(rec.get("requested_rewrite")).__name__
         raise DatasetError(f"{file} record {index}: requested_rewrite is a {kind}, not one rewrite; "
                            "multi-edit (MQuAKE) files load with lmedit.data.load_mquake()")
-    rw = {k: require(rec, f"requested_rewrite.{k}", file, index) for k in ("prompt", "subject")}
-    new = require(rec, "requested_rewrite.target_new.str", file, index)
-    true = require(rec, "requested_rewrite.target_true.str", file, index)
-    lists = {k: tuple(require(rec, k, file, index)) for k in ("paraphrase_prompts", "neighborhood_prompts")}
+    rw = {k: require(rec, f"requested_rewrite.{k}", file, index, str) for k in ("prompt", "subject")}
+    new = require(rec, "requested_rewrite.target_new.str", file, index, str)
+    true = require(rec, "requested_rewrite.target_true.str", file, index, str)
+    lists = {k: tuple(require(rec, k, file, index, list)) for k in ("paraphrase_prompts", "neighborhood_prompts")}
     gen = tuple(rec.get("generation_prompts", ()))
     case_id = rec.get("case_id", index)
 

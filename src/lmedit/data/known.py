@@ -21,7 +21,7 @@ class KnownFact(NamedTuple):
 def load_known_file(file: Path, n: int | None = None, offset: int = 0) -> list[KnownFact]:
     out = []
     for i, rec in select(read_records(file), file, n, offset, lambda r: None):
-        fact = KnownFact(*(require(rec, k, file, i) for k in ("prompt", "subject", "attribute")))
+        fact = KnownFact(*(require(rec, k, file, i, str) for k in ("prompt", "subject", "attribute")))
         if fact.subject not in fact.prompt:
             raise DatasetError(f"{file} record {i}: subject {fact.subject!r} does not occur in prompt {fact.prompt!r}")
         out.append(fact)

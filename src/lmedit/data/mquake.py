@@ -35,11 +35,11 @@ def mquake_case(rec: dict[str, Any], file: Path, index: int) -> MultiHopCase:
         raise DatasetError(f"{file} record {index}: requested_rewrite must be a non-empty list")
     parts = []
     for rw in rewrites:
-        parts.append({k: require(rw, k, file, index) for k in ("prompt", "subject")}
-                     | {"new": require(rw, "target_new.str", file, index),
-                        "true": require(rw, "target_true.str", file, index)})
-    questions = tuple(require(rec, "questions", file, index))
-    fields = {k: require(rec, k, file, index) for k in ("new_answer", "answer")}
+        parts.append({k: require(rw, k, file, index, str) for k in ("prompt", "subject")}
+                     | {"new": require(rw, "target_new.str", file, index, str),
+                        "true": require(rw, "target_true.str", file, index, str)})
+    questions = tuple(require(rec, "questions", file, index, list))
+    fields = {k: require(rec, k, file, index, str) for k in ("new_answer", "answer")}
 
     def make() -> MultiHopCase:
         reqs = tuple(EditRequest(prompt=p["prompt"], subject=p["subject"], target_new=p["new"], target_true=p["true"],

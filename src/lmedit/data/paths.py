@@ -20,6 +20,9 @@ import os
 import urllib.request
 from pathlib import Path
 
+from ..errors import LmeditError
+from ..io import atomic_write, cache_folder, file_lock, offline  # noqa: F401  (offline: re-exported)
+
 log = logging.getLogger(__name__)
 
 _RAW = "https://raw.githubusercontent.com"
@@ -50,15 +53,14 @@ SOURCES: dict[str, str] = {
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-def offline() -> bool:
-    """True when downloads are forbidden (``HF_HUB_OFFLINE=1`` or ``LMEDIT_OFFLINE=1``)."""
-    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE"))
-    return any(f in ("1", "true", "yes") for f in flags)
+
+class DataFileNotFoundError(LmeditError, FileNotFoundError):
+    """A data file that is in none of the places lmedit looks; ``data["option"]`` names the argument."""
 
 
 def cache_dir() -> Path:
-    home = os.environ.get("LMEDIT_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "lmedit") / "data"
+    """The download cache: ``$LMEDIT_HOME/data`` (default ``~/.cache/lmedit/data``)."""
+    return cache_folder("data")
 
 
 def repo_root() -> Path | None:
@@ -124,20 +126,23 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None, *, down
             notes.append(f"Downloading {url} failed: {e}")
     elif url and download:
         notes.append(f"Not downloading {url}: HF_HUB_OFFLINE or LMEDIT_OFFLINE is set.")
-    raise FileNotFoundError("\n".join([
+    raise DataFileNotFoundError("\n".join([
         f"data file {relative!r} not found. Searched:", *(f"  {p}" for p in searched), *notes,
         "Fix: set LMEDIT_DATA to the folder that holds it (e.g. export LMEDIT_DATA=/path/to/shared/data), "
-        "or pass --data / path= with the file or its data folder.",
-    ]))
+        "or pass path= with the file or its data folder.",
+    ]), option="data")
 
 
 def _download(url: str, dest: Path) -> Path:
     """Fetch ``url`` to ``dest`` atomically (a partial download never looks like a finished file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     log.info("downloading %s -> %s", url, dest)
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:  # noqa: S310
-        while chunk := resp.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, dest)
+
+    def fetch(tmp: Path) -> None:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:  # noqa: S310
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+
+    with file_lock(dest.with_name(f".{dest.name}.lock"), what=f"download of {dest.name}", blocking=True):
+        if not dest.exists():  # another process fetched it while this one waited
+            atomic_write(dest, fetch)
     return dest

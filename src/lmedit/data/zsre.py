@@ -23,14 +23,14 @@ def _skip(rec: Any) -> str | None:
 
 def zsre_case(rec: dict[str, Any], file: Path, index: int, *, portability: bool = False) -> EditCase:
     """One ZsRE record as an EditCase (case_id = the record's index in the file)."""
-    answers = require(rec, "answers", file, index)
+    answers = require(rec, "answers", file, index, (str, list))
     if isinstance(answers, str):
         answers = [answers]
-    fields = {k: require(rec, k, file, index) for k in ("src", "subject", "alt", "rephrase", "loc", "loc_ans")}
+    fields = {k: require(rec, k, file, index, str) for k in ("src", "subject", "alt", "rephrase", "loc", "loc_ans")}
     groups: dict[str, tuple[QA, ...]] = {}
     if portability:
-        q = require(rec, "portability.New Question", file, index)
-        a = require(rec, "portability.New Answer", file, index)
+        q = require(rec, "portability.New Question", file, index, str)
+        a = require(rec, "portability.New Answer", file, index, str)
         groups["one_hop"] = (QA(q, a),)
 
     def make() -> EditCase:

@@ -74,6 +74,7 @@ def _gather_chunk(handle, chunk: Sequence[Row], points: Sequence[tuple[str, str]
     got: dict[int, torch.Tensor] = {}
 
     def grab(j: int, x: torch.Tensor) -> None:
+        x = adapter.per_token(x, len(chunk))  # [n, seq, d] (some FFNs read flattened tokens)
         got[j] = x[torch.arange(len(chunk)), at.to(x.device)].float().cpu()  # [n, d]
         if len(got) == len(points):
             raise StopForward

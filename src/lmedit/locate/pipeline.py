@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter
-from ..models.handle import tensor_digest
 from ..types import EditRequest
 from .keys import gather, request_rows
 from .templates import TemplateGroups, context_templates, flatten, group_mean
@@ -210,7 +210,7 @@ def target_values(handle, requests: Sequence[EditRequest], layer: int, sites: Se
     opts = value_options(cfg)
     if not cfg.value_cache:
         return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=cfg.v_batch_size)
-    from ..stores import ValueStore
+    from .value_store import ValueStore
 
     store = ValueStore(cfg.value_cache)
     scope = store.scope(handle, layer, sites, opts, groups)
@@ -247,7 +247,7 @@ def auto_layers(handle, count: int, name: str) -> list[int]:
     from ..tracing import suggest_layers
 
     found = suggest_layers(handle, progress=True)
-    layers = [found.layer] if count == 1 else found.span(min(count, handle.n_layers))
+    layers = [handle.adapter.nearest_ffn_layer(found.layer)] if count == 1 else found.span(min(count, handle.n_layers))
     log.info("%s: layers=auto -> %s (MLP indirect-effect peak at layer %d over %d known facts)", name, layers,
              found.layer, found.evidence.n_facts)
     return layers

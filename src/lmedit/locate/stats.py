@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LmeditError
 from ..hooks import StopForward, get_module
+from ..io import atomic_write, file_lock, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,12 @@ CACHE_KEY = "locate.stats"
 SETUP_SECONDS = "setup_seconds"  # handle.cache entry: seconds spent on one-time per-model work (lmedit demo reports it)
 
 
-class StatsError(RuntimeError):
+class StatsError(LmeditError, RuntimeError):
     """Statistics cannot be computed or loaded as asked; the message says what to fix."""
 
 
 def corpus_files(corpus: str | Path | None = None) -> list[Path]:
     """The text files of ``corpus`` (a file or a folder of .txt files), or of the default corpus."""
-    from ..models.loading import lmedit_home
-
     if corpus is None:
         from ..data.paths import candidates as data_candidates
 
@@ -51,8 +51,8 @@ def corpus_files(corpus: str | Path | None = None) -> list[Path]:
         if not found:
             raise StatsError(
                 "no text corpus for the second-moment statistics: pass corpus=PATH (a text file or a folder of "
-                "*.txt files; CLI: --corpus PATH), or set LMEDIT_CORPUS or LMEDIT_DATA, or put WikiText files in "
-                f"{lmedit_home() / 'corpus'}")
+                "*.txt files), or set LMEDIT_CORPUS or LMEDIT_DATA, or put WikiText files in "
+                f"{lmedit_home() / 'corpus'}", option="corpus")
         corpus = found[0]
     path = Path(corpus).expanduser()
     if not path.exists():
@@ -101,15 +101,19 @@ def token_rows(tokens, files: Sequence[Path], budget: int, row_len: int) -> Iter
         yield buf[:left]
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_target_positions", "max_seq_len", "n_ctx",
+                 "seq_length")
+
+
 def context_length(model, cap: int = 1024) -> int:
+    """Tokens per statistics row: the model's position limit (two spare: BERT-style models number positions
+    from padding_idx + 1), at most ``cap``."""
     cfg = model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or cap
-    return int(min(n, cap))
+    n = next((getattr(cfg, k) for k in POSITION_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    return int(min(n - 2, cap)) if n else cap
 
 
 def _cache_path(handle, layer: int, chash: str, n_tokens: int) -> Path:
-    from ..models.loading import lmedit_home
-
     dtype = str(handle.dtype).replace("torch.", "")
     return lmedit_home() / "stats" / handle.fingerprint / f"mom2-L{layer}-{chash}-{n_tokens}-{dtype}.pt"
 
@@ -129,10 +133,7 @@ def _load(handle, path: Path) -> dict | None:
 
 
 def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written cache
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # an interrupted save never leaves a half cache
 
 
 def collect_stats(handle, layers: Sequence[int], *, corpus: str | Path | None = None, tokens: int = 100_000,
@@ -148,7 +149,18 @@ def collect_stats(handle, layers: Sequence[int], *, corpus: str | Path | None = 
     files = corpus_files(corpus)
     chash = corpus_hash(files)
     paths = {lay: _cache_path(handle, lay, chash, tokens) for lay in layers}
-    states = {lay: (_load(handle, paths[lay]) if cache else None) for lay in layers}
+    if not cache:
+        return _collect(handle, layers, files, chash, tokens, batch_tokens, progress, paths, None, save_every)
+    lock = paths[layers[0]].with_name(f".mom2-{chash}-{tokens}.lock")
+    with file_lock(lock, blocking=True):  # workers sharing $LMEDIT_HOME: one computes, the others then read
+        states = {lay: _load(handle, paths[lay]) for lay in layers}
+        return _collect(handle, layers, files, chash, tokens, batch_tokens, progress, paths, states, save_every)
+
+
+def _collect(handle, layers: list[int], files, chash: str, tokens: int, batch_tokens: int, progress: bool,
+             paths: dict, states: dict | None, save_every: int) -> dict[int, torch.Tensor]:
+    cache = states is not None
+    states = states if cache else dict.fromkeys(layers)
     todo = [lay for lay in layers if not (states[lay] and states[lay]["done"])]
     if todo:
         start = {int(states[lay]["batches"]) if states[lay] else 0 for lay in todo}
@@ -241,11 +253,10 @@ def second_moments(handle, layers: Sequence[int], *, tokens: int = 100_000, corp
 
 def disk_cached(handle, filename: str, compute) -> dict:
     """A dict of tensors cached under ``$LMEDIT_HOME/stats/<fingerprint>/filename`` (refused for other models)."""
-    from ..models.loading import lmedit_home
-
     path = lmedit_home() / "stats" / handle.fingerprint / filename
-    state = _load(handle, path)
-    if state is None:
-        state = {**compute(), "fingerprint": handle.fingerprint}
-        _save(path, state)
+    with file_lock(path.with_name(f".{filename}.lock"), blocking=True):  # one process computes, others read
+        state = _load(handle, path)
+        if state is None:
+            state = {**compute(), "fingerprint": handle.fingerprint}
+            _save(path, state)
     return state

@@ -20,13 +20,12 @@ norm output at those positions times the unembedding. Several requests can be op
 (``optimize_values(..., batch_size=)``): their losses are independent, so each δ still gets exactly its own
 gradient, Adam state and stopping step, and the larger matrix products make a value 1.5-1.7x cheaper on a
 2-core CPU (``benchmarks/joint_values.py``). All optimisation variables and losses are float32
-whatever the model dtype.
+whatever the model dtype. The rows are built in :mod:`.rows`, the cheap forward passes run in :mod:`.suffix`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,17 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import get_module, replayed
-from ..kv import body_and_head, cache_kwarg, new_cache
-from ..metrics.scoring import logits_at
+from ..hooks import get_module
 from ..types import EditRequest
-from .keys import subject_last
-from .templates import TemplateGroups, compose, flatten
+from .rows import Part, Problem, assemble, request_rows
+from .suffix import Suffix, clean_pass, loss_logits, replaying
+from .suffix import suffix_forward as _suffix_forward  # module-level name: tests swap it out
+from .templates import TemplateGroups
 
 log = logging.getLogger(__name__)
-
-KL_TEMPLATE = "{} is a"
-
 
 @dataclass(frozen=True)
 class ValueOptions:
@@ -77,161 +73,12 @@ def site_path(adapter, site: str, layer: int) -> str:
     return paths[site].format(layer)
 
 
-@dataclass
-class _Part:
-    """One request's rows: every rewriting prompt (template + prompt, target appended, teacher forced), then
-    the KL prompt."""
-
-    seqs: list[list[int]]  # unpadded rows; the KL row is last
-    index: list[int]  # subject-last index of each row (where δ is added)
-    targets: list[tuple[int, int, int]]  # (row, col, label) of every target position
-
-    @property
-    def suffix_len(self) -> int:
-        return max(len(s) - i for s, i in zip(self.seqs, self.index, strict=True))
-
-
-def _part(handle, request: EditRequest, groups: TemplateGroups) -> _Part:
-    tokens = handle.tokens
-    flat, _ = flatten(groups)
-    seqs, index, targets = [], [], []
-    for r, ctx in enumerate(flat):
-        template = compose(ctx, request.template)
-        row = subject_last(tokens, template, request.subject)
-        target = tokens.target_ids(template.format(request.subject), request.target_new)
-        seqs.append(list(row.ids) + target[:-1])
-        index.append(row.index)
-        targets += [(r, len(row.ids) - 1 + j, y) for j, y in enumerate(target)]
-    kl = subject_last(tokens, KL_TEMPLATE, request.subject)
-    return _Part(seqs + [list(kl.ids)], index + [kl.index], targets)
-
-
-@dataclass
-class _Problem:
-    """The rows of one or more requests, right padded, request after request. Loss positions: every target
-    position, then one KL position per request (the last row of each request)."""
-
-    ids: torch.Tensor  # [rows, seq]
-    mask: torch.Tensor  # [rows, seq]
-    index: torch.Tensor  # [rows] subject-last index of each row
-    rows: list[int]  # (row, col) of every logit position that carries loss
-    cols: list[int]
-    labels: torch.Tensor  # [n_target_positions]
-    owner: torch.Tensor  # [n_target_positions] row of each target position
-    request: torch.Tensor  # [rows] request (0..n_requests-1) of each row
-    start: list[int]  # first row of each request (its bare "{}" template row)
-    n_rewrite: torch.Tensor  # [n_requests] rewriting rows per request
-    seqs: list[list[int]]
-
-    @property
-    def n_requests(self) -> int:
-        return len(self.start)
-
-
-def _assemble(handle, parts: Sequence[_Part]) -> _Problem:
-    seqs, index, request, start, targets, kl = [], [], [], [], [], []
-    for g, part in enumerate(parts):
-        r0 = len(seqs)
-        start.append(r0)
-        seqs += part.seqs
-        index += part.index
-        request += [g] * len(part.seqs)
-        targets += [(r0 + r, c, y) for r, c, y in part.targets]
-        kl.append((len(seqs) - 1, part.index[-1]))
-    ids, mask = handle.tokens.pad(seqs, "right")
-    rows = [r for r, _, _ in targets] + [r for r, _ in kl]
-    cols = [c for _, c, _ in targets] + [c for _, c in kl]
-    return _Problem(ids, mask, torch.tensor(index), rows, cols, torch.tensor([y for _, _, y in targets]),
-                    torch.tensor([r for r, _, _ in targets]), torch.tensor(request), start,
-                    torch.tensor([len(p.seqs) - 1 for p in parts]), seqs)
-
-
-def _problem(handle, request: EditRequest, groups: TemplateGroups) -> _Problem:
-    """The problem of one request."""
-    return _assemble(handle, [_part(handle, request, groups)])
-
-
-def _replaying(handle, layer: int, output: object):
-    """Layers 0..layer-1 replay the cached input of ``layer`` (the output of layer-1); restored on exit."""
-    return replayed(handle.model, {handle.adapter.layer(i): output for i in range(layer)})
-
-
-def _logits(handle, p: _Problem) -> torch.Tensor:
-    """Logits [n_positions, vocab] (float32) at the loss positions only."""
-    inputs = dict(input_ids=p.ids, attention_mask=p.mask, position_ids=(p.mask.cumsum(-1) - 1).clamp(min=0),
-                  use_cache=False)
-    inputs = {k: (v.to(handle.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    return logits_at(handle, inputs, p.rows, p.cols).float()
-
-
-class _Suffix:
-    """Rows split at the subject's last token: positions before it never change (δ is added there, at layer
-    ℓ), so the prefixes run once, clean, and every step runs only the suffixes on a copy of their key/value
-    cache. The suffixes' layers below ℓ do not change either: after ``record_below`` they are replayed.
-    Logits come from the loss positions only."""
-
-    def __init__(self, handle, p: _Problem, layer: int) -> None:
-        self.handle, self.layer, self.below = handle, layer, None
-        model = handle.model
-        self.body, self.head = body_and_head(model)  # not None: _suffix_forward checked
-        split = p.index.tolist()
-        pre = [s[:i] for s, i in zip(p.seqs, split, strict=True)]
-        self.ids, suf_mask = handle.tokens.pad([s[i:] for s, i in zip(p.seqs, split, strict=True)], "right")
-        self._loss_positions(p)
-        self.positions = torch.tensor(split)[:, None] + torch.arange(self.ids.shape[1])[None]  # [rows, S]
-        self.index = torch.zeros(len(split), dtype=torch.long)
-        self.cache, self.mask = None, suf_mask
-        self.cache_kw = cache_kwarg(self.body)
-        if max(split) > 0:
-            pre_ids, pre_mask = handle.tokens.pad(pre, "right")  # padded columns are masked out below
-            self.cache = new_cache(model)
-            with torch.no_grad():
-                self.body(**self._dev(input_ids=pre_ids, attention_mask=pre_mask,
-                                      position_ids=(pre_mask.cumsum(-1) - 1).clamp(min=0)),
-                          use_cache=True, **{self.cache_kw: self.cache})
-            self.mask = torch.cat([pre_mask, suf_mask], 1)  # [rows, P + S]
-
-    def _loss_positions(self, p: _Problem) -> None:
-        split = p.index.tolist()
-        self.rows, self.cols = p.rows, [c - split[r] for r, c in zip(p.rows, p.cols, strict=True)]
-
-    def _dev(self, **kw: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.handle.device) for k, v in kw.items()}
-
-    def logits(self) -> torch.Tensor:
-        extra = {self.cache_kw: copy.deepcopy(self.cache), "use_cache": True} if self.cache is not None else {}
-        replay = _replaying(self.handle, self.layer, self.below) if self.below is not None \
-            else contextlib.nullcontext()
-        with replay:
-            hidden = self.body(**self._dev(input_ids=self.ids, attention_mask=self.mask,
-                                           position_ids=self.positions), **extra).last_hidden_state  # [rows, S, d]
-        return self.head(hidden[self.rows, self.cols]).float()  # [n_positions, vocab]
-
-    @torch.no_grad()
-    def record_below(self) -> torch.Tensor:
-        """One clean pass (δ is added at ℓ, above what it records) that keeps the output of layer ℓ-1."""
-        logits, self.below = _with_input_of(self.handle, self.layer, self.logits)
-        return logits
-
-    def select(self, keep: torch.Tensor, p: _Problem) -> None:
-        """Keep only the rows ``keep`` (in that order), which are the rows of ``p``: requests whose
-        optimisation has stopped leave the batch."""
-        self.ids, self.mask, self.positions = self.ids[keep], self.mask[keep], self.positions[keep]
-        self.index = torch.zeros(len(keep), dtype=torch.long)
-        if self.cache is not None:
-            self.cache.batch_select_indices(keep.to(self.handle.device))
-        if self.below is not None:
-            adapter = self.handle.adapter
-            self.below = adapter.with_hidden(self.below, adapter.hidden(self.below)[keep.to(self.handle.device)])
-        self._loss_positions(p)
-
-
 class _Sites:
     """Forward hooks that add each request's δ at its rows' subject-last index, and record the clean values
     v₀ on the first pass. δ and v₀ are kept per request (0..n-1 of the batch); ``order`` lists the requests
     whose rows the current forward carries, in row order."""
 
-    def __init__(self, handle, paths: dict[str, str], p: _Problem) -> None:
+    def __init__(self, handle, paths: dict[str, str], p: Problem) -> None:
         self.adapter = handle.adapter
         self.delta: dict[str, list[torch.Tensor]] = {}
         self.init: dict[str, list[torch.Tensor]] = {}
@@ -241,7 +88,7 @@ class _Sites:
         self._hooks = [get_module(handle.model, path).register_forward_hook(self._hook(site))
                        for site, path in paths.items()]
 
-    def set_layout(self, order: list[int], p: _Problem, index: torch.Tensor) -> None:
+    def set_layout(self, order: list[int], p: Problem, index: torch.Tensor) -> None:
         self.order, self.index = list(order), index
         self.request = p.request  # [rows] position in ``order`` of each row's request
 
@@ -255,7 +102,8 @@ class _Sites:
         def add(_m: nn.Module, _a: tuple, out: object) -> object:
             if not self.enabled:
                 return None
-            h = self.adapter.hidden(out)  # [rows, seq, d]
+            flat = self.adapter.hidden(out)
+            h = self.adapter.per_token(flat, len(self.index))  # [rows, seq, d] (some FFNs flatten tokens)
             if self.index.device != h.device:
                 self.index, self.request = self.index.to(h.device), self.request.to(h.device)
             at = (torch.arange(h.shape[0], device=h.device), self.index)
@@ -266,7 +114,7 @@ class _Sites:
             deltas = [self.delta[site][g] for g in self.order]
             d = deltas[0] if len(deltas) == 1 else torch.stack(deltas)[self.request]  # one request: broadcast
             h = h.index_put(at, h[at] + d.to(h.dtype))
-            return self.adapter.with_hidden(out, h)
+            return self.adapter.with_hidden(out, h.view(flat.shape))
 
         return add
 
@@ -290,7 +138,7 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, sites: 
     from tqdm.auto import tqdm
 
     size = max(1, batch_size)
-    parts = [_part(handle, r, groups) for r in requests]
+    parts = [request_rows(handle, r, groups) for r in requests]
     order = sorted(range(len(parts)), key=lambda i: (parts[i].suffix_len, i))
     results: list[ValueResult | None] = [None] * len(parts)
     with tqdm(total=len(parts), desc="optimising target values", unit="value", disable=len(parts) <= size) as bar:
@@ -311,21 +159,21 @@ def optimize_value(handle, request: EditRequest, layer: int, sites: Sequence[str
     return optimize_values(handle, [request], layer, sites, groups, opts)[0]
 
 
-def _optimize_together(handle, parts: Sequence[_Part], layer: int, sites: Sequence[str],
+def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequence[str],
                        opts: ValueOptions) -> list[ValueResult]:
-    p = _assemble(handle, parts)
+    p = assemble(handle, parts)
     n = len(parts)
     sites_ = _Sites(handle, {s: site_path(handle.adapter, s, layer) for s in sites}, p)
     losses: list[list[float]] = [[] for _ in range(n)]
     running = set(range(n))
     try:
         with torch.enable_grad():
-            logits, below = _clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
+            logits, below = clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
             kl_init = F.log_softmax(logits[len(p.labels):], -1).detach()  # [n, vocab]
             suffix = _suffix_forward(handle, p, sites_, logits, layer)
             if suffix is None:  # the prefix cache did not reproduce the logits: replay the lower layers
-                ctx = _replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
-                forward = lambda: _logits(handle, p)  # noqa: E731
+                ctx = replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
+                forward = lambda: loss_logits(handle, p)  # noqa: E731
             else:
                 ctx, forward = contextlib.nullcontext(), suffix.logits
             optims = [torch.optim.Adam(sites_.params(g), lr=opts.lr) for g in range(n)]
@@ -362,63 +210,19 @@ def _optimize_together(handle, parts: Sequence[_Part], layer: int, sites: Sequen
                         {s: d[g].detach().clone() for s, d in sites_.delta.items()}, losses[g]) for g in range(n)]
 
 
-def _drop_stopped(handle, parts: Sequence[_Part], p: _Problem, suffix: _Suffix, sites: _Sites,
-                  keep: list[int]) -> _Problem:
+def _drop_stopped(handle, parts: Sequence[Part], p: Problem, suffix: Suffix, sites: _Sites,
+                  keep: list[int]) -> Problem:
     """The problem of the requests ``keep`` only, with the suffix forward and the hooks cut to their rows."""
     where = {g: j for j, g in enumerate(sites.order)}
     bounds = p.start + [len(p.seqs)]
     rows = torch.cat([torch.arange(bounds[where[g]], bounds[where[g] + 1]) for g in keep])
-    new = _assemble(handle, [parts[g] for g in keep])
+    new = assemble(handle, [parts[g] for g in keep])
     suffix.select(rows, new)
     sites.set_layout(keep, new, suffix.index)
     return new
 
 
-def _clean_pass(handle, p: _Problem, layer: int) -> tuple[torch.Tensor, object]:
-    """Step 0 on the full rows; also captures the input of layer ℓ (the output of layer ℓ-1)."""
-    return _with_input_of(handle, layer, lambda: _logits(handle, p))
-
-
-def _with_input_of(handle, layer: int, forward) -> tuple[torch.Tensor, object]:
-    """``forward()``'s result and what entered layer ``layer`` meanwhile (detached; None for layer 0)."""
-    if layer == 0:
-        return forward(), None
-    got: dict[str, object] = {}
-    hook = get_module(handle.model, handle.adapter.layer(layer - 1)).register_forward_hook(
-        lambda m, a, out: got.setdefault("out", _detach(handle.adapter, out)))
-    try:
-        return forward(), got["out"]
-    finally:
-        hook.remove()
-
-
-def _suffix_forward(handle, p: _Problem, sites: _Sites, clean: torch.Tensor, layer: int) -> _Suffix | None:
-    """The suffix-only forward (layers ≥ ``layer`` only) when it reproduces the clean logits (checked here,
-    once), else None."""
-    if body_and_head(handle.model) is None:
-        return None
-    sites.enabled = False  # the clean prefix pass carries no δ
-    try:
-        suffix = _Suffix(handle, p, layer)
-    finally:
-        sites.enabled = True
-    sites.set_index(suffix.index)
-    got = suffix.record_below()
-    clean = clean.detach()
-    tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
-    diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
-    if diff <= tol * max(1.0, float(clean.abs().max())):
-        return suffix
-    log.warning("prefix key/value cache changed the logits (max diff %.3g); using full forwards", diff)
-    sites.set_index(p.index)
-    return None
-
-
-def _detach(adapter, out: object) -> object:
-    return adapter.with_hidden(out, adapter.hidden(out).detach())
-
-
-def _losses(p: _Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Sites,
+def _losses(p: Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Sites,
             opts: ValueOptions) -> tuple[torch.Tensor, list[bool]]:
     """Per request of ``sites.order``: NLL (mean over its rewriting prompts of the per-token mean) + KL +
     weight decay; and PMET's stop flags."""

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edits import SwapModule
 from ..hooks import get_module, replayed
+from ..swaps import SwapModule
 from ..types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,13 @@ class FFNInfo:
 def activation_name(model: nn.Module) -> str:
     """The FFN activation named in the model config (the config keys differ between families)."""
     cfg = getattr(model, "config", None)
-    for key in ("hidden_act", "activation_function", "dense_act_fn"):
+    for key in ("hidden_act", "activation_function", "dense_act_fn", "hidden_activation", "activation"):
         value = getattr(cfg, key, None)
         if isinstance(value, str) and value:
             return value
     raise UnsupportedFFNError(
         f"cannot tell the FFN activation of {type(model).__name__}: its config has none of hidden_act, "
-        "activation_function, dense_act_fn"
+        "activation_function, dense_act_fn, hidden_activation, activation"
     )
 
 
@@ -72,6 +72,11 @@ def ffn_info(handle: Any, layer: int) -> FFNInfo:
     ad = handle.adapter
     ad.check_layers(handle.model, [layer])
     mlp_path, out_path = ad.mlp.format(layer), ad.mlp_out.format(layer)
+    if ad.mlp == ad.mlp_out:
+        raise UnsupportedFFNError(
+            f"the FFN of {type(handle.model).__name__} is not one module (its linears sit directly in the block, "
+            "or in sibling modules), so there is no FFN input and output to wrap; edit its output projection "
+            "with ROME, MEMIT or FT instead")
     try:
         mlp = get_module(handle.model, mlp_path)
         if out_path.startswith(mlp_path + "."):  # an installed swap moves the FFN's parts under .base

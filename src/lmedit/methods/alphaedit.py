@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..config import ConfigError, option
+from ..digests import tensor_digest
 from ..hooks import get_parameter
 from ..locate.pipeline import SMOLLM2_VALUE_STEPS, LocateConfig, memit_family, param_name, resolve_batch
 from ..locate.solvers import null_space_update, nullspace_projector
 from ..locate.stats import corpus_files, corpus_hash, disk_cached
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +81,12 @@ class AlphaEdit(Editor):
         self._kkt = {int(k): v.to(torch.float64) for k, v in state.get("kkt", {}).items()}
         self._origin = dict(state.get("origin", {}))
 
-    def _digests(self, handle: Any, layers: list[int]) -> dict[str, Any]:
+    def _digests(self, handle: ModelHandle, layers: list[int]) -> dict[str, Any]:
         names = [param_name(handle, x) for x in layers]
         return {"fingerprint": handle.fingerprint,
                 **{n: tensor_digest(get_parameter(handle.model, n)) for n in names}}
 
-    def _sync(self, handle: Any, layers: list[int]) -> None:
+    def _sync(self, handle: ModelHandle, layers: list[int]) -> None:
         """Drop K_p K_pᵀ when the model is back at the weights it was started on (or is another model)."""
         now = self._digests(handle, layers)
         if self._kkt and (now == self._origin or now["fingerprint"] != self._origin.get("fingerprint")):
@@ -93,10 +96,10 @@ class AlphaEdit(Editor):
             self._origin = now
 
     # --- editing -------------------------------------------------------------------------------------
-    def resolve(self, handle: Any, cfg: AlphaEditConfig) -> AlphaEditConfig:
+    def resolve(self, handle: ModelHandle, cfg: AlphaEditConfig) -> AlphaEditConfig:
         return resolve_batch(handle, cfg, self.name)
 
-    def _compute(self, handle: Any, requests: list, cfg: AlphaEditConfig) -> Any:
+    def _compute(self, handle: ModelHandle, requests: list, cfg: AlphaEditConfig) -> Any:
         self._sync(handle, cfg.layers)
         P: dict[int, torch.Tensor] = {}
 
@@ -112,7 +115,7 @@ class AlphaEdit(Editor):
         return edit
 
     @staticmethod
-    def _projector(handle: Any, layer: int, C: torch.Tensor, cfg: AlphaEditConfig) -> torch.Tensor:
+    def _projector(handle: ModelHandle, layer: int, C: torch.Tensor, cfg: AlphaEditConfig) -> torch.Tensor:
         chash = corpus_hash(corpus_files(cfg.mom2_corpus))
         key = ("alphaedit.P", layer, cfg.nullspace_threshold, chash, cfg.mom2_tokens)
         if key not in handle.cache:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import Config, ConfigError
-from ..edits import Edit
+from ..edits import Edit, WeightDelta
 from ..types import EditInputError, EditRequest
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,14 @@ class Capabilities:
         batch: one ``compute`` can take many requests at once.
         sequential: edits can be stacked on an already-edited model.
         needs_fit: the editor must be trained (``fit``) or loaded before it can edit.
-        edit_kind: the :class:`~lmedit.edits.Edit` subclass it returns.
+        edit_kind: the :class:`~lmedit.edits.Edit` subclass it returns (the contract suite checks it).
         encoder_decoder: it can edit encoder-decoder (T5) models.
     """
 
     batch: bool = False
     sequential: bool = True
     needs_fit: bool = False
-    edit_kind: str = "weight_delta"
+    edit_kind: type[Edit] = WeightDelta
     encoder_decoder: bool = True
 
 
@@ -51,9 +51,12 @@ class Editor(ABC):
     # the SmolLM2 Table 1 run; only used to start a table's longest cells first when workers share them
     relative_cost: ClassVar[float] = 2.0
     # compute() depends only on the model's weights, the resolved config, the requests and (trained editors)
-    # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.stores); an editor
+    # the checkpoint it was loaded from, so its edits may be stored and reused (lmedit.bench.stores); an editor
     # that keeps state between calls sets this to False
     pure_compute: ClassVar[bool] = True
+    # overrides that make an edit take seconds on the tiny test models (tests and `--quick` runs); not a
+    # method's recommended setting
+    quick: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Config | dict | str | Path | None = None, **overrides: Any) -> None:
         if isinstance(config, str | Path):
@@ -73,6 +76,7 @@ class Editor(ABC):
         return self.resolve(handle, cfg)
 
     def resolve(self, handle: Any, cfg: Config) -> Config:
+        """Fill in what depends on the model (e.g. layers from its depth); the default keeps ``cfg``."""
         return cfg
 
     # --- editing -----------------------------------------------------------------------------------
@@ -117,13 +121,23 @@ class Editor(ABC):
             raise EditInputError(
                 f"{self.name} cannot edit encoder-decoder models such as {type(handle.model).__name__}"
             )
+        cfg = handle.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        for r in requests:
+            n = len(handle.tokens.encode(r.text + " " + r.target_new))
+            if limit and n > limit:
+                log.warning("%s: the prompt and target of %r are %d tokens, longer than the model's context of "
+                            "%d; the edit sees a truncated or garbled input -- shorten the prompt",
+                            self.name, r.text[:60], n, limit)
         return requests
 
     # --- trained editors ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The editor's trained state (tensors and plain values); empty for editors that are not trained."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore trained state saved by :meth:`state_dict` (a no-op for editors that are not trained)."""
         return None
 
     def __repr__(self) -> str:
@@ -131,6 +145,7 @@ class Editor(ABC):
 
 
 def depth_layer(handle: Any, fraction: float) -> int:
-    """The layer at ``fraction`` of the model's depth (0 = first, 1 = last)."""
+    """The layer at ``fraction`` of the model's depth (0 = first, 1 = last); in a hybrid model, the closest
+    layer that has a feed-forward block."""
     n = handle.n_layers
-    return min(n - 1, max(0, round(fraction * (n - 1))))
+    return handle.adapter.nearest_ffn_layer(min(n - 1, max(0, round(fraction * (n - 1)))))

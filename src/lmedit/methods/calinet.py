@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError, option
-from ..edits import ModuleSwap
 from ..registry import register_editor
+from ..swaps import ModuleSwap, register_swap_module
 from ..types import EditRequest
 from ._ffn import (
     AddToOutput,
@@ -54,6 +54,7 @@ class CaliNetConfig(Config):
             raise ConfigError("CaliNetConfig.width and steps must be ≥ 1 and lr > 0")
 
 
+@register_swap_module("calinet.ffn")
 class CalibratedFFN(AddToOutput):
     """The model's FFN plus a calibration FFN: output = base(x) + side(x)."""
 
@@ -74,7 +75,7 @@ class CaliNet(Editor):
     """Train a zero-initialised side FFN at late layers on the requests; the base model is untouched."""
 
     Config = CaliNetConfig
-    capabilities = Capabilities(batch=True, sequential=True, edit_kind="module_swap")
+    capabilities = Capabilities(batch=True, sequential=True, edit_kind=ModuleSwap)
     relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layers": [28, 29], "width": 64, "lr": 1e-3, "steps": 300},

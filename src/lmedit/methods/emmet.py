@@ -9,13 +9,16 @@ MEMIT's (reference: λ = 10000 for GPT-2 XL, d_ff 6400).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import option
 from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import equality_constrained
 from ..registry import register_editor
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 
 @dataclass
@@ -42,10 +45,10 @@ class EMMET(Editor):
     quick: ClassVar[dict[str, Any]] = {"layers": [1], "clamp_norm_factor": 1.0, "v_num_grad_steps": 20,
                                        "v_weight_decay": 0.0, "mom2_tokens": 3000, "context_lengths": []}
 
-    def resolve(self, handle: Any, cfg: EMMETConfig) -> EMMETConfig:
+    def resolve(self, handle: ModelHandle, cfg: EMMETConfig) -> EMMETConfig:
         return resolve_batch(handle, cfg, self.name, count=1, reference=10000.0, width=6400)
 
-    def _compute(self, handle: Any, requests: list, cfg: EMMETConfig) -> Any:
+    def _compute(self, handle: ModelHandle, requests: list, cfg: EMMETConfig) -> Any:
         def solve(layer, K, R, C):
             return equality_constrained(K, R, C, cfg.mom2_update_weight, cfg.update_norm_lambda, cfg.emmet_lambda)
 

@@ -24,21 +24,24 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import EditError, WeightDelta
 from ..hooks import get_module, replayed, trace
 from ..metrics.scoring import _logits_at
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..tokens import Batch
 from ..types import EditRequest
 from .base import Capabilities, Editor, depth_layer
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +101,11 @@ class _FineTune(Editor):
 
     objective: ClassVar[str] = ""
     Config = FTConfig
-    capabilities = Capabilities(batch=True, sequential=True, needs_fit=False, edit_kind="weight_delta",
+    capabilities = Capabilities(batch=True, sequential=True, needs_fit=False, edit_kind=WeightDelta,
                                 encoder_decoder=True)
     relative_cost: ClassVar[float] = 4.0  # see Editor.relative_cost
 
-    def resolve(self, handle: Any, cfg: FTConfig) -> FTConfig:
+    def resolve(self, handle: ModelHandle, cfg: FTConfig) -> FTConfig:
         if cfg.layers is None:
             layer = depth_layer(handle, DEPTH_FRACTION)
             log.info("%s: no layers given; training layer %d (%.0f%% of %d layers)", self.name, layer,
@@ -111,7 +114,7 @@ class _FineTune(Editor):
         handle.adapter.check_layers(handle.model, cfg.layers)
         return cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: FTConfig) -> WeightDelta:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: FTConfig) -> WeightDelta:
         trained = _make_leaves(handle, sorted(set(cfg.layers)))
         chunks = [requests[i : i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size)]
         batches = [handle.tokens.teacher_forced([r.text for r in c], [r.target_new for r in c], side="right")
@@ -145,7 +148,7 @@ def _relative_norm(out: dict[str, float], name: str, delta: torch.Tensor, base: 
         out[name] = float(delta.detach().norm()) / base_norm
 
 
-def _make_leaves(handle: Any, layers: list[int]) -> list[_Trained]:
+def _make_leaves(handle: ModelHandle, layers: list[int]) -> list[_Trained]:
     """Zero-initialised update leaves for the MLP output projection (weight, and bias if any) per layer."""
     out = []
     for i in layers:
@@ -161,7 +164,7 @@ def _make_leaves(handle: Any, layers: list[int]) -> list[_Trained]:
 
 
 @contextlib.contextmanager
-def _delta_hooks(handle: Any, trained: list[_Trained]) -> Iterator[None]:
+def _delta_hooks(handle: ModelHandle, trained: list[_Trained]) -> Iterator[None]:
     """Add ΔW x + Δb to each trained projection's output: the forward of the model with W0 + ΔW."""
     handles = []
 
@@ -183,7 +186,7 @@ def _delta_hooks(handle: Any, trained: list[_Trained]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _replayed_lower_layers(handle: Any, batches: list[Batch], first: int) -> Iterator[Any]:
+def _replayed_lower_layers(handle: ModelHandle, batches: list[Batch], first: int) -> Iterator[Any]:
     """Record the outputs of layers ``0..first-1`` for each batch once, then install stand-ins replaying them.
 
     Yields ``select(i)``, which makes the stand-ins return batch i's outputs. The original layers are put
@@ -209,7 +212,7 @@ def _replayed_lower_layers(handle: Any, batches: list[Batch], first: int) -> Ite
         yield select
 
 
-def _objective_loss(handle: Any, batch: Batch, objective: str) -> torch.Tensor:
+def _objective_loss(handle: ModelHandle, batch: Batch, objective: str) -> torch.Tensor:
     """Mean over rows of the mean target-token NLL (FT-M: teacher forced; FT-L: all at the last prompt
     position)."""
     rows, cols, labels, weights = [], [], [], []
@@ -229,7 +232,7 @@ def _objective_loss(handle: Any, batch: Batch, objective: str) -> torch.Tensor:
     return (nll * w).sum() / len(batch.labels)
 
 
-def _train(handle: Any, batches: list[Batch], trained: list[_Trained], cfg: FTConfig, objective: str,
+def _train(handle: ModelHandle, batches: list[Batch], trained: list[_Trained], cfg: FTConfig, objective: str,
            select: Any) -> list[float]:
     """Adam over the update leaves; returns the average loss of each pass."""
     leaves = [t.dw for t in trained] + [t.db for t in trained if t.db is not None]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import Config, ConfigError, option
 from ..edits import PromptContext
@@ -27,6 +27,9 @@ from ..retrieval import EMBEDDER_NAME, embed_corpus, file_digest, get_embedder, 
 from ..tokens import join
 from ..types import EditCase, EditRequest
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +89,13 @@ class IKE(Editor):
     """In-context editing: retrieved demonstrations + the new fact, put before every prompt."""
 
     Config = IKEConfig
-    capabilities = Capabilities(batch=False, sequential=False, needs_fit=False, edit_kind="prompt_context",
+    capabilities = Capabilities(batch=False, sequential=False, needs_fit=False, edit_kind=PromptContext,
                                 encoder_decoder=True)
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {"smollm2-135m": {"k": 16}}
     quick: ClassVar[dict[str, Any]] = {"k": 4, "pool_size": 40}
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: IKEConfig) -> PromptContext:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: IKEConfig) -> PromptContext:
         (request,) = requests
         demos: list[str] = []
         sims: list[float] = []
@@ -115,7 +118,7 @@ class IKE(Editor):
         return PromptContext(context, meta={"stats": stats})
 
     @staticmethod
-    def pool(handle: Any, cfg: IKEConfig) -> tuple[list[str], Any]:
+    def pool(handle: ModelHandle, cfg: IKEConfig) -> tuple[list[str], Any]:
         """Demonstration texts of the pool and their embeddings [n, dim] (cached on the handle and on disk)."""
         from ..data import find_data_file, get_dataset, load_dataset
 
@@ -132,7 +135,7 @@ class IKE(Editor):
         return handle.cache[key]
 
 
-def _token_limit(handle: Any, cfg: IKEConfig) -> int | None:
+def _token_limit(handle: ModelHandle, cfg: IKEConfig) -> int | None:
     if cfg.max_context_tokens is not None:
         return cfg.max_context_tokens
     max_pos = getattr(handle.model.config, "max_position_embeddings", None)

@@ -14,22 +14,25 @@ ascent (KE eq. 4). Edits are dense WeightDeltas; a batch of requests sums their 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..config import option
-from ..edits import Edit, WeightDelta
+from ..digests import tensor_digest
+from ..edits import WeightDelta
 from ..hooks import get_parameter
-from ..methods.base import Capabilities
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..training.data import TrainExample
-from ..training.editor import TrainedConfig, TrainedEditor
 from ..training.functional import capture_grads, edit_and_loc_losses, edited_paths, weight_shape
 from ..training.prefix import PrefixCache
 from ..types import EditRequest
+from .base import Capabilities
+from .trained import LastLayersEditor, TrainedConfig
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 
 @dataclass
@@ -95,7 +98,7 @@ class KENet(nn.Module):
 
 
 class KEObjective:
-    def __init__(self, handle: Any, cfg: KEConfig) -> None:
+    def __init__(self, handle: ModelHandle, cfg: KEConfig) -> None:
         self.handle, self.cfg = handle, cfg
         self.paths = edited_paths(handle, cfg.layers, cfg.matrices)
         torch.manual_seed(cfg.seed)
@@ -184,25 +187,14 @@ class KEObjective:
 
 
 @register_editor("ke")
-class KE(TrainedEditor):
+class KE(LastLayersEditor):
     """Conditioned hypernetwork (KnowledgeEditor) -> dense WeightDelta; batch-capable."""
 
     Config: ClassVar[type] = KEConfig
+    objective_class = KEObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
-                                                         edit_kind="weight_delta", encoder_decoder=True)
+                                                         edit_kind=WeightDelta, encoder_decoder=True)
     quick: ClassVar[dict[str, Any]] = {"steps": 8, "batch_size": 2, "lr": 3e-3, "cond_dim": 32, "lstm_hidden": 16,
                                        "head_hidden": 16, "init_step": 3e-3, "val_every": 4, "val_size": 1,
                                        "val_batches": 1, "patience": 0}
 
-    def resolve(self, handle: Any, cfg: KEConfig) -> KEConfig:
-        if cfg.layers is None:
-            n = handle.n_layers
-            cfg = cfg.replace(layers=list(range(max(0, n - 3), n)))
-        handle.adapter.check_layers(handle.model, cfg.layers)
-        return cfg
-
-    def build(self, handle: Any, cfg: KEConfig) -> KEObjective:
-        return KEObjective(handle, self.resolve(handle, cfg))
-
-    def edit_from(self, obj: KEObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
-        return obj.edit(requests, {"checkpoint": cfg.checkpoint})

@@ -35,19 +35,22 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..config import Config, ConfigError, option
+from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter, replayed, trace, trace_many
-from ..models.handle import tensor_digest
 from ..registry import register_editor
 from ..types import EditRequest
 from ._ffn import FFNInfo, ffn_info, low_rank_in_param_layout, prompt_views
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class _Prefix:
     token alone. Encoder-decoder: the encoder output is computed once; rows feed the short decoder prefix.
     """
 
-    def __init__(self, handle: Any, prompt_ids: list[int], continuation: list[int]) -> None:
+    def __init__(self, handle: ModelHandle, prompt_ids: list[int], continuation: list[int]) -> None:
         self.handle = handle
         dev = handle.device
         self.past = None
@@ -134,7 +137,7 @@ class _Prefix:
         return d
 
 
-def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: int, cfg: KNConfig) -> _Step:
+def _attribute_step(handle: ModelHandle, infos: list[FFNInfo], prefix: _Prefix, target: int, cfg: KNConfig) -> _Step:
     """Integrated-gradients attribution of P(target) to every neuron of every layer in ``infos``.
 
     Layers are attributed in chunks of ``layers_per_batch``, lowest layers first. On a decoder-only model
@@ -149,7 +152,7 @@ def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: 
     with torch.no_grad(), trace_many(model, paths, input=True, output=False) as tr, \
             trace_many(model, [ad.layer(i) for i in below], input=False, output=True) as lower:
         logits = model(**prefix.inputs(1)).logits[0, -1]  # [vocab]
-    acts = torch.stack([tr[p].input[0, -1].float() for p in paths])  # [L, d_ff]
+    acts = torch.stack([ad.per_token(tr[p].input, 1)[0, -1].float() for p in paths])  # [L, d_ff]
     alphas = torch.linspace(0, 1, cfg.steps, device=acts.device)  # [m]
     attr = torch.zeros_like(acts)
     m = cfg.steps
@@ -165,10 +168,11 @@ def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: 
         traces = []
         try:
             for b, j in enumerate(chunk):
-                def put(x: torch.Tensor, b: int = b, leaf: torch.Tensor = leaves[b]) -> torch.Tensor:
-                    x = x.clone()
-                    x[b * m:(b + 1) * m, -1] = leaf.to(x.dtype)
-                    return x
+                def put(x: torch.Tensor, b: int = b, leaf: torch.Tensor = leaves[b], rows: int = rows
+                        ) -> torch.Tensor:
+                    y = ad.per_token(x, rows).clone()  # [rows, seq, d_ff] (some FFNs flatten tokens)
+                    y[b * m:(b + 1) * m, -1] = leaf.to(y.dtype)
+                    return y.view(x.shape)
                 traces.append(trace(model, paths[j], output=False, edit_input=put))
             with replayed(model, frozen):
                 out = model(**prefix.inputs(rows)).logits[:, -1]  # [rows, vocab]
@@ -182,7 +186,7 @@ def _attribute_step(handle: Any, infos: list[FFNInfo], prefix: _Prefix, target: 
     return _Step(attr, acts, int(logits.argmax()))
 
 
-def attribute(handle: Any, infos: list[FFNInfo], prompt: str, target: str,
+def attribute(handle: ModelHandle, infos: list[FFNInfo], prompt: str, target: str,
               cfg: KNConfig) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Attribution [L, d_ff] averaged over answer tokens, activations at the first answer token [L, d_ff],
     the target ids and the model's own argmax tokens along the way (y_old)."""
@@ -219,7 +223,7 @@ class KN(Editor):
     """Knowledge neurons: integrated-gradients attribution, then rank-one value-slot edits per layer."""
 
     Config = KNConfig
-    capabilities = Capabilities(batch=False, sequential=True, edit_kind="weight_delta")
+    capabilities = Capabilities(batch=False, sequential=True, edit_kind=WeightDelta)
     relative_cost: ClassVar[float] = 9.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"steps": 20, "layers_per_batch": 5, "adaptive_threshold": 0.2, "max_neurons": 10},
@@ -229,7 +233,7 @@ class KN(Editor):
     quick: ClassVar[dict[str, Any]] = {"steps": 4, "max_neurons": 5, "edit_scale": 100.0, "erase_old": False,
                                        "embedding": "output"}
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: KNConfig) -> WeightDelta:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: KNConfig) -> WeightDelta:
         (req,) = requests
         layers = cfg.layers if cfg.layers is not None else list(range(handle.n_layers))
         infos = [ffn_info(handle, int(layer)) for layer in layers]
@@ -249,7 +253,7 @@ class KN(Editor):
 
     @staticmethod
     @torch.no_grad()
-    def _greedy(handle: Any, prompt: str) -> str:
+    def _greedy(handle: ModelHandle, prompt: str) -> str:
         """The model's own next token for ``prompt`` (the answer to attribute when the fact has none)."""
         ids = torch.tensor([handle.tokens.prompt_ids(prompt)], device=handle.device)
         inputs = {"input_ids": ids}
@@ -258,7 +262,7 @@ class KN(Editor):
         top = int(handle.model(**inputs).logits[0, -1].argmax())
         return handle.tokenizer.decode([top])
 
-    def _delta(self, handle: Any, infos: list[FFNInfo], chosen: list[tuple[int, int, float]],
+    def _delta(self, handle: ModelHandle, infos: list[FFNInfo], chosen: list[tuple[int, int, float]],
                acts: torch.Tensor, t_ids: list[int], old_ids: list[int], cfg: KNConfig) -> WeightDelta:
         ad, model = handle.adapter, handle.model
         emb = get_module(model, ad.embed).weight if cfg.embedding == "input" else ad.unembedding(model)[0]

@@ -12,12 +12,15 @@ only 45.8/34.3/100 (rel/gen/loc) against 95.6/83.1/100 with λ≈2100.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import least_squares
 from ..registry import register_editor
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 
 @dataclass
@@ -43,10 +46,10 @@ class MEMIT(Editor):
     quick: ClassVar[dict[str, Any]] = {"layers": [1], "mom2_update_weight": 1000.0, "v_num_grad_steps": 20,
                                        "v_weight_decay": 0.0, "mom2_tokens": 3000, "context_lengths": []}
 
-    def resolve(self, handle: Any, cfg: MEMITConfig) -> MEMITConfig:
+    def resolve(self, handle: ModelHandle, cfg: MEMITConfig) -> MEMITConfig:
         return resolve_batch(handle, cfg, self.name)
 
-    def _compute(self, handle: Any, requests: list, cfg: MEMITConfig) -> Any:
+    def _compute(self, handle: ModelHandle, requests: list, cfg: MEMITConfig) -> Any:
         lam = cfg.mom2_update_weight
         edit, _ = memit_family(handle, requests, cfg, lambda layer, K, R, C: least_squares(K, R, C, lam))
         return edit

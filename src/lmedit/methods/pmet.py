@@ -10,13 +10,16 @@ output z_mlp, the residual R = (z_mlp − current FFN output) is spread as R/√
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import option
 from ..locate.pipeline import SMOLLM2_VALUE_STEPS, BatchConfig, memit_family, resolve_batch
 from ..locate.solvers import least_squares
 from ..registry import register_editor
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 
 @dataclass
@@ -48,10 +51,10 @@ class PMET(Editor):
     quick: ClassVar[dict[str, Any]] = {"layers": [1], "v_num_grad_steps": 20, "v_weight_decay": 0.0,
                                        "clamp_norm_factor": 4.0, "mom2_tokens": 3000, "context_lengths": []}
 
-    def resolve(self, handle: Any, cfg: PMETConfig) -> PMETConfig:
+    def resolve(self, handle: ModelHandle, cfg: PMETConfig) -> PMETConfig:
         return resolve_batch(handle, cfg, self.name)
 
-    def _compute(self, handle: Any, requests: list, cfg: PMETConfig) -> Any:
+    def _compute(self, handle: ModelHandle, requests: list, cfg: PMETConfig) -> Any:
         lam = cfg.mom2_update_weight
         edit, _ = memit_family(handle, requests, cfg, lambda layer, K, R, C: least_squares(K, R, C, lam),
                                site="mlp", sites=["attn", "mlp"], spread_rule="sqrt")

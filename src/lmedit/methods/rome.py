@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -39,6 +39,9 @@ from ..locate.stats import second_moments
 from ..locate.templates import flatten, group_mean
 from ..registry import register_editor
 from .base import Capabilities, Editor, depth_layer
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class ROME(Editor):
                                        "mom2_tokens": 3000, "context_lengths": []}
     depth_fraction: ClassVar[float] = 0.15  # SmolLM2 4/29, GPT-J 5/27, Llama-7B 5/31
 
-    def resolve(self, handle: Any, cfg: ROMEConfig) -> ROMEConfig:
+    def resolve(self, handle: ModelHandle, cfg: ROMEConfig) -> ROMEConfig:
         if cfg.layers == "auto":
             cfg = cfg.replace(layers=auto_layers(handle, 1, self.name))
         if cfg.layers is None:
@@ -88,7 +91,7 @@ class ROME(Editor):
                      100 * self.depth_fraction)
         return cfg
 
-    def _compute(self, handle: Any, requests: list, cfg: ROMEConfig) -> Any:
+    def _compute(self, handle: ModelHandle, requests: list, cfg: ROMEConfig) -> Any:
         (req,) = requests
         (layer,) = check_layers(handle, cfg.layers)
         clock = Phases()
@@ -116,7 +119,7 @@ class ROME(Editor):
         })
 
     @staticmethod
-    def _output(handle: Any, layer: int, k: torch.Tensor) -> torch.Tensor:
+    def _output(handle: ModelHandle, layer: int, k: torch.Tensor) -> torch.Tensor:
         """W_out k + bias in float64."""
         module = get_module(handle.model, handle.adapter.mlp_out.format(layer))
         out = handle.adapter.weight_out_in(module).double() @ k.double()

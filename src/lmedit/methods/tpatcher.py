@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, option
-from ..edits import ModuleSwap
 from ..hooks import trace
-from ..models.loading import lmedit_home
+from ..io import atomic_write, file_lock, lmedit_home
 from ..registry import register_editor
+from ..swaps import ModuleSwap, register_swap_module
 from ..types import EditRequest
 from ._ffn import (
     AddToOutput,
@@ -94,6 +94,7 @@ class TPatcherConfig(Config):
             raise ConfigError("TPatcherConfig.max_patches, steps and memory_size must be ≥ 1")
 
 
+@register_swap_module("t-patcher.patches")
 class Patches(AddToOutput):
     """FFN output + Σ_p act(k_pᵀ x + b_p) · (e_p ⊙ s_p): ``n`` patch neurons beside the FFN."""
 
@@ -185,15 +186,21 @@ def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.T
     key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{corpus.name}"
     if key in handle.cache:
         return handle.cache[key]
+    from safetensors.torch import load_file, save_file
+
     file = (lmedit_home() / "cache" / "ffn_memory" /
-            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.pt")
-    if file.exists():
-        mem = torch.load(file, map_location=handle.device)
-    else:
-        mem = _collect_memory(handle, info, cfg, corpus)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(mem.cpu(), file)
-        log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
+            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.safetensors")
+    with file_lock(file.with_name(f".{file.name}.lock"), blocking=True):  # one process computes, the others read
+        mem = None
+        if file.exists():
+            try:
+                mem = load_file(file)["memory"]
+            except Exception as e:  # noqa: BLE001  (a corrupt cache file is recomputed)
+                log.warning("t-patcher: ignoring unreadable memory cache %s (%s)", file, e)
+        if mem is None or mem.ndim != 2 or mem.shape[1] != info.d_model:
+            mem = _collect_memory(handle, info, cfg, corpus)
+            atomic_write(file, lambda tmp: save_file({"memory": mem.cpu().contiguous()}, tmp))
+            log.info("t-patcher: cached %d FFN inputs of layer %d at %s", len(mem), info.layer, file)
     handle.cache[key] = mem.to(handle.device)
     return handle.cache[key]
 
@@ -237,7 +244,7 @@ class TPatcher(Editor):
     """Add up to ``max_patches`` trained neurons to the last FFN until the edit holds."""
 
     Config = TPatcherConfig
-    capabilities = Capabilities(batch=False, sequential=True, edit_kind="module_swap")
+    capabilities = Capabilities(batch=False, sequential=True, edit_kind=ModuleSwap)
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smollm2-135m": {"layer": 29, "lr": 1e-2, "alc": 1.0, "mlc": 10.0, "memory_size": 20000},

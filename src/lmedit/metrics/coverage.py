@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
 from .records import CaseResult
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ def drop_cases(path: Path, keys: set[str]) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
         keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def stamp(line: str, res: CaseResult, run_protocols: Sequence[str] | None) -> str:

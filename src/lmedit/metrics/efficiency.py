@@ -41,6 +41,7 @@ class Measurement:
     rss_samples: int = 0  # how many background samples were taken
 
     def to_dict(self) -> dict[str, float | int | None]:
+        """The measurement as a plain dict (the keys are the field names)."""
         return asdict(self)
 
 

@@ -16,11 +16,13 @@ EFFICIENCY = "efficiency"  # seconds, bytes
 
 @dataclass(frozen=True)
 class Score:
+    """One metric's value (0..1) with the protocol that measured it and the number of prompts behind it."""
     value: float
     protocol: str
     n: int = 1  # how many prompts went into this value
 
     def to_dict(self) -> dict[str, Any]:
+        """The score as a plain dict."""
         return asdict(self)
 
 
@@ -42,6 +44,7 @@ class CaseResult:
     protocols: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data (one line of a run's ``cases.jsonl``)."""
         d = {
             "case_id": self.case_id,
             "post": {k: v.to_dict() for k, v in self.post.items()},
@@ -57,6 +60,7 @@ class CaseResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaseResult:
+        """Rebuild a case result written by :meth:`to_dict` (one line of a run's ``cases.jsonl``)."""
         return cls(
             d["case_id"],
             {k: Score(**v) for k, v in d.get("post", {}).items()},
@@ -93,6 +97,7 @@ def summarize(results: list[CaseResult], which: str = "post") -> dict[str, dict[
 
 
 def harmonic_mean(values: list[float]) -> float:
+    """The harmonic mean of ``values``; 0.0 when the list is empty or any value is 0 or below."""
     if not values or any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)

@@ -9,6 +9,7 @@ read the argmax prediction and the log-probability of the true next token. From 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,9 @@ def logits_at(handle, inputs: dict, rows, cols) -> torch.Tensor:
     """``_logits_at`` for ready model inputs (any extra keyword, e.g. ``use_cache``, is passed on)."""
     model = handle.model
     body_head = body_and_head(model)
+    runs = body_head[0] if body_head else model
+    if "use_cache" in inspect.signature(runs.forward).parameters:  # each batch is read once; the caches of
+        inputs = {"use_cache": False, **inputs}  # recurrent families reject padded batches
     if body_head is None:
         return model(**inputs).logits[rows, cols]
     body, head = body_head

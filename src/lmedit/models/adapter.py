@@ -1,7 +1,9 @@
-"""ModelAdapter: canonical component names -> Hugging Face module paths, chosen by architecture class.
+"""ModelAdapter: canonical component names -> Hugging Face module paths (the type only).
 
-Everything in lmedit that touches a model's insides asks its adapter where things are. Adapters are data
-(see ``architectures.py``); a new architecture is one :func:`register_adapter` call.
+Everything in lmedit that touches a model's insides asks its adapter where things are. Adapters are data:
+the registered table is ``architectures.py`` (which imports this type), adapters of other models are found
+by ``discover.py``, and ``lookup.py`` picks one for a model (:func:`lmedit.models.lookup.adapter_for`).
+This module imports neither: the dependency runs one way, from the table and the lookup to the type.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..hooks import get_module
 
 
 class UnsupportedArchitectureError(ValueError):
-    """No adapter is registered for a model's architecture class."""
+    """No adapter is registered for a model's architecture class and none could be discovered."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class ModelAdapter:
             Parameter as ``embed`` when embeddings are tied).
         weight_layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2 Conv1D) -- stated, never guessed.
         encoder_decoder: True for T5-style models; encoder_layers/encoder_mlp_out name the encoder side.
+        ffn_layers: the layers that have the FFN named by ``mlp``/``mlp_out`` when not all do (a hybrid
+            model whose other layers are recurrent); None = every layer.
+        discovered: found from the module structure (``discover.py``), not from the registered table.
     """
 
     family: str
@@ -51,28 +56,59 @@ class ModelAdapter:
     encoder_decoder: bool = False
     encoder_layers: str | None = None
     encoder_mlp_out: str | None = None
+    ffn_layers: tuple[int, ...] | None = None
+    discovered: bool = False
 
     def replace(self, **kw: Any) -> ModelAdapter:
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
 
     # --- paths -------------------------------------------------------------------------------------
     def layer(self, i: int) -> str:
+        """The module path of layer ``i``."""
         return self.layers.format(i)
 
     def layer_container(self) -> str:
+        """The module path of the list that holds the layers."""
         return self.layers.split(".{}")[0]
 
     def n_layers(self, model: nn.Module) -> int:
+        """How many layers ``model`` has."""
         return len(get_module(model, self.layer_container()))
 
     def check_layers(self, model: nn.Module, layers: list[int] | tuple[int, ...]) -> None:
+        """Raise ValueError naming the valid range when a layer index is outside the model."""
         n = self.n_layers(model)
         bad = [i for i in layers if not (0 <= int(i) < n)]
         if bad:
             raise ValueError(f"layer(s) {bad} out of range: this model has {n} layers (0..{n - 1})")
+        no_ffn = [i for i in layers if self.ffn_layers is not None and int(i) not in self.ffn_layers]
+        if no_ffn:
+            raise ValueError(f"layer(s) {no_ffn} of this model have no feed-forward block to edit (hybrid "
+                             f"layers); the layers with one are {list(self.ffn_layers)}")
+
+    def nearest_ffn_layer(self, layer: int) -> int:
+        """``layer`` itself, or the closest layer that has an FFN (hybrid models)."""
+        if self.ffn_layers is None or layer in self.ffn_layers:
+            return layer
+        return min(self.ffn_layers, key=lambda i: (abs(i - layer), i))
+
+    def parts(self) -> dict[str, Any]:
+        """Where the parts are (every field but the family name and the provenance): equal parts, same edits."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("family", "discovered")}
 
     def module(self, model: nn.Module, template: str, i: int | None = None) -> nn.Module:
+        """The module at ``template`` (formatted with layer ``i`` when given) inside ``model``."""
         return get_module(model, template.format(i) if i is not None else template)
+
+    @staticmethod
+    def has(model: nn.Module, path: str) -> bool:
+        """Does the model have a module at ``path``? (A hybrid model's recurrent layers lack some parts.)"""
+        try:
+            get_module(model, path)
+        except LookupError:
+            return False
+        return True
 
     # --- weights -----------------------------------------------------------------------------------
     def weight_out_in(self, module: nn.Module) -> torch.Tensor:
@@ -102,6 +138,12 @@ class ModelAdapter:
         return output[0] if isinstance(output, tuple | list) else output
 
     @staticmethod
+    def per_token(x: torch.Tensor, batch: int) -> torch.Tensor:
+        """A [batch, seq, d] view of a module's tensor; some families run their FFN on tokens flattened to
+        [batch·seq, d] (OPT, the shared expert of several mixtures of experts). 3-D tensors pass unchanged."""
+        return x.view(batch, -1, x.shape[-1]) if x.dim() == 2 else x
+
+    @staticmethod
     def with_hidden(output: Any, h: torch.Tensor) -> Any:
         """Put ``h`` back into the output's structure."""
         if isinstance(output, tuple):
@@ -109,53 +151,3 @@ class ModelAdapter:
         if isinstance(output, list):
             return [h, *output[1:]]
         return h
-
-
-_ADAPTERS: dict[str, tuple[ModelAdapter, dict[str, ModelAdapter]]] = {}
-
-
-def register_adapter(architecture: str, adapter: ModelAdapter, **variants: ModelAdapter) -> None:
-    """Register the adapter for a Hugging Face architecture class name (e.g. ``"LlamaForCausalLM"``)."""
-    _ADAPTERS[architecture] = (adapter, variants)
-
-
-def supported_architectures() -> list[str]:
-    _load_table()
-    return sorted(_ADAPTERS)
-
-
-def _load_table() -> None:
-    from . import architectures  # noqa: F401  (registers the built-in table)
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, by its architecture class; a clear error when there is none."""
-    _load_table()
-    name = type(model).__name__
-    if name not in _ADAPTERS:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture {name!r}. lmedit supports {sorted(_ADAPTERS)}. To add it, describe "
-            "where its parts are and register it:\n"
-            "    from lmedit.models.adapter import ModelAdapter, register_adapter\n"
-            f"    register_adapter({name!r}, ModelAdapter(family=..., embed=..., layers='...{{}}', ...))\n"
-            "(see lmedit/models/architectures.py for complete examples)."
-        )
-    adapter, variants = _ADAPTERS[name]
-    if "gated" in variants:
-        try:
-            get_module(model, variants["gated"].mlp_in[0].format(0))
-            return variants["gated"]
-        except LookupError:
-            pass
-    return adapter
-
-
-def preset_name(model: nn.Module) -> str | None:
-    """The name of the tuned preset that fits this architecture's shape, if any."""
-    from .architectures import PRESET_SHAPES
-
-    cfg = model.config
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or getattr(cfg, "num_layers", 0)
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", 0)
-    family = adapter_for(model).family
-    return PRESET_SHAPES.get((family, int(n), int(d)))

@@ -1,4 +1,7 @@
-"""Per-family module paths, as data. The only place in lmedit that knows Hugging Face module names.
+"""Per-family module paths, as data: the registered table, the exact path for the classes it names.
+
+Models of other classes get an adapter discovered from their module structure (``discover.py``). This module
+imports only the adapter type; ``lookup.py`` reads :data:`TABLE` (the dependency runs one way).
 
 Keys are Hugging Face architecture class names (``type(model).__name__``), never checkpoint names.
 Templates take the layer index in ``{}``. ``weight_layout`` says how a projection stores its weight:
@@ -7,7 +10,7 @@ Templates take the layer index in ``{}``. ``weight_layout`` says how a projectio
 
 from __future__ import annotations
 
-from .adapter import ModelAdapter, register_adapter
+from .adapter import ModelAdapter
 
 GPT2 = ModelAdapter(
     family="gpt2",
@@ -85,21 +88,22 @@ T5_GATED = T5.replace(
     mlp_in=("decoder.block.{}.layer.2.DenseReluDense.wi_0", "decoder.block.{}.layer.2.DenseReluDense.wi_1"),
 )
 
-for _name in ("GPT2LMHeadModel",):
-    register_adapter(_name, GPT2)
-register_adapter("GPTJForCausalLM", GPTJ)
-register_adapter("GPTNeoXForCausalLM", GPT_NEOX)
-for _name in (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "GemmaForCausalLM",
-    "Gemma2ForCausalLM",
-):
-    register_adapter(_name, LLAMA)
-register_adapter("T5ForConditionalGeneration", T5, gated=T5_GATED)
+# architecture class -> (adapter, variants); a variant named "gated" is used when its first input projection
+# exists in the model (T5 v1.1)
+TABLE: dict[str, tuple[ModelAdapter, dict[str, ModelAdapter]]] = {
+    "GPT2LMHeadModel": (GPT2, {}),
+    "GPTJForCausalLM": (GPTJ, {}),
+    "GPTNeoXForCausalLM": (GPT_NEOX, {}),
+    **{name: (LLAMA, {}) for name in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+    )},
+    "T5ForConditionalGeneration": (T5, {"gated": T5_GATED}),
+}
 
 # Preset names by architecture shape (model_type, layers, hidden size); used to pick tuned hyperparameters.
 PRESET_SHAPES: dict[tuple[str, int, int], str] = {

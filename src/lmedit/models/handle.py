@@ -10,18 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..digests import tensor_digest
+from ..kv import body_and_head
 from ..tokens import Batch, TokenPolicy
-from .adapter import ModelAdapter, adapter_for, preset_name
+from .adapter import ModelAdapter
+from .lookup import adapter_for, preset_name
 
 log = logging.getLogger(__name__)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A full-content hash of one tensor (used for the parameters an edit touches)."""
-    data = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -57,6 +52,7 @@ class ModelHandle:
         name: the alias, directory or hub id it was loaded from.
         fingerprint: identity of the base weights (cache keys, saved edits).
         contexts: prompt prefixes of applied ``PromptContext`` edits, prepended by :meth:`render`.
+        applied_edits: the edits applied to the model through this handle, oldest first.
         cache: per-model caches owned by this handle (context templates, statistics); never global.
     """
 
@@ -70,12 +66,19 @@ class ModelHandle:
         self.fingerprint = fingerprint(model)
         self.contexts: list[str] = []
         self.cache: dict[str, Any] = {}
+        self._applied: list[Any] = []  # pushed by Edit.apply, popped by Edit.revert
         for p in self.model.parameters():
             p.requires_grad_(False)
+        body_and_head(self.model)  # decides once, before any hook exists, whether logits = head(body(x))
 
     def __repr__(self) -> str:
         return (f"ModelHandle({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "
                 f"fingerprint={self.fingerprint})")
+
+    @property
+    def applied_edits(self) -> tuple[Any, ...]:
+        """The edits applied to this model now, oldest first; only the last one may be reverted."""
+        return tuple(self._applied)
 
     @property
     def device(self) -> torch.device:
@@ -91,16 +94,18 @@ class ModelHandle:
 
     @property
     def preset(self) -> str | None:
-        return preset_name(self.model)
+        return preset_name(self.model, self.adapter)
 
     @property
     def is_encoder_decoder(self) -> bool:
         return self.adapter.encoder_decoder
 
     def n_params(self) -> int:
+        """The number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def size_bytes(self) -> int:
+        """The parameters' size in bytes in their current dtype (tied weights counted once)."""
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def render(self, prompt: str) -> str:
@@ -112,8 +117,9 @@ class ModelHandle:
         return self.model(**batch.model_inputs(self.device)).logits
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation of ``prompt`` (rendered with active contexts)."""
+    def generate(self, prompt: str, max_new_tokens: int = 20, **options: Any) -> str:
+        """Greedy continuation of ``prompt`` (rendered with active contexts). ``options`` go to the model's
+        ``generate`` (a ``streamer``, or ``do_sample=True`` with its temperature)."""
         text = self.render(prompt)
         ids = torch.tensor([self.tokens.prompt_ids(text)], device=self.device)
         cfg = self.model.config
@@ -122,7 +128,8 @@ class ModelHandle:
         uneven = self.is_encoder_decoder and getattr(cfg, "num_decoder_layers", None) not in (None, cfg.num_layers)
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=self.tokens.pad_id, **({"use_cache": False} if uneven else {}),
+            **{"do_sample": False, "pad_token_id": self.tokens.pad_id, **({"use_cache": False} if uneven else {}),
+               **options},
         )
         new = out[0] if self.is_encoder_decoder else out[0, ids.shape[1]:]
         return self.tokenizer.decode(new, skip_special_tokens=True)

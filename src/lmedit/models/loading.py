@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..io import lmedit_home, offline  # lmedit_home: also re-exported here for old imports
 from .handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(ValueError):
     """The name is neither a known alias, a local model directory, nor reachable on the hub."""
-
-
-def lmedit_home() -> Path:
-    """Cache root: ``$LMEDIT_HOME`` or ``~/.cache/lmedit``."""
-    return Path(os.environ.get("LMEDIT_HOME", Path.home() / ".cache" / "lmedit")).expanduser()
 
 
 def _smollm2_package_dir() -> Path:
@@ -108,6 +103,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -126,6 +122,9 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
         path: str | Path = ALIASES[name]()
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory; give "
+                                     "the folder that save_pretrained wrote (config.json + weights + tokenizer)")
     elif Path(name).exists():
         raise ModelNotFoundError(f"{name} is a file, not a model directory; give the directory holding config.json")
     else:
@@ -133,9 +132,12 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
+        why = ("downloads are off (HF_HUB_OFFLINE or LMEDIT_OFFLINE is set), so only models already in the "
+               "Hugging Face cache load by hub id" if offline() else f"the hub could not provide it "
+                                                                    f"({e.__class__.__name__})")
         raise ModelNotFoundError(
             f"cannot load model {name!r}: it is not an alias ({sorted(ALIASES)}), not a local directory, and "
-            f"the hub could not provide it ({e.__class__.__name__}). Give a local Hugging Face model directory."
+            f"{why}. Give a local Hugging Face model directory."
         ) from None
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     t0 = time.time()

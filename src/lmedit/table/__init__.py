@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
-from .cells import CellResult, CellSpec, git_commit, lmedit_version
+from .cells import CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
 
@@ -64,7 +65,7 @@ def resolve_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[list[st
             return list(PAPER_METHODS), missing
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError("no methods given; use --methods all, paper, or a comma-separated list")
+        raise TableError("no methods given: pass 'all', 'paper', or method names", option="methods")
     names = [editor_class(m).name for m in methods]  # raises UnknownMethodError listing the available ones
     return list(dict.fromkeys(names)), {}
 
@@ -127,13 +128,23 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         model: alias or model directory (see ``lmedit models``).
         methods: ``"paper"`` (default), ``"all"``, ``"m1,m2"`` or a list.
         datasets: dataset names; a multi-hop dataset (``mquake``) gives the Multi-hop row.
-        n / offset: the slice of each dataset; multihop_n: cases of a multi-hop dataset (default n // 4,
-            as each applies 4 edits). setting / edits / eval_timing / batch_size: see CellSpec.
-        backend: ``local`` or ``ray`` (``address``: an existing cluster).
+        n: cases per dataset.
+        multihop_n: cases of a multi-hop dataset (default n // 4, as each applies 4 edits).
+        offset: skip this many valid records of each dataset first.
+        setting: ``single`` or ``sequential`` (see CellSpec).
+        edits: sequential: edits stacked per sequence.
+        eval_timing: sequential: ``final`` or ``immediate``.
+        batch_size: requests per edit for methods that batch.
+        out: the folder the table files (and the per-cell cache) go to.
+        backend: ``local`` or ``ray``.
+        address: ray: an existing cluster (default: start a local one).
+        seed: RNG seed set at the start of every cell.
         workers: local: worker processes (default 1: this process, where editors registered at run time
             are known; ``"auto"``: one per CPU core, at most 4, and 1 on a GPU machine, as the CLI does);
             ray: actors and the size of the local cluster (default 2).
-        method_overrides: config overrides per method; checkpoints: trained-editor folder per method.
+        method_overrides: config overrides per method.
+        checkpoints: trained-editor folder per method.
+        data_path: a folder to read the datasets from.
         threads: torch threads per process (default: torch's choice in this process, the CPU cores shared
             out among local workers, 1 per Ray worker).
         plots: write table1.png and efficiency.png (needs matplotlib).
@@ -207,12 +218,12 @@ def write_table(cells: list[CellResult], methods: list[str], datasets: list[str]
     eff = method_summary(cells, rows, methods)
     files = {"table1.md": out / "table1.md", "table1.csv": out / "table1.csv", "table1.json": out / "table1.json",
              "efficiency.md": out / "efficiency.md"}
-    files["table1.md"].write_text(md)
-    files["table1.csv"].write_text(to_csv(records))
+    atomic_write(files["table1.md"], md)
+    atomic_write(files["table1.csv"], to_csv(records))
     doc = {"meta": meta, "methods": methods, "datasets": datasets, "rows": records, "efficiency": eff,
            "cells": [{**c.to_dict(), "cached": c.cached} for c in cells]}
-    files["table1.json"].write_text(json.dumps(doc, indent=1, default=str, allow_nan=False))
-    files["efficiency.md"].write_text(efficiency_markdown(eff, datasets, meta))
+    atomic_write(files["table1.json"], json.dumps(doc, indent=1, default=str, allow_nan=False))
+    atomic_write(files["efficiency.md"], efficiency_markdown(eff, datasets, meta))
     if plots:
         from . import plots as figs
 

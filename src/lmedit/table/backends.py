@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from ..metrics.evaluate import ALL_PROTOCOLS
 from ..metrics.generate import GenSettings
-from .cells import CellCache, CellResult, CellSpec
+from .cells import CellCache, CellResult, CellSpec, TableError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_local(specs: list[CellSpec], opts: RunOptions, progress: Progress | None
     ``workers`` > 1, in that many spawned processes that each load the model once and take whole cells
     (each with ``threads`` torch threads, by default an equal share of the CPU cores)."""
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise TableError(f"workers must be at least 1, got {workers}", option="workers")
     if workers > 1 and len(specs) > 1:
         return _run_processes(specs, opts, min(workers, len(specs)), progress)
     handle = _load(opts.model, opts.threads)
@@ -177,7 +177,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise ImportError("the ray backend needs Ray: pip install ray  (or use --backend local)") from e
+        raise ImportError("the ray backend needs Ray: pip install ray  (or use the local backend)") from e
     return ray
 
 
@@ -186,7 +186,7 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
     """Cells on Ray actors (a local cluster of ``workers`` CPUs unless ``address`` names one)."""
     ray = _ray()
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise TableError(f"workers must be at least 1, got {workers}", option="workers")
     started = False
     if not ray.is_initialized():
         if address:

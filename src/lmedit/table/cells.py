@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..digests import digest, plain
+from ..errors import LmeditError
+from ..io import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ CELL_FILE = "cell.json"
 KEY_FILE = "key.json"
 SETTINGS = ("single", "sequential")
 TIMINGS = ("final", "immediate")
+
+
+class TableError(LmeditError, ValueError):
+    """A table asked for with arguments that cannot make one; ``data["option"]`` names the argument."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,11 @@ class CellCache:
     def folder(self, spec: CellSpec) -> Path:
         return self.root / spec.folder
 
+    def locked(self, spec: CellSpec):
+        """Hold the cell's OS lock while it is read, computed and stored (``LockedError`` when another process
+        computes it). The lock file sits beside the cell folder, which :meth:`wipe` may delete."""
+        return file_lock(self.root / f".{spec.folder}.lock", what=f"table cell {spec.name} ({self.folder(spec)})")
+
     def load(self, spec: CellSpec, key: dict[str, Any]) -> CellResult | None:
         """The cached result if it is intact and its key matches; otherwise None (after cleaning up)."""
         path = self.folder(spec) / CELL_FILE
@@ -217,21 +227,15 @@ class CellCache:
                 self.wipe(spec)
         folder.mkdir(parents=True, exist_ok=True)
         if not resume:
-            _atomic_write(key_path, json.dumps(key, sort_keys=True, indent=1))
+            atomic_write(key_path, json.dumps(key, sort_keys=True, indent=1))
         return folder, resume
 
     def store(self, result: CellResult) -> None:
         body = result.to_dict()
         doc = {"sha256": digest(body), "body": body}
-        _atomic_write(self.folder(result.spec) / CELL_FILE, json.dumps(doc, indent=1, sort_keys=True))
+        atomic_write(self.folder(result.spec) / CELL_FILE, json.dumps(doc, indent=1, sort_keys=True))
 
     def wipe(self, spec: CellSpec) -> None:
         shutil.rmtree(self.folder(spec), ignore_errors=True)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file then rename, so an interrupted write never leaves a half file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Efficiency numbers of a cell, from the per-case records of :func:`lmedit.benchmark.run_benchmark`.
+"""Efficiency numbers of a cell, from the per-case records of :func:`lmedit.bench.run_benchmark`.
 
 Per case the benchmark records ``seconds`` (the editor's ``compute`` wall-clock divided by the requests in
 that edit: time per edit, scoring excluded), ``peak_rss_bytes`` (process RSS peak during the compute) and,
@@ -10,7 +10,7 @@ on CUDA, ``cuda_peak_bytes``. A cell's canonical numbers (what efficiency.md and
 - ``one_off_seconds``: one-time costs a method reports in its edit statistics (``info["stats"]`` keys
   ending in ``_seconds``, e.g. covariance statistics or index building), each counted once (its largest
   value over the cell), also listed as ``one_off:<name>``. Methods that report none get no entry;
-- ``reused_edits``: cases whose edit another cell had computed (:mod:`lmedit.stores`); their
+- ``reused_edits``: cases whose edit another cell had computed (:mod:`lmedit.bench.stores`); their
   ``seconds`` are what computing it cost there, so time per edit does not depend on the reuse, while the
   cell's ``benchmark_wall_seconds`` shows the time it saved.
 """
@@ -134,9 +134,11 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
     lines = [f"# Efficiency on {meta['model']}", "",
              f"Setting: {meta['setting_label']}; device: {meta.get('device', 'cpu')}; torch threads: "
              f"{meta.get('threads', '?')}"
-             f"{f' per process, {w} worker processes' if (w := meta.get('workers') or 1) > 1 else ''}. Time per edit is the wall-clock of the edit computation only "
+             f"{f' per process, {w} worker processes' if (w := meta.get('workers') or 1) > 1 else ''}. "
+             "Time per edit is the wall-clock of the edit computation only "
              "(scoring excluded); the per-dataset and plotted values are medians, as a first edit may carry an "
-             "unreported warm-up (a mean far above the median shows one). One-off costs (statistics, training) are counted once, not per edit. Peak "
+             "unreported warm-up (a mean far above the median shows one). One-off costs (statistics, training) "
+             "are counted once, not per edit. Peak "
              "memory during editing: the process's peak RSS on CPU (it includes the model itself), "
              "torch.cuda.max_memory_allocated on CUDA; n/a when none was reported.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -146,7 +148,8 @@ def efficiency_markdown(summary: list[dict[str, Any]], datasets: list[str], meta
         vals = [s["method"], _secs(s["seconds_per_edit"]), _secs(s["mean_seconds_per_edit"]),
                 *[_secs(by.get(d)) for d in datasets],
                 _fmt_one_off(s),
-                human_bytes(s["peak_memory_bytes"]), "n/a" if s["wall_seconds"] is None else f"{s['wall_seconds'] / 60:.1f}",
+                human_bytes(s["peak_memory_bytes"]),
+                "n/a" if s["wall_seconds"] is None else f"{s['wall_seconds'] / 60:.1f}",
                 "n/a" if q is None else f"{100 * q:.1f}"]
         lines.append("| " + " | ".join(vals) + " |")
     walls = [s["wall_seconds"] for s in summary if s["wall_seconds"] is not None]

@@ -25,10 +25,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..io import atomic_write
 from ..metrics.records import CaseResult, Score
 from ..metrics.scoring import score_targets
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def _answers(case: Any) -> list[str]:
     return list(dict.fromkeys(a for a in (case.new_answer, *case.new_answer_alias) if a and a.strip()))
 
 
-def score_multihop(handle: Any, case: Any, batch_size: int = 32) -> dict[str, Score]:
+def score_multihop(handle: ModelHandle, case: Any, batch_size: int = 32) -> dict[str, Score]:
     """Score one case's questions against its new answers on the model as it is now."""
     pairs = [(q, a) for q in case.questions for a in _answers(case)]
     if not pairs:
@@ -57,7 +61,7 @@ def score_multihop(handle: Any, case: Any, batch_size: int = 32) -> dict[str, Sc
             "multihop_token_acc": Score(best_acc, TOKEN_ACC_MAX, len(pairs))}
 
 
-def apply_all(editor: Any, handle: Any, requests: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+def apply_all(editor: Any, handle: ModelHandle, requests: list[Any]) -> tuple[list[Any], dict[str, Any]]:
     """Apply ``requests`` together (one batch, or stacked one by one).
 
     Returns the applied edits and the efficiency record of their computation (``seconds`` per request,
@@ -92,7 +96,7 @@ def apply_all(editor: Any, handle: Any, requests: list[Any]) -> tuple[list[Any],
     return applied, eff
 
 
-def revert_all(handle: Any, edits: list[Any]) -> None:
+def revert_all(handle: ModelHandle, edits: list[Any]) -> None:
     for edit in reversed(edits):
         edit.revert(handle)
 
@@ -112,14 +116,14 @@ def _read_done(path: Path) -> dict[str, CaseResult]:
     return done
 
 
-def run_multihop(editor: Any, handle: Any, cases: list[Any], out_dir: Path, *, resume: bool = False,
+def run_multihop(editor: Any, handle: ModelHandle, cases: list[Any], out_dir: Path, *, resume: bool = False,
                  on_case: Callable[[], None] | None = None) -> list[CaseResult]:
     """Per-case multi-hop results, written to ``out_dir/cases.jsonl`` as they finish (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CASES_FILE
     done = _read_done(path) if resume else {}
     # rewrite the file from the parsed lines so a torn line never stays in the middle of it
-    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in done.values()))
+    atomic_write(path, "".join(json.dumps(r.to_dict()) + "\n" for r in done.values()))
     results: list[CaseResult] = []
     for case in cases:
         if str(case.case_id) in done:

@@ -6,6 +6,7 @@ the same code with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -15,12 +16,13 @@ from typing import Any
 
 import torch
 
+from ..bench.stores import BaselineStore, EditStore
+from ..io import LockedError
 from ..metrics.coverage import MISSING
 from ..metrics.evaluate import ALL_PROTOCOLS, TEACHER_FORCED
 from ..metrics.gen_protocol import GEN
 from ..metrics.generate import GenSettings
 from ..metrics.records import CaseResult, summarize
-from ..stores import BaselineStore, EditStore
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
 
@@ -110,8 +112,8 @@ def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
 def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: str, target: Path,
            reuse: list[str] | tuple[str, ...], scoring: dict[str, Any]) -> dict[str, Any] | None:
     """Seed ``target`` with finished cases of an earlier ``lmedit bench`` run of the same method, config,
-    model and setting (see :func:`lmedit.benchmark.adopt_cases`); what was adopted, or None."""
-    from ..benchmark import adopt_cases, run_header
+    model and setting (see :func:`lmedit.bench.adopt_cases`); what was adopted, or None."""
+    from ..bench import adopt_cases, run_header
 
     header = run_header(editor, handle, cases, setting=setting, batch_size=spec.batch_size,
                         eval_timing=spec.eval_timing, **scoring)
@@ -131,7 +133,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
     A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
     cell takes and keeps edits in ``edit_store``; every cell shares the unedited model's scores through
     ``baseline_store``. ``scoring``: the protocols and generation settings (run_benchmark's keywords)."""
-    from ..benchmark import run_benchmark
+    from ..bench import run_benchmark
 
     scoring = scoring or {}
     if spec.setting == "sequential":
@@ -184,7 +186,7 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
     ``cached_only``: a cell that is not in the cache is skipped ("not computed yet") instead of computed.
     ``shared_requests``: digests of requests that other cells edit too: a single-setting cell keeps its
     edits of these in ``<out>/edits/`` and takes those another cell of the same method stored there
-    (:mod:`lmedit.stores`); the numbers are the same, only computed once. Every cell scores the unedited
+    (:mod:`lmedit.bench.stores`); the numbers are the same, only computed once. Every cell scores the unedited
     model on a case once for all methods: the scores are kept in ``<out>/baselines/``.
     ``protocols`` / ``generation``: how cases are scored. The protocols are not part of the cell's key: a
     cached cell that lacks one of them (a cell computed before the generation protocol existed) is resumed
@@ -212,47 +214,53 @@ def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict
         extra["generation"] = generation.key()
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
                    data_digest=cases_digest(cases), extra=extra)
-    hit = cache.load(spec, key)
-    missing = cell_lacks(hit, protocols, multihop) if hit is not None else []
-    if hit is not None and (not missing or cached_only):
-        log.info("cell %s: cached", spec.name)
-        if missing:
-            hit.info[MISSING] = missing
-        return hit
-    if missing:
-        log.info("cell %s: cached without protocol(s) %s; computing them for its cases", spec.name, missing)
-    if cached_only:
-        raise CellSkipped("not computed yet (this table was laid out with --cached-only)")
-    folder, resume = cache.prepare(spec, key)
-    run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
-    seed_everything(spec.seed)
-    if multihop:
+    with contextlib.ExitStack() as held:  # one process computes a cell; another gets it skipped, not doubled
         try:
-            results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
-        except CannotStackEdits as e:
-            raise CellSkipped(str(e)) from None
-        summaries: list[dict[str, Any]] = []
-        adopted = None
-    else:
-        store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
-        results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                 reuse, store, BaselineStore(cache.root.parent / BASELINE_STORE_DIR),
-                                                 {"protocols": protocols, "generation": generation})
-    efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
-    errors = [r.info["error"] for r in results if r.info.get("error")]
-    if results and len(errors) == len(results):
-        cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
-        raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
-    result = CellResult(
-        spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
-        efficiency=efficiency, fields=field_counts(cases), key=key,
-        info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
-              "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
-              "protocols": sorted(set(protocols) | set(hit.info.get("protocols") or TEACHER_FORCED))
-              if hit is not None else list(protocols),
-              **({"reused": adopted} if adopted else {})})
-    cache.store(result)
-    return result
+            held.enter_context(cache.locked(spec))
+        except LockedError as e:
+            raise CellSkipped(f"another process is computing it now: {e}") from None
+        hit = cache.load(spec, key)
+        missing = cell_lacks(hit, protocols, multihop) if hit is not None else []
+        if hit is not None and (not missing or cached_only):
+            log.info("cell %s: cached", spec.name)
+            if missing:
+                hit.info[MISSING] = missing
+            return hit
+        if missing:
+            log.info("cell %s: cached without protocol(s) %s; computing them for its cases", spec.name, missing)
+        if cached_only:
+            raise CellSkipped("not computed yet (this table was laid out from cached cells only)")
+        folder, resume = cache.prepare(spec, key)
+        run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
+        seed_everything(spec.seed)
+        if multihop:
+            try:
+                results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
+            except CannotStackEdits as e:
+                raise CellSkipped(str(e)) from None
+            summaries: list[dict[str, Any]] = []
+            adopted = None
+        else:
+            store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
+            baselines = BaselineStore(cache.root.parent / BASELINE_STORE_DIR)
+            results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
+                                                     reuse, store, baselines,
+                                                     {"protocols": protocols, "generation": generation})
+        efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
+        errors = [r.info["error"] for r in results if r.info.get("error")]
+        if results and len(errors) == len(results):
+            cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
+            raise CellSkipped(f"every {spec.method} edit on {spec.dataset} failed, e.g. {errors[0]}")
+        result = CellResult(
+            spec=spec, status="ok", post=summarize(results, "post"), pre=summarize(results, "pre"),
+            efficiency=efficiency, fields=field_counts(cases), key=key,
+            info={"model": handle.name, "cases": len(results) - len(errors), "failed_edits": len(errors),
+                  "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
+                  "protocols": sorted(set(protocols) | set(hit.info.get("protocols") or TEACHER_FORCED))
+                  if hit is not None else list(protocols),
+                  **({"reused": adopted} if adopted else {})})
+        cache.store(result)
+        return result
 
 
 def cell_lacks(cell: CellResult, protocols: tuple[str, ...], multihop: bool) -> list[str]:
@@ -265,11 +273,9 @@ def cell_lacks(cell: CellResult, protocols: tuple[str, ...], multihop: bool) -> 
 
 def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
     """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
-    train = getattr(editor, "train_command", None)
-    command = train(handle) if callable(train) else (
-        f"lmedit train --method {editor.name} --model {handle.name} --out {where}")
-    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train one "
-            f"with `{command}` and pass `--checkpoint {editor.name}=DIR` (DIR: its --out folder)")
+    return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train "
+            f"one for {handle.name} (the train command, or editor.fit(..., out=DIR)) and give the table that "
+            "folder as its checkpoint")
 
 
 def checkpoint_identity(directory: str | None) -> str | None:

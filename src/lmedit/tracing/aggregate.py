@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..io import atomic_write
 from .causal import KINDS, Tracer
 from .noise import load_known_facts
 
@@ -86,11 +87,12 @@ class AverageEffect:
         doc = asdict(self)
         for k in ("effects", "scores"):
             doc[k] = [[None if np.isnan(v) else float(v) for v in row] for row in getattr(self, k)]
-        path.write_text(json.dumps(doc, indent=1))
+        atomic_write(path, json.dumps(doc, indent=1))  # also a disk cache (suggest_layer): never half written
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> AverageEffect:
+        """Read an average saved by :meth:`save` (the ``.json`` next to ``path``)."""
         doc = json.loads(Path(path).with_suffix(".json").read_text())
         for k in ("effects", "scores"):
             doc[k] = np.array([[np.nan if v is None else v for v in row] for row in doc[k]], dtype=float)
@@ -207,7 +209,7 @@ def suggest_layers(handle, n_facts: int = 20, kind: str = "mlp", *, facts: Seque
     key = ("tracing.suggest", kind, n_facts, samples, str(noise), window, facts is None)
     if key in handle.cache:
         return handle.cache[key]
-    from ..models.loading import lmedit_home
+    from ..io import lmedit_home
 
     disk = (lmedit_home() / "tracing" /
             f"suggest-{handle.fingerprint}-{kind}-n{n_facts}-s{samples}-w{window}-{noise or 's3'}.json")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..hooks import trace as hook_trace
+from ..io import atomic_write
 from .noise import resolve_noise
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,18 @@ class TraceResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in asdict(self).items() if k != "scores"}
-        np.savez(path.with_suffix(".npz"), scores=self.scores, meta=json.dumps(meta))
+        def npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, scores=self.scores, meta=json.dumps(meta))
+
+        atomic_write(path.with_suffix(".npz"), npz)
         doc = dict(meta, scores=[[None if np.isnan(v) else float(v) for v in row] for row in self.scores])
-        path.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+        atomic_write(path.with_suffix(".json"), json.dumps(doc, indent=1))
         return path.with_suffix(".npz"), path.with_suffix(".json")
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
+        """Read a trace saved by :meth:`save` (the ``.npz`` next to ``path``)."""
         with np.load(Path(path).with_suffix(".npz")) as z:
             meta = json.loads(str(z["meta"]))
             meta["subject_range"] = tuple(meta["subject_range"])
@@ -161,11 +167,13 @@ class Tracer:
     def _clean_run(self, answer: str | None) -> None:
         """Record every module output tracing may restore, and choose the answer token."""
         h, ad = self.handle, self.handle.adapter
-        paths = [ad.embed] + [t.format(i) for i in range(h.n_layers) for t in (ad.layers, ad.mlp, ad.attn)]
+        paths = [ad.embed] + [t.format(i) for i in range(h.n_layers) for t in (ad.layers, ad.mlp, ad.attn)
+                              if ad.has(h.model, t.format(i))]  # hybrid models: some layers lack a part
         with contextlib.ExitStack() as stack:
             traces = [stack.enter_context(hook_trace(h.model, p)) for p in paths]
             logits = h.model(**self.batch.model_inputs(h.device), **self._keep).logits  # [1, seq|1, vocab]
-        self.clean = {p: ad.hidden(t.output)[0] for p, t in zip(paths, traces, strict=True)}  # each [seq, d]
+        self.clean = {p: ad.per_token(ad.hidden(t.output), 1)[0]  # each [seq, d]
+                      for p, t in zip(paths, traces, strict=True)}
         probs = torch.softmax(logits[0, -1].float(), -1)  # [vocab]
         top = int(probs.argmax())
         self.answer_id = top if answer is None else h.tokens.target_ids(self.prompt, answer)[0]
@@ -215,12 +223,13 @@ class Tracer:
             t = torch.tensor(idx[1], device=h.device) if idx else None
 
             def fn(output):
-                x = ad.hidden(output).clone()  # [rows, seq, d]
+                flat = ad.hidden(output)
+                x = ad.per_token(flat, rows).clone()  # [rows, seq, d]
                 if path == ad.embed:  # corruption first, so restoring the embedding undoes it
                     x[:, b:e] += noise
                 if r is not None:
                     x[r, t] = self.clean[path][t]
-                return ad.with_hidden(output, x)
+                return ad.with_hidden(output, x.view(flat.shape))
 
             return fn
 
@@ -238,7 +247,8 @@ class Tracer:
         if kind == "hidden":
             return [ad.layer(layer)]
         template = {"mlp": ad.mlp, "attn": ad.attn}[kind]
-        return [template.format(j) for j in window_layers(layer, window, self.handle.n_layers)]
+        paths = [template.format(j) for j in window_layers(layer, window, self.handle.n_layers)]
+        return [p for p in paths if p in self.clean]  # hybrid models: layers without the part are skipped
 
     def token_rows(self, token_range: str | Sequence[int] | None) -> list[int]:
         """Token positions to trace: None (all), "subject", "subject_last", "last", or explicit indices."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..hooks import get_module
+from ..io import atomic_write, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def embedding_std(handle, subjects: Sequence[str]) -> float:
 
 
 def _disk_path(handle) -> Path:
-    from ..models.loading import lmedit_home
-
     return lmedit_home() / "tracing" / f"embedding-std-{handle.fingerprint}.json"
 
 
@@ -76,11 +75,8 @@ def subject_std(handle) -> float:
     else:
         subjects = sorted({f["subject"] for f in load_known_facts()})
         sigma = embedding_std(handle, subjects)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"std": sigma, "n_subjects": len(subjects), "source": KNOWN_FILE,
-                                   "fingerprint": handle.fingerprint}))
-        tmp.replace(path)
+        atomic_write(path, json.dumps({"std": sigma, "n_subjects": len(subjects), "source": KNOWN_FILE,
+                                       "fingerprint": handle.fingerprint}))
         log.info("subject embedding std of %s: %.5f over %d subjects (cached at %s)",
                  handle.name, sigma, len(subjects), path)
     handle.cache[key] = sigma

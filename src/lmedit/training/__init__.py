@@ -1,4 +1,6 @@
-"""Training pipeline of trained editors (MEND, KE, SERAC): data, loop, checkpoints, shared losses.
+"""The training loop of trained editors (MEND, KE, SERAC): data, loop, checkpoints, shared losses.
+
+It knows no Editor: the trained-editor base class is :mod:`lmedit.methods.trained`.
 
     editor = lmedit.get_editor("mend")
     editor.fit(handle, lmedit.load_dataset("zsre-train", n=1000), out="runs/mend")   # or `lmedit train`
@@ -7,8 +9,7 @@
 
 from .checkpoint import CheckpointError
 from .data import TrainExample, examples_from_cases, split
-from .editor import NotTrainedError, TrainedConfig, TrainedEditor
 from .trainer import Trainer, TrainResult, TrainSettings
 
-__all__ = ["CheckpointError", "NotTrainedError", "TrainExample", "TrainResult", "TrainSettings",
-           "TrainedConfig", "TrainedEditor", "Trainer", "examples_from_cases", "split"]
+__all__ = ["CheckpointError", "TrainExample", "TrainResult", "TrainSettings", "Trainer", "examples_from_cases",
+           "split"]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import LmeditError
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ TRAIN = "train"
 BEST = "best"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LmeditError, RuntimeError):
     """A checkpoint that cannot be used here; the message says why and what to do."""
 
 
@@ -59,12 +61,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Save ``<stem>.<hash>.safetensors``, then ``<stem>.json`` pointing to it, then drop older tensor files."""
     from safetensors.torch import save
@@ -74,9 +70,9 @@ def write(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], in
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
     name = f"{stem}.{digest[:16]}.safetensors"
-    _atomic_write_bytes(directory / name, data)
+    atomic_write(directory / name, data)
     body = {"format": FORMAT, **info, "files": {name: digest}}
-    _atomic_write_bytes(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
+    atomic_write(directory / f"{stem}.json", json.dumps(body, indent=2, default=str).encode())
     for old in directory.glob(f"{stem}.*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -106,14 +102,15 @@ def read(directory: str | Path, stem: str, *, method: str, fingerprint: str | No
         raise CheckpointError(f"{meta_path} is not an lmedit checkpoint of format {FORMAT}")
     if info.get("method") != method:
         raise CheckpointError(
-            f"checkpoint {directory} was trained for method {info.get('method')!r}, not {method!r}; "
-            f"train one with: lmedit train --method {method} --model <model> --dataset zsre --out DIR")
+            f"checkpoint {directory} was trained for method {info.get('method')!r}, not {method!r}; train a "
+            f"{method} editor (editor.fit(handle, cases, out=DIR)) and load that folder",
+            train={"method": method, "model": model_name or "MODEL"})
     if fingerprint is not None and info.get("model_fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {directory} was trained on model {info.get('model_name')!r} (fingerprint "
             f"{info.get('model_fingerprint')}), not on {model_name!r} (fingerprint {fingerprint}); a trained "
-            f"editor only works for the model it was trained on: run lmedit train --method {method} "
-            f"--model {model_name} ...")
+            "editor only works for the model it was trained on: train one for this model",
+            train={"method": method, "model": model_name or "MODEL"})
     files = info.get("files") or {}
     if len(files) != 1:
         raise CheckpointError(f"{meta_path} names no tensor file; the checkpoint is corrupted")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from ..hooks import get_module
 from ..metrics.scoring import _logits_at
 
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
+
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A [d_out, r], B [d_in, r]): ΔW (out-in layout) = A Bᵀ
 
 
-def answer_logprobs(handle: Any, prompts: Sequence[str], answers: Sequence[str], prefix: Any = None
+def answer_logprobs(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], prefix: Any = None
                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Log-probabilities at the answer positions of teacher-forced prompt+answer rows.
 
@@ -61,7 +64,7 @@ def kl_at(base_logp: torch.Tensor, new_logp: torch.Tensor) -> torch.Tensor:
     return (base_logp.exp() * (base_logp - new_logp)).sum(-1).mean()
 
 
-def _token_mask(batch: Any, handle: Any) -> torch.Tensor:
+def _token_mask(batch: Any, handle: ModelHandle) -> torch.Tensor:
     """Which positions of the edited stream are real tokens (the edited layers are the decoder's)."""
     mask = batch.decoder_attention_mask if handle.is_encoder_decoder else batch.attention_mask
     return mask.reshape(-1).bool()
@@ -71,7 +74,7 @@ def _skipping(prefix: Any, batch: Any) -> Any:
     return prefix.skipping(batch) if prefix is not None else contextlib.nullcontext()
 
 
-def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], targets: Sequence[str],
+def capture_grads(handle: ModelHandle, paths: Sequence[str], prompts: Sequence[str], targets: Sequence[str],
                   prefix: Any = None) -> tuple[dict[str, Factors], torch.Tensor, float, torch.Tensor]:
     """(u, δ) token factors of the edit loss's gradient at each module in ``paths``.
 
@@ -120,7 +123,7 @@ def capture_grads(handle: Any, paths: Sequence[str], prompts: Sequence[str], tar
     return out, loss.detach(), acc, token_rows
 
 
-def edit_and_loc_losses(handle: Any, batch: Sequence[Any], deltas: dict[str, Factors | torch.Tensor],
+def edit_and_loc_losses(handle: ModelHandle, batch: Sequence[Any], deltas: dict[str, Factors | torch.Tensor],
                         prefix: Any = None) -> tuple[torch.Tensor, float, torch.Tensor]:
     """The meta-training terms of an edit (MEND eq. 5, KE eq. 4) for a batch of TrainExamples:
     (L_edit = NLL of y_e on x_e and x_e' under θ', token accuracy there, KL(p_θ ‖ p_θ') on the x_loc answers)."""
@@ -139,7 +142,7 @@ def edit_and_loc_losses(handle: Any, batch: Sequence[Any], deltas: dict[str, Fac
 
 
 @contextlib.contextmanager
-def delta_hooks(handle: Any, deltas: dict[str, Factors | torch.Tensor]) -> Iterator[None]:
+def delta_hooks(handle: ModelHandle, deltas: dict[str, Factors | torch.Tensor]) -> Iterator[None]:
     """Run the model as if each module's weight were W + ΔW (out-in layout), differentiably.
 
     ``deltas[path]`` is a dense ΔW [d_out, d_in] or low-rank factors (A [d_out, r], B [d_in, r]).
@@ -166,7 +169,7 @@ def delta_hooks(handle: Any, deltas: dict[str, Factors | torch.Tensor]) -> Itera
             h.remove()
 
 
-def edited_paths(handle: Any, layers: Sequence[int], which: str) -> list[str]:
+def edited_paths(handle: ModelHandle, layers: Sequence[int], which: str) -> list[str]:
     """Module paths of the MLP matrices to edit: ``which`` = "in", "out" or "both" (in before out)."""
     handle.adapter.check_layers(handle.model, list(layers))
     paths = []
@@ -178,12 +181,12 @@ def edited_paths(handle: Any, layers: Sequence[int], which: str) -> list[str]:
     return paths
 
 
-def weight_shape(handle: Any, path: str) -> tuple[int, int]:
+def weight_shape(handle: ModelHandle, path: str) -> tuple[int, int]:
     """(d_out, d_in) of a module's weight, in the adapter's stated layout."""
     w = handle.adapter.weight_out_in(get_module(handle.model, path))
     return int(w.shape[0]), int(w.shape[1])
 
 
-def to_param_factors(handle: Any, a: torch.Tensor, b: torch.Tensor) -> Factors:
+def to_param_factors(handle: ModelHandle, a: torch.Tensor, b: torch.Tensor) -> Factors:
     """Low-rank factors of an out-in ΔW = A Bᵀ as factors of the parameter's own layout."""
     return (b, a) if handle.adapter.weight_layout == "in_out" else (a, b)

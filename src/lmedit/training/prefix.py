@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..hooks import replayed, trace
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class PrefixCache:
         max_rows: rows kept (oldest dropped first), to bound memory on long runs.
     """
 
-    def __init__(self, handle: Any, first_layer: int, max_rows: int = 50_000) -> None:
+    def __init__(self, handle: ModelHandle, first_layer: int, max_rows: int = 50_000) -> None:
         self.handle, self.k, self.max_rows = handle, int(first_layer), max_rows
         self.enabled = self.k > 0 and not handle.is_encoder_decoder
         self.checked = False

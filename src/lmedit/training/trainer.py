@@ -117,7 +117,7 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"cannot resume {self.out}: its editor config differs in {diff} "
                 f"({ {k: old.get(k) for k in diff} } there, { {k: new.get(k) for k in diff} } now); "
-                "use the same settings, or start a new run in another --out directory")
+                "use the same settings, or start a new run in another output directory", option="out")
         self.obj.load_state_tensors(ckpt.split_prefix(tensors, "editor"))
         ckpt.load_optimizer(self.opt, ckpt.split_prefix(tensors, "optim"), info["optimizer"])
         self.step, self.best_val = int(info["step"]), float(info["best_val"])

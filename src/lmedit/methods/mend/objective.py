@@ -7,13 +7,13 @@ edited model θ' is run through forward hooks (the model's weights are never wri
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...digests import tensor_digest
 from ...edits import WeightDelta
 from ...hooks import get_parameter
-from ...models.handle import tensor_digest
 from ...training.data import TrainExample
 from ...training.functional import (
     capture_grads,
@@ -25,9 +25,12 @@ from ...training.functional import (
 from ...training.prefix import PrefixCache
 from .network import MENDNet
 
+if TYPE_CHECKING:
+    from ...models.handle import ModelHandle
+
 
 class MENDObjective:
-    def __init__(self, handle: Any, cfg: Any) -> None:
+    def __init__(self, handle: ModelHandle, cfg: Any) -> None:
         self.handle, self.cfg = handle, cfg
         self.paths = edited_paths(handle, cfg.layers, cfg.matrices)
         torch.manual_seed(cfg.seed)

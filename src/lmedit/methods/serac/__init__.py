@@ -14,15 +14,18 @@ fixes the cross-attention mask the caller already built -- the wrapper cannot le
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...config import ConfigError, option
-from ...edits import Edit
-from ...methods.base import Capabilities
+from ...edits import Edit, ModuleSwap
 from ...registry import register_editor
-from ...training.editor import TrainedConfig, TrainedEditor
 from ...types import EditRequest
+from ..base import Capabilities
+from ..trained import TrainedConfig, TrainedEditor
 from .objective import SERACObjective
+
+if TYPE_CHECKING:
+    from ...models.handle import ModelHandle
 
 
 @dataclass
@@ -52,14 +55,13 @@ class SERAC(TrainedEditor):
     """Edit memory + trained scope classifier + counterfactual model -> ModuleSwap; batch-capable."""
 
     Config: ClassVar[type] = SERACConfig
+    objective_class = SERACObjective
     capabilities: ClassVar[Capabilities] = Capabilities(batch=True, sequential=True, needs_fit=True,
-                                                         edit_kind="module_swap", encoder_decoder=False)
+                                                         edit_kind=ModuleSwap, encoder_decoder=False)
     quick: ClassVar[dict[str, Any]] = {"steps": 30, "batch_size": 3, "lr": 1e-2, "cf_rank": 4, "cf_lr": 2e-2,
                                        "val_every": 15, "val_size": 1, "val_batches": 1, "patience": 0}
 
-    def build(self, handle: Any, cfg: SERACConfig) -> SERACObjective:
-        return SERACObjective(handle, cfg)
 
-    def edit_from(self, obj: SERACObjective, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+    def edit_from(self, obj: SERACObjective, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         # the routing threshold is a use-time choice: the caller's value wins over the trained config's
         return obj.edit(requests, {"checkpoint": cfg.checkpoint}, threshold=cfg.threshold)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...edits import ModuleSwap
+from ...swaps import ModuleSwap
 from ...tokens import join
 from ...training.data import TrainExample
 from ...training.functional import answer_logprobs, delta_hooks, nll_and_acc, weight_shape

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...edits import SwapModule
 from ...hooks import get_module
+from ...swaps import SwapModule, register_swap_module
 
 BUFFERS = ("mem_keys", "proj", "log_temp", "bias")
 
@@ -46,6 +46,7 @@ def scope_logits(keys: torch.Tensor, queries: torch.Tensor, proj: torch.Tensor, 
     return log_temp.exp() * (k @ q.T) + bias
 
 
+@register_swap_module("serac.router")
 class SERACRouter(SwapModule):
     """Edit memory + scope classifier + counterfactual routing (see the module docstring).
 

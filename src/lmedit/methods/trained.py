@@ -1,8 +1,10 @@
 """The trained-editor base: shared config fields, ``fit``, checkpoint loading and the "train me first" error.
 
-A method subclasses :class:`TrainedEditor`, declares a Config derived from :class:`TrainedConfig`, and
-implements ``build(handle, cfg) -> Objective`` (its networks + losses) and ``edit_from(objective, handle,
-requests, cfg) -> Edit``. Trained state lives in the editor instance, keyed by the base model's fingerprint.
+A method subclasses :class:`TrainedEditor` (or :class:`LastLayersEditor` when it edits the MLPs of the last
+layers), declares a Config derived from :class:`TrainedConfig` and its ``objective_class`` (networks + losses, see
+:class:`lmedit.training.trainer.Objective`) whose ``edit(requests, meta)`` returns the Edit. Trained state lives
+in the editor instance, keyed by the base model's fingerprint. The training loop itself (:mod:`lmedit.training`)
+knows nothing of editors.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any, ClassVar
 
 from ..config import Config, ConfigError, option
 from ..edits import Edit
-from ..methods.base import Capabilities, Editor
+from ..errors import LmeditError
+from ..training import checkpoint as ckpt
+from ..training.data import examples_from_cases, split
+from ..training.trainer import Objective, Trainer, TrainResult, TrainSettings
 from ..types import EditCase, EditRequest
-from . import checkpoint as ckpt
-from .data import examples_from_cases, split
-from .trainer import Objective, Trainer, TrainResult, TrainSettings
+from .base import Capabilities, Editor
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class TrainedConfig(Config):
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
 
-class NotTrainedError(RuntimeError):
+class NotTrainedError(LmeditError, RuntimeError):
     """A trained editor asked to edit before it was trained or loaded."""
 
 
@@ -67,16 +70,20 @@ class TrainedEditor(Editor):
         self._pending: dict[str, dict[str, Any]] = {}  # states given to load_state_dict, built on first use
 
     # --- for subclasses ----------------------------------------------------------------------------
+    objective_class: ClassVar[type]  # called as objective_class(handle, cfg)
+
     def build(self, handle: Any, cfg: Any) -> Objective:
-        raise NotImplementedError
+        """The method's networks and losses for ``handle`` (untrained until ``fit`` or a loaded state)."""
+        return self.objective_class(handle, cfg)
 
     def edit_from(self, obj: Any, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
-        raise NotImplementedError
+        """The edit of ``requests`` by the trained ``obj``; a subclass may pass use-time options."""
+        return obj.edit(requests, {"checkpoint": cfg.checkpoint})
 
     # --- training ----------------------------------------------------------------------------------
-    def train_command(self, handle: Any) -> str:
-        return (f"lmedit train --method {self.name} --model {handle.name} --dataset {self.default_dataset} "
-                f"--out runs/{self.name}")
+    def train_request(self, handle: Any) -> dict[str, str]:
+        """What training this editor for ``handle`` takes: method, model and default dataset (error data)."""
+        return {"method": self.name, "model": handle.name, "dataset": self.default_dataset}
 
     def _info(self, handle: Any, cfg: Any) -> dict[str, Any]:
         return {"method": self.name, "model_name": handle.name, "model_fingerprint": handle.fingerprint,
@@ -141,6 +148,8 @@ class TrainedEditor(Editor):
         self._pending.update(state)
 
     def trained_for(self, handle: Any, cfg: Any) -> Objective:
+        """The trained networks for ``handle``'s model: fitted or loaded before, or read from ``cfg.checkpoint``;
+        NotTrainedError when there are none."""
         if handle.fingerprint in self._trained:
             return self._trained[handle.fingerprint]
         if handle.fingerprint in self._pending:
@@ -152,11 +161,27 @@ class TrainedEditor(Editor):
         if cfg.checkpoint:
             return self.load_checkpoint(handle, cfg.checkpoint)
         raise NotTrainedError(
-            f"{self.name} must be trained for model {handle.name!r} before it can edit. Train it with\n"
-            f"    {self.train_command(handle)}\n"
-            f"and then pass checkpoint='runs/{self.name}' (get_editor('{self.name}', checkpoint=...)), "
-            "or call editor.fit(handle, cases) in Python.")
+            f"{self.name} must be trained for model {handle.name!r} before it can edit: call "
+            f"editor.fit(handle, cases, out=DIR) on {self.default_dataset!r} training cases, or pass "
+            f"checkpoint=DIR (get_editor({self.name!r}, checkpoint=DIR)) with the folder of an earlier fit",
+            train=self.train_request(handle))
 
     def _compute(self, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
         obj = self.trained_for(handle, cfg)
         return self.edit_from(obj, handle, requests, cfg)
+
+
+class LastLayersEditor(TrainedEditor):
+    """A trained editor whose config has ``layers``: None means the MLPs of the last ``last_layers`` layers."""
+
+    last_layers: ClassVar[int] = 3
+
+    def resolve(self, handle: Any, cfg: Any) -> Any:
+        if cfg.layers is None:
+            n = handle.n_layers
+            cfg = cfg.replace(layers=list(range(max(0, n - self.last_layers), n)))
+        handle.adapter.check_layers(handle.model, cfg.layers)
+        return cfg
+
+    def build(self, handle: Any, cfg: Any) -> Objective:
+        return self.objective_class(handle, self.resolve(handle, cfg))

@@ -17,15 +17,6 @@ model on the same cases; the store scores each case once. Layout: ``<root>/<scop
 the scope is the digest of every weight of the model (``ModelHandle.state_digest``), its dtype and
 device, the scoring protocols and lmedit's version.
 
-:class:`ValueStore` -- the target values (z, v*) that the locate-then-edit editors optimise before their
-solve, which are almost all of an edit's time. They depend only on the weights, the edited layer and site,
-the value settings, the context templates and the request, not on λ, the lower layers or the solver: MEMIT,
-EMMET and AlphaEdit with the same value settings share them, and so do runs that sweep the solver's
-settings (the original MEMIT code keeps a cache of z for the same reason). A batch run of many facts also
-resumes from the values it had stored before it was stopped. Layout: ``<root>/<scope>/<request digest>.pt``;
-the scope is the digest of every weight, the dtype, the layer, the sites, the value options, the templates
-and lmedit's version.
-
 Entries are written atomically (a rename); a corrupted one is recomputed, not trusted.
 """
 
@@ -36,14 +27,15 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .digests import case_digest, digest, request_digest
-from .edits import Edit
-from .metrics.records import Score
-from .metrics.scoring import TargetScore
+from ..digests import case_digest, digest, request_digest
+from ..edits import Edit
+from ..io import cache_file
+from ..metrics.records import Score
+from ..metrics.scoring import TargetScore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +46,7 @@ def edit_scope(editor: Any, header: dict[str, Any]) -> str | None:
     """Where ``editor``'s edits live in a store, from a run header (method, config hash, model, checkpoint);
     None when its edits cannot be reused: its compute keeps state between calls, or it is trained but its
     state is not a checkpoint on disk."""
-    from . import __version__
+    from .. import __version__
 
     if not getattr(editor, "pure_compute", True):
         return None
@@ -134,7 +126,7 @@ class BaselineStore:
     @staticmethod
     def scope(handle: Any, state_digest: str, protocols: Sequence[str]) -> str:
         """Where the scores of ``handle``'s model with these weights (``state_digest``) live."""
-        from . import __version__
+        from .. import __version__
 
         return digest([state_digest, str(handle.dtype), handle.device.type, sorted(protocols), __version__])[:16]
 
@@ -160,63 +152,8 @@ class BaselineStore:
 
     def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
             texts: list[dict] | None = None) -> None:
+        """Store ``case``'s pre-edit scores, locality predictions and generated texts for :meth:`get`
+        (written atomically)."""
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
                "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
-        _replace_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")
-
-
-class ValueStore:
-    """Optimised target values per request under ``root`` (see the module docstring)."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def scope(handle: Any, layer: int, sites: Sequence[str], options: Any, templates: Any) -> str:
-        """Where the values of ``handle``'s current weights at ``layer`` with these settings live."""
-        from . import __version__
-
-        return digest([handle.state_digest(), str(handle.dtype), layer, sorted(sites),
-                       dataclasses.asdict(options), templates, __version__])[:16]
-
-    def _path(self, scope: str, request: Any) -> Path:
-        return self.root / scope / f"{request_digest(request)}.pt"
-
-    def get(self, scope: str, request: Any) -> Any:
-        """The stored ValueResult of ``request``, or None (absent or unreadable)."""
-        import torch
-
-        from .locate.values import ValueResult
-
-        path = self._path(scope, request)
-        if not path.exists():
-            return None
-        try:
-            doc = torch.load(path, map_location="cpu", weights_only=True)
-            value = ValueResult(dict(doc["init"]), dict(doc["delta"]), [float(x) for x in doc["losses"]])
-            if set(value.init) != set(value.delta) or not value.losses:
-                raise ValueError("incomplete entry")
-        except Exception as e:  # noqa: BLE001  (corrupt entries of any sort are recomputed)
-            log.warning("ignoring the stored value at %s (%s); optimising it again", path, e)
-            path.unlink(missing_ok=True)
-            return None
-        return value
-
-    def put(self, scope: str, request: Any, value: Any) -> None:
-        import torch
-
-        own = {k: {s: t.detach().clone() for s, t in getattr(value, k).items()} for k in ("init", "delta")}
-        doc = {**own, "losses": list(value.losses)}  # clones: never a view's whole storage
-        _replace_file(self._path(scope, request), lambda tmp: torch.save(doc, tmp), "a value")
-
-
-def _replace_file(path: Path, write: Callable[[Path], object], what: str) -> None:
-    """``write(tmp)`` beside ``path``, then rename it over ``path`` (atomic); a failure only logs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        log.warning("could not store %s in %s: %s", what, path.parent, e)
+        cache_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")

@@ -1,0 +1,404 @@
+"""Benchmark runner: edit cases one by one, in batches, or cumulatively, and score every edit.
+
+Settings (methods-spec A.3):
+
+- ``single``: for each case, compute an edit on the unedited model, apply it, score the case, revert.
+- ``batch``: chunks of ``batch_size`` cases; one edit per chunk; every member is scored on the
+  chunk-edited model; then revert. Per-case time = chunk time / chunk size (the chunk time is kept too).
+- ``sequential``: chunks are applied cumulatively and never reverted in between. ``eval_timing`` is
+  ``"immediate"`` (score a chunk's cases right after applying it) or ``"final"`` (score every case on the
+  model holding all edits). At the end every edit is reverted in reverse order.
+
+Scores always compare against a :class:`~lmedit.metrics.evaluate.Baseline` computed once, on the unedited
+model, before any edit (so sequential locality is measured against the *original* model). Timing covers the
+editor's ``compute`` only (A.5); ``apply`` time is recorded separately.
+
+Output folder: ``cases.jsonl`` (one line per finished case, flushed as it finishes), ``summary.json``,
+``table.md``, ``run.json`` (what the run is, checked on resume) and, for sequential runs, ``edits/<chunk>/``
+(each applied edit, so that ``resume=True`` can rebuild the edited model). An edit that fails with
+:class:`EditInputError` or :class:`EditError` is recorded in its cases' ``info["error"]`` and the run goes on;
+failed cases are left out of the metric means and counted in ``summary["n_errors"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..edits import Edit, EditError
+from ..hooks import get_parameter
+from ..io import atomic_write, folder_lock
+from ..metrics import coverage
+from ..metrics.drift import DriftSettings, DriftTracker
+from ..metrics.efficiency import Measurement, measure
+from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
+from ..metrics.gen_protocol import GEN, scope_labels
+from ..metrics.generate import GenSettings, frame
+from ..metrics.records import CaseResult
+from ..types import EditCase, EditInputError, EditRequest
+from .rundir import (
+    CASES_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
+    BenchmarkError,
+    case_keys,
+    load_chunk,
+    prepare_out,
+    run_header,
+    save_chunk,
+    write_json,
+)
+from .summary import METRIC_ORDER, build_summary, render_table
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("single", "batch", "sequential")
+EVAL_TIMINGS = ("immediate", "final")
+RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
+
+
+@dataclass
+class BenchmarkResult:
+    """What :func:`run_benchmark` returns: every case's result and the summary (also on disk)."""
+    results: list[CaseResult]
+    summary: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """State of one run: inputs, the baseline, finished results, the output folder and progress bar."""
+
+    editor: Any
+    handle: Any
+    cases: list[EditCase]
+    keys: list[Any]
+    setting: str
+    batch_size: int
+    eval_timing: str | None
+    protocols: tuple[str, ...]
+    out: Path | None
+    done: dict[Any, CaseResult] = field(default_factory=dict)
+    base: dict[Any, tuple[dict, list]] = field(default_factory=dict)  # key -> (pre scores, locality preds)
+    chunk_stats: list[dict[str, Any]] = field(default_factory=list)
+    bar: Any = None
+    running: dict[str, tuple[float, int]] = field(default_factory=dict)
+    store: Any = None  # EditStore whose edits this run takes and keeps, with its scope (single setting only,
+    # so every chunk is one request)
+    scope: str | None = None
+    generation: GenSettings | None = None  # how the generation protocol generates (when it is asked)
+    texts: dict[Any, list] = field(default_factory=dict)  # key -> post-edit text records, until recorded
+    reopened: dict[Any, CaseResult] = field(default_factory=dict)  # finished cases topped up with new protocols
+    old_protocols: list[str] | None = None  # the protocols of the run being resumed (its run.json)
+    drift: Any = None  # DriftTracker of batch and sequential runs
+
+    def chunks(self) -> list[list[int]]:
+        step = 1 if self.setting == "single" else self.batch_size
+        return [list(range(s, min(s + step, len(self.cases)))) for s in range(0, len(self.cases), step)]
+
+    def todo(self, chunk: list[int]) -> list[int]:
+        return [i for i in chunk if self.keys[i] not in self.done]
+
+    def sub_base(self, idx: list[int]) -> Baseline:
+        rows = [self.base[self.keys[i]] for i in idx]
+        return Baseline(locality=[r[1] for r in rows], pre=[r[0] for r in rows], texts=[r[2] for r in rows])
+
+    def score(self, idx: list[int]) -> list[dict]:
+        posts, texts = score_cases_with_texts(self.handle, [self.cases[i] for i in idx], self.sub_base(idx),
+                                              protocols=self.protocols, generation=self.generation)
+        self.texts.update({self.keys[i]: t for i, t in zip(idx, texts, strict=True)})
+        return posts
+
+    def record(self, i: int, post: dict, efficiency: dict, info: dict, chunk: int) -> None:
+        """Store one finished case, append it to cases.jsonl (flushed) and advance the progress bar."""
+        key, pre = self.keys[i], self.base[self.keys[i]][0]
+        info = {"source": self.cases[i].source, **info}
+        if "reliability" in pre and pre["reliability"].value == 1.0:
+            info["already_true"] = True
+            log.info("case %s: the model already gives the new target before the edit", key)
+        texts = {"pre": self.base[key][2], "post": self.texts.pop(key, [])} if GEN in self.protocols else {}
+        res = CaseResult(key, post=post, pre=pre, efficiency=efficiency, info=info, texts=texts,
+                         protocols=list(self.protocols))
+        if key in self.reopened:
+            res = coverage.merge(self.reopened.pop(key), res)
+        self.done[key] = res
+        if self.out is not None:
+            line = {**res.to_dict(), "setting": {"setting": self.setting, "batch_size": self.batch_size,
+                                                 "eval_timing": self.eval_timing, "chunk": chunk}}
+            with open(self.out / CASES_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, default=str) + "\n")
+                f.flush()
+        if self.bar is not None:
+            for name in METRIC_ORDER[:3]:  # running means of reliability, generalization, locality
+                if name in post:
+                    total, count = self.running.get(name, (0.0, 0))
+                    self.running[name] = (total + post[name].value, count + 1)
+            self.bar.update(1)
+            self.bar.set_postfix({k[:3]: f"{t / c:.2f}" for k, (t, c) in self.running.items()})
+
+
+def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
+                  batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
+                  resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
+                  run_info: dict[str, Any] | None = None, edit_store: Any = None,
+                  baseline_store: Any = None, generation: GenSettings | None = None,
+                  drift: DriftSettings | None = None, fill_missing: bool = True) -> BenchmarkResult:
+    """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
+
+    Args:
+        setting: ``"single"``, ``"batch"`` or ``"sequential"``.
+        batch_size: cases per edit (batch and sequential settings).
+        eval_timing: ``"immediate"`` or ``"final"`` (sequential only).
+        out_dir: folder for cases.jsonl / summary.json / table.md (None: nothing is written).
+        resume: continue a run in ``out_dir``: finished cases are kept, finished chunks are not redone.
+        progress: show a tqdm progress bar.
+        protocols: scoring protocols (``token_acc``, ``prob_compare``, ``gen``). Resuming a run with protocols
+            its finished cases lack computes them for those cases (``fill_missing``) or marks them as
+            missing (:mod:`lmedit.metrics.coverage`).
+        run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
+        edit_store: an :class:`~lmedit.bench.stores.EditStore`; in the single setting a case whose request it
+            holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
+            computed edits are kept in it. Efficiency still reports what computing the edit cost.
+        baseline_store: a :class:`~lmedit.bench.stores.BaselineStore`: the unedited model's scores of a case are
+            taken from it when it has them for these exact weights, and kept in it otherwise.
+        generation: how the ``gen`` protocol generates (context, token cap); default GenSettings().
+        drift: capability drift (perplexity, n-gram entropy) before and after the edits of a batch or
+            sequential run (:mod:`lmedit.metrics.drift`); None: not measured.
+    Returns:
+        per-case results in case order, and the summary.
+    """
+    t0 = time.perf_counter()
+    cases = list(cases)
+    _check_args(editor, handle, cases, setting, batch_size, eval_timing)
+    keys = case_keys(cases)
+    if len(set(map(str, keys))) != len(keys):
+        raise EditInputError("case ids are not unique; give every case its own case_id")
+    timing = eval_timing if setting == "sequential" else None
+    protocols = check_protocols(protocols)
+    if GEN in protocols:
+        frame(handle, cases[0].request.text, (generation or GenSettings()).context)  # e.g. no chat template
+    run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
+               Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings())
+    header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
+                        protocols=protocols, generation=run.generation)
+    # one process per run directory: a second run on the same folder gets LockedError (lmedit.io)
+    with folder_lock(run.out, what=f"run directory {run.out}") if run.out is not None else contextlib.nullcontext():
+        if run.out is not None:
+            prepare_out(run, header, resume)
+            run.reopened = coverage.reopen(run.done, protocols, run.old_protocols, fill=fill_missing)
+            coverage.drop_cases(run.out / CASES_FILE, set(map(str, run.reopened)))
+        if drift is not None and setting != "single":
+            run.drift = DriftTracker(handle, drift, run.out, n_chunks=len(run.chunks()), setting=setting)
+        if edit_store is not None and setting == "single":
+            from .stores import edit_scope
+
+            run.scope = edit_scope(editor, header)
+            run.store = edit_store if run.scope else None
+        start_digest = handle.state_digest()
+        pending = [i for i in range(len(cases)) if keys[i] not in run.done]
+        if pending:
+            _score_baseline(run, pending, start_digest, baseline_store)
+            if run.drift is not None:
+                run.drift.before()
+        if progress:
+            from tqdm.auto import tqdm
+
+            run.bar = tqdm(total=len(cases), initial=len(cases) - len(pending), unit="case", desc=header["method"])
+        try:
+            if pending:
+                (_run_sequential if setting == "sequential" else _run_independent)(run)
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+        return _finish(run, header, start_digest, run_info, t0)
+
+
+def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
+    """The unedited model's scores of the pending cases: from ``store`` where it has them, else computed
+    (in one batched pass) and kept there."""
+    got: dict[int, tuple[dict, list, list]] = {}
+    scope = store.scope(run.handle, state_digest, scope_labels(run.protocols, run.generation)) \
+        if store is not None else ""
+    if store is not None:
+        got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
+    todo = [i for i in pending if i not in got]
+    if todo:
+        log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
+        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
+        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
+            got[i] = (pre, loc, texts)
+            if store is not None:
+                store.put(scope, run.cases[i], pre, loc, texts)
+    run.base = {run.keys[i]: got[i] for i in pending}
+
+
+def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:
+    """Check the model is the original again, then summarise and write summary.json and table.md."""
+    end_digest = run.handle.state_digest()
+    restored = end_digest == start_digest
+    log.info("model digest after the run: %s (start %s)%s", end_digest, start_digest, "" if restored else " MISMATCH")
+    results = [run.done[k] for k in run.keys]
+    summary = build_summary(results, {**{k: v for k, v in header.items() if k != "case_ids"},
+                                      "data": dict(run_info or {}), "n_cases": len(run.cases),
+                                      "model_restored": restored, "wall_seconds": time.perf_counter() - t0})
+    if run.chunk_stats:
+        summary["chunk_stats"] = run.chunk_stats
+    if run.drift is not None:
+        summary["drift"] = run.drift.summary()
+    if run.out is not None:
+        write_json(run.out / SUMMARY_FILE, summary)
+        atomic_write(run.out / TABLE_FILE, render_table(summary))
+    if not restored:
+        raise BenchmarkError(f"the model's weights differ after reverting every edit (digest {end_digest}, was "
+                             f"{start_digest}); results were written, but the model in memory is not the original")
+    return BenchmarkResult(results, summary)
+
+
+def _check_args(editor: Any, handle: Any, cases: list, setting: str, batch_size: int, eval_timing: str) -> None:
+    name = editor.name or type(editor).__name__
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r} is not one of {SETTINGS}")
+    if eval_timing not in EVAL_TIMINGS:
+        raise ValueError(f"eval_timing {eval_timing!r} is not one of {EVAL_TIMINGS}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if setting == "single" and batch_size != 1:
+        raise ValueError("setting 'single' edits one case at a time; use setting='batch' for batch_size > 1")
+    if batch_size > 1 and not editor.capabilities.batch:
+        raise ValueError(f"{name} cannot edit several requests at once (capabilities.batch is false); "
+                         "use batch_size=1")
+    if setting == "sequential" and not editor.capabilities.sequential:
+        raise ValueError(f"{name} cannot stack edits (capabilities.sequential is false); use setting 'single'")
+    if not cases or not all(isinstance(c, EditCase) for c in cases):
+        raise EditInputError("run_benchmark needs a non-empty list of EditCase records")
+    if handle.contexts:
+        raise BenchmarkError("in-context edits are active on this handle; revert them before benchmarking")
+
+
+def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, Any], str | None]:
+    """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message.
+    With an edit store, a stored edit of the same request is applied instead, and a computed one is kept."""
+    requests = [run.cases[i].request for i in idx]
+    if run.store is not None and (stored := _stored(run, requests)) is not None:
+        return stored
+    m = Measurement()
+    try:
+        with measure() as m:
+            edit = run.editor.compute(run.handle, requests)
+        t = time.perf_counter()
+        edit.apply(run.handle)
+        apply_s = time.perf_counter() - t
+    except RECOVERABLE as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
+        return None, _efficiency(m, len(idx), None), msg
+    eff = _efficiency(m, len(idx), apply_s)
+    if run.store is not None:
+        run.store.put(run.scope, requests[0], edit, eff)
+    return edit, eff, None
+
+
+def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any], None] | None:
+    """The store's edit of this single request, applied; None when it has none or the edit does not fit."""
+    got = run.store.get(run.scope, requests[0])
+    if got is None:
+        return None
+    edit, eff = got
+    try:
+        edit.apply(run.handle)  # strict: refuses weights other than those it was computed on
+    except RECOVERABLE as e:
+        log.warning("the stored edit of %r does not apply (%s); computing it again", requests[0].text, e)
+        return None
+    log.info("reusing the stored edit of %r", requests[0].text)
+    return edit, {**eff, "reused_edit": True}, None
+
+
+def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:
+    eff = {"seconds": m.seconds / n, "chunk_seconds": m.seconds, "chunk_size": n, "apply_seconds": apply_s,
+           "peak_rss_bytes": m.peak_rss_bytes, "rss_delta_bytes": m.rss_delta_bytes,
+           "cuda_peak_bytes": m.cuda_peak_bytes, "cuda_start_bytes": m.cuda_start_bytes}
+    return {k: v for k, v in eff.items() if v is not None}
+
+
+def _check_reverted(handle: Any, edit: Edit) -> None:
+    """Cheap check after a revert: every parameter the edit touched holds its base values again."""
+    from ..digests import tensor_digest
+
+    for name, digest in getattr(edit, "base_digests", {}).items():
+        if tensor_digest(get_parameter(handle.model, name)) != digest:
+            raise BenchmarkError(f"parameter {name} was not restored by reverting the edit")
+    if handle.contexts:
+        raise BenchmarkError("an in-context edit is still active after its revert")
+
+
+def _info(edit: Edit | None, chunk: int, err: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"chunk": chunk}
+    if err:
+        info["error"] = err
+    elif edit is not None and edit.meta.get("stats"):
+        info["stats"] = edit.meta["stats"]
+    return info
+
+
+def _run_independent(run: _Run) -> None:
+    """single and batch: every chunk starts from the unedited model."""
+    for k, chunk in enumerate(run.chunks()):
+        todo = run.todo(chunk)
+        if not todo:
+            continue
+        edit, eff, err = _compute_apply(run, chunk)
+        if edit is not None:
+            try:
+                if run.drift is not None:
+                    run.drift.after_chunk(k, len(chunk))
+                posts = run.score(todo)
+            finally:
+                edit.revert(run.handle)
+                _check_reverted(run.handle, edit)
+        else:
+            posts = [{} for _ in todo]
+        for i, post in zip(todo, posts, strict=True):
+            run.record(i, post, eff, _info(edit, k, err), k)
+
+
+def _run_sequential(run: _Run) -> None:
+    """Chunks applied cumulatively; every applied edit is reverted in reverse order at the end."""
+    applied: list[Edit] = []
+    later: dict[int, tuple[dict, dict, int]] = {}  # case index -> (efficiency, info, chunk): scored at the end
+    chunks = run.chunks()
+    try:
+        for k, chunk in enumerate(chunks):
+            saved = load_chunk(run, k, chunk)
+            if saved is None:
+                edit, eff, err = _compute_apply(run, chunk)
+            else:
+                edit, eff, err = saved
+                if edit is not None:
+                    edit.apply(run.handle)  # strict: refuses weights other than those it was computed on
+            if edit is not None:
+                applied.append(edit)
+                if run.drift is not None:
+                    run.drift.after_chunk(k, chunk[-1] + 1)  # chunks are consecutive from case 0
+                if edit.meta.get("stats"):
+                    run.chunk_stats.append({"chunk": k, "stats": edit.meta["stats"]})
+            if saved is None:
+                save_chunk(run, k, chunk, edit, eff, err)
+            todo, info = run.todo(chunk), _info(edit, k, err)
+            if err or run.eval_timing == "immediate":
+                posts = [{} for _ in todo] if err else (run.score(todo) if todo else [])
+                for i, post in zip(todo, posts, strict=True):
+                    run.record(i, post, eff, info, k)
+            else:
+                later.update({i: (eff, info, k) for i in todo})
+        for chunk in chunks:  # final timing: chunk by chunk, so a crash keeps what was scored
+            todo = [i for i in chunk if i in later]
+            for i, post in zip(todo, run.score(todo) if todo else [], strict=True):
+                run.record(i, post, *later[i])
+    finally:
+        for edit in reversed(applied):
+            edit.revert(run.handle)

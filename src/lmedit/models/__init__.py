@@ -1,0 +1,1 @@
+"""Models: loading, the handle (model + tokenizer + adapter + fingerprint) and architecture adapters."""
