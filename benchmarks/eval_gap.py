@@ -76,10 +76,12 @@ def main() -> None:
              "(`token_acc`); gen EM = normalised exact match of the greedy answer's first line (`gen_em`); "
              "gen contains = the gold occurs in it (`gen_contains`).", "", HEADER, "|---|---|---:|" + "---:|" * 9]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | " + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + " |")
+        cells = " | ".join(fmt(r[k]) for k, _ in COLUMNS)
+        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {cells} |")
     lines += ["", "Unedited model (pre-edit) on the same cases: " + "; ".join(
         f"{r['dataset']} rel. TF {fmt((r['pre'].get('reliability') or {}).get('mean'))}, gen EM "
-        f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}" for r in {r['dataset']: r for r in rows}.values())
+        f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}"
+        for r in {r['dataset']: r for r in rows}.values())
         + "."]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
