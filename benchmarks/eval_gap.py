@@ -55,9 +55,10 @@ def figure(rows: list[dict], path: Path) -> None:
         ax.set_title(metric.capitalize())
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("x100")
-    axes[0].legend(fontsize=7, loc="upper right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
@@ -75,10 +76,12 @@ def main() -> None:
              "(`token_acc`); gen EM = normalised exact match of the greedy answer's first line (`gen_em`); "
              "gen contains = the gold occurs in it (`gen_contains`).", "", HEADER, "|---|---|---:|" + "---:|" * 9]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | " + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + " |")
+        cells = " | ".join(fmt(r[k]) for k, _ in COLUMNS)
+        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {cells} |")
     lines += ["", "Unedited model (pre-edit) on the same cases: " + "; ".join(
         f"{r['dataset']} rel. TF {fmt((r['pre'].get('reliability') or {}).get('mean'))}, gen EM "
-        f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}" for r in {r['dataset']: r for r in rows}.values())
+        f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}"
+        for r in {r['dataset']: r for r in rows}.values())
         + "."]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def check_protocols(protocols: Sequence[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(protocols))
     bad = [p for p in out if p not in KNOWN_PROTOCOLS]
     if bad or not out:
-        raise ValueError(f"unknown scoring protocol(s) {bad or '(none given)'}; choose from {', '.join(KNOWN_PROTOCOLS)}")
+        raise ValueError(f"unknown scoring protocol(s) {bad or '(none given)'}; "
+                         f"choose from {', '.join(KNOWN_PROTOCOLS)}")
     return out
 
 

@@ -202,7 +202,8 @@ def _run_decoder(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: 
         mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], 1)
         last = last + 1
         logits = step.logits(torch.tensor([[nxt[j]] for j in keep]), mask, last[:, None])
-    return [Generation(tok.decode(t, skip_special_tokens=True), len(t), s or "cap") for t, s in zip(new, stops, strict=True)]
+    return [Generation(tok.decode(t, skip_special_tokens=True), len(t), s or "cap")
+            for t, s in zip(new, stops, strict=True)]
 
 
 def _run_seq2seq(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: bool,
