@@ -53,7 +53,8 @@ def main() -> None:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("# SERAC routing (scope classifier only)\n\n"
-                       "`python benchmarks/serac_routing.py --checkpoint DIR --dataset D --n N`: where the router sends each prompt after a single edit.\n\n"
+                       "`python benchmarks/serac_routing.py --checkpoint DIR --dataset D --n N`: where the router "
+                       "sends each prompt after a single edit.\n\n"
                        "| checkpoint | dataset | cases | edit prompts routed | paraphrases routed | unrelated prompts "
                        "routed (false positives) |\n|---|---|---:|---:|---:|---:|\n")
     with out.open("a") as f:

@@ -18,7 +18,8 @@ from lmedit.types import EditInputError, EditRequest, to_template
 
 # --- records ---------------------------------------------------------------------------------------
 def test_request_template_from_literal_subject():
-    r = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux", target_new="English")
+    r = EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
+                    target_new="English")
     assert r.template == "The mother tongue of {} is"
     assert r.text == "The mother tongue of Danielle Darrieux is"
 
@@ -125,7 +126,8 @@ def test_adapter_paths_resolve(tiny):
         assert a.module(m, a.layer(i)) is not None
     out_proj = a.module(m, a.mlp_out, 0)
     w = a.weight_out_in(out_proj)
-    hidden = m.config.n_embd if hasattr(m.config, "n_embd") else m.config.hidden_size if hasattr(m.config, "hidden_size") else m.config.d_model
+    cfg = m.config
+    hidden = cfg.n_embd if hasattr(cfg, "n_embd") else cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.d_model
     assert w.shape[0] == hidden  # [out = d_model, in = d_ff] whatever the storage layout
     with pytest.raises(ValueError, match="out of range"):
         a.check_layers(m, [n])

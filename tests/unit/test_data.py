@@ -69,7 +69,8 @@ def test_counterfact_mapping_matches_raw_records():
         assert c.paraphrases == (r["rephrase_prompt"],)
         assert c.locality[0].prompt == r["locality_prompt"] and c.locality[0].answer == r["locality_ground_truth"]
         assert c.neighborhood == (r["locality_prompt"],)
-    assert load_dataset("counterfact-train", n=5)[0].case_id == _raw("counterfact/easyedit_counterfact-train.json")[0]["case_id"]
+    first = _raw("counterfact/easyedit_counterfact-train.json")[0]
+    assert load_dataset("counterfact-train", n=5)[0].case_id == first["case_id"]
 
 
 def test_zsre_train_and_portability():
@@ -87,7 +88,8 @@ def test_mquake_and_known():
     raw = _raw("portability/MQuAKE-hard_300.json")[1]
     assert case.case_id == raw["case_id"] and len(case.requests) == len(raw["requested_rewrite"])
     r0 = case.requests[0]
-    assert r0.template == raw["requested_rewrite"][0]["prompt"] and r0.target_new == raw["requested_rewrite"][0]["target_new"]["str"]
+    rewrite = raw["requested_rewrite"][0]
+    assert r0.template == rewrite["prompt"] and r0.target_new == rewrite["target_new"]["str"]
     assert case.new_answer == raw["new_answer"] and case.questions == tuple(raw["questions"])
     _shared("misc/known_1000.json")
     facts = load_known(n=5)
@@ -100,7 +102,8 @@ def test_mquake_and_known():
 
 def test_list_datasets():
     rows = {r["name"]: r for r in list_datasets()}
-    assert {"zsre", "zsre-train", "counterfact", "counterfact-train", "zsre-portability", "mquake", "known"} <= set(rows)
+    assert {"zsre", "zsre-train", "counterfact", "counterfact-train", "zsre-portability", "mquake",
+            "known"} <= set(rows)
     if rows["zsre"]["where"] != "missing":
         assert rows["zsre"]["records"] == 1000
     assert rows["counterfact-rome"]["where"] in ("missing",) or rows["counterfact-rome"]["records"]

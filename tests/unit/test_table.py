@@ -266,7 +266,8 @@ def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_pa
     assert fit.status == "skipped" and "table-toy-fit must be trained" in fit.reason and "checkpoint" in fit.reason
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "editor.json").write_text(json.dumps({"history": [{"step": 5, "seconds": 3.0}, {"step": 10, "seconds": 7.5}]}))
+    history = [{"step": 5, "seconds": 3.0}, {"step": 10, "seconds": 7.5}]
+    (ckpt / "editor.json").write_text(json.dumps({"history": history}))
     t = _table(model_dir, tmp_path / "fit", methods=TOY_FIT, checkpoints={TOY_FIT: str(ckpt)})
     assert t.cells[0].status == "ok", t.cells[0].reason
     assert t.cells[0].efficiency["one_off:training_seconds"] == 7.5

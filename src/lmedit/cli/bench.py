@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-timing", choices=("immediate", "final"), default="final",
                    help="score each case right after its edit, or after all edits (sequential)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<method>-<dataset>-<setting>-n<N>)")
-    p.add_argument("--resume", action="store_true", help="skip cases already in DIR/cases.jsonl (a larger --n extends a single or batch run)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip cases already in DIR/cases.jsonl (a larger --n extends a single or batch run)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
     p.add_argument("--data", metavar="PATH", help="read the dataset from this file instead of the default")
     add_config_args(p)

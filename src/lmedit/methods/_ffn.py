@@ -98,7 +98,8 @@ def ffn_info(handle: Any, layer: int) -> FFNInfo:
                    gated=len(ad.mlp_in) >= 2, activation=activation_name(handle.model))
 
 
-def low_rank_in_param_layout(adapter: Any, a_out: torch.Tensor, b_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_in_param_layout(adapter: Any, a_out: torch.Tensor,
+                             b_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (a, b) of ΔW = a bᵀ in the parameter's own layout, from ΔW_out_in = a_out b_inᵀ."""
     if adapter.weight_layout == "in_out":  # stored [in, out]: ΔWᵀ = b_in a_outᵀ
         return b_in.contiguous(), a_out.contiguous()

@@ -85,7 +85,8 @@ class TPatcherConfig(Config):
     activation: str | None = option(None, "patch activation; None = the model's FFN activation")
     memory_size: int = option(20000, "FFN inputs from WikiText kept as memory (cached per model and layer)")
     memory_chunk: int = option(128, "tokens per WikiText chunk when collecting the memory")
-    corpus: str | None = option(None, "plain-text corpus the memory is collected from (None: WikiText in the data folder)")
+    corpus: str | None = option(None, "plain-text corpus the memory is collected from "
+                                "(None: WikiText in the data folder)")
     prompt_prefixes: list[str] = option([], "extra training views: the request prompt after each prefix")
     seed: int = option(0, "seed of the random value direction e")
 
@@ -251,8 +252,8 @@ class TPatcher(Editor):
     }
     # tiny random models: a small memory, and mlc = 1 because their near-identical hidden states make the
     # memory loss (mlc = 10) fight the edit
-    quick: ClassVar[dict[str, Any]] = {"memory_size": 300, "memory_chunk": 32, "steps": 40, "max_patches": 2, "mlc": 1.0,
-                                       "memory_topk": 100}
+    quick: ClassVar[dict[str, Any]] = {"memory_size": 300, "memory_chunk": 32, "steps": 40, "max_patches": 2,
+                                       "mlc": 1.0, "memory_topk": 100}
 
     def resolve(self, handle: Any, cfg: TPatcherConfig) -> TPatcherConfig:
         return cfg.replace(layer=handle.n_layers - 1) if cfg.layer is None else cfg

@@ -179,7 +179,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                       shared_requests=shared, protocols=protocols, generation=generation)
     t0 = time.time()
     if backend == "local":
-        workers = 1 if cached_only or workers is None else auto_workers(len(specs)) if workers == "auto" else int(workers)
+        workers = 1 if cached_only or workers is None else \
+            auto_workers(len(specs)) if workers == "auto" else int(workers)
         if workers > 1 and not threads:
             threads = opts.threads = worker_threads(workers)
         cells = run_local(specs, opts, progress, workers=workers)
@@ -203,7 +204,8 @@ def _meta(model: str, cells: list[CellResult], specs: list[CellSpec], **extra: A
     fps = {c.key.get("model_fingerprint") for c in cells if c.key}
     return {"model": model, "model_fingerprint": ",".join(sorted(f for f in fps if f)) or "unknown",
             "lmedit_version": lmedit_version(), "commit": git_commit(),
-            "setting_label": setting_label(specs[0]) if specs else "none", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "setting_label": setting_label(specs[0]) if specs else "none",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device": "cpu" if not _cuda() else "cuda", **extra,
             "threads": extra.get("threads") or os.environ.get("OMP_NUM_THREADS") or "default"}
 

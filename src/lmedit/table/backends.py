@@ -5,7 +5,8 @@ Every way loads the model once per process and hands whole cells to :func:`~lmed
 so the numbers do not depend on the backend (each cell seeds its RNGs at its start). Local workers are
 spawned processes, each with its share of the CPU threads; cells are independent, so the workers keep
 every core busy, also through the single-threaded parts of a cell (Python, tokenization, small ops). On the
-2-core reference machine two workers ran the default table's cells at 99% of two cores. The Ray backend starts a local cluster of ``workers`` CPUs (``ray.init(num_cpus=workers)``)
+2-core reference machine two workers ran the default table's cells at 99% of two cores. The Ray backend starts
+a local cluster of ``workers`` CPUs (``ray.init(num_cpus=workers)``)
 unless given an ``address``. In both, each worker takes the next cell as it finishes the previous one.
 """
 

@@ -104,8 +104,8 @@ class SERACObjective:
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         pos, neg = labels.bool(), ~labels.bool()
         loss = 0.5 * (bce[pos].mean() + bce[neg].mean())  # balanced: one positive per ~2K negatives
-        metrics = {"edit_acc": float((logits[pos] > 0).float().mean()), "loc_fp": float((logits[neg] > 0).float().mean()),
-                   "scope_bce": loss.item()}
+        metrics = {"edit_acc": float((logits[pos] > 0).float().mean()),
+                   "loc_fp": float((logits[neg] > 0).float().mean()), "scope_bce": loss.item()}
         if self.cf_paths:
             cf_nll, cf_acc = self._cf_loss(batch)
             loss = loss + self.cfg.cedit * cf_nll
