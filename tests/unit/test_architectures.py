@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmedit.survey import EDITABLE, NO_BUILD, REFUSED, check, counts, memory_limit, tiny_corpus
 from lmedit.models.tiny import causal_lm_classes
+from lmedit.survey import EDITABLE, NO_BUILD, REFUSED, check, counts, memory_limit, tiny_corpus
 
 NAMES = causal_lm_classes()
 RESULTS: dict = {}

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = build_table(
             args.model, methods=args.methods, datasets=datasets, n=args.n, multihop_n=args.multihop_n,
-            offset=args.offset, setting=args.setting, edits=args.edits, eval_timing=args.eval_timing, batch_size=args.batch_size,
+            offset=args.offset, setting=args.setting, edits=args.edits, eval_timing=args.eval_timing,
+            batch_size=args.batch_size,
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
             plots=not args.no_plots, progress=progress, reuse=args.reuse,
