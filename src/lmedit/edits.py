@@ -147,6 +147,11 @@ class Edit:
         except Exception as e:  # noqa: BLE001  (corrupt files of any sort)
             raise EditError(f"saved edit at {path} is corrupted: {e}") from e
         cls = Edit._kinds.get(meta.get("kind"))
+        if cls is None:  # edit kinds defined in method modules (the memory editors') register when those load
+            from .registry import list_editors
+
+            list_editors()
+            cls = Edit._kinds.get(meta.get("kind"))
         if cls is None:
             raise EditError(f"saved edit at {path} has unknown kind {meta.get('kind')!r}")
         return cls._from_state(meta["meta"], meta.get("body", {}), tensors)
