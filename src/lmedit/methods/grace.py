@@ -68,7 +68,7 @@ class GRACE(Editor):
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # methods-spec B.15 [proposal]: layer 25; ε from the key distances of ZsRE prompts (docs/lifelong.md)
-        "smollm2-135m": {"layer": 25, "eps": 1.0, "steps": 100, "lr": 1.0},
+        "smollm2-135m": {"layer": 25, "eps": 3.0, "steps": 100, "lr": 1.0},
     }
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "eps": 1.0, "steps": 30, "lr": 0.5}
     depth_fraction: ClassVar[float] = 0.85
