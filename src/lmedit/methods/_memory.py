@@ -33,6 +33,7 @@ from torch import nn
 
 from ..edits import Edit, EditError, EditMismatchError
 from ..hooks import get_module, set_module
+from .base import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class MemoryEdit(Edit):
         return done
 
     def _revert(self, handle: Any, done: list[tuple[str, MemoryLayer, int]]) -> None:
-        for path, memory, token in done:
+        for path, memory, _token in done:
             if get_module(handle.model, path) is not memory:
                 raise EditError(f"the memory at {path} was replaced by another edit's module; revert that edit "
                                 "first")
@@ -262,3 +263,8 @@ def base_module(handle: Any, path: str) -> nn.Module:
     """The module at ``path`` without any memory around it."""
     module = get_module(handle.model, path)
     return module.base if isinstance(module, MemoryLayer) else module
+
+
+# what the memory editors can do: facts in batches or one by one, stacked and deleted in any order; the
+# keys are read from a decoder's FFN, so encoder-decoder models are out
+MEMORY_CAPABILITIES = Capabilities(batch=True, sequential=True, edit_kind=MemoryEdit, encoder_decoder=False)

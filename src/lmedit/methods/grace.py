@@ -34,8 +34,8 @@ from ..locate.pipeline import Phases, check_layers
 from ..locate.values import ValueOptions, optimize_values
 from ..registry import register_editor
 from ..types import EditRequest
-from ._memory import Entries, MemoryEdit
-from .base import Capabilities, Editor, depth_layer
+from ._memory import MEMORY_CAPABILITIES, Entries, MemoryEdit
+from .base import Editor, depth_layer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class GRACE(Editor):
     """General Retrieval Adaptors for Continual Editing: one codebook key per edit, deletable exactly."""
 
     Config = GRACEConfig
-    capabilities = Capabilities(batch=True, sequential=True, edit_kind=MemoryEdit, encoder_decoder=False)
+    capabilities = MEMORY_CAPABILITIES
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # methods-spec B.15 [proposal]: layer 25; ε from the key distances of ZsRE prompts (docs/lifelong.md)

@@ -28,8 +28,8 @@ from ..locate.pipeline import SMOLLM2_VALUE_STEPS, LocateConfig, Phases, check_l
 from ..locate.templates import flatten, group_mean
 from ..registry import register_editor
 from ..types import EditRequest
-from ._memory import Entries, MemoryEdit, base_module
-from .base import Capabilities, Editor, depth_layer
+from ._memory import MEMORY_CAPABILITIES, Entries, MemoryEdit, base_module
+from .base import Editor, depth_layer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class KVMemory(Editor):
     """A gated key–value memory at one FFN output projection; every fact is its own removable entry."""
 
     Config = KVMemoryConfig
-    capabilities = Capabilities(batch=True, sequential=True, edit_kind=MemoryEdit, encoder_decoder=False)
+    capabilities = MEMORY_CAPABILITIES
     relative_cost: ClassVar[float] = 6.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # ROME's layer and value settings (rome.py); τ from benchmarks/lifelong.py on ZsRE (docs/lifelong.md)
