@@ -12,11 +12,13 @@ editors: its entries leave the memory; the check compares the model with one tha
 per-edit cost gives the projection to 1,000 edits.
 
     flock /tmp/lmedit-heavy.lock python benchmarks/lifelong.py --n 100 --checkpoints 10,50,100
+    python benchmarks/lifelong.py --methods kv-memory --set 'kv-memory.context_lengths=[]' --out /tmp/kv-fast.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import platform
@@ -119,8 +121,9 @@ def report(results: list[dict], n: int) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        label = r["method"] + "".join(f" {k}={json.dumps(v)}" for k, v in r["overrides"].items())
         for row in r["rows"]:
-            lines.append(f"| {r['method']} | {row['k']} | {row['reliability']:.1f} | {row['generalization']:.1f} | "
+            lines.append(f"| {label} | {row['k']} | {row['reliability']:.1f} | {row['generalization']:.1f} | "
                          f"{row['locality']:.1f} | {row['oldest']:.1f} | {row['newest']:.1f} | "
                          f"{row['ppl']:.2f} ({r['ppl0']:.2f}) | {row['per_edit']:.2f} |")
     lines += ["", "## Cost and projection to 1,000 edits", ""]
@@ -147,8 +150,15 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="", help="comma-separated edit counts (default: 10%%, 50%%, 100%%)")
     ap.add_argument("--n-memit", type=int, default=None, help="edits for MEMIT (default: --n)")
     ap.add_argument("--ppl-chunks", type=int, default=4)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=JSON",
+                    help="config override of one method, e.g. kv-memory.context_lengths=[]")
     ap.add_argument("--out", default=str(RESULT))
     args = ap.parse_args()
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        overrides.setdefault(method, {})[key] = json.loads(value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("lmedit", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -158,7 +168,7 @@ def main() -> None:
         n = args.n_memit if method == "memit" and args.n_memit else args.n
         cps = sorted({int(x) for x in args.checkpoints.split(",") if x and int(x) <= n} | {n}) \
             if args.checkpoints else sorted({max(1, n // 10), max(1, n // 2), n})
-        results.append(run(method, n, cps, args.ppl_chunks, {}))
+        results.append(run(method, n, cps, args.ppl_chunks, overrides.get(method, {})))
         write_report(args.out, report(results, args.n))
 
 
