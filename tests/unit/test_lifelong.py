@@ -140,6 +140,23 @@ def test_memory_editors_share_one_module(llama):
     assert get_module(handle.model, path) is original
 
 
+def test_weight_edit_and_memory_edit_at_one_layer_revert_in_any_order(llama):
+    from lmedit.digests import tensor_digest
+    from lmedit.edits import WeightDelta
+
+    handle = llama
+    name = handle.adapter.mlp_out.format(1) + ".weight"
+    snap, base = weights(handle), logits(handle)
+    memory = editor("kv-memory").compute(handle, [REQS[0]]).apply(handle)
+    p = handle.model.get_parameter(name)  # the wrapped projection's weight, under its usual name
+    delta = WeightDelta({name: torch.full_like(p, 0.01)}, {name: tensor_digest(p)}).apply(handle)
+    memory.revert(handle)  # the older memory edit leaves first; the weight edit stays on the same module
+    assert not torch.equal(logits(handle), base)
+    delta.revert(handle)
+    assert torch.equal(logits(handle), base)
+    assert all(torch.equal(v, snap[k]) for k, v in handle.model.state_dict().items())
+
+
 def test_codebook_split_radii_follow_the_applied_set(llama):
     from lmedit.methods._memory import Entries, MemoryLayer
 

@@ -82,6 +82,16 @@ class MemoryLayer(nn.Module):
     def __len__(self) -> int:
         return len(self._owned)
 
+    # weight editors (ROME, MEMIT, ...) and the model adapter reach the wrapped projection's parameters under
+    # their usual names ("...down_proj.weight"), so weight edits and memory edits combine at one layer
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
     def add(self, entries: Entries) -> int:
         token = self._next
         self._next += 1
