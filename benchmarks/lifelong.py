@@ -73,15 +73,17 @@ def run(method: str, n: int, checkpoints: list[int], ppl_chunks: int, overrides:
     chunks = text_chunks(handle, CORPUS, ppl_chunks)
     base = baseline(handle, cases, protocols=[TOKEN_ACC])
     ppl0 = perplexity(handle, chunks)
-    rows, edits, seconds = [], [], []
+    rows, edits, seconds, cpu = [], [], [], []
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         edits.append(editor.compute(handle, [case.request]).apply(handle))
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         if i in checkpoints:
             s = scores(handle, cases, base, i)
-            s.update(k=i, ppl=perplexity(handle, chunks), per_edit=statistics.median(seconds))
+            s.update(k=i, ppl=perplexity(handle, chunks), per_edit=statistics.median(seconds),
+                     cpu_per_edit=statistics.median(cpu))
             rows.append(s)
             logging.info("%s after %d edits: %s", method, i, {k: round(v, 1) for k, v in s.items()})
     wall = time.perf_counter() - t_start
@@ -89,7 +91,7 @@ def run(method: str, n: int, checkpoints: list[int], ppl_chunks: int, overrides:
     for e in reversed(edits):
         if e.is_applied(handle):
             e.revert(handle)
-    return {"method": method, "rows": rows, "ppl0": ppl0, "seconds": seconds, "wall": wall, "undo": undo,
+    return {"method": method, "rows": rows, "ppl0": ppl0, "seconds": seconds, "cpu": cpu, "wall": wall, "undo": undo,
             "overrides": overrides}
 
 
@@ -112,28 +114,29 @@ def report(results: list[dict], n: int) -> list[str]:
     lines = [
         "# Lifelong editing on SmolLM2-135M (ZsRE, sequential)", "",
         f"`python benchmarks/lifelong.py --n {n}` on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s). Edits 1..k are applied in order to one "
-        "model; at each checkpoint all k are scored on that model (retention timing, teacher-forced token "
-        "accuracy); locality against the unedited model; perplexity on 256-token WikiText-2 test chunks. "
-        "Oldest/newest: reliability of the first/last tenth of the edits.", "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), on a machine shared with other jobs (wall "
+        "seconds vary with its load; CPU seconds of this process are the cost on one core). Edits 1..k are "
+        "applied in order to one model; at each checkpoint all k are scored on that model (retention timing, "
+        "teacher-forced token accuracy); locality against the unedited model; perplexity on 256-token "
+        "WikiText-2 test chunks. Oldest/newest: reliability of the first/last tenth of the edits.", "",
         "| method | edits | reliability | generalization | locality | oldest | newest | perplexity (unedited) | "
-        "s/edit (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "s/edit (median) | CPU s/edit (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         label = r["method"] + "".join(f" {k}={json.dumps(v)}" for k, v in r["overrides"].items())
         for row in r["rows"]:
             lines.append(f"| {label} | {row['k']} | {row['reliability']:.1f} | {row['generalization']:.1f} | "
                          f"{row['locality']:.1f} | {row['oldest']:.1f} | {row['newest']:.1f} | "
-                         f"{row['ppl']:.2f} ({r['ppl0']:.2f}) | {row['per_edit']:.2f} |")
+                         f"{row['ppl']:.2f} ({r['ppl0']:.2f}) | {row['per_edit']:.2f} | {row['cpu_per_edit']:.2f} |")
     lines += ["", "## Cost and projection to 1,000 edits", ""]
     for r in results:
-        s = r["seconds"]
-        first, last = statistics.mean(s[: max(1, len(s) // 10)]), statistics.mean(s[-max(1, len(s) // 10):])
-        lines.append(f"- **{r['method']}** ({r['overrides'] or 'preset'}): {len(s)} edits in {r['wall']:.0f} s "
-                     f"including checkpoint scoring; compute+apply median {statistics.median(s):.2f} s/edit "
-                     f"(first tenth {first:.2f} s, last tenth {last:.2f} s) → 1,000 edits ≈ "
-                     f"{1000 * statistics.median(s) / 60:.0f} min of editing.")
+        s, c = r["seconds"], r["cpu"]
+        first, last = statistics.mean(c[: max(1, len(c) // 10)]), statistics.mean(c[-max(1, len(c) // 10):])
+        lines.append(f"- **{r['method']}** ({r['overrides'] or 'preset'}): {len(s)} edits in {r['wall']:.0f} s wall "
+                     f"including checkpoint scoring; compute+apply median {statistics.median(s):.2f} s/edit wall, "
+                     f"{statistics.median(c):.2f} CPU s/edit on one thread (first tenth {first:.2f}, last tenth "
+                     f"{last:.2f}) → 1,000 edits ≈ {1000 * statistics.median(c) / 60:.0f} min of one core.")
         u = r["undo"]
         if u:
             lines.append(f"  Deleting edit 1 with {len(s) - 1} newer edits applied took {1000 * u['seconds']:.1f} ms; "
