@@ -255,3 +255,11 @@ def test_kv_memory_on_smollm2_deletes_an_older_fact():
     assert acc(facts[0]) == before[0] and acc(facts[1]) == 1.0
     edits[1].revert(handle)
     assert torch.equal(logits(handle), base)
+
+
+def test_lora_dropout_is_seeded_and_only_the_adapters(llama):
+    ed = editor("lora", dropout=0.1)
+    first, again = ed.compute(llama, [REQS[0]]), ed.compute(llama, [REQS[0]])
+    assert all(torch.equal(first.weights[k], again.weights[k]) for k in first.weights)
+    assert not any(m.training for m in llama.model.modules()), "compute left modules in training mode"
+    assert first.meta["stats"]["loss_last"] < first.meta["stats"]["loss_first"]

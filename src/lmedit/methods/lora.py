@@ -179,7 +179,6 @@ class LoRA(Editor):
                                  fan_in_fan_out=handle.adapter.weight_layout == "in_out")  # GPT-2's Conv1D
         ab = answer_batch(handle, [r.text for r in requests], [r.target_new for r in requests])
         name = f"lmedit_train_{next(_NAMES)}"
-        was_training = handle.model.training
         losses: list[float] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -189,7 +188,9 @@ class LoRA(Editor):
                 for p in params:
                     p.requires_grad_(True)
                 opt = torch.optim.Adam(params, lr=cfg.lr)
-                handle.model.train(cfg.dropout > 0)
+                for n, m in handle.model.named_modules():  # the adapter's dropout only, not the model's own
+                    if n.endswith(f"lora_dropout.{name}"):
+                        m.train()
                 with torch.enable_grad():
                     for _ in range(cfg.steps):
                         loss = F.cross_entropy(answer_logits(handle, ab), ab.labels)
@@ -202,7 +203,6 @@ class LoRA(Editor):
                 weights = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(
                     handle.model, adapter_name=name).items()}
             finally:
-                handle.model.train(was_training)
                 remove(handle, name)
         log.info("lora: %d step(s), answer loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
         stats = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
