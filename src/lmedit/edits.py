@@ -28,13 +28,16 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from . import edit_format
 from .edit_format import META_FILE, TENSOR_FILE, malformed  # noqa: F401  (re-exported)
 from .hooks import get_parameter
+
+if TYPE_CHECKING:
+    from .models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class Edit:
         self._applied_to: dict[int, Any] = {}
 
     # --- identity checks ---------------------------------------------------------------------------
-    def _check_model(self, handle: Any) -> None:
+    def _check_model(self, handle: ModelHandle) -> None:
         want = self.meta.get("model_fingerprint")
         if want and want != handle.fingerprint:
             raise EditMismatchError(
@@ -128,7 +131,7 @@ class Edit:
                 "for, or recompute the edit on this one"
             )
 
-    def is_applied(self, handle: Any) -> bool:
+    def is_applied(self, handle: ModelHandle) -> bool:
         """Whether this edit is currently applied to ``handle``'s model."""
         return id(handle.model) in self._applied_to
 
@@ -141,7 +144,8 @@ class Edit:
         return f"{type(self).__name__}[{self.meta.get('method', '?')}{what}{more}]"
 
     # --- interface ---------------------------------------------------------------------------------
-    def apply(self, handle: Any, *, strict: bool = True, max_relative_update: float | None | str = "default") -> Edit:
+    def apply(self, handle: ModelHandle, *, strict: bool = True,
+              max_relative_update: float | None | str = "default") -> Edit:
         """Write the edit into ``handle``'s model. Raises and leaves the model untouched on any problem.
 
         Args:
@@ -160,7 +164,7 @@ class Edit:
         handle._applied.append(self)
         return self
 
-    def revert(self, handle: Any) -> None:
+    def revert(self, handle: ModelHandle) -> None:
         """Undo :meth:`apply` exactly. Edits applied after this one must be reverted first
         (:class:`EditOrderError` otherwise, with nothing changed)."""
         if not self.is_applied(handle):
@@ -177,7 +181,7 @@ class Edit:
             stack.remove(self)
 
     @contextlib.contextmanager
-    def applied(self, handle: Any, **apply_kw: Any) -> Iterator[Any]:
+    def applied(self, handle: ModelHandle, **apply_kw: Any) -> Iterator[Any]:
         """``with edit.applied(handle): ...`` -- applied inside the block, reverted after it."""
         self.apply(handle, **apply_kw)
         try:
@@ -237,10 +241,10 @@ class Edit:
                                 f"{edit_format.RECOMPUTE}") from None
 
     # --- for subclasses ----------------------------------------------------------------------------
-    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> Any:
+    def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None) -> Any:
         raise NotImplementedError
 
-    def _revert(self, handle: Any, state: Any) -> None:
+    def _revert(self, handle: ModelHandle, state: Any) -> None:
         raise NotImplementedError
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -280,7 +284,7 @@ class WeightDelta(Edit):
             return a.float() @ b.float().T
         return d
 
-    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> dict[str, torch.Tensor]:
+    def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None) -> dict[str, torch.Tensor]:
         from .digests import tensor_digest
 
         model = handle.model
@@ -314,7 +318,7 @@ class WeightDelta(Edit):
                 p.copy_(new)
         return originals
 
-    def _revert(self, handle: Any, originals: dict[str, torch.Tensor]) -> None:
+    def _revert(self, handle: ModelHandle, originals: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, orig in originals.items():
                 get_parameter(handle.model, name).copy_(orig)
@@ -376,11 +380,11 @@ class PromptContext(Edit):
         super().__init__(meta)
         self.context = context
 
-    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> str:
+    def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None) -> str:
         handle.contexts.append(self.context)
         return self.context
 
-    def _revert(self, handle: Any, state: str) -> None:
+    def _revert(self, handle: ModelHandle, state: str) -> None:
         for i in range(len(handle.contexts) - 1, -1, -1):
             if handle.contexts[i] is state:
                 del handle.contexts[i]

@@ -17,9 +17,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def edit_and_revert(handle: Any, editor_name: str, overrides: dict[str, Any], layer: int) -> float:
+def edit_and_revert(handle: ModelHandle, editor_name: str, overrides: dict[str, Any], layer: int) -> float:
     """Compute, apply and revert one edit; returns the gain in log p(target). Raises AssertionError when
     compute changed the model, the target did not rise, or the revert was not bit-exact."""
     from .metrics.scoring import score_targets

@@ -10,7 +10,7 @@ tensors' names, shapes and dtypes, and loads them with ``strict=True``. Re-expor
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from .edit_format import malformed
 from .edits import Edit, EditError, EditMismatchError
 from .hooks import get_module, set_module
+
+if TYPE_CHECKING:
+    from .models.handle import ModelHandle
 
 
 class SwapModule(nn.Module):
@@ -36,7 +39,7 @@ class SwapModule(nn.Module):
         """The constructor keyword arguments (JSON-serialisable) that rebuild this module on load."""
         return {}
 
-    def bind(self, handle: Any) -> None:
+    def bind(self, handle: ModelHandle) -> None:
         """Called by :meth:`ModuleSwap.apply` before installing: modules that need the handle (its tokenizer,
         adapter or caches) at run time take it here; it is never saved."""
 
@@ -100,7 +103,8 @@ class ModuleSwap(Edit):
             raise EditError("a ModuleSwap needs at least one module")
         self.modules = dict(modules)
 
-    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> list[tuple[str, nn.Module]]:
+    def _apply(self, handle: ModelHandle, strict: bool,
+               max_relative_update: float | None) -> list[tuple[str, nn.Module]]:
         for path, m in self.modules.items():
             for name, p in m.own_state_dict().items():
                 if p.is_floating_point() and not torch.isfinite(p).all():
@@ -125,7 +129,7 @@ class ModuleSwap(Edit):
             raise
         return installed
 
-    def _revert(self, handle: Any, installed: list[tuple[str, nn.Module]]) -> None:
+    def _revert(self, handle: ModelHandle, installed: list[tuple[str, nn.Module]]) -> None:
         for path, original in reversed(installed):
             set_module(handle.model, path, original)
             self.modules[path].base = None

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..edits import Edit, EditError
 from ..hooks import get_parameter
@@ -56,6 +56,9 @@ from .rundir import (
 )
 from .summary import METRIC_ORDER, build_summary, render_table
 
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
+
 log = logging.getLogger(__name__)
 
 SETTINGS = ("single", "batch", "sequential")
@@ -75,7 +78,7 @@ class _Run:
     """State of one run: inputs, the baseline, finished results, the output folder and progress bar."""
 
     editor: Any
-    handle: Any
+    handle: ModelHandle
     cases: list[EditCase]
     keys: list[Any]
     setting: str
@@ -142,7 +145,7 @@ class _Run:
             self.bar.set_postfix({k[:3]: f"{t / c:.2f}" for k, (t, c) in self.running.items()})
 
 
-def run_benchmark(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single",
+def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *, setting: str = "single",
                   batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
                   run_info: dict[str, Any] | None = None, edit_store: Any = None,
@@ -259,7 +262,7 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
     return BenchmarkResult(results, summary)
 
 
-def _check_args(editor: Any, handle: Any, cases: list, setting: str, batch_size: int, eval_timing: str) -> None:
+def _check_args(editor: Any, handle: ModelHandle, cases: list, setting: str, batch_size: int, eval_timing: str) -> None:
     name = editor.name or type(editor).__name__
     if setting not in SETTINGS:
         raise ValueError(f"setting {setting!r} is not one of {SETTINGS}")
@@ -325,7 +328,7 @@ def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]
     return {k: v for k, v in eff.items() if v is not None}
 
 
-def _check_reverted(handle: Any, edit: Edit) -> None:
+def _check_reverted(handle: ModelHandle, edit: Edit) -> None:
     """Cheap check after a revert: every parameter the edit touched holds its base values again."""
     from ..digests import tensor_digest
 

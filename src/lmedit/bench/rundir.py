@@ -24,6 +24,7 @@ from ..training.checkpoint import state_id
 from ..types import EditCase
 
 if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
     from .run import _Run
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def case_keys(cases: Sequence[EditCase]) -> list[Any]:
     return [c.case_id if c.case_id is not None else i for i, c in enumerate(cases)]
 
 
-def run_header(editor: Any, handle: Any, cases: Sequence[EditCase], *, setting: str = "single", batch_size: int = 1,
-               eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS,
+def run_header(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *, setting: str = "single",
+               batch_size: int = 1, eval_timing: str = "final", protocols: Sequence[str] = ALL_PROTOCOLS,
                generation: GenSettings | None = None) -> dict[str, Any]:
     """What a run is (``run.json``): method, resolved config, model, setting and case ids; resume checks it."""
     cfg = editor.config_for(handle)

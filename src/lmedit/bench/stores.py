@@ -29,13 +29,16 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..digests import case_digest, digest, request_digest
 from ..edits import Edit
 from ..io import cache_file
 from ..metrics.records import Score
 from ..metrics.scoring import TargetScore
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ class BaselineStore:
         self.root = Path(root)
 
     @staticmethod
-    def scope(handle: Any, state_digest: str, protocols: Sequence[str]) -> str:
+    def scope(handle: ModelHandle, state_digest: str, protocols: Sequence[str]) -> str:
         """Where the scores of ``handle``'s model with these weights (``state_digest``) live."""
         from .. import __version__
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch import nn
 from ..hooks import get_module, replayed
 from ..swaps import SwapModule
 from ..types import EditRequest
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def activation_name(model: nn.Module) -> str:
     )
 
 
-def ffn_info(handle: Any, layer: int) -> FFNInfo:
+def ffn_info(handle: ModelHandle, layer: int) -> FFNInfo:
     """Describe layer ``layer``'s FFN; clear errors for bad layer indices and unrecognised FFNs."""
     ad = handle.adapter
     ad.check_layers(handle.model, [layer])
@@ -168,7 +171,7 @@ def _detach(x: Any) -> Any:
     return x
 
 
-def _prefix_paths(handle: Any, first_layer: int) -> list[str]:
+def _prefix_paths(handle: ModelHandle, first_layer: int) -> list[str]:
     ad = handle.adapter
     paths = []
     if ad.encoder_decoder and ad.encoder_layers:
@@ -178,7 +181,7 @@ def _prefix_paths(handle: Any, first_layer: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def frozen_prefix(handle: Any, first_layer: int, inputs: dict[str, torch.Tensor]) -> Iterator[None]:
+def frozen_prefix(handle: ModelHandle, first_layer: int, inputs: dict[str, torch.Tensor]) -> Iterator[None]:
     """Inside the block, a forward on exactly ``inputs`` only computes layers ≥ ``first_layer``.
 
     The layers below (and a T5 encoder) run once here; their outputs are recorded and replayed by stand-in
@@ -226,7 +229,7 @@ class AnswerBatch:
     labels: torch.Tensor  # [n] the answer token ids
 
 
-def answer_batch(handle: Any, prompts: list[str], targets: list[str]) -> AnswerBatch:
+def answer_batch(handle: ModelHandle, prompts: list[str], targets: list[str]) -> AnswerBatch:
     """Prompts + answers (right padded) with the (row, position) of every answer-token prediction."""
     batch = handle.tokens.teacher_forced(prompts, targets, side="right")
     rows, cols = [], []
@@ -241,14 +244,14 @@ def answer_batch(handle: Any, prompts: list[str], targets: list[str]) -> AnswerB
 
 
 @torch.no_grad()
-def rows_already_answered(handle: Any, ab: AnswerBatch) -> list[bool]:
+def rows_already_answered(handle: ModelHandle, ab: AnswerBatch) -> list[bool]:
     """Per batch row: does the model (as it is now) already predict every answer token, teacher forced?"""
     hit = answer_logits(handle, ab).argmax(-1) == ab.labels  # [n]
     n_rows = int(ab.inputs["input_ids"].shape[0])
     return [bool(hit[ab.rows == r].all()) for r in range(n_rows)]
 
 
-def answer_logits(handle: Any, ab: AnswerBatch) -> torch.Tensor:
+def answer_logits(handle: ModelHandle, ab: AnswerBatch) -> torch.Tensor:
     """Logits [n, vocab] (float32) at the answer-token predictions of ``ab``."""
     from ..metrics.scoring import logits_at
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from ..edits import Edit, EditError, EditMismatchError
 from ..hooks import get_module, set_module
 from .base import Capabilities
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +197,7 @@ class MemoryEdit(Edit):
             raise EditError("a MemoryEdit needs entries at one module at least")
         self.entries = dict(entries)
 
-    def _apply(self, handle: Any, strict: bool,
+    def _apply(self, handle: ModelHandle, strict: bool,
                max_relative_update: float | None) -> list[tuple[str, MemoryLayer, int]]:
         model = handle.model
         for path, e in self.entries.items():
@@ -222,7 +225,7 @@ class MemoryEdit(Edit):
         log.debug("memory edit applied: %s", {p: len(e.bounds) for p, e in self.entries.items()})
         return done
 
-    def _revert(self, handle: Any, done: list[tuple[str, MemoryLayer, int]]) -> None:
+    def _revert(self, handle: ModelHandle, done: list[tuple[str, MemoryLayer, int]]) -> None:
         for path, memory, _token in done:
             if get_module(handle.model, path) is not memory:
                 raise EditError(f"the memory at {path} was replaced by another edit's module; revert that edit "
@@ -258,19 +261,19 @@ class MemoryEdit(Edit):
                 f"(keys {e.keys.shape[1]}-d, values {e.values.shape[1]}-d)" for path, e in self.entries.items()]
 
 
-def _widths(handle: Any, module: nn.Module) -> tuple[int, int]:
+def _widths(handle: ModelHandle, module: nn.Module) -> tuple[int, int]:
     """(input width, output width) of a projection, in the adapter's weight layout."""
     w = handle.adapter.weight_out_in(module)
     return int(w.shape[1]), int(w.shape[0])
 
 
-def memory_at(handle: Any, path: str) -> MemoryLayer | None:
+def memory_at(handle: ModelHandle, path: str) -> MemoryLayer | None:
     """The memory installed at ``path``, if any."""
     module = get_module(handle.model, path)
     return module if isinstance(module, MemoryLayer) else None
 
 
-def base_module(handle: Any, path: str) -> nn.Module:
+def base_module(handle: ModelHandle, path: str) -> nn.Module:
     """The module at ``path`` without any memory around it."""
     module = get_module(handle.model, path)
     return module.base if isinstance(module, MemoryLayer) else module

@@ -7,11 +7,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import Config, ConfigError
 from ..edits import Edit, WeightDelta
 from ..types import EditInputError, EditRequest
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +72,18 @@ class Editor(ABC):
         self.Config.from_dict(self._overrides)  # fail now on unknown keys or bad values
 
     # --- configuration -----------------------------------------------------------------------------
-    def config_for(self, handle: Any) -> Config:
+    def config_for(self, handle: ModelHandle) -> Config:
         """Defaults, then the preset for this model's shape, then the user's values; then ``resolve``."""
         preset = self.presets.get(handle.preset or "", {})
         cfg = self.Config.from_dict({**preset, **self._overrides})
         return self.resolve(handle, cfg)
 
-    def resolve(self, handle: Any, cfg: Config) -> Config:
+    def resolve(self, handle: ModelHandle, cfg: Config) -> Config:
         """Fill in what depends on the model (e.g. layers from its depth); the default keeps ``cfg``."""
         return cfg
 
     # --- editing -----------------------------------------------------------------------------------
-    def compute(self, handle: Any, requests: list[EditRequest] | EditRequest) -> Edit:
+    def compute(self, handle: ModelHandle, requests: list[EditRequest] | EditRequest) -> Edit:
         """Compute an edit for ``requests`` without changing the model."""
         requests = self._check_requests(handle, requests)
         cfg = self.config_for(handle)
@@ -99,14 +102,14 @@ class Editor(ABC):
         log.info("%s computed an edit of %d request(s) in %.2f s", self.name, len(requests), seconds)
         return edit
 
-    def edit(self, handle: Any, requests: list[EditRequest] | EditRequest) -> Edit:
+    def edit(self, handle: ModelHandle, requests: list[EditRequest] | EditRequest) -> Edit:
         """``compute`` then ``apply``; returns the applied edit (``edit.revert(handle)`` undoes it)."""
         return self.compute(handle, requests).apply(handle)
 
     @abstractmethod
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit: ...
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit: ...
 
-    def _check_requests(self, handle: Any, requests: list[EditRequest] | EditRequest) -> list[EditRequest]:
+    def _check_requests(self, handle: ModelHandle, requests: list[EditRequest] | EditRequest) -> list[EditRequest]:
         if isinstance(requests, EditRequest):
             requests = [requests]
         requests = list(requests)
@@ -144,7 +147,7 @@ class Editor(ABC):
         return f"{type(self).__name__}(name={self.name!r}, overrides={self._overrides})"
 
 
-def depth_layer(handle: Any, fraction: float) -> int:
+def depth_layer(handle: ModelHandle, fraction: float) -> int:
     """The layer at ``fraction`` of the model's depth (0 = first, 1 = last); in a hybrid model, the closest
     layer that has a feed-forward block."""
     n = handle.n_layers

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from ._ffn import (
     trainable,
 )
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +85,13 @@ class CaliNet(Editor):
     }
     quick: ClassVar[dict[str, Any]] = {"width": 16, "lr": 1e-2, "steps": 30}
 
-    def resolve(self, handle: Any, cfg: CaliNetConfig) -> CaliNetConfig:
+    def resolve(self, handle: ModelHandle, cfg: CaliNetConfig) -> CaliNetConfig:
         if cfg.layers is None:
             n = handle.n_layers
             cfg = cfg.replace(layers=sorted({max(0, n - 2), n - 1}))
         return cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: CaliNetConfig) -> ModuleSwap:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: CaliNetConfig) -> ModuleSwap:
         infos = [ffn_info(handle, int(layer)) for layer in sorted(set(cfg.layers))]
         modules = {i.mlp: CalibratedFFN(i.d_model, cfg.width, i.activation, i.gated, cfg.seed + i.layer)
                    for i in infos}

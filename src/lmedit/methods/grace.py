@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -36,6 +36,9 @@ from ..registry import register_editor
 from ..types import EditRequest
 from ._memory import MEMORY_CAPABILITIES, Entries, MemoryEdit
 from .base import Editor, depth_layer
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,13 @@ class GRACE(Editor):
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "eps": 1.0, "steps": 30, "lr": 0.5}
     depth_fraction: ClassVar[float] = 0.85
 
-    def resolve(self, handle: Any, cfg: GRACEConfig) -> GRACEConfig:
+    def resolve(self, handle: ModelHandle, cfg: GRACEConfig) -> GRACEConfig:
         if cfg.layer is None:
             cfg = cfg.replace(layer=depth_layer(handle, self.depth_fraction))
         check_layers(handle, [cfg.layer])
         return cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: GRACEConfig) -> MemoryEdit:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: GRACEConfig) -> MemoryEdit:
         layer = cfg.layer
         path = handle.adapter.mlp_out.format(layer)
         whole = [EditRequest(prompt="{}", subject=r.text, target_new=r.target_new) for r in requests]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -30,6 +30,9 @@ from ..registry import register_editor
 from ..types import EditRequest
 from ._memory import MEMORY_CAPABILITIES, Entries, MemoryEdit, base_module
 from .base import Editor, depth_layer
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +69,13 @@ class KVMemory(Editor):
                                        "context_lengths": [], "threshold": 0.9}
     depth_fraction: ClassVar[float] = 0.15
 
-    def resolve(self, handle: Any, cfg: KVMemoryConfig) -> KVMemoryConfig:
+    def resolve(self, handle: ModelHandle, cfg: KVMemoryConfig) -> KVMemoryConfig:
         if cfg.layers is None or cfg.layers == "auto":
             cfg = cfg.replace(layers=[depth_layer(handle, self.depth_fraction)])
         check_layers(handle, cfg.layers)
         return cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: KVMemoryConfig) -> MemoryEdit:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: KVMemoryConfig) -> MemoryEdit:
         (layer,) = cfg.layers
         path = handle.adapter.mlp_out.format(layer)
         clock = Phases()

@@ -18,7 +18,7 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from ..registry import register_editor
 from ..types import EditInputError, EditRequest
 from ._ffn import answer_batch, answer_logits
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class LoraAdapter(Edit):
         known = set(peft.LoraConfig.__dataclass_fields__)
         return peft.LoraConfig(**{k: v for k, v in self.peft_config.items() if k in known})
 
-    def _apply(self, handle: Any, strict: bool, max_relative_update: float | None) -> str:
+    def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None) -> str:
         for name, t in self.weights.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise EditError(f"refusing edit: adapter weight {name} holds NaN/inf; the model is unchanged")
@@ -102,7 +105,7 @@ class LoraAdapter(Edit):
             raise
         return name
 
-    def _revert(self, handle: Any, name: str) -> None:
+    def _revert(self, handle: ModelHandle, name: str) -> None:
         remove(handle, name)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -118,7 +121,7 @@ class LoraAdapter(Edit):
                 f"({n:,} parameters)"]
 
 
-def inject(handle: Any, config: Any, name: str) -> None:
+def inject(handle: ModelHandle, config: Any, name: str) -> None:
     """Add adapter ``name`` to the model (peft injects its LoRA layers on first use); all adapters active,
     none trainable."""
     peft = _peft()
@@ -137,7 +140,7 @@ def inject(handle: Any, config: Any, name: str) -> None:
     tuner.set_adapter(list(tuner.peft_config), inference_mode=True)
 
 
-def remove(handle: Any, name: str) -> None:
+def remove(handle: ModelHandle, name: str) -> None:
     """Delete adapter ``name``; the last one out unloads peft, which restores the original modules."""
     model = handle.model
     tuner = _TUNERS.get(model)
@@ -165,14 +168,14 @@ class LoRA(Editor):
     }
     quick: ClassVar[dict[str, Any]] = {"rank": 4, "alpha": 16.0, "lr": 2e-2, "steps": 20, "dropout": 0.0}
 
-    def resolve(self, handle: Any, cfg: LoRAConfig) -> LoRAConfig:
+    def resolve(self, handle: ModelHandle, cfg: LoRAConfig) -> LoRAConfig:
         if cfg.target_modules is None:
             layers = list(range(handle.n_layers)) if cfg.layers is None else cfg.layers
             handle.adapter.check_layers(handle.model, layers)
             cfg = cfg.replace(target_modules=[handle.adapter.mlp_out.format(i) for i in layers])
         return cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: LoRAConfig) -> LoraAdapter:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: LoRAConfig) -> LoraAdapter:
         peft = _peft()
         config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=list(cfg.target_modules), bias="none",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ from ._ffn import (
     trainable,
 )
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,7 @@ def _corpus_path(cfg: TPatcherConfig) -> Path:
     return find_data_file(CORPUS)
 
 
-def _corpus_chunks(handle: Any, path: Path, chunk: int, n_tokens: int) -> list[list[int]]:
+def _corpus_chunks(handle: ModelHandle, path: Path, chunk: int, n_tokens: int) -> list[list[int]]:
     if not path.exists():
         raise FileNotFoundError(f"memory corpus {path} not found; set TPatcherConfig.corpus to a text file")
     ids: list[int] = []
@@ -181,7 +184,7 @@ def _corpus_chunks(handle: Any, path: Path, chunk: int, n_tokens: int) -> list[l
 
 
 @torch.no_grad()
-def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
+def ffn_input_memory(handle: ModelHandle, info: FFNInfo, cfg: TPatcherConfig) -> torch.Tensor:
     """``memory_size`` FFN inputs [M, d] of layer ``info.layer`` on WikiText (handle + disk cache)."""
     corpus = _corpus_path(cfg)
     key = f"ffn_input_memory:{info.layer}:{cfg.memory_size}:{cfg.memory_chunk}:{corpus.name}"
@@ -206,7 +209,7 @@ def ffn_input_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig) -> torch.T
     return handle.cache[key]
 
 
-def _collect_memory(handle: Any, info: FFNInfo, cfg: TPatcherConfig, corpus: Path) -> torch.Tensor:
+def _collect_memory(handle: ModelHandle, info: FFNInfo, cfg: TPatcherConfig, corpus: Path) -> torch.Tensor:
     chunks = _corpus_chunks(handle, corpus, cfg.memory_chunk, cfg.memory_size)
     tp, dev, out, have = handle.tokens, handle.device, [], 0
     for s in range(0, len(chunks), 8):
@@ -255,10 +258,10 @@ class TPatcher(Editor):
     quick: ClassVar[dict[str, Any]] = {"memory_size": 300, "memory_chunk": 32, "steps": 40, "max_patches": 2,
                                        "mlc": 1.0, "memory_topk": 100}
 
-    def resolve(self, handle: Any, cfg: TPatcherConfig) -> TPatcherConfig:
+    def resolve(self, handle: ModelHandle, cfg: TPatcherConfig) -> TPatcherConfig:
         return cfg.replace(layer=handle.n_layers - 1) if cfg.layer is None else cfg
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: TPatcherConfig) -> ModuleSwap:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: TPatcherConfig) -> ModuleSwap:
         (req,) = requests
         info = ffn_info(handle, cfg.layer)
         activation = cfg.activation or info.activation
@@ -294,7 +297,7 @@ class TPatcher(Editor):
 
     @staticmethod
     @torch.no_grad()
-    def _init_patch(handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
+    def _init_patch(handle: ModelHandle, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
                     patch: Patches, memory: torch.Tensor, cfg: TPatcherConfig, seed: int) -> None:
         """k = α·h̃/‖h̃‖² and b in standardised coordinates (see the module docstring); v = e ⊙ amplify."""
         with trace(handle.model, info.mlp, input=True, output=False, stop=True) as t:
@@ -317,7 +320,7 @@ class TPatcher(Editor):
         patch.value_dir.copy_((e / e.norm())[None])
         patch.value_scale.fill_(cfg.amplify)
 
-    def _train(self, handle: Any, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
+    def _train(self, handle: ModelHandle, info: FFNInfo, ab: Any, rows: torch.Tensor, cols: torch.Tensor,
                memory: torch.Tensor, earlier: list[Patches], patch: Patches,
                cfg: TPatcherConfig) -> tuple[bool, int]:
         """Train one patch (earlier ones fixed, installed beneath it); True once the edit holds."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import Config, ConfigError, option
 from ..edits import Edit
@@ -22,6 +22,9 @@ from ..training.data import examples_from_cases, split
 from ..training.trainer import Objective, Trainer, TrainResult, TrainSettings
 from ..types import EditCase, EditRequest
 from .base import Capabilities, Editor
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +75,24 @@ class TrainedEditor(Editor):
     # --- for subclasses ----------------------------------------------------------------------------
     objective_class: ClassVar[type]  # called as objective_class(handle, cfg)
 
-    def build(self, handle: Any, cfg: Any) -> Objective:
+    def build(self, handle: ModelHandle, cfg: Any) -> Objective:
         """The method's networks and losses for ``handle`` (untrained until ``fit`` or a loaded state)."""
         return self.objective_class(handle, cfg)
 
-    def edit_from(self, obj: Any, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+    def edit_from(self, obj: Any, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         """The edit of ``requests`` by the trained ``obj``; a subclass may pass use-time options."""
         return obj.edit(requests, {"checkpoint": cfg.checkpoint})
 
     # --- training ----------------------------------------------------------------------------------
-    def train_request(self, handle: Any) -> dict[str, str]:
+    def train_request(self, handle: ModelHandle) -> dict[str, str]:
         """What training this editor for ``handle`` takes: method, model and default dataset (error data)."""
         return {"method": self.name, "model": handle.name, "dataset": self.default_dataset}
 
-    def _info(self, handle: Any, cfg: Any) -> dict[str, Any]:
+    def _info(self, handle: ModelHandle, cfg: Any) -> dict[str, Any]:
         return {"method": self.name, "model_name": handle.name, "model_fingerprint": handle.fingerprint,
                 "config": cfg.to_dict()}
 
-    def fit(self, handle: Any, cases: list[EditCase], *, quick: bool = False, steps: int | None = None,
+    def fit(self, handle: ModelHandle, cases: list[EditCase], *, quick: bool = False, steps: int | None = None,
             out: str | Path | None = None, progress: bool = False, resume: bool = False,
             on_step: Any = None, max_minutes: float = 0.0) -> TrainResult:
         """Train the editor for ``handle``'s model on ``cases`` (the last ``val_size`` are held back).
@@ -123,7 +126,7 @@ class TrainedEditor(Editor):
                         "stopped_early": result.stopped_early, "history": result.history})
         return result
 
-    def load_checkpoint(self, handle: Any, directory: str | Path) -> Objective:
+    def load_checkpoint(self, handle: ModelHandle, directory: str | Path) -> Objective:
         """Load ``editor.*`` from ``directory`` for ``handle`` (refuses other models and methods)."""
         info, tensors = ckpt.read(directory, ckpt.EDITOR, method=self.name, fingerprint=handle.fingerprint,
                                   model_name=handle.name)
@@ -147,7 +150,7 @@ class TrainedEditor(Editor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending.update(state)
 
-    def trained_for(self, handle: Any, cfg: Any) -> Objective:
+    def trained_for(self, handle: ModelHandle, cfg: Any) -> Objective:
         """The trained networks for ``handle``'s model: fitted or loaded before, or read from ``cfg.checkpoint``;
         NotTrainedError when there are none."""
         if handle.fingerprint in self._trained:
@@ -166,7 +169,7 @@ class TrainedEditor(Editor):
             f"checkpoint=DIR (get_editor({self.name!r}, checkpoint=DIR)) with the folder of an earlier fit",
             train=self.train_request(handle))
 
-    def _compute(self, handle: Any, requests: list[EditRequest], cfg: Any) -> Edit:
+    def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         obj = self.trained_for(handle, cfg)
         return self.edit_from(obj, handle, requests, cfg)
 
@@ -176,12 +179,12 @@ class LastLayersEditor(TrainedEditor):
 
     last_layers: ClassVar[int] = 3
 
-    def resolve(self, handle: Any, cfg: Any) -> Any:
+    def resolve(self, handle: ModelHandle, cfg: Any) -> Any:
         if cfg.layers is None:
             n = handle.n_layers
             cfg = cfg.replace(layers=list(range(max(0, n - self.last_layers), n)))
         handle.adapter.check_layers(handle.model, cfg.layers)
         return cfg
 
-    def build(self, handle: Any, cfg: Any) -> Objective:
+    def build(self, handle: ModelHandle, cfg: Any) -> Objective:
         return self.objective_class(handle, self.resolve(handle, cfg))

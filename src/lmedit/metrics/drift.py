@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from ..kv import body_and_head
 from .generate import frame, generate_texts
 from .records import Score
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class DriftSettings:
                              "at least one prompt")
 
 
-def corpus_ids(handle: Any, settings: DriftSettings) -> list[int]:
+def corpus_ids(handle: ModelHandle, settings: DriftSettings) -> list[int]:
     """The first ``settings.tokens`` token ids of the corpus (cached on the handle)."""
     from ..data.paths import find_data_file
 
@@ -86,7 +89,7 @@ def corpus_ids(handle: Any, settings: DriftSettings) -> list[int]:
 
 
 @torch.no_grad()
-def perplexity(handle: Any, ids: list[int], window: int = 512, slice_len: int = 128) -> float:
+def perplexity(handle: ModelHandle, ids: list[int], window: int = 512, slice_len: int = 128) -> float:
     """exp(mean NLL) of ``ids`` read in windows of ``window`` tokens (each window starts with the model's
     BOS where it uses one). The unembedding runs on ``slice_len`` positions at a time."""
     total, count = 0.0, 0
@@ -124,7 +127,7 @@ def ngram_entropy(texts: list[str], ns: tuple[int, ...] = (2, 3), weights: tuple
     return sum(per_text) / len(per_text)
 
 
-def measure_drift(handle: Any, settings: DriftSettings) -> dict[str, Any]:
+def measure_drift(handle: ModelHandle, settings: DriftSettings) -> dict[str, Any]:
     """Both numbers on the model as it is now, with the generations they were computed from."""
     t0 = time.perf_counter()
     ppl = perplexity(handle, corpus_ids(handle, settings), settings.window)
@@ -139,7 +142,8 @@ def measure_drift(handle: Any, settings: DriftSettings) -> dict[str, Any]:
 class DriftTracker:
     """Drift of one run: before any edit, then after the chunks that are due (see :class:`DriftSettings`)."""
 
-    def __init__(self, handle: Any, settings: DriftSettings, out: Path | None, *, n_chunks: int, setting: str) -> None:
+    def __init__(self, handle: ModelHandle, settings: DriftSettings, out: Path | None, *, n_chunks: int,
+                 setting: str) -> None:
         self.handle, self.settings, self.n_chunks, self.setting = handle, settings, n_chunks, setting
         self.path = out / DRIFT_FILE if out is not None else None
         self.records: list[dict[str, Any]] = []

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..types import EditCase
 from .gen_protocol import GEN, generate_records, scores_from_records
 from .generate import GenSettings
 from .records import PROB_COMPARE, TOKEN_ACC, CaseResult, Score
 from .scoring import TargetScore, score_targets
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 TEACHER_FORCED = (TOKEN_ACC, PROB_COMPARE)  # what lmedit computed before the generation protocol existed
 ALL_PROTOCOLS = (TOKEN_ACC, PROB_COMPARE, GEN)
@@ -75,7 +78,7 @@ def _items(cases: Sequence[EditCase], protocols: Sequence[str]) -> list[_Item]:
     return items
 
 
-def _score(handle: Any, items: list[_Item], batch_size: int) -> list[TargetScore]:
+def _score(handle: ModelHandle, items: list[_Item], batch_size: int) -> list[TargetScore]:
     return score_targets(handle, [it.prompt for it in items], [it.answer for it in items], batch_size)
 
 
@@ -114,7 +117,7 @@ def _aggregate(cases: Sequence[EditCase], items: list[_Item], scores: list[Targe
     return out, loc_scores
 
 
-def baseline(handle: Any, cases: Sequence[EditCase], *, protocols: Sequence[str] = ALL_PROTOCOLS,
+def baseline(handle: ModelHandle, cases: Sequence[EditCase], *, protocols: Sequence[str] = ALL_PROTOCOLS,
              batch_size: int = 32, generation: GenSettings | None = None) -> Baseline:
     """Score the unedited model once: pre-edit metrics and the locality predictions (and, for the
     generation protocol, the answers) to compare against."""
@@ -131,7 +134,7 @@ def baseline(handle: Any, cases: Sequence[EditCase], *, protocols: Sequence[str]
     return Baseline(locality=loc, pre=pre, texts=texts)
 
 
-def score_cases_with_texts(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
+def score_cases_with_texts(handle: ModelHandle, cases: Sequence[EditCase], base: Baseline, *,
                            protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
                            generation: GenSettings | None = None
                            ) -> tuple[list[dict[str, Score]], list[list[dict[str, Any]]]]:
@@ -151,7 +154,7 @@ def score_cases_with_texts(handle: Any, cases: Sequence[EditCase], base: Baselin
     return post, texts
 
 
-def score_cases(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
+def score_cases(handle: ModelHandle, cases: Sequence[EditCase], base: Baseline, *,
                 protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
                 generation: GenSettings | None = None) -> list[dict[str, Score]]:
     """Score the model as it is now (edited) against the baseline of the original model."""
@@ -159,7 +162,7 @@ def score_cases(handle: Any, cases: Sequence[EditCase], base: Baseline, *,
                                   generation=generation)[0]
 
 
-def evaluate(handle: Any, cases: Sequence[EditCase], edit: Any = None, *,
+def evaluate(handle: ModelHandle, cases: Sequence[EditCase], edit: Any = None, *,
              protocols: Sequence[str] = ALL_PROTOCOLS, batch_size: int = 32,
              base: Baseline | None = None, generation: GenSettings | None = None) -> list[CaseResult]:
     """Per-case results for ``edit`` on ``cases``: pre-edit scores, then the edit applied, scored, reverted.

@@ -20,12 +20,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..types import EditCase
 from .answers import EmptyGoldError, agree, contains, exact_match, extract_answer, token_f1
 from .generate import GenSettings, frame, generate_texts
 from .records import Score
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ def gen_items(cases: Sequence[EditCase]) -> list[GenItem]:
     return items
 
 
-def generate_records(handle: Any, cases: Sequence[EditCase], settings: GenSettings) -> list[list[dict[str, Any]]]:
+def generate_records(handle: ModelHandle, cases: Sequence[EditCase],
+                     settings: GenSettings) -> list[list[dict[str, Any]]]:
     """Generate every case's answers on the model as it is now; one list of text records per case."""
     items = gen_items(cases)
     framed = [frame(handle, it.prompt, settings.context) for it in items]

@@ -18,12 +18,15 @@ template's system turn) run those once (:class:`lmedit.kv.SharedPrefix`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..kv import SharedPrefix, body_and_head, cache_kwarg, new_cache
 from ..types import EditInputError
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 CONTEXTS = ("question", "qa", "chat")
 QA_TEMPLATE = "Answer the question with a short answer.\nQuestion: {prompt}\nAnswer:"
@@ -65,7 +68,7 @@ class Generation:
     stop: str
 
 
-def frame(handle: Any, prompt: str, context: str) -> str:
+def frame(handle: ModelHandle, prompt: str, context: str) -> str:
     """``prompt`` as the model reads it for generation under ``context`` (in-context edits first)."""
     if context == "question":
         return handle.render(prompt)
@@ -83,7 +86,7 @@ def frame(handle: Any, prompt: str, context: str) -> str:
     raise GenerationError(f"unknown generation context {context!r}; use one of {', '.join(CONTEXTS)}")
 
 
-def stop_ids(handle: Any) -> set[int]:
+def stop_ids(handle: ModelHandle) -> set[int]:
     """Token ids that end a generation: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids = {handle.tokens.eos_id} if handle.tokens.eos_id is not None else set()
     cfg_eos = getattr(getattr(handle.model, "generation_config", None), "eos_token_id", None)
@@ -97,7 +100,7 @@ def answer_ended(text: str) -> bool:
 
 
 @torch.no_grad()
-def generate_texts(handle: Any, texts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+def generate_texts(handle: ModelHandle, texts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    batch_size: int = 32, stop_at_newline: bool = True) -> list[Generation]:
     """Greedy continuations of already framed ``texts`` (see the module docstring), in input order."""
     rows = [handle.tokens.prompt_ids(t) for t in texts]
@@ -133,7 +136,7 @@ def _common_prefix(rows: list[list[int]], first: list[int] | None = None) -> int
 class _Stepper:
     """One batch's forward passes on a key/value cache (decoder-only models)."""
 
-    def __init__(self, handle: Any, n: int, k: int, prefix: SharedPrefix | None) -> None:
+    def __init__(self, handle: ModelHandle, n: int, k: int, prefix: SharedPrefix | None) -> None:
         self.model, self.device = handle.model, handle.device
         self.body_head = body_and_head(handle.model)
         self.cache = prefix.batch_cache(k, n) if prefix is not None else new_cache(handle.model)
@@ -152,7 +155,7 @@ class _Stepper:
         self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
 
 
-def _run_decoder(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: bool,
+def _run_decoder(handle: ModelHandle, rows: list[list[int]], cap: int, stop_at_newline: bool,
                  prefixes: list[SharedPrefix]) -> list[Generation]:
     n, tok = len(rows), handle.tokenizer
     prefix = None
@@ -206,7 +209,7 @@ def _run_decoder(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: 
             for t, s in zip(new, stops, strict=True)]
 
 
-def _run_seq2seq(handle: Any, rows: list[list[int]], cap: int, stop_at_newline: bool,
+def _run_seq2seq(handle: ModelHandle, rows: list[list[int]], cap: int, stop_at_newline: bool,
                  prefixes: list[SharedPrefix]) -> list[Generation]:
     """Encoder-decoder models: transformers' greedy search, then the same stop rules on its output."""
     ids, mask = handle.tokens.pad(rows, "right")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
 from ..types import EditInputError, EditRequest
@@ -34,6 +34,9 @@ from . import teach
 from .errors import BadRequest, Conflict, NotFound, TooBusy, Unavailable
 from .locks import RWLock
 from .store import APPLIED, EditRecord, EditStore, StoreError, new_id
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class Generation:
     ids: list[int] = field(default_factory=list)
 
 
-def state_fingerprint(handle: Any) -> str:
+def state_fingerprint(handle: ModelHandle) -> str:
     """Identity of everything that decides an answer: every parameter's full content and the in-context
     prefixes (``ModelHandle.state_digest`` covers modules installed by swaps, since they are parameters)."""
     blob = handle.state_digest() + json.dumps(handle.contexts)
@@ -98,7 +101,8 @@ class _TextStream:
 class Engine:
     """One model, one store, and the lock between them. Call :meth:`start` before anything else."""
 
-    def __init__(self, handle: Any, store: EditStore, *, method: str = "rome", limits: Limits | None = None) -> None:
+    def __init__(self, handle: ModelHandle, store: EditStore, *, method: str = "rome",
+                 limits: Limits | None = None) -> None:
         self.handle, self.store, self.method = handle, store, method
         self.limits = limits or Limits()
         self.lock = RWLock()

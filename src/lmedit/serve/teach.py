@@ -13,11 +13,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..edits import META_FILE, TENSOR_FILE, Edit, EditError
 from ..types import QA, EditCase, EditInputError, EditRequest
 from .errors import BadRequest
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def build_case(handle: Any, spec: TeachSpec, generate: Callable[[str], str]) -> EditCase:
+def build_case(handle: ModelHandle, spec: TeachSpec, generate: Callable[[str], str]) -> EditCase:
     """The case scored for the edit: its prompt, the optional paraphrase and neighbour.
 
     A neighbour without an answer is scored against the current model's own continuation (locality only
@@ -78,7 +81,7 @@ def _prompts(case: EditCase) -> list[tuple[str, str]]:
     return out
 
 
-def apply_and_measure(handle: Any, case: EditCase, make_edit: Callable[[], Edit],
+def apply_and_measure(handle: ModelHandle, case: EditCase, make_edit: Callable[[], Edit],
                       generate: Callable[[str], str]) -> tuple[Edit, dict[str, Any], Any]:
     """Continuations before, the edit made (``make_edit``) under the efficiency meter and applied, then the
     continuations after and the scores. Returns (applied edit, report, measurement); on any error after

@@ -17,11 +17,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..metrics.evaluate import ALL_PROTOCOLS
 from ..metrics.generate import GenSettings
 from .cells import CellCache, CellResult, CellSpec, TableError
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class RunOptions:
     generation: GenSettings = field(default_factory=GenSettings)  # how the gen protocol generates
 
 
-def safe_run(handle: Any, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
+def safe_run(handle: ModelHandle, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
     """run_cell, with 'cannot run' and failures turned into results that the table shows as '-'."""
     from ..types import EditInputError
     from .runner import CellSkipped, run_cell

@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from ..metrics.generate import GenSettings
 from ..metrics.records import CaseResult, summarize
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
+
+if TYPE_CHECKING:
+    from ..models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def field_counts(cases: list[Any]) -> dict[str, int]:
     return {f: sum(bool(getattr(c, f, ())) for c in cases) for f in ("paraphrases", "locality", "portability")}
 
 
-def cannot_run(editor_cls: Any, handle: Any, spec: CellSpec, multihop: bool) -> str | None:
+def cannot_run(editor_cls: Any, handle: ModelHandle, spec: CellSpec, multihop: bool) -> str | None:
     """Why this method cannot run this cell (from its capabilities), or None."""
     caps = editor_cls.capabilities
     if handle.is_encoder_decoder and not caps.encoder_decoder:
@@ -109,7 +112,7 @@ def find_runs(roots: list[str] | tuple[str, ...], method: str) -> list[Path]:
     return found
 
 
-def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: str, target: Path,
+def _adopt(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpec, setting: str, target: Path,
            reuse: list[str] | tuple[str, ...], scoring: dict[str, Any]) -> dict[str, Any] | None:
     """Seed ``target`` with finished cases of an earlier ``lmedit bench`` run of the same method, config,
     model and setting (see :func:`lmedit.bench.adopt_cases`); what was adopted, or None."""
@@ -125,7 +128,7 @@ def _adopt(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, setting: 
     return {"from": source, "cases": n}
 
 
-def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
+def _benchmark(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
                run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = (),
                edit_store: Any = None, baseline_store: Any = None, scoring: dict[str, Any] | None = None
                ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
@@ -158,7 +161,7 @@ def _benchmark(editor: Any, handle: Any, cases: list[Any], spec: CellSpec, folde
     return results, summaries, adopted
 
 
-def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
+def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
     """The cell's editor and its overrides; a trained editor gets its checkpoint (or the cell is skipped)."""
     from ..registry import get_editor
 
@@ -173,7 +176,7 @@ def _editor(cls: Any, spec: CellSpec, handle: Any, checkpoints: dict[str, str] |
     return get_editor(spec.method, overrides), overrides
 
 
-def run_cell(handle: Any, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
+def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
              on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
              cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = (),
@@ -271,7 +274,7 @@ def cell_lacks(cell: CellResult, protocols: tuple[str, ...], multihop: bool) -> 
     return [p for p in protocols if p not in held]
 
 
-def missing_checkpoint(editor: Any, handle: Any, where: str) -> str:
+def missing_checkpoint(editor: Any, handle: ModelHandle, where: str) -> str:
     """The '-' reason of a trained editor without a checkpoint: the command that trains one."""
     return (f"{editor.name} must be trained before it can edit and there is no checkpoint at {where}; train "
             f"one for {handle.name} (the train command, or editor.fit(..., out=DIR)) and give the table that "

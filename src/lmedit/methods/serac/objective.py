@@ -11,7 +11,7 @@ low-rank adapter on the output MLP matrices of the last layers is trained with N
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from ...tokens import join
 from ...training.data import TrainExample
 from ...training.functional import answer_logprobs, delta_hooks, nll_and_acc, weight_shape
 from .router import SERACRouter, scope_logits
+
+if TYPE_CHECKING:
+    from ...models.handle import ModelHandle
 
 
 def _with_answer(prompt: str, answer: str) -> str:
@@ -34,7 +37,7 @@ def context(prompt: str, target: str) -> str:
 
 
 class SERACObjective:
-    def __init__(self, handle: Any, cfg: Any) -> None:
+    def __init__(self, handle: ModelHandle, cfg: Any) -> None:
         self.handle, self.cfg = handle, cfg
         torch.manual_seed(cfg.seed)
         dim = cfg.embed_dim

@@ -26,7 +26,7 @@ recomputes routed rows on the whole sequence.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import nn
 
 from ...hooks import get_module
 from ...swaps import SwapModule, register_swap_module
+
+if TYPE_CHECKING:
+    from ...models.handle import ModelHandle
 
 BUFFERS = ("mem_keys", "proj", "log_temp", "bias")
 
@@ -72,7 +75,7 @@ class SERACRouter(SwapModule):
             self.register_buffer(f"cf_a{i}", torch.zeros(d_out, cf_rank), persistent=False)
             self.register_buffer(f"cf_b{i}", torch.zeros(d_in, cf_rank), persistent=False)
         self._register_state_dict_hook(_strip_base)
-        self._handle: Any = None
+        self._handle: ModelHandle = None
         self._gen: tuple[torch.Tensor, list[int]] | None = None
 
     # --- Edit plumbing -----------------------------------------------------------------------------
@@ -96,7 +99,7 @@ class SERACRouter(SwapModule):
                     setattr(self, n, state[n].to(getattr(self, n).device, getattr(self, n).dtype).clone())
         return nn.modules.module._IncompatibleKeys(missing, [])
 
-    def bind(self, handle: Any) -> None:
+    def bind(self, handle: ModelHandle) -> None:
         self._handle = handle
 
     # --- memory ------------------------------------------------------------------------------------
