@@ -34,6 +34,13 @@ import torch
 
 from . import edit_format
 from .edit_format import META_FILE, TENSOR_FILE, malformed  # noqa: F401  (re-exported)
+from .errors import (  # noqa: F401  (defined with the other typed errors; imported from here too)
+    EditDivergedError,
+    EditError,
+    EditFileError,
+    EditMismatchError,
+    EditOrderError,
+)
 from .hooks import get_parameter
 
 if TYPE_CHECKING:
@@ -42,35 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class EditError(RuntimeError):
-    """An edit that cannot be applied or reverted as asked; the model is left as it was."""
-
-
-class EditMismatchError(EditError):
-    """An edit made for other weights (another model, or other base values) than the ones given."""
-
-
-class EditOrderError(EditError):
-    """A revert asked for an edit that has later edits applied on top of it; the model is left as it was."""
-
-
-class EditDivergedError(EditError):
-    """An update far larger than the weights it changes (a diverged optimisation); nothing was written.
-    ``data["option"]`` names the bound (see :mod:`lmedit.errors`)."""
-
-    def __init__(self, message: str, **data: Any) -> None:
-        super().__init__(message)
-        self.data: dict[str, Any] = data
-
-
 MAX_RELATIVE_UPDATE = 100.0
 """Default bound on ‖ΔW‖/‖W‖ per parameter for :meth:`Edit.apply` (``max_relative_update=``): an update a
 hundred times the size of the weights it changes. Real edits stay far below it (docs/reliability.md has
 measured values); FT-M with ``lr=1e6`` reaches 1e7-1e8."""
-
-
-class EditFileError(EditError):
-    """A saved edit that is corrupt, altered, malformed, of an older format, or names an unknown module."""
 
 
 def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: float | None) -> None:

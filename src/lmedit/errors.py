@@ -21,3 +21,25 @@ class LmeditError(Exception):
     def __init__(self, message: str, **data: Any) -> None:
         super().__init__(message)
         self.data: dict[str, Any] = data
+
+
+# --- edits (lmedit.edits) ----------------------------------------------------------------------------
+class EditError(RuntimeError):
+    """An edit that cannot be applied or reverted as asked; the model is left as it was."""
+
+
+class EditMismatchError(EditError):
+    """An edit made for other weights (another model, or other base values) than the ones given."""
+
+
+class EditOrderError(EditError):
+    """A revert asked for an edit that has later edits applied on top of it; the model is left as it was."""
+
+
+class EditDivergedError(LmeditError, EditError):
+    """An update far larger than the weights it changes (a diverged optimisation); nothing was written.
+    ``data["option"]`` names the bound."""
+
+
+class EditFileError(EditError):
+    """A saved edit that is corrupt, altered, malformed, of an older format, or names an unknown module."""

@@ -36,7 +36,7 @@ from ..hooks import get_parameter
 from ..io import atomic_write, folder_lock
 from ..metrics import coverage
 from ..metrics.drift import DriftSettings, DriftTracker
-from ..metrics.efficiency import Measurement, measure
+from ..metrics.efficiency import Measurement, efficiency_record, measure
 from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
 from ..metrics.gen_protocol import GEN, scope_labels
 from ..metrics.generate import GenSettings, frame
@@ -299,8 +299,8 @@ def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, An
     except RECOVERABLE as e:
         msg = f"{type(e).__name__}: {e}"
         log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
-        return None, _efficiency(m, len(idx), None), msg
-    eff = _efficiency(m, len(idx), apply_s)
+        return None, efficiency_record(m, len(idx), None), msg
+    eff = efficiency_record(m, len(idx), apply_s)
     if run.store is not None:
         run.store.put(run.scope, requests[0], edit, eff)
     return edit, eff, None
@@ -319,13 +319,6 @@ def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any
         return None
     log.info("reusing the stored edit of %r", requests[0].text)
     return edit, {**eff, "reused_edit": True}, None
-
-
-def _efficiency(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:
-    eff = {"seconds": m.seconds / n, "chunk_seconds": m.seconds, "chunk_size": n, "apply_seconds": apply_s,
-           "peak_rss_bytes": m.peak_rss_bytes, "rss_delta_bytes": m.rss_delta_bytes,
-           "cuda_peak_bytes": m.cuda_peak_bytes, "cuda_start_bytes": m.cuda_start_bytes}
-    return {k: v for k, v in eff.items() if v is not None}
 
 
 def _check_reverted(handle: ModelHandle, edit: Edit) -> None:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass
@@ -149,3 +150,12 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def efficiency_record(m: Measurement, n: int, apply_s: float | None) -> dict[str, Any]:
+    """A case's efficiency record from the measurement of its chunk's ``compute`` (``n`` requests): seconds
+    per request and per chunk, apply seconds, and the memory peaks that were measured."""
+    eff = {"seconds": m.seconds / n, "chunk_seconds": m.seconds, "chunk_size": n, "apply_seconds": apply_s,
+           "peak_rss_bytes": m.peak_rss_bytes, "rss_delta_bytes": m.rss_delta_bytes,
+           "cuda_peak_bytes": m.cuda_peak_bytes, "cuda_start_bytes": m.cuda_start_bytes}
+    return {k: v for k, v in eff.items() if v is not None}
