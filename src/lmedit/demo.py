@@ -149,7 +149,9 @@ def run_demo(model: str = "smollm2-135m", method: str | None = None, *, max_new_
     step("scoring the edit")
     (result,) = evaluate(handle, [case], edit)
     scores = {}
-    for name in ("reliability", "generalization", "locality"):
+    # teacher-forced token accuracy, then the same metrics scored on what the model generates (exact match)
+    for name in ("reliability", "generalization", "locality",
+                 "reliability@gen_em", "generalization@gen_em", "locality@gen_em"):
         if name in result.post:
             pre = result.pre.get(name)
             scores[name] = (pre.value if pre else None, result.post[name].value)

@@ -42,12 +42,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {c.label:<{width}}  {c.prompt!r}")
         print(f"  {'':<{width}}    before: {c.before!r}")
         print(f"  {'':<{width}}    after:  {c.after!r}")
-    print("\nScores (token accuracy, before -> after the edit)")
-    for name, (pre, post) in rep.scores.items():
-        before = "   " if name == "locality" or pre is None else f"{pre:.2f}"
-        arrow = "  " if name == "locality" else "->"
-        note = "  (agreement with the unedited model)" if name == "locality" else ""
-        print(f"  {LABELS.get(name, name):<15} {before} {arrow} {post:.2f}{note}")
+    for protocol, title in (("", "teacher-forced token accuracy"),
+                            ("@gen_em", "the generated answer, exact match, no teacher forcing")):
+        print(f"\nScores ({title}, before -> after the edit)")
+        for name, (pre, post) in rep.scores.items():
+            metric, _, tag = name.partition("@")
+            if ("@" + tag if tag else "") != protocol:
+                continue
+            local = metric == "locality"
+            before = "   " if local or pre is None else f"{pre:.2f}"
+            note = ("  (agreement with the unedited model)" if not tag else "  (same answer as the unedited "
+                    "model)") if local else ""
+            print(f"  {LABELS.get(metric, metric):<15} {before} {'  ' if local else '->'} {post:.2f}{note}")
     mem = human_bytes(rep.peak_rss_bytes)
     if rep.cuda_peak_bytes:
         mem += f", GPU peak {human_bytes(rep.cuda_peak_bytes)}"
