@@ -519,3 +519,21 @@ def test_a_teacher_forced_bench_run_lends_its_cases_and_the_cell_computes_the_ge
     assert toy.calls == calls + 2, "the lent cases lack the generation protocol: edited again for it"
     assert cell.post["reliability"]["mean"] == bench.summary["post"]["reliability"]["mean"]
     assert cell.post["reliability@gen_em"]["protocol"] == "gen_em"
+
+
+def test_multihop_run_resumes_through_the_runners_reader(toy, model_dir, tmp_path):
+    from lmedit.data import load_mquake
+    from lmedit.models.loading import load_model
+    from lmedit.table.multihop import run_multihop
+
+    handle, cases = load_model(model_dir), load_mquake(n=2)
+    first = run_multihop(ToyEditor(), handle, cases, tmp_path)
+    path = tmp_path / "cases.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:15])  # killed while writing the second case
+    calls = toy.calls
+    again = run_multihop(ToyEditor(), handle, cases, tmp_path, resume=True)
+    assert toy.calls == calls + 1, "only the torn case is edited again"
+    assert [(r.case_id, r.pre, r.post) for r in again] == [(r.case_id, r.pre, r.post) for r in first]
+    assert again[0].to_dict() == first[0].to_dict(), "the finished case is read back, not recomputed"
+    assert len(path.read_text().splitlines()) == 2

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..bench.rundir import read_cases
 from ..io import atomic_write
 from ..metrics.records import CaseResult, Score
 from ..metrics.scoring import score_targets
@@ -101,29 +102,16 @@ def revert_all(handle: ModelHandle, edits: list[Any]) -> None:
         edit.revert(handle)
 
 
-def _read_done(path: Path) -> dict[str, CaseResult]:
-    """Finished cases of an interrupted run; a torn last line (killed mid-write) is dropped."""
-    done: dict[str, CaseResult] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text().splitlines():
-        try:
-            r = CaseResult.from_dict(json.loads(line))
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s: dropping an unreadable line (interrupted write)", path)
-            continue
-        done[str(r.case_id)] = r
-    return done
-
-
 def run_multihop(editor: Any, handle: ModelHandle, cases: list[Any], out_dir: Path, *, resume: bool = False,
                  on_case: Callable[[], None] | None = None) -> list[CaseResult]:
     """Per-case multi-hop results, written to ``out_dir/cases.jsonl`` as they finish (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CASES_FILE
-    done = _read_done(path) if resume else {}
-    # rewrite the file from the parsed lines so a torn line never stays in the middle of it
-    atomic_write(path, "".join(json.dumps(r.to_dict()) + "\n" for r in done.values()))
+    if resume:  # the runner's reader: a torn last line is dropped and the file rewritten without it
+        done = {str(k): r for k, r in read_cases(path, {str(c.case_id) for c in cases}).items()}
+    else:
+        done = {}
+        atomic_write(path, "")
     results: list[CaseResult] = []
     for case in cases:
         if str(case.case_id) in done:
