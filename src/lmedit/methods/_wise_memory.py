@@ -219,18 +219,25 @@ class WiseLayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if not self._memories:
             return out
+        return self.route(x, out)[0].to(out.dtype)
+
+    def route(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed output (float32) for input ``x`` and main-memory output ``out``, and per position the
+        index into :meth:`memories` of the side memory used (-1: the main memory)."""
         q, main = x.float(), out.float()
-        if self._memories[0][0].device != q.device:
+        if self._memories and self._memories[0][0].device != q.device:
             self._memories = [(t.to(q.device), th) for t, th in self._memories]
         main_act = self.act(main)
         new, best = main, torch.full(main.shape[:-1], -1.0, device=q.device)
-        for tau, theta in self._memories:
+        choice = torch.full(main.shape[:-1], -1, dtype=torch.long, device=q.device)
+        for i, (tau, theta) in enumerate(self._memories):
             side = main + F.linear(q, tau)
             delta = (self.act(side) - main_act).norm(dim=-1)
             fire = (delta >= theta) & (delta > best)
             new = torch.where(fire.unsqueeze(-1), side, new)
             best = torch.where(fire, delta, best)
-        return new.to(out.dtype)
+            choice = torch.where(fire, torch.full_like(choice, i), choice)
+        return new, choice
 
 
 class WiseEdit(Edit):

@@ -72,12 +72,12 @@ class WISEConfig(Config):
     layer: int | None = option(None, "layer whose FFN output projection gets the side memory (None: 85% of depth)")
     mask_ratio: float = option(0.2, "fraction ρ of the side memory's entries a shard trains (random mask)")
     steps: int = option(70, "SGD steps per edit at most (the paper's n_iter)")
-    lr: float = option(1.0, "SGD learning rate (the paper's edit_lr)")
+    lr: float = option(2.0, "SGD learning rate (the paper's edit_lr is 1.0; 2.0 needs half the steps on SmolLM2)")
     weight_decay: float = option(1e-5, "SGD weight decay of the trained entries")
-    early_stop: float = option(0.02, "stop once the whole loss (answer + routing margins) is below this")
+    early_stop: float = option(0.1, "stop once the answer loss is below this and the margins β and γ hold")
     alpha: float = option(0.3, "margin α: largest Δ allowed on unrelated tokens, × mean ‖σ(W x)‖ there")
-    beta: float = option(1.0, "margin β: smallest Δ wanted at the edit's answer positions, × the same scale")
-    gamma: float = option(0.5, "margin γ: smallest gap between the edit's Δ and the largest unrelated Δ, × scale")
+    beta: float = option(0.6, "margin β: smallest Δ wanted at the edit's answer positions, × the same scale")
+    gamma: float = option(0.3, "margin γ: smallest gap between the edit's Δ and the largest unrelated Δ, × scale")
     act_ratio: float = option(0.88, "a position uses a side memory when Δ ≥ act_ratio × its edits' smallest Δ")
     norm_constraint: float = option(1.0, "each side-memory entry stays within ± this of the main memory's")
     templates: int = option(10, "context-template rows per edit besides the bare prompt (0, 5 or 10)")
@@ -193,7 +193,10 @@ class WISE(Editor):
                                  + F.relu(gamma - (d_in - d_out.max())).mean())
                         loss = ce + l_act
                         losses.append(float(loss.detach()))
-                        if losses[-1] < cfg.early_stop:
+                        lo, hi = float(d_in.detach().min()), float(d_out.detach().max())
+                        log.debug("wise step %d: answer %.4f, routing %.4f (Δ edit ≥ %.3g, unrelated ≤ %.3g)",
+                                  _step, float(ce.detach()), float(l_act.detach()), lo, hi)
+                        if float(ce.detach()) < cfg.early_stop and lo >= beta and lo - hi >= gamma:
                             break
                         opt.zero_grad()
                         loss.backward()
