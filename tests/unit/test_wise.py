@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_handle
+from test_lifelong import logits, logits_with  # logits of fixed probes; of a model with given edits
 from lmedit.edits import Edit, EditMismatchError
 from lmedit.hooks import get_module, trace
 from lmedit.methods._wise_memory import WiseLayer, shard_mask, ties_merge
@@ -23,7 +24,6 @@ REQS = [
     EditRequest(prompt="{} plays the", subject="Yo-Yo Ma", target_new="piano"),
     EditRequest(prompt="The author of {} is", subject="Hamlet", target_new="Dickens"),
 ]
-PROBES = [r.text for r in REQS] + ["Michel Rocard is a native speaker of", "Tokyo is in Japan"]
 SHARDED = {"shard_size": 2, "merge_every": 2}  # shards of two edits, merged in pairs
 
 
@@ -34,21 +34,6 @@ def wise(**kw):
 @pytest.fixture
 def llama(tokenizer):
     return make_handle("llama", tokenizer)
-
-
-@torch.no_grad()
-def logits(handle) -> torch.Tensor:
-    return handle.logits(handle.tokens.teacher_forced(PROBES, ["French"] * len(PROBES)))
-
-
-def logits_with(handle, edits) -> torch.Tensor:
-    for e in edits:
-        e.apply(handle)
-    try:
-        return logits(handle)
-    finally:
-        for e in reversed(edits):
-            e.revert(handle)
 
 
 def layer_of(handle, edit) -> WiseLayer:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..edits import Edit, EditError, EditMismatchError
 from ..hooks import get_module, set_module
+from ._memory import ProjectionWrapper, remove_from
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -98,34 +99,16 @@ class Entry:
     sharding: Sharding
 
 
-class WiseLayer(nn.Module):
-    """Wraps ``base`` (the main memory, kept as ``self.base``); holds the side memories of every applied edit.
-
-    The side memories are not parameters: the model's state dict gains only the ``base.`` prefix while
-    installed. ``weight``/``bias`` reach the wrapped projection's, so weight edits still find them.
-    """
+class WiseLayer(ProjectionWrapper):
+    """Wraps ``base`` (the main memory); holds the side memories of every applied WISE edit there."""
 
     def __init__(self, base: nn.Module, act: Callable[[torch.Tensor], torch.Tensor],
                  shape: tuple[int, int]) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.act = act
         self.shape = shape
-        self._owned: dict[int, Entry] = {}
-        self._next = 0
         self._masks: dict[tuple[int, float], torch.Tensor] = {}
         self._memories: list[tuple[torch.Tensor, float]] = []  # (τ [d_out, d_in], θ)
-
-    def __len__(self) -> int:
-        return len(self._owned)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
 
     def mask(self, sharding: Sharding, shard: int) -> torch.Tensor:
         key = (sharding.mask_seed(shard), sharding.mask_ratio)
@@ -141,15 +124,7 @@ class WiseLayer(nn.Module):
                     f"holds edits made with {e.sharding}; revert those or compute the edit with their settings")
         if entry.values.numel() != self.mask(entry.sharding, entry.shard).numel():
             raise EditMismatchError("this WISE edit's values do not fit its shard's mask; recompute the edit")
-        token = self._next
-        self._next += 1
-        self._owned[token] = entry
-        self._compile()
-        return token
-
-    def remove(self, token: int) -> None:
-        del self._owned[token]
-        self._compile()
+        return super().add(entry)
 
     # --- the state, as a function of the applied set ----------------------------------------------
     def shards(self) -> dict[int, list[Entry]]:
@@ -287,13 +262,7 @@ class WiseEdit(Edit):
         return Entry(self.shard, self.values, self.act, self.sharding)
 
     def _revert(self, handle: ModelHandle, done: tuple[WiseLayer, int]) -> None:
-        layer, token = done
-        if get_module(handle.model, self.path) is not layer:
-            raise EditError(f"the side memory at {self.path} was replaced by another edit's module; revert that "
-                            "edit first")
-        layer.remove(token)
-        if not len(layer):
-            set_module(handle.model, self.path, layer.base)
+        remove_from(handle, self.path, *done)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         body = {"path": self.path, "shard": self.shard, "act": self.act, "shape": list(self.shape),

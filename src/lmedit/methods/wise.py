@@ -26,6 +26,7 @@ cheaper. Undo of any edit is exact; see ``_wise_memory``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,14 +36,14 @@ from torch import nn
 
 from ..config import Config, ConfigError, option
 from ..hooks import get_module, set_module, trace
-from ..locate.pipeline import Phases, check_layers
+from ..locate.pipeline import Phases
 from ..locate.suffix import replaying, with_input_of
 from ..locate.templates import context_templates, split_template
 from ..metrics.scoring import logits_at
 from ..registry import register_editor
 from ..types import EditRequest
 from ._wise_memory import Sharding, WiseEdit, WiseLayer, activation_fn, shard_mask
-from .base import Capabilities, Editor, depth_layer
+from .base import Capabilities, DepthLayer, Editor
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -126,7 +127,7 @@ class _Training(nn.Module):
 
 
 @register_editor("wise")
-class WISE(Editor):
+class WISE(DepthLayer, Editor):
     """Side memory with activation routing, knowledge sharding and TIES merging; any edit undone exactly."""
 
     Config = WISEConfig
@@ -137,17 +138,10 @@ class WISE(Editor):
         "smollm2-135m": {"layer": 25},
     }
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "steps": 30, "templates": 0}
-    depth_fraction: ClassVar[float] = 0.85
-
-    def resolve(self, handle: ModelHandle, cfg: WISEConfig) -> WISEConfig:
-        if cfg.layer is None:
-            cfg = cfg.replace(layer=depth_layer(handle, self.depth_fraction))
-        check_layers(handle, [cfg.layer])
-        return cfg
 
     def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: WISEConfig) -> WiseEdit:
         (req,) = requests
-        layer, clock = cfg.layer, Phases()
+        layer, clock, cpu0 = cfg.layer, Phases(), time.process_time()
         path = handle.adapter.mlp_out.format(layer)
         module = get_module(handle.model, path)
         memory = module if isinstance(module, WiseLayer) else None
@@ -214,7 +208,7 @@ class WISE(Editor):
         values = trainer.values.detach().float().cpu()
         stats = {"layer": layer, "shard": shard, "steps": len(losses), "loss": [losses[0], losses[-1]],
                  "delta_edit_min": float(d_in.min()), "delta_unrelated_max": float(d_out.max()),
-                 "scale": scale, "seconds": clock.seconds}
+                 "scale": scale, "seconds": clock.seconds, "cpu_seconds": time.process_time() - cpu0}
         log.info("wise: shard %d at %s, %d steps, loss %.3f -> %.3f, Δ edit ≥ %.3g, unrelated ≤ %.3g (scale %.3g)",
                  shard, path, len(losses), losses[0], losses[-1], stats["delta_edit_min"],
                  stats["delta_unrelated_max"], scale)
