@@ -72,10 +72,11 @@ IRRELEVANT = (
 class WISEConfig(Config):
     layer: int | None = option(None, "layer whose FFN output projection gets the side memory (None: 85% of depth)")
     mask_ratio: float = option(0.2, "fraction ρ of the side memory's entries a shard trains (random mask)")
-    steps: int = option(70, "SGD steps per edit at most (the paper's n_iter)")
-    lr: float = option(2.0, "SGD learning rate (the paper's edit_lr is 1.0; 2.0 needs half the steps on SmolLM2)")
+    steps: int = option(40, "SGD steps per edit at most (the paper's n_iter is 70)")
+    lr: float = option(4.0, "SGD learning rate (the paper's edit_lr is 1.0; see docs/wise.md for 4.0)")
     weight_decay: float = option(1e-5, "SGD weight decay of the trained entries")
-    early_stop: float = option(0.1, "stop once the answer loss is below this and the margins β and γ hold")
+    early_stop: float = option(0.2, "stop once the answer loss is below this, every answer token is the "
+                               "argmax and the margins β and γ hold")
     alpha: float = option(0.3, "margin α: largest Δ allowed on unrelated tokens, × mean ‖σ(W x)‖ there")
     beta: float = option(0.6, "margin β: smallest Δ wanted at the edit's answer positions, × the same scale")
     gamma: float = option(0.3, "margin γ: smallest gap between the edit's Δ and the largest unrelated Δ, × scale")
@@ -188,9 +189,11 @@ class WISE(DepthLayer, Editor):
                         loss = ce + l_act
                         losses.append(float(loss.detach()))
                         lo, hi = float(d_in.detach().min()), float(d_out.detach().max())
-                        log.debug("wise step %d: answer %.4f, routing %.4f (Δ edit ≥ %.3g, unrelated ≤ %.3g)",
-                                  _step, float(ce.detach()), float(l_act.detach()), lo, hi)
-                        if float(ce.detach()) < cfg.early_stop and lo >= beta and lo - hi >= gamma:
+                        hit = bool((logits.detach().argmax(-1) == labels).all())
+                        log.debug("wise step %d: answer %.4f (argmax right everywhere: %s), routing %.4f "
+                                  "(Δ edit ≥ %.3g, unrelated ≤ %.3g)", _step, float(ce.detach()), hit,
+                                  float(l_act.detach()), lo, hi)
+                        if hit and float(ce.detach()) < cfg.early_stop and lo >= beta and lo - hi >= gamma:
                             break
                         opt.zero_grad()
                         loss.backward()
