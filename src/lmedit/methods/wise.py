@@ -76,7 +76,7 @@ class WISEConfig(Config):
     lr: float = option(4.0, "SGD learning rate (the paper's edit_lr is 1.0; see docs/wise.md for 4.0)")
     weight_decay: float = option(1e-5, "SGD weight decay of the trained entries")
     early_stop: float = option(0.2, "stop once the answer loss is below this, every answer token is the "
-                               "argmax and the margins β and γ hold")
+                               "argmax and every unrelated token's Δ is below the routing threshold")
     alpha: float = option(0.3, "margin α: largest Δ allowed on unrelated tokens, × mean ‖σ(W x)‖ there")
     beta: float = option(0.6, "margin β: smallest Δ wanted at the edit's answer positions, × the same scale")
     gamma: float = option(0.3, "margin γ: smallest gap between the edit's Δ and the largest unrelated Δ, × scale")
@@ -193,7 +193,7 @@ class WISE(DepthLayer, Editor):
                         log.debug("wise step %d: answer %.4f (argmax right everywhere: %s), routing %.4f "
                                   "(Δ edit ≥ %.3g, unrelated ≤ %.3g)", _step, float(ce.detach()), hit,
                                   float(l_act.detach()), lo, hi)
-                        if hit and float(ce.detach()) < cfg.early_stop and lo >= beta and lo - hi >= gamma:
+                        if hit and float(ce.detach()) < cfg.early_stop and hi < cfg.act_ratio * lo:
                             break
                         opt.zero_grad()
                         loss.backward()
