@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lifelong import logits, logits_with  # logits of fixed probes; of a model with given edits
 
 from conftest import make_handle
-from test_lifelong import logits, logits_with  # logits of fixed probes; of a model with given edits
 from lmedit.edits import Edit, EditMismatchError
 from lmedit.hooks import get_module, trace
 from lmedit.methods._wise_memory import WiseLayer, shard_mask, ties_merge
