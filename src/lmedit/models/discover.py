@@ -109,6 +109,7 @@ class BlockParts:
 
     attn: str | None = None
     attn_out: str | None = None
+    attn_layout: str | None = None
     mlp: str | None = None
     mlp_in: tuple[str, ...] = ()
     mlp_out: str | None = None
@@ -128,9 +129,10 @@ def block_parts(block: _Block) -> BlockParts:
     if mixers:
         attn = min(mixers, key=lambda n: block.seen[n].order)
         parts.attn = block.rel(attn)
-        outs = [n for n in writes_d if _under(n, attn)]
+        outs = [n for n in writes_d if _under(n, attn) and block.per_token(block.seen[n].x)]
         if outs:
-            parts.attn_out = block.rel(max(outs, key=lambda n: block.seen[n].done))
+            last = max(outs, key=lambda n: block.seen[n].done)
+            parts.attn_out, parts.attn_layout = block.rel(last), linears[last]
     dense = [n for n in writes_d if not block.mixes(n) and not any(block.mixes(a) for a in block.ancestors(n))]
     routed = [n for n in dense if not block.per_token(block.seen[n].x)]
     dense = [n for n in dense if block.per_token(block.seen[n].x)]
@@ -234,10 +236,14 @@ def discover(model: nn.Module) -> ModelAdapter:
         per_layer = {i: block_parts(_Block(model, seen, f"{blocks_path}.{i}", d, tokens)) for i in range(n)}
     finally:
         model.train(was_training)
-    reasons = {p.why_no_ffn for p in per_layer.values() if p.why_no_ffn}
-    mlp_out, ffn_layers = _template({i: p.mlp_out for i, p in per_layer.items()},
-                                    "; ".join(sorted(reasons)) or "found no FFN output projection", model)
-    ref = next(p for p in per_layer.values() if p.mlp_out == mlp_out)
+    reasons = "; ".join(sorted({p.why_no_ffn for p in per_layer.values() if p.why_no_ffn}))
+    if any(p.mlp_out for p in per_layer.values()):
+        mlp_out, ffn_layers = _template({i: p.mlp_out for i, p in per_layer.items()}, reasons, model)
+        ref = next(p for p in per_layer.values() if p.mlp_out == mlp_out)
+        site, site_reason = "ffn", ""
+    else:  # no block has a dense FFN: the token mixer's output projection is the edit site
+        ref, ffn_layers, site_reason = _attention_site(per_layer, reasons or "found no FFN output projection", model)
+        site = "attn_out"
     attn, _ = _template({i: p.attn for i, p in per_layer.items()}, "found no attention (token-mixing) module", model)
     attn_ref = next(p for p in per_layer.values() if p.attn == attn)
     last_block = f"{blocks_path}.{n - 1}"
@@ -246,18 +252,33 @@ def discover(model: nn.Module) -> ModelAdapter:
     adapter = ModelAdapter(
         family=str(getattr(cfg, "model_type", "") or type(model).__name__),
         embed=embed, layers=blocks_path + ".{}", attn=b + attn, attn_out=b + (attn_ref.attn_out or attn),
-        mlp=b + ref.mlp, mlp_in=tuple(b + p for p in ref.mlp_in), mlp_out=b + mlp_out, ln_final=ln_final,
+        mlp=b + ref.mlp, mlp_in=tuple(b + p for p in ref.mlp_in), mlp_out=b + ref.mlp_out, ln_final=ln_final,
         lm_head=lm_head, weight_layout=ref.layout,  # type: ignore[arg-type]
-        ffn_layers=None if len(ffn_layers) == n else ffn_layers, discovered=True,
+        ffn_layers=None if len(ffn_layers) == n else ffn_layers, discovered=True, edit_site=site,  # type: ignore[arg-type]
+        edit_site_reason=site_reason,
     )
     validate(model, adapter, inputs)
     tied = head_mod.weight is embed_mod.weight
-    log.info("discovered the parts of %s (no registered adapter): blocks %s, FFN output %s (%s, %s FFN%s), "
-             "attention %s, final norm %s, head %s (%s)", type(model).__name__, adapter.layers, adapter.mlp_out,
-             adapter.weight_layout, "gated" if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else "plain",
+    what = (f"attention output {adapter.mlp_out} as the edit site ({site_reason})" if site == "attn_out" else
+            f"FFN output {adapter.mlp_out} ({'gated' if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else 'plain'}"
+            " FFN)")
+    log.info("discovered the parts of %s (no registered adapter): blocks %s, %s, %s layout%s, attention %s, "
+             "final norm %s, head %s (%s)", type(model).__name__, adapter.layers, what, adapter.weight_layout,
              f", layers {list(ffn_layers)} only" if adapter.ffn_layers else "", adapter.attn, ln_final or "none",
              lm_head, "tied to the embeddings" if tied else "untied")
     return adapter
+
+
+def _attention_site(per_layer: dict[int, BlockParts], reasons: str,
+                    model: nn.Module) -> tuple[BlockParts, tuple[int, ...], str]:
+    """For a model none of whose blocks has a dense FFN: the token mixer's output projection, a linear map
+    that writes into the residual stream and reads every token (its input, the mixed heads or the recurrent
+    state's readout at a token, is a well-defined key), as the edit site of every layer that has one."""
+    out, layers = _template({i: p.attn_out for i, p in per_layer.items()},
+                            f"{reasons}, and no token mixer has a linear output projection to edit instead", model)
+    ref = next(p for p in per_layer.values() if p.attn_out == out)
+    reason = f"{reasons}; the attention output projection is edited instead"
+    return BlockParts(attn=ref.attn, attn_out=out, mlp=out, mlp_out=out, layout=ref.attn_layout), layers, reason
 
 
 def _fused(adapter: ModelAdapter, model: nn.Module) -> bool:

@@ -159,4 +159,16 @@ def tiny_model(name: str, seed: int = 0, layers: int = LAYERS) -> nn.Module:
                               "a size field of its config is not in lmedit.models.tiny.SIZES")
     torch.manual_seed(seed)
     model = cls(cfg)
+    _fill_zero_matrices(model, seed)
     return model.float().eval()
+
+
+@torch.no_grad()
+def _fill_zero_matrices(model: nn.Module, seed: int) -> None:
+    """Give every weight matrix that the class initialises to all zeros small random values (std 0.02), as
+    training would: a projection left at zero (xLSTM's gates) makes the keys behind it zero for every token,
+    which no trained model has and which no edit of that model could change."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() >= 2 and p.is_floating_point() and not p.any():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
