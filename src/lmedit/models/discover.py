@@ -192,7 +192,7 @@ def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int]:
         if len(shapes) != 1:
             continue
         (x, y), = shapes
-        if len(x) != 3 or x != y:
+        if len(x) < 3 or x != y:  # [batch, seq, d], or [batch, seq, streams, d] with hyper-connections
             continue
         n_params = sum(p.numel() for p in module.parameters())
         lists.append((name, x[-1], n_params))
@@ -223,13 +223,16 @@ def discover(model: nn.Module) -> ModelAdapter:
         raise DiscoveryError(model, "it is not a Hugging Face model (no get_input_embeddings/get_output_embeddings)")
     embed_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
     embed, lm_head = _path_of(model, embed_mod), _path_of(model, head_mod)
-    if embed is None or lm_head is None:
-        raise DiscoveryError(model, f"found no {'token embedding' if embed is None else 'output head'} module")
+    if embed is None:
+        raise DiscoveryError(model, "found no token embedding module")
     inputs = probe_inputs(model)
     was_training = model.training
     model.eval()
     try:
         seen = record(model, inputs)
+        if lm_head is None:  # a class that hides its head from get_output_embeddings (CLVP's decoder)
+            lm_head = _head_from_logits(model, seen, inputs)
+            head_mod = get_module(model, lm_head)
         blocks_path, d = find_blocks(model, seen)
         n = len(get_module(model, blocks_path))
         tokens = int(inputs["input_ids"].numel())
@@ -279,6 +282,17 @@ def _attention_site(per_layer: dict[int, BlockParts], reasons: str,
     ref = next(p for p in per_layer.values() if p.attn_out == out)
     reason = f"{reasons}; the attention output projection is edited instead"
     return BlockParts(attn=ref.attn, attn_out=out, mlp=out, mlp_out=out, layout=ref.attn_layout), layers, reason
+
+
+def _head_from_logits(model: nn.Module, seen: dict[str, Seen], inputs: dict[str, torch.Tensor]) -> str:
+    """The linear map (weight [vocab, d]) whose recorded output is the model's logits."""
+    logits = run(model, inputs)
+    found = [n for n, s in seen.items() if s.y is not None and s.y.shape == logits.shape and torch.equal(s.y, logits)
+             and linear_layout(get_module(model, n), s) is not None]
+    if not found:
+        raise DiscoveryError(model, "found no output head module (get_output_embeddings() returns None and no "
+                                    "linear layer's output is the logits)")
+    return max(found, key=lambda n: seen[n].done)
 
 
 def _fused(adapter: ModelAdapter, model: nn.Module) -> bool:
