@@ -262,9 +262,9 @@ def discover(model: nn.Module) -> ModelAdapter:
     )
     validate(model, adapter, inputs)
     tied = head_mod.weight is embed_mod.weight
+    gated = "gated" if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else "plain"
     what = (f"attention output {adapter.mlp_out} as the edit site ({site_reason})" if site == "attn_out" else
-            f"FFN output {adapter.mlp_out} ({'gated' if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else 'plain'}"
-            " FFN)")
+            f"FFN output {adapter.mlp_out} ({gated} FFN)")
     log.info("discovered the parts of %s (no registered adapter): blocks %s, %s, %s layout%s, attention %s, "
              "final norm %s, head %s (%s)", type(model).__name__, adapter.layers, what, adapter.weight_layout,
              f", layers {list(ffn_layers)} only" if adapter.ffn_layers else "", adapter.attn, ln_final or "none",
@@ -280,7 +280,7 @@ def _attention_site(per_layer: dict[int, BlockParts], reasons: str,
     out, layers = _template({i: p.attn_out for i, p in per_layer.items()},
                             f"{reasons}, and no token mixer has a linear output projection to edit instead", model)
     ref = next(p for p in per_layer.values() if p.attn_out == out)
-    reason = f"{reasons}; the attention output projection is edited instead"
+    reason = f"{reasons}; so the token mixer's output projection is edited instead"
     return BlockParts(attn=ref.attn, attn_out=out, mlp=out, mlp_out=out, layout=ref.attn_layout), layers, reason
 
 
