@@ -109,12 +109,23 @@ def test_attention_output_site_edits_and_reverts(name, tokenizer, tmp_path):
     assert edit_and_revert(handle, name, overrides, 0) > 0
 
 
-def test_hyper_connection_blocks_and_a_hidden_head_are_found():
-    """DeepSeek-V4 carries four residual streams per token ([batch, seq, 4, d] between blocks); CLVP's decoder
-    returns None from get_output_embeddings, so its head is the linear map whose output is the logits."""
+def test_hyper_connection_blocks_and_a_hidden_head_are_found(tokenizer, tmp_path):
+    """DeepSeek-V4 carries four residual streams per token ([batch, seq, 4, d] between blocks): ROME edits it,
+    MEMIT (which spreads a residual target over layers) refuses it. CLVP's decoder returns None from
+    get_output_embeddings, so its head is the linear map whose output is the logits."""
+    from lmedit.registry import get_editor
+    from lmedit.survey import _request, edit_and_revert, tiny_corpus
+
     if "DeepseekV4ForCausalLM" in causal_lm_classes():
-        dsv4 = adapter_for(tiny_model("DeepseekV4ForCausalLM"))
+        handle = ModelHandle(tiny_model("DeepseekV4ForCausalLM"), tokenizer, name="tiny-dsv4")
+        dsv4 = handle.adapter
         assert dsv4.layers == "model.layers.{}" and dsv4.mlp_out.endswith("mlp.shared_experts.down_proj")
+        assert dsv4.residual_streams == 4
+        quick = {"v_num_grad_steps": 20, "v_weight_decay": 0.0, "mom2_tokens": 2000, "context_lengths": [],
+                 "mom2_corpus": str(tiny_corpus(tmp_path))}
+        assert edit_and_revert(handle, "rome", quick, 0) > 0
+        with pytest.raises(UnsupportedArchitectureError, match="4 residual streams.*ROME or FT"):
+            get_editor("memit", layers=[0, 1], **quick).compute(handle, [_request()])
     clvp = tiny_model("ClvpForCausalLM")
     assert clvp.get_output_embeddings() is None and adapter_for(clvp).lm_head == "lm_head"
 
@@ -180,10 +191,11 @@ def test_tiny_configs_are_tiny():
     assert isinstance(adapter_for(tiny_model("LlamaForCausalLM")), ModelAdapter)
 
 
-@pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM"])
+@pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM", "MixtralForCausalLM"])
 def test_layers_auto_traces_a_discovered_model(name, tokenizer, tmp_path, monkeypatch):
     """``--layers auto`` (causal tracing over known facts) on an FFN that reads flattened tokens (OPT) and on a
-    model whose last layer holds experts instead of the dense FFN (DeepSeek-V3): the chosen layer has one."""
+    model whose last layer holds experts instead of the dense FFN (DeepSeek-V3): the chosen layer has one; and on
+    routed experts only (Mixtral), traced at the attention output that is its edit site."""
     from lmedit.locate.pipeline import auto_layers
 
     monkeypatch.setenv("LMEDIT_HOME", str(tmp_path))

@@ -46,6 +46,9 @@ class ModelAdapter:
             whose blocks has a dense FFN (routed experts only, or no FFN at all). Then ``mlp`` and ``mlp_out``
             both name that projection and ``mlp_in`` is empty: methods that need FFN neurons refuse the model.
         edit_site_reason: why discovery did not edit an FFN (empty for ``"ffn"``).
+        residual_streams: how many residual streams the blocks carry between them: 1, or n for hyper-connections
+            ([batch, seq, n, d] between blocks, each block reading and writing them through learned mixes).
+            Methods that spread a residual target over layers (MEMIT's family) need 1.
     """
 
     family: str
@@ -66,6 +69,7 @@ class ModelAdapter:
     discovered: bool = False
     edit_site: Literal["ffn", "attn_out"] = "ffn"
     edit_site_reason: str = ""
+    residual_streams: int = 1
 
     def replace(self, **kw: Any) -> ModelAdapter:
         """A copy with the given fields changed."""

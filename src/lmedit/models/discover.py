@@ -179,8 +179,9 @@ def block_parts(block: _Block) -> BlockParts:
     return parts
 
 
-def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int]:
-    """(path, width) of the decoder blocks: the outermost ModuleList whose elements map [b, s, d] -> same."""
+def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int, int]:
+    """(path, width, residual streams) of the decoder blocks: the outermost ModuleList whose elements map
+    [b, s, d] (or [b, s, streams, d], hyper-connections) to the same shape."""
     lists = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module):
@@ -192,16 +193,16 @@ def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int]:
         if len(shapes) != 1:
             continue
         (x, y), = shapes
-        if len(x) < 3 or x != y:  # [batch, seq, d], or [batch, seq, streams, d] with hyper-connections
+        if len(x) not in (3, 4) or x != y:  # [batch, seq, d], or [batch, seq, streams, d] (hyper-connections)
             continue
         n_params = sum(p.numel() for p in module.parameters())
-        lists.append((name, x[-1], n_params))
+        lists.append((name, x[-1], n_params, x[2] if len(x) == 4 else 1))
     outer = [c for c in lists if not any(_under(c[0], o[0]) for o in lists)]
     if not outer:
         raise DiscoveryError(model, "found no list of decoder blocks (an nn.ModuleList whose blocks each map "
                                     "[batch, seq, d] hidden states to the same shape)")
-    name, d, _ = max(outer, key=lambda c: c[2])
-    return name, int(d)
+    name, d, _, streams = max(outer, key=lambda c: c[2])
+    return name, int(d), int(streams)
 
 
 def _template(found: dict[int, str | None], what: str, model: nn.Module) -> tuple[str, tuple[int, ...]]:
@@ -233,7 +234,7 @@ def discover(model: nn.Module) -> ModelAdapter:
         if lm_head is None:  # a class that hides its head from get_output_embeddings (CLVP's decoder)
             lm_head = _head_from_logits(model, seen, inputs)
             head_mod = get_module(model, lm_head)
-        blocks_path, d = find_blocks(model, seen)
+        blocks_path, d, streams = find_blocks(model, seen)
         n = len(get_module(model, blocks_path))
         tokens = int(inputs["input_ids"].numel())
         per_layer = {i: block_parts(_Block(model, seen, f"{blocks_path}.{i}", d, tokens)) for i in range(n)}
@@ -258,7 +259,7 @@ def discover(model: nn.Module) -> ModelAdapter:
         mlp=b + ref.mlp, mlp_in=tuple(b + p for p in ref.mlp_in), mlp_out=b + ref.mlp_out, ln_final=ln_final,
         lm_head=lm_head, weight_layout=ref.layout,  # type: ignore[arg-type]
         ffn_layers=None if len(ffn_layers) == n else ffn_layers, discovered=True, edit_site=site,  # type: ignore[arg-type]
-        edit_site_reason=site_reason,
+        edit_site_reason=site_reason, residual_streams=streams,
     )
     validate(model, adapter, inputs)
     tied = head_mod.weight is embed_mod.weight
