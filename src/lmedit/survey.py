@@ -33,6 +33,10 @@ EDITORS: dict[str, dict[str, Any]] = {
     "rome": {"v_num_grad_steps": 20, "v_weight_decay": 0.0, "mom2_tokens": 2000, "context_lengths": []},
     "ft-m": {"steps": 6, "lr": 2e-2},
 }
+# ‖ΔW‖/‖W‖ bound when applying: the default (lmedit.edits.MAX_RELATIVE_UPDATE = 100) is meant for trained weights;
+# a random two-layer model stores no facts and needs larger relative updates (ROME on tiny Phi: 1.6e3), so the
+# survey lifts it as the fast tests do (tests/conftest.py)
+TINY_UPDATE_BOUND = 1e9
 
 
 @dataclass
@@ -86,7 +90,7 @@ def edit_and_revert(handle: ModelHandle, editor_name: str, overrides: dict[str, 
     before = logp()
     edit = get_editor(editor_name, layers=[layer], **overrides).compute(handle, [req])
     assert same(), f"{editor_name}: compute changed the model"
-    edit.apply(handle)
+    edit.apply(handle, max_relative_update=TINY_UPDATE_BOUND)
     try:
         after = logp()
     finally:
@@ -225,7 +229,9 @@ def render(results: Sequence[ArchResult], version: str, seconds: float) -> str:
         "`lmedit/models/tiny.py`). Its adapter comes from the registered table when the class is there, and is "
         "otherwise discovered from the module structure (`lmedit/models/discover.py`). *Editable* means: ROME "
         "and FT-M each compute an edit of one fact without changing the model, the edit raises the target's "
-        "log-probability when applied, and reverting it restores every parameter bit for bit.",
+        "log-probability when applied, and reverting it restores every parameter bit for bit. The bound on "
+        "‖ΔW‖/‖W‖ that refuses diverged edits of real models (100) is lifted here, as in the fast tests: a random "
+        "two-layer model stores no facts, and an edit of it can need a relative update of 10³.",
         "",
         "Edit sites: ROME and FT-M rewrite one linear map that every token passes through and that writes into "
         "the residual stream; its input at the subject's last token is the key. That is the FFN's output "
