@@ -205,8 +205,8 @@ def _breakdown(results: Sequence[ArchResult]) -> list[str]:
     lines[-1] = lines[-1][:-1] + "."
     rest = [r for r in results if r.builds and r.status != EDITABLE]
     if rest:
-        lines += ["", f"The {len(rest)} built architectures that are not editable: "
-                  + "; ".join(f"{r.name} ({r.status}: {r.reason.split(': ', 1)[-1][:160]})" for r in rest) + "."]
+        lines += ["", f"The {len(rest)} built architectures that are not editable:", ""]
+        lines += [f"- {r.name} ({r.status}): {r.reason.replace(chr(10), ' ')[:400]}" for r in rest]
     return [*lines, ""]
 
 

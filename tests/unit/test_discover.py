@@ -189,6 +189,12 @@ def test_tiny_configs_are_tiny():
     cfg = tiny_config("LlamaForCausalLM")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 2, 400)
     assert isinstance(adapter_for(tiny_model("LlamaForCausalLM")), ModelAdapter)
+    mamba2 = tiny_config("Mamba2ForCausalLM")  # state-space heads tile the expanded width
+    assert mamba2.num_heads * mamba2.head_dim == mamba2.expand * mamba2.hidden_size
+    falcon_h1 = tiny_config("FalconH1ForCausalLM")
+    assert falcon_h1.mamba_n_heads * falcon_h1.mamba_d_head == falcon_h1.mamba_d_ssm == 2 * falcon_h1.hidden_size
+    ministral = tiny_config("MinistralForCausalLM")  # None in the default config, required by the model class
+    assert (ministral.head_dim, ministral.num_key_value_heads) == (16, 2)
 
 
 @pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM", "MixtralForCausalLM"])

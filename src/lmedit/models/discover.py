@@ -279,7 +279,8 @@ def _attention_site(per_layer: dict[int, BlockParts], reasons: str,
     that writes into the residual stream and reads every token (its input, the mixed heads or the recurrent
     state's readout at a token, is a well-defined key), as the edit site of every layer that has one."""
     out, layers = _template({i: p.attn_out for i, p in per_layer.items()},
-                            f"{reasons}, and no token mixer has a linear output projection to edit instead", model)
+                            f"{reasons}; nor does any token mixer have a linear output projection that "
+                            "reads one position per input token (the edit site of models without a dense FFN)", model)
     ref = next(p for p in per_layer.values() if p.attn_out == out)
     reason = f"{reasons}; so the token mixer's output projection is edited instead"
     return BlockParts(attn=ref.attn, attn_out=out, mlp=out, mlp_out=out, layout=ref.attn_layout), layers, reason

@@ -116,11 +116,14 @@ def _overrides(cfg: Any, layers: int) -> dict[str, Any]:
     for key, value in {**SIZES, **TOKEN_IDS}.items():
         if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
             out[key] = layers if key in DEPTH_KEYS else value
-    for key in ("head_dim", "num_key_value_heads"):  # None means "derive it" to the config, not to every class
+    # None in a default config that its own model class cannot run with (DeepSeek-V2, Ministral, Nemotron, ...)
+    for key in ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_group", "topk_group",
+                "n_routed_experts"):
         if key in d and d[key] is None and isinstance(out.get("num_attention_heads"), int):
             out[key] = SIZES[key]
     width = out.get("hidden_size", d.get("hidden_size"))
-    for expand, heads, head_dim in (("mamba_expand", "mamba_n_heads", "mamba_d_head"), ("expand", "num_heads", "head_dim")):
+    for expand, heads, head_dim in (("mamba_expand", "mamba_n_heads", "mamba_d_head"),
+                                    ("expand", "num_heads", "head_dim")):
         # state-space heads tile the expanded width: heads · head_dim = expand · hidden_size
         if all(isinstance(d.get(k), int) for k in (expand, heads, head_dim)) and isinstance(width, int):
             out[head_dim] = d[expand] * width // out.get(heads, d[heads])
