@@ -206,7 +206,7 @@ def _breakdown(results: Sequence[ArchResult]) -> list[str]:
     rest = [r for r in results if r.builds and r.status != EDITABLE]
     if rest:
         lines += ["", f"The {len(rest)} built architectures that are not editable:", ""]
-        lines += [f"- {r.name} ({r.status}): {r.reason.replace(chr(10), ' ')[:400]}" for r in rest]
+        lines += [f"- {r.name} ({r.status}): {r.reason.replace(chr(10), ' ')[:520]}" for r in rest]
     return [*lines, ""]
 
 

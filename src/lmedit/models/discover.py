@@ -3,8 +3,9 @@
 One forward pass on a tiny input, with hooks on every module, records what each module receives and returns
 (``probe.py``). From that record (never from a family name):
 
-- **blocks**: the outermost ``nn.ModuleList`` whose elements all ran and map [batch, seq, d] to the same
-  shape (the most parameters wins when there are several);
+- **blocks**: the outermost ``nn.ModuleList`` whose elements all ran and map [batch, seq, d] (or
+  [batch, seq, streams, d], hyper-connections) to the same shape (the most parameters wins when there are
+  several);
 - **token mixers** (attention, or a recurrent mixer in a hybrid layer) and **position-wise** modules are told
   apart by running a module again on its recorded inputs with position 0 perturbed: a position-wise module's
   outputs at the other positions do not change;
@@ -15,8 +16,12 @@ One forward pass on a tiny input, with hooks on every module, records what each 
   is the key of the locate-then-edit methods. The FFN is its outermost position-wise ancestor in the block
   (or the projection itself when the block holds the FFN's linears directly); its input projections are
   the linears of the FFN reading width d (two, or one fused, for a gated FFN);
+- **no dense FFN in any block** (routed experts only, or state-space / recurrent layers only): the token
+  mixer's output projection, the last linear map inside it that writes width d and reads every token, is the
+  edit site instead (``edit_site="attn_out"``, with the reason);
 - **embeddings / head** from ``get_input_embeddings`` / ``get_output_embeddings`` (tied when they share the
-  weight); **final norm**: the module that runs between the last block and the head.
+  weight), or the linear map whose output is the logits when the class hides its head; **final norm**: the
+  module that runs between the last block and the head.
 
 The result is then validated (:func:`validate`): shapes at every part, and perturbing the FFN output and the
 final norm output must change the logits.
