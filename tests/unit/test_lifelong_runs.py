@@ -9,10 +9,10 @@ import torch
 from test_benchmark import ToyEditor, _cases, _lines
 
 from lmedit import get_editor
-from lmedit.digests import tensor_digest
-from lmedit.edits import WeightDelta
 from lmedit.bench import BenchmarkError, run_benchmark
 from lmedit.bench.sequential import CollapseGuard, check_checkpoints, probe_perplexity, refuse_if_collapsed
+from lmedit.digests import tensor_digest
+from lmedit.edits import WeightDelta
 from lmedit.errors import EditCollapseError
 from lmedit.types import EditRequest
 
@@ -35,8 +35,9 @@ def test_checkpoints_score_every_edit_made_so_far(tiny_llama, tmp_path, corpus, 
     h = tiny_llama
     before = h.state_digest()
     out = tmp_path / "run"
+    guard = CollapseGuard(ratio=50, corpus=corpus)
     res = run_benchmark(ToyEditor(scale=0.02), h, _cases(6), setting="sequential", eval_timing=timing, out_dir=out,
-                        protocols=PROTOCOLS, checkpoints=[2, 4, 6], collapse_guard=CollapseGuard(ratio=50, corpus=corpus))
+                        protocols=PROTOCOLS, checkpoints=[2, 4, 6], collapse_guard=guard)
     assert h.state_digest() == before
     life = res.summary["lifelong"]
     assert life["schema"] == "lmedit.lifelong/1" and life["eval_timing"] == timing
@@ -125,7 +126,6 @@ def fitted_llama(tokenizer, corpus):
     """A tiny Llama fitted for 30 Adam steps to the probe text: a random model's near-uniform head keeps its
     perplexity near the vocabulary size whatever an edit does, a fitted one can collapse."""
     from conftest import make_model
-
     from lmedit.models.handle import ModelHandle
 
     torch.manual_seed(0)
