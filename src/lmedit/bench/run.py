@@ -177,8 +177,9 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
         generation: how the ``gen`` protocol generates (context, token cap); default GenSettings().
         drift: capability drift (perplexity, n-gram entropy) before and after the edits of a batch or
             sequential run (:mod:`lmedit.metrics.drift`); None: not measured.
-        checkpoints, collapse_guard: sequential only; retention checkpoints (edit counts) and the guard
-            against collapse (:mod:`lmedit.bench.sequential`; the CLI turns the guard on by default).
+        checkpoints: sequential only: edit counts at which every edit so far is scored again (retention).
+        collapse_guard: sequential only: refuse edits that collapse a probe perplexity (see
+            :mod:`lmedit.bench.sequential`; the CLI turns it on by default).
     Returns:
         per-case results in case order, and the summary.
     """
