@@ -130,11 +130,13 @@ def _append(path: Path | None, records: list[dict[str, Any]]) -> None:
     if path is None or not records:
         return
     text = "".join(json.dumps(r, default=str) + "\n" for r in records)
-    with open(path, "r+" if path.exists() else "w", encoding="utf-8") as f:
-        f.seek(0, 2)
-        if f.tell() and not path.read_bytes().endswith(b"\n"):
-            f.write("\n")  # a torn last line stays alone on its line (and is dropped when read)
-        f.write(text)
+    with open(path, "ab") as f:
+        if f.tell():
+            with open(path, "rb") as r:
+                r.seek(-1, 2)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")  # a torn last line stays alone on its line (and is dropped when read)
+        f.write(text.encode("utf-8"))
         f.flush()
 
 
@@ -321,7 +323,10 @@ def curve_lines(lifelong: dict[str, Any]) -> list[str]:
     for p in lifelong["checkpoints"]:
         d = p.get("drift")
         ppl = f"{d['perplexity']:.2f} (×{d['ratio']:.3f})" if d else "–"
-        for name in sorted(m for m in p["scores"].get("all", {}) if m.startswith("reliability")):
+        names = sorted(m for m in p["scores"].get("all", {}) if m.startswith("reliability"))
+        if not names:  # no edit applied yet (all refused or failed)
+            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | {ppl} |")
+        for name in names:
             loc = "locality" + name[len("reliability"):]
             lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | {name} | {_cell(p, 'all', name)} | "
                          f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | {_cell(p, 'all', loc)} | {ppl} |")
