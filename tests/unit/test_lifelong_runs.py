@@ -10,7 +10,13 @@ from test_benchmark import ToyEditor, _cases, _lines
 
 from lmedit import get_editor
 from lmedit.bench import BenchmarkError, run_benchmark
-from lmedit.bench.sequential import CollapseGuard, check_checkpoints, probe_perplexity, refuse_if_collapsed
+from lmedit.bench.sequential import (
+    CollapseGuard,
+    check_checkpoints,
+    probe_perplexity,
+    progress,
+    refuse_if_collapsed,
+)
 from lmedit.digests import tensor_digest
 from lmedit.edits import WeightDelta
 from lmedit.errors import EditCollapseError
@@ -69,6 +75,8 @@ def test_checkpoints_resume_without_scoring_a_finished_checkpoint_again(tiny_lla
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies while computing the 5th edit
         run_benchmark(ToyEditor(scale=0.02, crash_after=4), tiny_llama, _cases(6), checkpoints=[2, 4, 6], **kw)
     assert [r["edits"] for r in _jsonl(out / "checkpoints.jsonl")] == [2, 4]
+    now = progress(out)  # the curves of a stopped (or running) run, from its files
+    assert [p["edits"] for p in now["checkpoints"]] == [2, 4] and now["collapse_guard"]["probed"] == 4
     first = (out / "checkpoint_cases.jsonl").read_text()
     # a new checkpoint (3) on resume is scored while the saved edits are re-applied; 2 and 4 are not redone
     res = run_benchmark(ToyEditor(scale=0.02), tiny_llama, _cases(6), checkpoints=[2, 3, 4, 6], resume=True, **kw)

@@ -290,46 +290,71 @@ class Lifelong:
             refused = sum(str(r.info.get("error", "")).startswith(EditCollapseError.__name__) for r in results)
             points[n] = self._point(n, len(run.chunks()) - 1, ok, refused=refused, failed=n - len(ok) - refused,
                                     source="final records", probe=self._last_probe())
-        drift = {r.get("chunk"): r for r in (run.drift.records if run.drift is not None else [])}
-        before = next((r for r in drift.values() if r.get("point") == "before"), None)
-        for p in points.values():
-            d = drift.get(p["chunk"]) if p["chunk"] is not None else None
-            p["drift"] = None if d is None or before is None or d.get("point") == "before" else {
-                "perplexity": d["scores"][PERPLEXITY]["value"],
-                "perplexity_before": before["scores"][PERPLEXITY]["value"],
-                "ratio": d["scores"][PERPLEXITY]["value"] / before["scores"][PERPLEXITY]["value"],
-                "ngram_entropy": d["scores"][NGRAM_ENTROPY]["value"]}
-        out: dict[str, Any] = {"schema": SCHEMA, "eval_timing": run.eval_timing,
-                               "checkpoints": [points[c] for c in sorted(points)], "collapse_guard": None}
-        if self.guard is not None:
-            probed = [r for r in self.probes if "chunk" in r]
-            last = {r["chunk"]: r for r in probed}  # a chunk probed twice (a crash in between): its last try
-            vals = [r["perplexity"] for r in last.values() if r.get("perplexity") is not None]
-            out["collapse_guard"] = {
-                **self.guard.to_dict(), "base_perplexity": self.base_ppl,
-                "limit": self.guard.ratio * self.base_ppl if self.base_ppl else None, "probed": len(last),
-                "max_perplexity": max(vals) if vals else None,
-                "refused": [{"chunk": r["chunk"], "case_ids": r["case_ids"], "edit": r.get("edit"),
-                             "probe_perplexity": r["perplexity"]} for r in last.values() if r.get("refused")]}
+        drift = run.drift.records if run.drift is not None else []
+        out = _assemble(points, drift, self.probes, self.guard, self.base_ppl, run.eval_timing)
         return {"lifelong": out}
+
+
+def _assemble(points: dict[int, dict[str, Any]], drift_records: list[dict[str, Any]], probes: list[dict[str, Any]],
+              guard: CollapseGuard | None, base_ppl: float | None, eval_timing: str | None) -> dict[str, Any]:
+    """``summary["lifelong"]`` from the checkpoint records, the drift points and the guard's probes."""
+    drift = {r.get("chunk"): r for r in drift_records if r.get("point") != "before"}
+    before = next((r for r in drift_records if r.get("point") == "before"), None)
+    for p in points.values():
+        d = drift.get(p["chunk"])
+        p["drift"] = None if d is None or before is None else {
+            "perplexity": d["scores"][PERPLEXITY]["value"], "perplexity_before": before["scores"][PERPLEXITY]["value"],
+            "ratio": d["scores"][PERPLEXITY]["value"] / before["scores"][PERPLEXITY]["value"],
+            "ngram_entropy": d["scores"][NGRAM_ENTROPY]["value"]}
+    out: dict[str, Any] = {"schema": SCHEMA, "eval_timing": eval_timing,
+                           "checkpoints": [points[c] for c in sorted(points)], "collapse_guard": None}
+    if guard is not None:
+        last = {r["chunk"]: r for r in probes if "chunk" in r}  # a chunk probed twice (a crash between): last try
+        vals = [r["perplexity"] for r in last.values() if r.get("perplexity") is not None]
+        out["collapse_guard"] = {
+            **guard.to_dict(), "base_perplexity": base_ppl, "limit": guard.ratio * base_ppl if base_ppl else None,
+            "probed": len(last), "max_perplexity": max(vals) if vals else None,
+            "refused": [{"chunk": r["chunk"], "case_ids": r["case_ids"], "edit": r.get("edit"),
+                         "probe_perplexity": r["perplexity"]} for r in last.values() if r.get("refused")]}
+    return out
+
+
+def progress(run_dir: str | Path) -> dict[str, Any]:
+    """``summary["lifelong"]`` of a sequential run that is still running or was stopped: its finished
+    checkpoints, drift points and probes as they are on disk (``lmedit.table.plots.lifelong_curves`` draws it
+    as ``{"lifelong": progress(dir)}``). A final-timing run's last checkpoint appears once the run finished."""
+    from ..metrics.drift import DRIFT_FILE
+    from .rundir import RUN_FILE, SUMMARY_FILE
+
+    d = Path(run_dir)
+    if (d / SUMMARY_FILE).exists() and "lifelong" in (done := json.loads((d / SUMMARY_FILE).read_text())):
+        return done["lifelong"]
+    header = json.loads((d / RUN_FILE).read_text())
+    cfg = header.get("collapse_guard")
+    probes = _read_jsonl(d / GUARD_FILE)
+    points = {r["edits"]: r for r in _read_jsonl(d / CHECKPOINTS_FILE)}
+    base = next((r["perplexity"] for r in probes if r.get("point") == "before"), None)
+    return _assemble(points, _read_jsonl(d / DRIFT_FILE), probes, CollapseGuard(**cfg) if cfg else None, base,
+                     header.get("eval_timing"))
 
 
 def curve_lines(lifelong: dict[str, Any]) -> list[str]:
     """A markdown table of the checkpoints of ``summary["lifelong"]`` (reliability all / oldest / newest,
     locality, drift), one row per checkpoint and protocol of reliability."""
     lines = ["Retention at the checkpoints (every applied edit so far scored on the model at that point; ×100):", "",
-             "| edits | applied | refused | metric | all | oldest tenth | newest tenth | locality | perplexity "
-             "(×unedited) |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| edits | applied | refused | metric | all | oldest tenth | newest tenth | generalization | locality | "
+             "perplexity (×unedited) |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for p in lifelong["checkpoints"]:
         d = p.get("drift")
         ppl = f"{d['perplexity']:.2f} (×{d['ratio']:.3f})" if d else "–"
         names = sorted(m for m in p["scores"].get("all", {}) if m.startswith("reliability"))
         if not names:  # no edit applied yet (all refused or failed)
-            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | {ppl} |")
+            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | – | {ppl} |")
         for name in names:
-            loc = "locality" + name[len("reliability"):]
+            tag = name[len("reliability"):]
             lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | {name} | {_cell(p, 'all', name)} | "
-                         f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | {_cell(p, 'all', loc)} | {ppl} |")
+                         f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | "
+                         f"{_cell(p, 'all', 'generalization' + tag)} | {_cell(p, 'all', 'locality' + tag)} | {ppl} |")
     g = lifelong.get("collapse_guard")
     if g and g["base_perplexity"] is not None:
         top = "–" if g["max_perplexity"] is None else f"{g['max_perplexity']:.4g}"
