@@ -101,15 +101,17 @@ def scatter(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = None) -> Path:
     """lifelong.png of a sequential run with checkpoints (``summary["lifelong"]``): left, reliability of all
-    edits so far and of the oldest / newest tenth, and locality, per protocol (x100); right, perplexity over
-    the unedited model's (drift corpus, and the collapse guard's probe), both against the number of edits."""
+    edits so far and of the oldest / newest tenth, and locality (x100), teacher-forced and by generation (exact
+    match); right, perplexity over the unedited model's (drift corpus, and the collapse guard's probe), both
+    against the number of edits."""
     plt = _pyplot()
     points = summary["lifelong"]["checkpoints"]
     if not points:
         raise ValueError("the run has no finished checkpoint to plot")
     x = [p["edits"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({m for p in points for m in p["scores"].get("all", {}) if m.startswith("reliability")})
+    shown = ("reliability", "reliability@gen_em")  # teacher forcing and the generation protocol's headline
+    names = sorted({m for p in points for m in p["scores"].get("all", {}) if m in shown})
     cmap = plt.get_cmap("tab10")
     for j, name in enumerate(names):
         suffix = name[len("reliability"):]
@@ -120,6 +122,8 @@ def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = Non
             left.plot(x, ys, style, marker="o", color=cmap(j), label=f"reliability {label} ({part})")
         loc = "locality" + suffix
         ys = [100 * p["scores"]["all"][loc]["mean"] if loc in p["scores"].get("all", {}) else math.nan for p in points]
+        if all(math.isnan(y) for y in ys):
+            continue
         left.plot(x, ys, "-.", marker="s", color=cmap(j), alpha=0.6, label=f"locality {label}")
     left.set_ylim(0, 105)
     left.set_ylabel("score (x100)")
