@@ -13,6 +13,7 @@ pushes, ``revert`` pops, and reverting anything but the newest applied edit rais
 with nothing changed (undoing an edit under a later one would leave the later one's wrappers or deltas
 computed against weights that are no longer there). The exception: edits whose removal commutes with every
 other edit (``order_free``, e.g. one entry of a key-value memory) may be reverted from under later edits.
+:func:`lmedit.undo.remove_edit` (``rebuild=True``) removes a weight edit from under later ones.
 
 Saving and loading: see :mod:`lmedit.edit_format` (digests of every tensor and of the metadata, checked on
 load). Nothing in a saved edit is imported or unpickled: a :class:`ModuleSwap` stores the *registered name*

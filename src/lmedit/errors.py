@@ -41,5 +41,10 @@ class EditDivergedError(LmeditError, EditError):
     ``data["option"]`` names the bound."""
 
 
+class EditCollapseError(LmeditError, EditError):
+    """An edit the collapse guard refused and rolled back (it pushed the probe perplexity past the limit);
+    ``data`` holds ``perplexity`` and ``limit``."""
+
+
 class EditFileError(EditError):
     """A saved edit that is corrupt, altered, malformed, of an older format, or names an unknown module."""

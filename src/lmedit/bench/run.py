@@ -37,8 +37,8 @@ from ..io import atomic_write, folder_lock
 from ..metrics import coverage
 from ..metrics.drift import DriftSettings, DriftTracker
 from ..metrics.efficiency import Measurement, efficiency_record, measure
-from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, baseline, check_protocols, score_cases_with_texts
-from ..metrics.gen_protocol import GEN, scope_labels
+from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, check_protocols, score_cases_with_texts
+from ..metrics.gen_protocol import GEN
 from ..metrics.generate import GenSettings, frame
 from ..metrics.records import CaseResult
 from ..types import EditCase, EditInputError, EditRequest
@@ -54,6 +54,8 @@ from .rundir import (
     save_chunk,
     write_json,
 )
+from .sequential import CollapseGuard, lifelong_for
+from .stores import score_baseline
 from .summary import METRIC_ORDER, build_summary, render_table
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ class _Run:
     reopened: dict[Any, CaseResult] = field(default_factory=dict)  # finished cases topped up with new protocols
     old_protocols: list[str] | None = None  # the protocols of the run being resumed (its run.json)
     drift: Any = None  # DriftTracker of batch and sequential runs
+    lifelong: Any = None  # checkpoints and collapse guard of sequential runs (lmedit.bench.sequential.Lifelong)
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -150,7 +153,9 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
                   run_info: dict[str, Any] | None = None, edit_store: Any = None,
                   baseline_store: Any = None, generation: GenSettings | None = None,
-                  drift: DriftSettings | None = None, fill_missing: bool = True) -> BenchmarkResult:
+                  drift: DriftSettings | None = None, fill_missing: bool = True,
+                  checkpoints: Sequence[int] | None = None, collapse_guard: CollapseGuard | None = None
+                  ) -> BenchmarkResult:
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
@@ -172,6 +177,9 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
         generation: how the ``gen`` protocol generates (context, token cap); default GenSettings().
         drift: capability drift (perplexity, n-gram entropy) before and after the edits of a batch or
             sequential run (:mod:`lmedit.metrics.drift`); None: not measured.
+        checkpoints: sequential only: edit counts at which every edit so far is scored again (retention).
+        collapse_guard: sequential only: refuse edits that collapse a probe perplexity (see
+            :mod:`lmedit.bench.sequential`; the CLI turns it on by default).
     Returns:
         per-case results in case order, and the summary.
     """
@@ -187,8 +195,9 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
         frame(handle, cases[0].request.text, (generation or GenSettings()).context)  # e.g. no chat template
     run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
                Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings())
-    header = run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
-                        protocols=protocols, generation=run.generation)
+    run.lifelong = lifelong_for(run, checkpoints, collapse_guard)  # checks the checkpoints; idle when neither
+    header = {**run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
+                           protocols=protocols, generation=run.generation), **run.lifelong.header()}
     # one process per run directory: a second run on the same folder gets LockedError (lmedit.io)
     with folder_lock(run.out, what=f"run directory {run.out}") if run.out is not None else contextlib.nullcontext():
         if run.out is not None:
@@ -204,40 +213,23 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
             run.store = edit_store if run.scope else None
         start_digest = handle.state_digest()
         pending = [i for i in range(len(cases)) if keys[i] not in run.done]
-        if pending:
-            _score_baseline(run, pending, start_digest, baseline_store)
+        work = run.lifelong.need(pending)  # the pending cases, and those of unfinished checkpoints
+        if work:
+            score_baseline(run, work, start_digest, baseline_store)
             if run.drift is not None:
                 run.drift.before()
+            run.lifelong.before()
         if progress:
             from tqdm.auto import tqdm
 
             run.bar = tqdm(total=len(cases), initial=len(cases) - len(pending), unit="case", desc=header["method"])
         try:
-            if pending:
+            if work:
                 (_run_sequential if setting == "sequential" else _run_independent)(run)
         finally:
             if run.bar is not None:
                 run.bar.close()
         return _finish(run, header, start_digest, run_info, t0)
-
-
-def _score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
-    """The unedited model's scores of the pending cases: from ``store`` where it has them, else computed
-    (in one batched pass) and kept there."""
-    got: dict[int, tuple[dict, list, list]] = {}
-    scope = store.scope(run.handle, state_digest, scope_labels(run.protocols, run.generation)) \
-        if store is not None else ""
-    if store is not None:
-        got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
-    todo = [i for i in pending if i not in got]
-    if todo:
-        log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
-        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
-        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
-            got[i] = (pre, loc, texts)
-            if store is not None:
-                store.put(scope, run.cases[i], pre, loc, texts)
-    run.base = {run.keys[i]: got[i] for i in pending}
 
 
 def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:
@@ -253,6 +245,7 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
         summary["chunk_stats"] = run.chunk_stats
     if run.drift is not None:
         summary["drift"] = run.drift.summary()
+    summary.update(run.lifelong.summary(results))
     if run.out is not None:
         write_json(run.out / SUMMARY_FILE, summary)
         atomic_write(run.out / TABLE_FILE, render_table(summary))
@@ -372,6 +365,7 @@ def _run_sequential(run: _Run) -> None:
             saved = load_chunk(run, k, chunk)
             if saved is None:
                 edit, eff, err = _compute_apply(run, chunk)
+                edit, err = run.lifelong.check(k, chunk, edit, err)  # the collapse guard may roll it back
             else:
                 edit, eff, err = saved
                 if edit is not None:
@@ -391,6 +385,7 @@ def _run_sequential(run: _Run) -> None:
                     run.record(i, post, eff, info, k)
             else:
                 later.update({i: (eff, info, k) for i in todo})
+            run.lifelong.after_chunk(k, chunk, edit is not None, err)
         for chunk in chunks:  # final timing: chunk by chunk, so a crash keeps what was scored
             todo = [i for i in chunk if i in later]
             for i, post in zip(todo, run.score(todo) if todo else [], strict=True):

@@ -34,11 +34,14 @@ from typing import TYPE_CHECKING, Any
 from ..digests import case_digest, digest, request_digest
 from ..edits import Edit
 from ..io import cache_file
+from ..metrics.evaluate import baseline
+from ..metrics.gen_protocol import scope_labels
 from ..metrics.records import Score
 from ..metrics.scoring import TargetScore
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
+    from .run import _Run
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +163,22 @@ class BaselineStore:
         doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
                "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
         cache_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")
+
+
+def score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
+    """The unedited model's scores of the pending cases of a run (``run.base``): from ``store`` (a
+    :class:`BaselineStore` or None) where it has them, else computed (in one batched pass) and kept there."""
+    got: dict[int, tuple[dict, list, list]] = {}
+    scope = store.scope(run.handle, state_digest, scope_labels(run.protocols, run.generation)) \
+        if store is not None else ""
+    if store is not None:
+        got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
+    todo = [i for i in pending if i not in got]
+    if todo:
+        log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
+        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
+        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
+            got[i] = (pre, loc, texts)
+            if store is not None:
+                store.put(scope, run.cases[i], pre, loc, texts)
+    run.base = {run.keys[i]: got[i] for i in pending}

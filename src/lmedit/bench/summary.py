@@ -100,4 +100,8 @@ def render_table(summary: dict[str, Any]) -> str:
         from ..metrics.drift import drift_lines
 
         lines += ["", *drift_lines(summary["drift"])]
+    if summary.get("lifelong"):
+        from .sequential import curve_lines
+
+        lines += ["", *curve_lines(summary["lifelong"])]
     return "\n".join(lines) + "\n"

@@ -45,6 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drift-every", type=int, default=0,
                    help="batch: measure drift after every K-th chunk (default 0: the first); sequential: also "
                         "after every K-th chunk (default 0: after the last only)")
+    p.add_argument("--checkpoints", metavar="N1,N2,...",
+                   help="sequential: after these numbers of edits, score every edit made so far again (retention: "
+                        "all, oldest and newest tenth), with locality and drift; e.g. 10,100,1000")
+    p.add_argument("--collapse-guard", type=float, metavar="RATIO", default=None,
+                   help="sequential: refuse and roll back an edit that pushes a probe perplexity (128 WikiText-2 "
+                        "tokens) past RATIO x the unedited model's (on by default in sequential runs: 1.3)")
+    p.add_argument("--no-collapse-guard", action="store_true", help="sequential: keep every edit (no guard)")
+    p.add_argument("--plot", action="store_true",
+                   help="with --checkpoints: draw retention and drift against the number of edits to DIR/lifelong.png "
+                        "(needs the viz extra: matplotlib)")
     p.add_argument("--editor-checkpoint", metavar="DIR", help="trained editor state, for methods that need training")
     p.set_defaults(func=run)
 
@@ -72,12 +82,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size > 1 and not editor.capabilities.batch:
         raise ValueError(f"{args.method} edits one request at a time; use --batch-size 1")
     protocols, generation = protocol_options(args)
+    checkpoints, guard = lifelong_options(args)
     drift = None
     if args.drift_tokens and args.setting != "single":
         from ..metrics.drift import DriftSettings
 
         drift = DriftSettings(tokens=args.drift_tokens, every=args.drift_every)
     cases = load_dataset(args.dataset, n=args.n, offset=args.offset, path=args.data)
+    if args.setting == "sequential" and len(cases) < args.n:
+        raise ValueError(f"the sequence asks for {args.n} edits, but {args.dataset} has only {len(cases)} valid "
+                         f"case(s) from offset {args.offset}; lower --n (or --offset)")
     out = Path(args.out) if args.out else default_out(args)
     with folder_lock(out, what=f"run directory {out}"):  # a second run on the same folder stops here, at once
         handle = load_model(args.model)
@@ -85,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                     "model": args.model, "data": args.data, "overrides": overrides}
         run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
                       eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info,
-                      protocols=protocols, generation=generation, drift=drift)
+                      protocols=protocols, generation=generation, drift=drift, checkpoints=checkpoints,
+                      collapse_guard=guard)
         judge = make_judge(args, out)
         if judge is not None:
             from ..bench.rescore import rescore_run
@@ -94,5 +109,39 @@ def run(args: argparse.Namespace) -> int:
     table = out / "table.md"
     if table.exists():
         print(table.read_text().rstrip())
+    if args.plot:
+        import json
+
+        from ..table.plots import lifelong_curves
+
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"plot: {lifelong_curves(summary, out / 'lifelong.png')}")
     print(f"\nresults: {out}/ (cases.jsonl, summary.json, table.md)")
     return 0
+
+
+def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object]:
+    """(checkpoints, CollapseGuard or None) from ``--checkpoints``, ``--collapse-guard`` and ``--no-collapse-guard``;
+    checked before anything loads (run_benchmark checks the checkpoints against the cases again)."""
+    from ..bench.sequential import CollapseGuard, check_checkpoints
+
+    sequential = args.setting == "sequential"
+    if not sequential and (args.checkpoints or args.collapse_guard is not None or args.plot):
+        raise ValueError("--checkpoints, --collapse-guard and --plot belong to sequential runs; add --setting "
+                         "sequential")
+    if args.collapse_guard is not None and args.no_collapse_guard:
+        raise ValueError("--collapse-guard and --no-collapse-guard contradict each other; keep one")
+    if args.plot and not args.checkpoints:
+        raise ValueError("--plot draws the checkpoints' curves; add --checkpoints (e.g. 10,50,100)")
+    checkpoints = None
+    if args.checkpoints:
+        try:
+            checkpoints = [int(x) for x in args.checkpoints.split(",")]
+        except ValueError:
+            raise ValueError(f"--checkpoints takes whole numbers separated by commas (e.g. 10,100,1000), got "
+                             f"{args.checkpoints!r}") from None
+        check_checkpoints(checkpoints, args.n, args.batch_size)
+    guard = None
+    if sequential and not args.no_collapse_guard:
+        guard = CollapseGuard(ratio=1.3 if args.collapse_guard is None else args.collapse_guard)
+    return checkpoints, guard

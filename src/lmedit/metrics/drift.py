@@ -182,6 +182,10 @@ class DriftTracker:
         if self.due(k):
             self._measure(f"after chunk {k}", chunk=k, edits_applied=edits_applied)
 
+    def checkpoint(self, k: int, edits_applied: int) -> None:
+        """Measure after chunk ``k`` whatever the schedule says (a lifelong run's checkpoint)."""
+        self._measure(f"after chunk {k}", chunk=k, edits_applied=edits_applied)
+
     def summary(self) -> dict[str, Any]:
         """Each point's two numbers (with their tags) and the last point's change from before."""
         points = [{"point": r["point"], "edits_applied": r.get("edits_applied"), **r["scores"]} for r in self.records]

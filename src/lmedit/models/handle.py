@@ -134,6 +134,14 @@ class ModelHandle:
         new = out[0] if self.is_encoder_decoder else out[0, ids.shape[1]:]
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
+    def remove_edit(self, edit: Any, *, rebuild: bool = False) -> list[Any]:
+        """Remove any applied edit; ``rebuild=True`` also removes a weight edit from under later ones by
+        re-applying those from their stored objects (see :func:`lmedit.undo.remove_edit` for what that
+        does and does not equal). Returns the re-applied edits."""
+        from ..undo import remove_edit
+
+        return remove_edit(self, edit, rebuild=rebuild)
+
     def state_digest(self) -> str:
         """Hash of every parameter's full content (slow on big models; used to prove bit-identity)."""
         h = hashlib.sha256()

@@ -97,3 +97,60 @@ def scatter(summary: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = None) -> Path:
+    """lifelong.png of a sequential run with checkpoints (``summary["lifelong"]``): left, reliability of all
+    edits so far and of the oldest / newest tenth, and locality (x100), teacher-forced and by generation (exact
+    match); right, perplexity over the unedited model's (drift corpus, and the collapse guard's probe), both
+    against the number of edits."""
+    plt = _pyplot()
+    points = summary["lifelong"]["checkpoints"]
+    if not points:
+        raise ValueError("the run has no finished checkpoint to plot")
+    x = [p["edits"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = ("reliability", "reliability@gen_em")  # teacher forcing and the generation protocol's headline
+    names = sorted({m for p in points for m in p["scores"].get("all", {}) if m in shown})
+    cmap = plt.get_cmap("tab10")
+    for j, name in enumerate(names):
+        suffix = name[len("reliability"):]
+        label = suffix.lstrip("@:_") or points[0]["scores"]["all"][name]["protocol"]
+        for part, style in (("all", "-"), ("oldest", ":"), ("newest", "--")):
+            ys = [100 * p["scores"][part][name]["mean"] if name in p["scores"].get(part, {}) else math.nan
+                  for p in points]
+            left.plot(x, ys, style, marker="o", color=cmap(j), label=f"reliability {label} ({part})")
+        loc = "locality" + suffix
+        ys = [100 * p["scores"]["all"][loc]["mean"] if loc in p["scores"].get("all", {}) else math.nan for p in points]
+        if all(math.isnan(y) for y in ys):
+            continue
+        left.plot(x, ys, "-.", marker="s", color=cmap(j), alpha=0.6, label=f"locality {label}")
+    left.set_ylim(0, 105)
+    left.set_ylabel("score (x100)")
+    left.set_title("retention: every edit so far, scored at the checkpoint", fontsize=9)
+    drift = [(p["edits"], p["drift"]["ratio"]) for p in points if p.get("drift")]
+    guard = summary["lifelong"].get("collapse_guard") or {}
+    probe = [(p["edits"], p["probe_perplexity"] / guard["base_perplexity"]) for p in points
+             if p.get("probe_perplexity") and guard.get("base_perplexity")]
+    for series, label, marker in ((drift, "perplexity / unedited (drift corpus)", "o"),
+                                  (probe, "probe perplexity / unedited (guard)", "^")):
+        if series:
+            right.plot([a for a, _ in series], [b for _, b in series], marker=marker, label=label)
+    if guard.get("ratio"):
+        right.axhline(guard["ratio"], color="red", linestyle=":", label=f"collapse guard limit (x{guard['ratio']:g})")
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set_ylabel("perplexity ratio")
+    right.set_title("capability drift", fontsize=9)
+    for ax in (left, right):
+        if len(x) > 1 and x[-1] / x[0] >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel("edits made")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    model = summary.get("model", {}).get("name", "")
+    fig.suptitle(title or f"{summary.get('method', '')} on {model}, sequential ({summary['lifelong']['eval_timing']} "
+                          f"timing)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,380 @@
+"""Lifelong (sequential) runs: retention checkpoints and the collapse guard.
+
+**Checkpoints.** ``checkpoints=(10, 100, 1000)`` scores, after the chunk that brings the number of edits
+made (cases whose chunk ran, refused and failed ones included) to each value, *every edit applied so far* on the model
+as it is then (the retention timing of methods-spec A.3), under every protocol of the run and against the
+baseline of the unedited model (locality included). Each checkpoint is summarised for all applied edits,
+the oldest tenth and the newest tenth (retention), with the capability drift measured there when the run
+measures drift. With ``eval_timing="final"``, a checkpoint at the last case *is* the final scoring: it is
+read from the run's case records instead of being scored twice.
+
+**Collapse guard.** After each newly computed edit is applied, a probe (perplexity of the first ``tokens``
+tokens of the drift corpus, :func:`lmedit.metrics.drift.perplexity`) runs; an edit that pushes it past
+``ratio`` × the unedited model's probe perplexity is reverted at once (:class:`EditCollapseError`: the
+model is as before the edit) and recorded as a failed case. Checked after the rollback: the stack of
+applied edits is the one before, and every parameter a weight edit touched has its digest from before.
+
+Files in the run folder (all appended line by line and flushed, so a killed run resumes without losing a
+finished edit or checkpoint): ``checkpoint_cases.jsonl`` (one line per case scored at a checkpoint:
+``{"checkpoint", "case_id", "post"}``), ``checkpoints.jsonl`` (one line per finished checkpoint, the record
+below) and ``guard.jsonl`` (the unedited probe, then one line per probed edit). ``summary.json`` gains
+``summary["lifelong"]``::
+
+    {"schema": "lmedit.lifelong/1", "eval_timing": "immediate" | "final",
+     "checkpoints": [{"edits": 100,            # cases whose chunk ran so far
+                      "chunk": 99, "applied": 98, "refused": 1, "failed": 1, "tenth": 9,
+                      "source": "scored" | "final records",
+                      "scores": {"all" | "oldest" | "newest": {metric: {"mean", "protocol", "cases"}}},
+                      "probe_perplexity": 25.1 | null,
+                      "drift": {"perplexity": 25.8, "perplexity_before": 25.76, "ratio": 1.002,
+                                "ngram_entropy": 5.9} | null}],
+     "collapse_guard": {"ratio": 1.3, "tokens": 128, "base_perplexity": 24.9, "limit": 32.4,
+                        "probed": 100, "max_perplexity": 25.3,
+                        "refused": [{"chunk", "case_ids", "edit", "probe_perplexity"}]} | null}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..digests import tensor_digest
+from ..errors import EditCollapseError
+from ..hooks import get_parameter
+from ..metrics.drift import NGRAM_ENTROPY, PERPLEXITY, DriftSettings, corpus_ids, perplexity
+from ..metrics.evaluate import score_cases_with_texts
+from ..metrics.records import CaseResult, summarize
+
+if TYPE_CHECKING:
+    from ..edits import Edit
+    from ..models.handle import ModelHandle
+    from .run import _Run
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "lmedit.lifelong/1"
+CHECKPOINTS_FILE, CHECKPOINT_CASES_FILE, GUARD_FILE = "checkpoints.jsonl", "checkpoint_cases.jsonl", "guard.jsonl"
+SCORE_SLICE = 32  # cases scored (and written) at a time at a checkpoint
+
+
+@dataclass(frozen=True)
+class CollapseGuard:
+    """Refuse an edit that pushes the probe perplexity past ``ratio`` × the unedited model's.
+
+    Attributes:
+        ratio: the allowed factor over the unedited model's probe perplexity (> 1).
+        tokens: probe length: the first this many tokens of the drift corpus, read as one window.
+        corpus: a text file instead of the shared WikiText-2 test split.
+    """
+
+    ratio: float = 1.3
+    tokens: int = 128
+    corpus: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ratio, int | float) and math.isfinite(self.ratio) and self.ratio > 1):
+            raise ValueError(f"the collapse guard's ratio must be a number above 1, got {self.ratio!r} "
+                             "(e.g. 1.3: refuse an edit that raises the probe perplexity by more than 30%)")
+        if self.tokens < 8:
+            raise ValueError(f"the collapse guard's probe needs at least 8 tokens, got {self.tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the guard is (run.json: a run resumes only with the same guard)."""
+        return {"ratio": self.ratio, "tokens": self.tokens, "corpus": self.corpus}
+
+
+def check_checkpoints(checkpoints: Any, n: int, batch_size: int = 1) -> tuple[int, ...]:
+    """The checkpoints as a tuple of edit counts, or :class:`ValueError` saying what to fix.
+
+    They must be whole numbers from 1 to ``n``, strictly increasing, and fall on chunk boundaries (a
+    multiple of ``batch_size``, or ``n``)."""
+    cps = list(checkpoints)
+    if not cps:
+        raise ValueError("checkpoints is empty; give edit counts such as 10,100,1000 or leave them out")
+    bad = [c for c in cps if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+    if bad:
+        raise ValueError(f"checkpoints must be whole numbers of edits, at least 1; got {bad}")
+    dup = sorted({c for c in cps if cps.count(c) > 1})
+    if dup:
+        raise ValueError(f"checkpoint(s) {dup} appear more than once; list each edit count once")
+    if cps != sorted(cps):
+        raise ValueError(f"checkpoints must be in increasing order, got {cps}; write them as {sorted(cps)}")
+    if cps[-1] > n:
+        raise ValueError(f"checkpoint {cps[-1]} is past the {n} edits of this run; raise n or drop the "
+                         f"checkpoints above {n}")
+    off = [c for c in cps if c % batch_size and c != n]
+    if off:
+        raise ValueError(f"checkpoint(s) {off} fall inside a chunk of {batch_size} edits; use multiples of the "
+                         f"batch size ({batch_size}) or the last edit ({n})")
+    return tuple(cps)
+
+
+def _read_jsonl(path: Path | None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a torn line (a crash while writing it) is dropped."""
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (an earlier run stopped while writing it)", path)
+    return out
+
+
+def _append(path: Path | None, records: list[dict[str, Any]]) -> None:
+    if path is None or not records:
+        return
+    text = "".join(json.dumps(r, default=str) + "\n" for r in records)
+    with open(path, "ab") as f:
+        if f.tell():
+            with open(path, "rb") as r:
+                r.seek(-1, 2)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")  # a torn last line stays alone on its line (and is dropped when read)
+        f.write(text.encode("utf-8"))
+        f.flush()
+
+
+def probe_perplexity(handle: ModelHandle, guard: CollapseGuard) -> float:
+    """The collapse guard's probe on the model as it is now."""
+    ids = corpus_ids(handle, DriftSettings(tokens=guard.tokens, window=guard.tokens, corpus=guard.corpus))
+    return perplexity(handle, ids, window=guard.tokens)
+
+
+def refuse_if_collapsed(handle: ModelHandle, edit: Edit, guard: CollapseGuard, base: float) -> float:
+    """Probe the model holding ``edit`` (its newest edit); return the probe perplexity, or revert the edit
+    and raise :class:`EditCollapseError` when it is past ``guard.ratio × base``."""
+    ppl = probe_perplexity(handle, guard)
+    limit = guard.ratio * base
+    if math.isfinite(ppl) and ppl <= limit:
+        return ppl
+    stack = list(handle.applied_edits)
+    edit.revert(handle)
+    touched = getattr(edit, "base_digests", {}).items()  # weight edits: each parameter's digest before the edit
+    if list(handle.applied_edits) != stack[:-1] or any(
+            tensor_digest(get_parameter(handle.model, name)) != d for name, d in touched):
+        raise EditCollapseError(f"rolling back {edit.label()} did not restore the model; stop and reload it")
+    raise EditCollapseError(
+        f"refused {edit.label()}: it pushed the probe perplexity to {ppl:.4g}, past {guard.ratio:g} × the unedited "
+        f"model's {base:.4g} = {limit:.4g}; the edit was rolled back and the model is as before it. Raise the "
+        "guard's ratio or turn the guard off to keep such edits", perplexity=ppl, limit=limit, option="collapse_guard")
+
+
+class Lifelong:
+    """The checkpoints and the collapse guard of one sequential run (driven by the runner's loop)."""
+
+    def __init__(self, run: _Run, checkpoints: tuple[int, ...], guard: CollapseGuard | None) -> None:
+        self.run, self.checkpoints, self.guard = run, checkpoints, guard
+        out = run.out if checkpoints or guard is not None else None  # an idle one reads and writes nothing
+        self.paths = {name: (out / name if out is not None else None)
+                      for name in (CHECKPOINTS_FILE, CHECKPOINT_CASES_FILE, GUARD_FILE)}
+        self.done = {r["edits"]: r for r in _read_jsonl(self.paths[CHECKPOINTS_FILE])}
+        self.partial: dict[int, dict[str, dict]] = {}
+        for r in _read_jsonl(self.paths[CHECKPOINT_CASES_FILE]):
+            self.partial.setdefault(r["checkpoint"], {})[str(r["case_id"])] = r["post"]
+        self.probes = _read_jsonl(self.paths[GUARD_FILE])
+        self.base_ppl = next((r["perplexity"] for r in self.probes if r.get("point") == "before"), None)
+        self.seen: list[int] = []  # case indices whose chunk ran, in order
+        self.applied: list[int] = []  # ... whose edit is applied
+        self.refused: set[int] = set()
+
+    def header(self) -> dict[str, Any]:
+        """Fields for run.json: a run resumes only with the same guard (it changes which edits are kept)."""
+        return {"collapse_guard": self.guard.to_dict()} if self.guard is not None else {}
+
+    def _scored_here(self) -> list[int]:
+        """The checkpoints this runner scores itself (the last one of a final-timing run is its final scoring)."""
+        n = len(self.run.cases)
+        return [c for c in self.checkpoints if not (c == n and self.run.eval_timing == "final")]
+
+    def need(self, pending: list[int]) -> list[int]:
+        """The cases whose unedited baseline the run needs: the pending ones and those of unfinished checkpoints."""
+        todo = [c for c in self._scored_here() if c not in self.done]
+        return sorted(set(pending) | set(range(max(todo, default=0))))
+
+    def before(self) -> None:
+        """Measure the unedited model's probe (once per run folder: a resumed run reuses it)."""
+        if self.guard is None or self.base_ppl is not None:
+            return
+        self.base_ppl = probe_perplexity(self.run.handle, self.guard)
+        rec = {"point": "before", "perplexity": self.base_ppl, "tokens": self.guard.tokens}
+        self.probes.append(rec)
+        _append(self.paths[GUARD_FILE], [rec])
+        log.info("collapse guard: unedited probe perplexity %.4g, limit %.4g", self.base_ppl,
+                 self.guard.ratio * self.base_ppl)
+
+    def check(self, k: int, chunk: list[int], edit: Edit | None, err: str | None) -> tuple[Edit | None, str | None]:
+        """The guard on a newly applied edit: (edit, None) when kept, (None, message) when rolled back (a
+        failed edit, None and its error, passes through)."""
+        if self.guard is None or edit is None:
+            return edit, err
+        ids = [str(self.run.keys[i]) for i in chunk]
+        try:
+            ppl = refuse_if_collapsed(self.run.handle, edit, self.guard, self.base_ppl)
+        except EditCollapseError as e:
+            msg = f"{type(e).__name__}: {e}"
+            log.warning("collapse guard, chunk %d (case(s) %s): %s", k, ", ".join(ids), e)
+            rec = {"chunk": k, "case_ids": ids, "perplexity": e.data.get("perplexity"), "refused": True,
+                   "edit": edit.label()}
+            self.probes.append(rec)
+            _append(self.paths[GUARD_FILE], [rec])
+            if "perplexity" not in e.data:  # the rollback itself failed: the run cannot go on
+                raise
+            return None, msg
+        rec = {"chunk": k, "case_ids": ids, "perplexity": ppl, "refused": False}
+        self.probes.append(rec)
+        _append(self.paths[GUARD_FILE], [rec])
+        return edit, None
+
+    def after_chunk(self, k: int, chunk: list[int], applied: bool, err: str | None) -> None:
+        """Called once per chunk, in order (also for chunks a resumed run re-applies from disk); scores a
+        checkpoint that ends here."""
+        self.seen.extend(chunk)
+        if applied:
+            self.applied.extend(chunk)
+        elif err and err.startswith(EditCollapseError.__name__):
+            self.refused.update(chunk)
+        c = len(self.seen)
+        if not self.checkpoints or c not in self._scored_here() or c in self.done:
+            return
+        run = self.run
+        if run.drift is not None:
+            run.drift.checkpoint(k, len(self.applied))
+        log.info("checkpoint at %d edits: scoring the %d applied edit(s) on the model as it is now", c,
+                 len(self.applied))
+        scored = self.partial.setdefault(c, {})
+        todo = [i for i in self.applied if str(run.keys[i]) not in scored]
+        for s in range(0, len(todo), SCORE_SLICE):
+            part = todo[s:s + SCORE_SLICE]
+            posts, _ = score_cases_with_texts(run.handle, [run.cases[i] for i in part], run.sub_base(part),
+                                              protocols=run.protocols, generation=run.generation)
+            lines = [{"checkpoint": c, "case_id": run.keys[i], "post": {m: v.to_dict() for m, v in p.items()}}
+                     for i, p in zip(part, posts, strict=True)]
+            _append(self.paths[CHECKPOINT_CASES_FILE], lines)
+            scored.update({str(rec["case_id"]): rec["post"] for rec in lines})
+        results = [CaseResult.from_dict({"case_id": run.keys[i], "post": scored[str(run.keys[i])]})
+                   for i in self.applied]
+        rec = self._point(c, k, results, refused=len(self.refused), failed=c - len(self.applied) - len(self.refused),
+                          source="scored", probe=self._last_probe())
+        self.done[c] = rec
+        _append(self.paths[CHECKPOINTS_FILE], [rec])
+
+    def _last_probe(self) -> float | None:
+        kept = [r["perplexity"] for r in self.probes if "chunk" in r and not r.get("refused")]
+        return kept[-1] if kept else self.base_ppl
+
+    @staticmethod
+    def _point(c: int, k: int, results: list[CaseResult], *, refused: int, failed: int, source: str,
+               probe: float | None) -> dict[str, Any]:
+        tenth = max(1, len(results) // 10)
+        parts = {"all": results, "oldest": results[:tenth], "newest": results[-tenth:]} if results else {}
+        return {"edits": c, "chunk": k, "applied": len(results), "refused": refused, "failed": failed,
+                "tenth": tenth if results else 0, "source": source,
+                "scores": {name: summarize(rs, "post") for name, rs in parts.items()}, "probe_perplexity": probe}
+
+    def summary(self, results: list[CaseResult]) -> dict[str, Any]:
+        """``{"lifelong": ...}`` (schema in the module docstring) from the files and the finished cases; ``{}``
+        for a run without checkpoints and guard."""
+        run = self.run
+        if not self.checkpoints and self.guard is None:
+            return {}
+        points = dict(self.done)
+        n = len(run.cases)
+        if n in self.checkpoints and run.eval_timing == "final":
+            ok = [r for r in results if "error" not in r.info]
+            refused = sum(str(r.info.get("error", "")).startswith(EditCollapseError.__name__) for r in results)
+            points[n] = self._point(n, len(run.chunks()) - 1, ok, refused=refused, failed=n - len(ok) - refused,
+                                    source="final records", probe=self._last_probe())
+        drift = run.drift.records if run.drift is not None else []
+        out = _assemble(points, drift, self.probes, self.guard, self.base_ppl, run.eval_timing)
+        return {"lifelong": out}
+
+
+def _assemble(points: dict[int, dict[str, Any]], drift_records: list[dict[str, Any]], probes: list[dict[str, Any]],
+              guard: CollapseGuard | None, base_ppl: float | None, eval_timing: str | None) -> dict[str, Any]:
+    """``summary["lifelong"]`` from the checkpoint records, the drift points and the guard's probes."""
+    drift = {r.get("chunk"): r for r in drift_records if r.get("point") != "before"}
+    before = next((r for r in drift_records if r.get("point") == "before"), None)
+    for p in points.values():
+        d = drift.get(p["chunk"])
+        p["drift"] = None if d is None or before is None else {
+            "perplexity": d["scores"][PERPLEXITY]["value"], "perplexity_before": before["scores"][PERPLEXITY]["value"],
+            "ratio": d["scores"][PERPLEXITY]["value"] / before["scores"][PERPLEXITY]["value"],
+            "ngram_entropy": d["scores"][NGRAM_ENTROPY]["value"]}
+    out: dict[str, Any] = {"schema": SCHEMA, "eval_timing": eval_timing,
+                           "checkpoints": [points[c] for c in sorted(points)], "collapse_guard": None}
+    if guard is not None:
+        last = {r["chunk"]: r for r in probes if "chunk" in r}  # a chunk probed twice (a crash between): last try
+        vals = [r["perplexity"] for r in last.values() if r.get("perplexity") is not None]
+        out["collapse_guard"] = {
+            **guard.to_dict(), "base_perplexity": base_ppl, "limit": guard.ratio * base_ppl if base_ppl else None,
+            "probed": len(last), "max_perplexity": max(vals) if vals else None,
+            "refused": [{"chunk": r["chunk"], "case_ids": r["case_ids"], "edit": r.get("edit"),
+                         "probe_perplexity": r["perplexity"]} for r in last.values() if r.get("refused")]}
+    return out
+
+
+def progress(run_dir: str | Path) -> dict[str, Any]:
+    """``summary["lifelong"]`` of a sequential run that is still running or was stopped: its finished
+    checkpoints, drift points and probes as they are on disk (``lmedit.table.plots.lifelong_curves`` draws it
+    as ``{"lifelong": progress(dir)}``). A final-timing run's last checkpoint appears once the run finished."""
+    from ..metrics.drift import DRIFT_FILE
+    from .rundir import RUN_FILE, SUMMARY_FILE
+
+    d = Path(run_dir)
+    if (d / SUMMARY_FILE).exists() and "lifelong" in (done := json.loads((d / SUMMARY_FILE).read_text())):
+        return done["lifelong"]
+    header = json.loads((d / RUN_FILE).read_text())
+    cfg = header.get("collapse_guard")
+    probes = _read_jsonl(d / GUARD_FILE)
+    points = {r["edits"]: r for r in _read_jsonl(d / CHECKPOINTS_FILE)}
+    base = next((r["perplexity"] for r in probes if r.get("point") == "before"), None)
+    return _assemble(points, _read_jsonl(d / DRIFT_FILE), probes, CollapseGuard(**cfg) if cfg else None, base,
+                     header.get("eval_timing"))
+
+
+def curve_lines(lifelong: dict[str, Any]) -> list[str]:
+    """A markdown table of the checkpoints of ``summary["lifelong"]`` (reliability all / oldest / newest,
+    locality, drift), one row per checkpoint and protocol of reliability."""
+    lines = ["Retention at the checkpoints (every applied edit so far scored on the model at that point; ×100):", "",
+             "| edits | applied | refused | metric | all | oldest tenth | newest tenth | generalization | locality | "
+             "perplexity (×unedited) |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for p in lifelong["checkpoints"]:
+        d = p.get("drift")
+        ppl = f"{d['perplexity']:.2f} (×{d['ratio']:.3f})" if d else "–"
+        names = sorted(m for m in p["scores"].get("all", {}) if m.startswith("reliability"))
+        if not names:  # no edit applied yet (all refused or failed)
+            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | – | {ppl} |")
+        for name in names:
+            tag = name[len("reliability"):]
+            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | {name} | {_cell(p, 'all', name)} | "
+                         f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | "
+                         f"{_cell(p, 'all', 'generalization' + tag)} | {_cell(p, 'all', 'locality' + tag)} | {ppl} |")
+    g = lifelong.get("collapse_guard")
+    if g and g["base_perplexity"] is not None:
+        top = "–" if g["max_perplexity"] is None else f"{g['max_perplexity']:.4g}"
+        lines += ["", f"Collapse guard: probe perplexity on {g['tokens']} tokens, unedited {g['base_perplexity']:.4g}, "
+                      f"limit {g['limit']:.4g} (×{g['ratio']:g}); {g['probed']} edit(s) probed, highest {top}; "
+                      f"{len(g['refused'])} refused."]
+    return lines
+
+
+def _cell(point: dict[str, Any], part: str, metric: str) -> str:
+    got = point["scores"].get(part, {}).get(metric)
+    return f"{100 * got['mean']:.1f}" if got else "–"
+
+
+def lifelong_for(run: _Run, checkpoints: Any, guard: CollapseGuard | None) -> Lifelong:
+    """The :class:`Lifelong` of a run, after checking its checkpoints (idle without checkpoints and guard)."""
+    if checkpoints is None and guard is None:
+        return Lifelong(run, (), None)
+    if run.setting != "sequential":
+        raise ValueError("checkpoints and the collapse guard belong to sequential runs; use setting='sequential' "
+                         "(or drop them)")
+    cps = check_checkpoints(checkpoints, len(run.cases), run.batch_size) if checkpoints is not None else ()
+    return Lifelong(run, cps, guard)

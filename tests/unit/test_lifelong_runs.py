@@ -1,0 +1,256 @@
+"""Sequential runs with retention checkpoints and the collapse guard (lmedit.bench.sequential), on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_benchmark import ToyEditor, _cases, _lines
+
+from lmedit import get_editor
+from lmedit.bench import BenchmarkError, run_benchmark
+from lmedit.bench.sequential import (
+    CollapseGuard,
+    check_checkpoints,
+    probe_perplexity,
+    progress,
+    refuse_if_collapsed,
+)
+from lmedit.digests import tensor_digest
+from lmedit.edits import WeightDelta
+from lmedit.errors import EditCollapseError
+from lmedit.types import EditRequest
+
+PROTOCOLS = ("token_acc",)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(" The capital of France is Paris @-@ city . Tokyo is in Japan @,@ Asia . The river flows .\n" * 30)
+    return str(path)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("timing", ["immediate", "final"])
+def test_checkpoints_score_every_edit_made_so_far(tiny_llama, tmp_path, corpus, timing):
+    h = tiny_llama
+    before = h.state_digest()
+    out = tmp_path / "run"
+    guard = CollapseGuard(ratio=50, corpus=corpus)
+    res = run_benchmark(ToyEditor(scale=0.02), h, _cases(6), setting="sequential", eval_timing=timing, out_dir=out,
+                        protocols=PROTOCOLS, checkpoints=[2, 4, 6], collapse_guard=guard)
+    assert h.state_digest() == before
+    life = res.summary["lifelong"]
+    assert life["schema"] == "lmedit.lifelong/1" and life["eval_timing"] == timing
+    points = life["checkpoints"]
+    assert [(p["edits"], p["applied"], p["refused"], p["tenth"]) for p in points] == [(2, 2, 0, 1), (4, 4, 0, 1),
+                                                                                      (6, 6, 0, 1)]
+    for p in points:
+        assert p["scores"]["all"]["reliability"]["cases"] == p["edits"]
+        assert p["scores"]["oldest"]["reliability"]["cases"] == p["scores"]["newest"]["reliability"]["cases"] == 1
+        assert p["scores"]["all"]["locality"]["protocol"] == "token_acc"
+        assert p["probe_perplexity"] > 1
+    scored = _jsonl(out / "checkpoint_cases.jsonl")
+    if timing == "final":  # the last checkpoint is the final scoring itself: not scored twice
+        assert points[-1]["source"] == "final records" and len(scored) == 2 + 4
+        assert points[-1]["scores"]["all"]["reliability"]["mean"] == res.summary["post"]["reliability"]["mean"]
+    else:
+        assert [p["source"] for p in points] == ["scored"] * 3 and len(scored) == 2 + 4 + 6
+    assert [r["case_id"] for r in scored if r["checkpoint"] == 4] == [0, 1, 2, 3]
+    g = life["collapse_guard"]
+    assert g["probed"] == 6 and g["refused"] == [] and g["limit"] == pytest.approx(50 * g["base_perplexity"])
+    table = (out / "table.md").read_text()
+    assert "Retention at the checkpoints" in table and "Collapse guard" in table
+
+
+def test_checkpoints_resume_without_scoring_a_finished_checkpoint_again(tiny_llama, tmp_path, corpus):
+    out = tmp_path / "run"
+    kw = dict(setting="sequential", eval_timing="immediate", out_dir=out, protocols=PROTOCOLS,
+              collapse_guard=CollapseGuard(ratio=50, corpus=corpus))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies while computing the 5th edit
+        run_benchmark(ToyEditor(scale=0.02, crash_after=4), tiny_llama, _cases(6), checkpoints=[2, 4, 6], **kw)
+    assert [r["edits"] for r in _jsonl(out / "checkpoints.jsonl")] == [2, 4]
+    now = progress(out)  # the curves of a stopped (or running) run, from its files
+    assert [p["edits"] for p in now["checkpoints"]] == [2, 4] and now["collapse_guard"]["probed"] == 4
+    first = (out / "checkpoint_cases.jsonl").read_text()
+    # a new checkpoint (3) on resume is scored while the saved edits are re-applied; 2 and 4 are not redone
+    res = run_benchmark(ToyEditor(scale=0.02), tiny_llama, _cases(6), checkpoints=[2, 3, 4, 6], resume=True, **kw)
+    assert (out / "checkpoint_cases.jsonl").read_text().startswith(first)
+    assert [r["checkpoint"] for r in _jsonl(out / "checkpoint_cases.jsonl")].count(4) == 4
+    assert [p["edits"] for p in res.summary["lifelong"]["checkpoints"]] == [2, 3, 4, 6]
+    assert sorted(line["case_id"] for line in _lines(out)) == list(range(6))
+    assert [r.get("point") for r in _jsonl(out / "guard.jsonl")].count("before") == 1
+    with pytest.raises(BenchmarkError, match="different collapse_guard"):  # another guard: another trajectory
+        run_benchmark(ToyEditor(scale=0.02), tiny_llama, _cases(6), **{**kw, "resume": True,
+                                                                        "collapse_guard": CollapseGuard(ratio=2)})
+
+
+class BlowsUp(ToyEditor):
+    """The toy edit; for the cases in ``big``, a large random change of the unembedding instead (every next
+    token becomes confidently wrong: the perplexity explodes)."""
+
+    def __init__(self, *a, big=(), **kw):
+        super().__init__(*a, **kw)
+        self.big = set(big)
+
+    def _compute(self, handle, requests, cfg):
+        if not any(r.case_id in self.big for r in requests):
+            return super()._compute(handle, requests, cfg)
+        head = handle.model.get_output_embeddings().weight
+        name = next(n for n, p in handle.model.named_parameters() if p is head)
+        delta = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 50 * float(head.std())
+        return WeightDelta({name: delta}, {name: tensor_digest(head)})
+
+
+def test_the_guard_refuses_a_collapsing_edit_and_the_run_records_it(tiny_llama, tmp_path, corpus, caplog):
+    h = tiny_llama
+    before = h.state_digest()
+    out = tmp_path / "run"
+    res = run_benchmark(BlowsUp(scale=0.01, big={2}), h, _cases(5), setting="sequential", eval_timing="final",
+                        out_dir=out, protocols=PROTOCOLS, checkpoints=[2, 4, 5],
+                        collapse_guard=CollapseGuard(ratio=1.3, corpus=corpus))
+    assert h.state_digest() == before
+    err = res.results[2].info["error"]
+    assert err.startswith("EditCollapseError: refused WeightDelta") and "rolled back" in err
+    assert "'The mother tongue of Toko Yasuda is' -> 'English'" in err
+    assert "collapse guard, chunk 2 (case(s) 2)" in caplog.text
+    assert all("error" not in r.info for i, r in enumerate(res.results) if i != 2)
+    g = res.summary["lifelong"]["collapse_guard"]
+    assert [r["case_ids"] for r in g["refused"]] == [["2"]] and g["refused"][0]["probe_perplexity"] > g["limit"]
+    assert g["max_perplexity"] > g["limit"] and res.summary["n_errors"] == 1
+    points = {p["edits"]: p for p in res.summary["lifelong"]["checkpoints"]}
+    assert (points[4]["applied"], points[4]["refused"], points[5]["applied"], points[5]["refused"]) == (3, 1, 4, 1)
+    assert points[4]["scores"]["all"]["reliability"]["cases"] == 3
+    assert json.loads((out / "edits" / "2" / "chunk.json").read_text())["error"] == err  # resumes as refused
+
+
+@pytest.fixture
+def fitted_llama(tokenizer, corpus):
+    """A tiny Llama fitted for 30 Adam steps to the probe text: a random model's near-uniform head keeps its
+    perplexity near the vocabulary size whatever an edit does, a fitted one can collapse."""
+    from conftest import make_model
+    from lmedit.models.handle import ModelHandle
+
+    torch.manual_seed(0)
+    model = make_model("llama")
+    ids = torch.tensor([tokenizer(open(corpus).read())["input_ids"][:128]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ModelHandle(model, tokenizer, name="tiny-llama-fitted")
+
+
+def test_a_refused_edit_leaves_the_model_bit_exactly_as_before_it(fitted_llama, corpus):
+    """FT-M with a huge learning rate (‖ΔW‖/‖W‖ in the hundreds: the divergence bound is relaxed for tiny
+    models in conftest) after a normal edit: the guard rolls the bad one back, and the state digest is the
+    one before it."""
+    h = fitted_llama
+    guard = CollapseGuard(ratio=1.3, corpus=corpus)
+    base = probe_perplexity(h, guard)
+    req = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome")
+    good = get_editor("ft-m", lr=1e-3, steps=3).compute(h, [req]).apply(h)
+    assert refuse_if_collapsed(h, good, guard, base) <= 1.3 * base
+    after_good = h.state_digest()
+    bad = get_editor("ft-m", lr=10.0, steps=3).compute(h, [req]).apply(h)
+    assert h.state_digest() != after_good
+    with pytest.raises(EditCollapseError, match=r"past 1.3 × the unedited model's .* rolled back") as e:
+        refuse_if_collapsed(h, bad, guard, base)
+    assert e.value.data["perplexity"] > 5 * base
+    assert h.state_digest() == after_good and h.applied_edits == (good,)
+    good.revert(h)
+
+
+def test_bench_with_ft_and_a_huge_learning_rate_keeps_going_without_the_bad_edits(fitted_llama, tmp_path, corpus):
+    h = fitted_llama
+    before = h.state_digest()
+    cases = _cases(3)
+    res = run_benchmark(get_editor("ft-m", lr=10.0, steps=3), h, cases, setting="sequential", out_dir=tmp_path / "r",
+                        protocols=PROTOCOLS, checkpoints=[3], collapse_guard=CollapseGuard(corpus=corpus))
+    assert h.state_digest() == before
+    assert all(r.info["error"].startswith("EditCollapseError") for r in res.results)
+    point = res.summary["lifelong"]["checkpoints"][0]
+    assert (point["applied"], point["refused"], point["scores"]) == (0, 3, {})
+    assert len(res.summary["lifelong"]["collapse_guard"]["refused"]) == 3
+
+
+@pytest.mark.parametrize("checkpoints,match", [
+    ([10, 5], r"increasing order.*\[5, 10\]"),
+    ([2, 2, 4], r"\[2\] appear more than once"),
+    ([2, 7], r"checkpoint 7 is past the 6 edits"),
+    ([0, 2], "at least 1"),
+    ([], "empty"),
+    ([3, 6], r"\[3\] fall inside a chunk of 2"),
+])
+def test_bad_checkpoints_are_refused_before_anything_runs(tiny_llama, tmp_path, checkpoints, match):
+    before = tiny_llama.state_digest()
+    with pytest.raises(ValueError, match=match):
+        run_benchmark(ToyEditor(), tiny_llama, _cases(6), setting="sequential", batch_size=2, out_dir=tmp_path / "r",
+                      checkpoints=checkpoints, protocols=PROTOCOLS)
+    assert not (tmp_path / "r").exists() and tiny_llama.state_digest() == before
+    assert check_checkpoints([2, 6], 6, 2) == (2, 6) and check_checkpoints([5], 5, 2) == (5,)
+
+
+def test_checkpoints_and_guard_need_a_sequential_run(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="belong to sequential runs"):
+        run_benchmark(ToyEditor(), tiny_llama, _cases(2), checkpoints=[1], out_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match="ratio must be a number above 1"):
+        CollapseGuard(ratio=0.9)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_bad_sequential_input_says_what_to_fix(tiny_dir, tmp_path, capsys):
+    from lmedit.cli import main
+
+    base = ["bench", "--model", str(tiny_dir), "--method", "ft-m", "--dataset", "zsre", "--out", str(tmp_path / "r")]
+    cases = [
+        (["--n", "4", "--checkpoints", "2,4"], "add --setting sequential"),
+        (["--n", "4", "--setting", "sequential", "--checkpoints", "4,2"], "increasing order"),
+        (["--n", "4", "--setting", "sequential", "--checkpoints", "2,2"], "more than once"),
+        (["--n", "4", "--setting", "sequential", "--checkpoints", "2,8"], "past the 4 edits"),
+        (["--n", "4", "--setting", "sequential", "--checkpoints", "2,x"], "whole numbers separated by commas"),
+        (["--n", "4", "--setting", "sequential", "--plot"], "add --checkpoints"),
+        (["--n", "4", "--setting", "sequential", "--collapse-guard", "1.5", "--no-collapse-guard"], "contradict"),
+        (["--n", "4", "--setting", "sequential", "--collapse-guard", "1"], "above 1"),
+    ]
+    for extra, msg in cases:
+        assert main(base + extra) != 0
+        assert msg in capsys.readouterr().err, extra
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_sequence_longer_than_the_data(tiny_dir, tmp_path, capsys):
+    from lmedit.cli import main
+    from lmedit.data import load_dataset
+
+    offset = len(load_dataset("zsre")) - 2  # two cases left from there
+    rc = main(["bench", "--model", str(tiny_dir), "--method", "ft-m", "--dataset", "zsre", "--n", "5",
+               "--offset", str(offset), "--setting", "sequential", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "the sequence asks for 5 edits, but zsre has only 2 valid case(s)" in err and "lower --n" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_lifelong_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lmedit.table.plots import lifelong_curves
+
+    def point(n, r):
+        s = {"reliability": {"mean": r, "protocol": "token_acc", "cases": n},
+             "locality": {"mean": 1.0, "protocol": "token_acc", "cases": n}}
+        return {"edits": n, "chunk": n - 1, "applied": n, "refused": 0, "failed": 0, "tenth": max(1, n // 10),
+                "source": "scored", "scores": {"all": s, "oldest": s, "newest": s}, "probe_perplexity": 20.0,
+                "drift": {"perplexity": 21.0, "perplexity_before": 20.0, "ratio": 1.05, "ngram_entropy": 5.0}}
+    summary = {"method": "toy", "model": {"name": "tiny"},
+               "lifelong": {"eval_timing": "final", "checkpoints": [point(10, 1.0), point(100, 0.9)],
+                            "collapse_guard": {"ratio": 1.3, "base_perplexity": 20.0}}}
+    path = lifelong_curves(summary, tmp_path / "lifelong.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
