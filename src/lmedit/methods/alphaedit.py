@@ -125,7 +125,8 @@ class AlphaEdit(Editor):
                 P, dim = nullspace_projector(C, cfg.nullspace_threshold)
                 return {"P": P.float(), "dim": dim}
 
-            state = disk_cached(handle, name, compute)
+            params = {"layer": layer, "threshold": cfg.nullspace_threshold, "corpus": chash, "tokens": cfg.mom2_tokens}
+            state = disk_cached(handle, "nullspace", params, compute, show=("layer",), legacy=name)
             log.info("alphaedit: layer %d null space has %d of %d dimensions", layer, int(state["dim"]),
                      C.shape[0])
             handle.cache[key] = state["P"].to(torch.float64)
