@@ -39,8 +39,11 @@ def corpus(tmp_path):
     return path
 
 
-def quick(name: str, corpus, **kw):
-    return get_editor(name, **{**editor_class(name).quick, "mom2_corpus": str(corpus), **kw})
+def quick(name: str, corpus, *, value_cache: str | None = None, **kw):
+    from lmedit.config import RunOptions
+
+    return get_editor(name, **{**editor_class(name).quick, "mom2_corpus": str(corpus), **kw},
+                      options=RunOptions(value_cache=value_cache))
 
 
 # --- templates ------------------------------------------------------------------------------------------

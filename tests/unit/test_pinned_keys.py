@@ -37,6 +37,21 @@ def test_every_methods_default_config_hash_is_unchanged():
     assert set(got) - set(CONFIG_HASHES) == set(), "a new method: add its hash here"
 
 
+def test_settings_that_left_the_configs_are_run_options_and_keep_the_hashes(caplog):
+    from lmedit.config import RunOptions
+    from lmedit.registry import get_editor
+
+    memit = get_editor("memit", {"v_batch_size": 2, "value_cache": "vals"})  # as older configs held them
+    assert memit.options == RunOptions(value_cache="vals", row_batch=2)
+    assert "deprecated" in caplog.text and memit.Config.from_dict(memit._overrides).hash() == CONFIG_HASHES["memit"]
+    grace = get_editor("grace", batch_size=4, options=RunOptions(row_batch=16))
+    assert grace.options.row_batch == 16, "explicit options win over a moved key"
+    mend = get_editor("mend", checkpoint="runs/mend")
+    assert mend.options.checkpoint == "runs/mend" and mend.Config().hash() == CONFIG_HASHES["mend"]
+    with pytest.raises(ValueError, match="row_batch"):
+        RunOptions(row_batch=0)
+
+
 def _key(monkeypatch, tmp_path, handle, dataset: str, n: int) -> dict:
     seen: dict = {}
 

@@ -52,7 +52,7 @@ class ToyEditor(Editor):
 
 @dataclasses.dataclass
 class ToyFitConfig(ToyConfig):
-    checkpoint: str | None = option(None, "trained state folder", identity=False)
+    moved: ClassVar[dict[str, str]] = {"checkpoint": "checkpoint"}  # a trained editor's: RunOptions.checkpoint
 
 
 class ToyFitEditor(ToyEditor):

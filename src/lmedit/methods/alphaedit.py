@@ -108,7 +108,7 @@ class AlphaEdit(Editor):
                 P[layer] = self._projector(handle, layer, C, cfg)
             return null_space_update(K, R, P[layer], self._kkt.get(layer), cfg.L2)
 
-        edit, info = memit_family(handle, requests, cfg, solve, keys_after=True)
+        edit, info = memit_family(handle, requests, cfg, solve, keys_after=True, run=self.options)
         for layer, K in info["keys_after"].items():  # keys of the edited model join K_p K_pᵀ
             kkt = K.double() @ K.double().T
             self._kkt[layer] = self._kkt[layer] + kkt if layer in self._kkt else kkt

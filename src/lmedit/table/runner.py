@@ -161,19 +161,21 @@ def _benchmark(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpe
     return results, summaries, adopted
 
 
-def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
-    """The cell's editor and its overrides; a trained editor gets its checkpoint (or the cell is skipped)."""
+def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str, str] | None) -> Any:
+    """The cell's editor; a trained editor gets its checkpoint as a run option (or the cell is skipped)."""
+    from ..config import RunOptions
     from ..registry import get_editor
 
     overrides = spec.config_overrides()
-    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
+    editor = get_editor(spec.method, overrides)
+    if cls.capabilities.needs_fit and not editor.options.checkpoint:
         ckpts = checkpoints or {}  # "method@dataset" (trained on that dataset) wins over "method"
         ckpt = ckpts.get(f"{spec.method}@{spec.dataset}") or ckpts.get(spec.method) \
             or DEFAULT_CHECKPOINT.format(method=spec.method)
         if not Path(ckpt).is_dir():
-            raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
-        overrides["checkpoint"] = ckpt
-    return get_editor(spec.method, overrides), overrides
+            raise CellSkipped(missing_checkpoint(editor, handle, ckpt))
+        editor = get_editor(spec.method, overrides, options=RunOptions(checkpoint=ckpt))
+    return editor
 
 
 def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
@@ -207,12 +209,12 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
     reason = cannot_run(cls, handle, spec, requests_per_case(spec.dataset))
     if reason:
         raise CellSkipped(reason)
-    editor, overrides = _editor(cls, spec, handle, checkpoints)
+    editor = _editor(cls, spec, handle, checkpoints)
     cases = load_cases(spec, data_path)
     scored = scorer_for(cases).protocols(tuple(protocols))  # the asked protocols these cases are scored with
     config = editor.config_for(handle)
     generation = generation or GenSettings()
-    extra: dict[str, Any] = {"checkpoint": checkpoint_identity(overrides.get("checkpoint"))}
+    extra: dict[str, Any] = {"checkpoint": checkpoint_identity(editor.options.checkpoint)}
     if GEN in protocols and generation.key() != GenSettings().key():  # default settings keep older keys valid
         extra["generation"] = generation.key()
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
@@ -241,7 +243,7 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
         results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
                                                  reuse, store, baselines,
                                                  {"protocols": protocols, "generation": generation})
-        efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
+        efficiency = efficiency_stats(results, summaries, training_seconds(editor.options.checkpoint))
         errors = [r.info["error"] for r in results if r.info.get("error")]
         if results and len(errors) == len(results):
             cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
