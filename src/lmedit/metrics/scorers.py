@@ -5,12 +5,12 @@ type declares (``type(case).scorer``), so the runner never asks which dataset a 
   protocols the run asks for (:mod:`lmedit.metrics.evaluate`).
 - ``multihop`` (MQuAKE's multi-edit cases): :mod:`lmedit.metrics.multihop`, its own fixed protocol.
 
-A scorer module registers its scorer with :func:`register_scorer`; the modules are imported on first lookup.
+A scorer module registers its scorer with :func:`register_scorer`; they are imported on the first lookup of a
+name that is not registered yet.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from ..models.handle import ModelHandle
 
 _SCORERS: dict[str, CaseScorer] = {}
-_MODULES = ("lmedit.metrics.multihop",)  # scorer modules outside this one, imported on the first lookup
 
 
 class CaseScorer:
@@ -68,8 +67,7 @@ register_scorer("edit")(CaseScorer)
 def get_scorer(name: str) -> CaseScorer:
     """The scorer registered as ``name``."""
     if name not in _SCORERS:
-        for module in _MODULES:
-            importlib.import_module(module)
+        from . import multihop  # noqa: F401  (registers "multihop"; imported on first use)
     if name not in _SCORERS:
         raise EditInputError(f"no scorer is registered as {name!r}; known: {', '.join(sorted(_SCORERS))}")
     return _SCORERS[name]
