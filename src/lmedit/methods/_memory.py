@@ -69,18 +69,16 @@ class Entries:
                 raise EditError("refusing edit: its memory keys or values hold NaN/inf")
 
 
-class MemoryLayer(nn.Module):
-    """Wraps ``base`` (kept as ``self.base``); holds the entries of every applied memory edit at this module.
-
-    The entries are not parameters: the model's state dict gains only the ``base.`` prefix while installed.
-    """
+class ProjectionWrapper(nn.Module):
+    """Wraps a projection ``base`` (kept as ``self.base``) and holds what each applied edit added, by token in
+    apply order; subclasses rebuild what they compute from that in ``_compile``. Nothing held is a
+    parameter: the model's state dict gains only the ``base.`` prefix while installed."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self._owned: dict[int, Entries] = {}  # token -> entries, in apply order
+        self._owned: dict[int, Any] = {}  # token -> what the edit added, in apply order
         self._next = 0
-        self._tables: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._owned)
@@ -95,16 +93,36 @@ class MemoryLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base, "bias", None)
 
-    def add(self, entries: Entries) -> int:
+    def add(self, owned: Any) -> int:
         token = self._next
         self._next += 1
-        self._owned[token] = entries
+        self._owned[token] = owned
         self._compile()
         return token
 
     def remove(self, token: int) -> None:
         del self._owned[token]
         self._compile()
+
+    def _compile(self) -> None:
+        raise NotImplementedError
+
+
+def remove_from(handle: ModelHandle, path: str, wrapper: ProjectionWrapper, token: int) -> None:
+    """Take an edit's part out of the wrapper at ``path``; uninstall the wrapper when it holds nothing more."""
+    if get_module(handle.model, path) is not wrapper:
+        raise EditError(f"the memory at {path} was replaced by another edit's module; revert that edit first")
+    wrapper.remove(token)
+    if not len(wrapper):
+        set_module(handle.model, path, wrapper.base)
+
+
+class MemoryLayer(ProjectionWrapper):
+    """Wraps ``base``; holds the entries of every applied memory edit at this module."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self._tables: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def active(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
         """Per rule: the keys, values, effective bounds and labels in force (collisions resolved)."""
@@ -231,9 +249,7 @@ class MemoryEdit(Edit):
                 raise EditError(f"the memory at {path} was replaced by another edit's module; revert that edit "
                                 "first")
         for path, memory, token in done:
-            memory.remove(token)
-            if not len(memory):
-                set_module(handle.model, path, memory.base)
+            remove_from(handle, path, memory, token)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import Config, ConfigError, RunOptions
 from ..edits import Edit, WeightDelta
+from ..locate.pipeline import check_layers
 from ..types import EditInputError, EditRequest
 
 if TYPE_CHECKING:
@@ -159,3 +160,16 @@ def depth_layer(handle: ModelHandle, fraction: float) -> int:
     layer that has a feed-forward block."""
     n = handle.n_layers
     return handle.adapter.nearest_ffn_layer(min(n - 1, max(0, round(fraction * (n - 1)))))
+
+
+class DepthLayer:
+    """Mixin for an editor with one ``layer`` option: None means ``depth_fraction`` of the model's depth."""
+
+    depth_fraction: ClassVar[float] = 0.85
+
+    def resolve(self, handle: ModelHandle, cfg: Any) -> Any:
+        """``cfg`` with its layer filled in (when None) and checked against the model."""
+        if cfg.layer is None:
+            cfg = cfg.replace(layer=depth_layer(handle, self.depth_fraction))
+        check_layers(handle, [cfg.layer])
+        return cfg

@@ -30,12 +30,12 @@ import torch
 
 from ..config import Config, ConfigError, option
 from ..locate.keys import compute_keys
-from ..locate.pipeline import ROW_BATCH, Phases, check_layers
+from ..locate.pipeline import ROW_BATCH, Phases
 from ..locate.values import ValueOptions, optimize_values
 from ..registry import register_editor
 from ..types import EditRequest
 from ._memory import MEMORY_CAPABILITIES, Entries, MemoryEdit
-from .base import Editor, depth_layer
+from .base import DepthLayer, Editor
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -62,7 +62,7 @@ class GRACEConfig(Config):
 
 
 @register_editor("grace")
-class GRACE(Editor):
+class GRACE(DepthLayer, Editor):
     """General Retrieval Adaptors for Continual Editing: one codebook key per edit, deletable exactly."""
 
     Config = GRACEConfig
@@ -73,13 +73,6 @@ class GRACE(Editor):
         "smollm2-135m": {"layer": 25, "eps": 3.0, "steps": 100, "lr": 1.0},
     }
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "eps": 1.0, "steps": 30, "lr": 0.5}
-    depth_fraction: ClassVar[float] = 0.85
-
-    def resolve(self, handle: ModelHandle, cfg: GRACEConfig) -> GRACEConfig:
-        if cfg.layer is None:
-            cfg = cfg.replace(layer=depth_layer(handle, self.depth_fraction))
-        check_layers(handle, [cfg.layer])
-        return cfg
 
     def _compute(self, handle: ModelHandle, requests: list[EditRequest], cfg: GRACEConfig) -> MemoryEdit:
         layer = cfg.layer
