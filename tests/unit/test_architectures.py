@@ -21,11 +21,13 @@ RESULTS: dict = {}
 # Discovered, but an edit of the tiny random model fails; each stays in the survey page with its reason. A class
 # that starts passing fails its test (strict): remove it from here.
 KNOWN_EDIT_FAILURES = {
+    # the configs' weight std 0.02 at width 64 keeps every FFN pre-activation near zero, where GELU is almost
+    # linear: Bloom's 256 keys (4·d, a plain FFN) span about d dimensions and the key second moment is singular
+    # to 1e-9 (the same model with std 0.1 is editable)
     "BloomForCausalLM": "ROME refuses a degenerate rank-one update (division factor ~1e-5) on the tiny model",
-    "xLSTMForCausalLM": "the key second moment of its recurrent block is singular on the tiny model",
 }
 # the share of built architectures that must stay editable (measured: see docs/architectures.md)
-FLOOR = 0.80
+FLOOR = 0.90
 
 
 @pytest.fixture(scope="module")

@@ -61,17 +61,79 @@ def test_gpt2_conv1d_orientation_is_read_and_checked():
         validate(model, found.replace(weight_layout="out_in"))
 
 
-def test_mixture_of_experts_edits_a_shared_expert_or_is_refused():
+def test_mixture_of_experts_edits_a_shared_expert_or_the_attention_output():
     shared = adapter_for(tiny_model("Qwen2MoeForCausalLM"))  # routed experts + a shared one, flattened tokens
     assert shared.mlp_out.endswith("mlp.shared_expert.down_proj") and shared.mlp.endswith("mlp")
-    with pytest.raises(DiscoveryError, match="(?s)mixture of routed experts.*register_adapter"):
-        adapter_for(tiny_model("MixtralForCausalLM"))
+    assert shared.edit_site == "ffn" and not shared.edit_site_reason
+    routed = adapter_for(tiny_model("MixtralForCausalLM"))  # routed experts only: no dense FFN in any block
+    assert routed.edit_site == "attn_out" and "mixture of routed experts" in routed.edit_site_reason
+    assert routed.mlp_out == routed.attn_out == routed.mlp == "model.layers.{}.self_attn.o_proj"
+    assert routed.mlp_in == () and routed.ffn_layers is None
 
 
-def test_a_model_without_a_feed_forward_block_names_what_is_missing():
-    with pytest.raises(DiscoveryError, match="(?s)cannot edit MambaForCausalLM: no position-wise feed-forward.*"
-                                             "register_adapter"):
-        adapter_for(tiny_model("MambaForCausalLM"))
+def test_a_model_without_a_feed_forward_block_is_edited_at_its_mixer_output():
+    mamba = adapter_for(tiny_model("MambaForCausalLM"))  # state-space mixer only
+    assert (mamba.edit_site, mamba.mlp_out) == ("attn_out", "backbone.layers.{}.mixer.out_proj")
+    assert "no position-wise feed-forward" in mamba.edit_site_reason
+
+
+def test_a_model_whose_ffn_sees_other_positions_names_what_is_missing():
+    """CPM-Ant prepends prompt positions inside the model: the subject's token has no fixed place in the FFN."""
+    with pytest.raises(DiscoveryError, match="(?s)cannot edit CpmAntForCausalLM: its FFN sees .* positions for 16 "
+                                             "input tokens.*register_adapter"):
+        adapter_for(tiny_model("CpmAntForCausalLM"))
+
+
+def test_editors_that_need_ffn_neurons_refuse_a_model_without_one(tokenizer):
+    from lmedit.config import ConfigError
+    from lmedit.methods._ffn import UnsupportedFFNError, ffn_info
+    from lmedit.training.functional import edited_paths
+
+    handle = ModelHandle(tiny_model("MixtralForCausalLM"), tokenizer)
+    with pytest.raises(UnsupportedFFNError, match="(?s)no dense FFN.*routed experts.*attention output projection"):
+        ffn_info(handle, 0)
+    with pytest.raises(ConfigError, match="no FFN input projection.*matrices='out'"):
+        edited_paths(handle, [0], "both")
+    assert edited_paths(handle, [0], "out") == ["model.layers.0.self_attn.o_proj"]
+
+
+@pytest.mark.parametrize("name", ["rome", "memit", "ft-m"])
+def test_attention_output_site_edits_and_reverts(name, tokenizer, tmp_path):
+    """A routed-only mixture of experts, edited at o_proj: the target rises and the revert is bit-exact."""
+    from lmedit.survey import edit_and_revert, tiny_corpus
+
+    handle = ModelHandle(tiny_model("MixtralForCausalLM"), tokenizer, name="tiny-mixtral")
+    quick = {"v_num_grad_steps": 20, "v_weight_decay": 0.0, "mom2_tokens": 2000, "context_lengths": [],
+             "mom2_corpus": str(tiny_corpus(tmp_path))}
+    overrides = {"ft-m": {"steps": 6, "lr": 2e-2}}.get(name, quick)
+    assert edit_and_revert(handle, name, overrides, 0) > 0
+
+
+def test_hyper_connection_blocks_and_a_hidden_head_are_found(tokenizer, tmp_path):
+    """DeepSeek-V4 carries four residual streams per token ([batch, seq, 4, d] between blocks): ROME edits it,
+    MEMIT (which spreads a residual target over layers) refuses it. CLVP's decoder returns None from
+    get_output_embeddings, so its head is the linear map whose output is the logits."""
+    from lmedit.registry import get_editor
+    from lmedit.survey import _request, edit_and_revert, tiny_corpus
+
+    if "DeepseekV4ForCausalLM" in causal_lm_classes():
+        handle = ModelHandle(tiny_model("DeepseekV4ForCausalLM"), tokenizer, name="tiny-dsv4")
+        dsv4 = handle.adapter
+        assert dsv4.layers == "model.layers.{}" and dsv4.mlp_out.endswith("mlp.shared_experts.down_proj")
+        assert dsv4.residual_streams == 4
+        quick = {"v_num_grad_steps": 20, "v_weight_decay": 0.0, "mom2_tokens": 2000, "context_lengths": [],
+                 "mom2_corpus": str(tiny_corpus(tmp_path))}
+        assert edit_and_revert(handle, "rome", quick, 0) > 0
+        with pytest.raises(UnsupportedArchitectureError, match="4 residual streams.*ROME or FT"):
+            get_editor("memit", layers=[0, 1], **quick).compute(handle, [_request()])
+    clvp = tiny_model("ClvpForCausalLM")
+    assert clvp.get_output_embeddings() is None and adapter_for(clvp).lm_head == "lm_head"
+
+
+def test_tiny_models_have_no_all_zero_weight_matrix():
+    """xLSTM initialises its FFN's gate projection to zero: every key behind it would be zero."""
+    model = tiny_model("xLSTMForCausalLM")
+    assert all(p.any() for p in model.parameters() if p.dim() >= 2)
 
 
 def test_validation_catches_a_part_that_does_not_feed_the_logits():
@@ -127,12 +189,19 @@ def test_tiny_configs_are_tiny():
     cfg = tiny_config("LlamaForCausalLM")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (64, 2, 400)
     assert isinstance(adapter_for(tiny_model("LlamaForCausalLM")), ModelAdapter)
+    mamba2 = tiny_config("Mamba2ForCausalLM")  # state-space heads tile the expanded width
+    assert mamba2.num_heads * mamba2.head_dim == mamba2.expand * mamba2.hidden_size
+    falcon_h1 = tiny_config("FalconH1ForCausalLM")
+    assert falcon_h1.mamba_n_heads * falcon_h1.mamba_d_head == falcon_h1.mamba_d_ssm == 2 * falcon_h1.hidden_size
+    ministral = tiny_config("MinistralForCausalLM")  # None in the default config, required by the model class
+    assert (ministral.head_dim, ministral.num_key_value_heads) == (16, 2)
 
 
-@pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM"])
+@pytest.mark.parametrize("name", ["OPTForCausalLM", "DeepseekV3ForCausalLM", "MixtralForCausalLM"])
 def test_layers_auto_traces_a_discovered_model(name, tokenizer, tmp_path, monkeypatch):
     """``--layers auto`` (causal tracing over known facts) on an FFN that reads flattened tokens (OPT) and on a
-    model whose last layer holds experts instead of the dense FFN (DeepSeek-V3): the chosen layer has one."""
+    model whose last layer holds experts instead of the dense FFN (DeepSeek-V3): the chosen layer has one; and on
+    routed experts only (Mixtral), traced at the attention output that is its edit site."""
     from lmedit.locate.pipeline import auto_layers
 
     monkeypatch.setenv("LMEDIT_HOME", str(tmp_path))

@@ -23,6 +23,7 @@ from ..config import Config, ConfigError, RunOptions, option
 from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter
+from ..models.adapter import UnsupportedArchitectureError
 from ..types import EditRequest
 from .keys import gather, request_rows
 from .templates import TemplateGroups, context_templates, flatten, group_mean
@@ -279,6 +280,11 @@ def memit_family(handle, requests: Sequence[EditRequest], cfg: Any, solve: Calla
     from .stats import second_moments
 
     layers = check_layers(handle, cfg.layers)
+    if handle.adapter.residual_streams > 1:
+        raise UnsupportedArchitectureError(
+            f"{type(handle.model).__name__} carries {handle.adapter.residual_streams} residual streams between its "
+            "blocks (hyper-connections), so a layer's output is not the one d-vector that the edited projections "
+            "add to, and the residual target cannot be spread over layers; edit one layer with ROME or FT")
     clock = Phases()
     with clock("templates"):
         groups = templates_for(handle, cfg)

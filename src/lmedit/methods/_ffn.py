@@ -75,6 +75,10 @@ def ffn_info(handle: ModelHandle, layer: int) -> FFNInfo:
     ad = handle.adapter
     ad.check_layers(handle.model, [layer])
     mlp_path, out_path = ad.mlp.format(layer), ad.mlp_out.format(layer)
+    if ad.edit_site != "ffn":
+        raise UnsupportedFFNError(
+            f"{type(handle.model).__name__} has no dense FFN ({ad.edit_site_reason}), so there are no FFN neurons "
+            "to edit; ROME, MEMIT or FT edit its attention output projection instead")
     if ad.mlp == ad.mlp_out:
         raise UnsupportedFFNError(
             f"the FFN of {type(handle.model).__name__} is not one module (its linears sit directly in the block, "

@@ -40,6 +40,15 @@ class ModelAdapter:
         ffn_layers: the layers that have the FFN named by ``mlp``/``mlp_out`` when not all do (a hybrid
             model whose other layers are recurrent); None = every layer.
         discovered: found from the module structure (``discover.py``), not from the registered table.
+        edit_site: what ``mlp_out`` names, the linear map writing into the residual stream that the
+            locate-then-edit methods rewrite (its input is their key): ``"ffn"``, the FFN's output projection;
+            ``"attn_out"``, the token mixer's output projection, chosen by discovery only for a model none of
+            whose blocks has a dense FFN (routed experts only, or no FFN at all). Then ``mlp`` and ``mlp_out``
+            both name that projection and ``mlp_in`` is empty: methods that need FFN neurons refuse the model.
+        edit_site_reason: why discovery did not edit an FFN (empty for ``"ffn"``).
+        residual_streams: how many residual streams the blocks carry between them: 1, or n for hyper-connections
+            ([batch, seq, n, d] between blocks, each block reading and writing them through learned mixes).
+            Methods that spread a residual target over layers (MEMIT's family) need 1.
     """
 
     family: str
@@ -58,6 +67,9 @@ class ModelAdapter:
     encoder_mlp_out: str | None = None
     ffn_layers: tuple[int, ...] | None = None
     discovered: bool = False
+    edit_site: Literal["ffn", "attn_out"] = "ffn"
+    edit_site_reason: str = ""
+    residual_streams: int = 1
 
     def replace(self, **kw: Any) -> ModelAdapter:
         """A copy with the given fields changed."""
@@ -95,7 +107,8 @@ class ModelAdapter:
 
     def parts(self) -> dict[str, Any]:
         """Where the parts are (every field but the family name and the provenance): equal parts, same edits."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("family", "discovered")}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("family", "discovered", "edit_site_reason")}
 
     def module(self, model: nn.Module, template: str, i: int | None = None) -> nn.Module:
         """The module at ``template`` (formatted with layer ``i`` when given) inside ``model``."""

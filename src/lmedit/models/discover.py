@@ -3,8 +3,9 @@
 One forward pass on a tiny input, with hooks on every module, records what each module receives and returns
 (``probe.py``). From that record (never from a family name):
 
-- **blocks**: the outermost ``nn.ModuleList`` whose elements all ran and map [batch, seq, d] to the same
-  shape (the most parameters wins when there are several);
+- **blocks**: the outermost ``nn.ModuleList`` whose elements all ran and map [batch, seq, d] (or
+  [batch, seq, streams, d], hyper-connections) to the same shape (the most parameters wins when there are
+  several);
 - **token mixers** (attention, or a recurrent mixer in a hybrid layer) and **position-wise** modules are told
   apart by running a module again on its recorded inputs with position 0 perturbed: a position-wise module's
   outputs at the other positions do not change;
@@ -15,8 +16,12 @@ One forward pass on a tiny input, with hooks on every module, records what each 
   is the key of the locate-then-edit methods. The FFN is its outermost position-wise ancestor in the block
   (or the projection itself when the block holds the FFN's linears directly); its input projections are
   the linears of the FFN reading width d (two, or one fused, for a gated FFN);
+- **no dense FFN in any block** (routed experts only, or state-space / recurrent layers only): the token
+  mixer's output projection, the last linear map inside it that writes width d and reads every token, is the
+  edit site instead (``edit_site="attn_out"``, with the reason);
 - **embeddings / head** from ``get_input_embeddings`` / ``get_output_embeddings`` (tied when they share the
-  weight); **final norm**: the module that runs between the last block and the head.
+  weight), or the linear map whose output is the logits when the class hides its head; **final norm**: the
+  module that runs between the last block and the head.
 
 The result is then validated (:func:`validate`): shapes at every part, and perturbing the FFN output and the
 final norm output must change the logits.
@@ -109,6 +114,7 @@ class BlockParts:
 
     attn: str | None = None
     attn_out: str | None = None
+    attn_layout: str | None = None
     mlp: str | None = None
     mlp_in: tuple[str, ...] = ()
     mlp_out: str | None = None
@@ -128,9 +134,10 @@ def block_parts(block: _Block) -> BlockParts:
     if mixers:
         attn = min(mixers, key=lambda n: block.seen[n].order)
         parts.attn = block.rel(attn)
-        outs = [n for n in writes_d if _under(n, attn)]
+        outs = [n for n in writes_d if _under(n, attn) and block.per_token(block.seen[n].x)]
         if outs:
-            parts.attn_out = block.rel(max(outs, key=lambda n: block.seen[n].done))
+            last = max(outs, key=lambda n: block.seen[n].done)
+            parts.attn_out, parts.attn_layout = block.rel(last), linears[last]
     dense = [n for n in writes_d if not block.mixes(n) and not any(block.mixes(a) for a in block.ancestors(n))]
     routed = [n for n in dense if not block.per_token(block.seen[n].x)]
     dense = [n for n in dense if block.per_token(block.seen[n].x)]
@@ -177,8 +184,9 @@ def block_parts(block: _Block) -> BlockParts:
     return parts
 
 
-def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int]:
-    """(path, width) of the decoder blocks: the outermost ModuleList whose elements map [b, s, d] -> same."""
+def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int, int]:
+    """(path, width, residual streams) of the decoder blocks: the outermost ModuleList whose elements map
+    [b, s, d] (or [b, s, streams, d], hyper-connections) to the same shape."""
     lists = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module):
@@ -190,16 +198,16 @@ def find_blocks(model: nn.Module, seen: dict[str, Seen]) -> tuple[str, int]:
         if len(shapes) != 1:
             continue
         (x, y), = shapes
-        if len(x) != 3 or x != y:
+        if len(x) not in (3, 4) or x != y:  # [batch, seq, d], or [batch, seq, streams, d] (hyper-connections)
             continue
         n_params = sum(p.numel() for p in module.parameters())
-        lists.append((name, x[-1], n_params))
+        lists.append((name, x[-1], n_params, x[2] if len(x) == 4 else 1))
     outer = [c for c in lists if not any(_under(c[0], o[0]) for o in lists)]
     if not outer:
         raise DiscoveryError(model, "found no list of decoder blocks (an nn.ModuleList whose blocks each map "
                                     "[batch, seq, d] hidden states to the same shape)")
-    name, d, _ = max(outer, key=lambda c: c[2])
-    return name, int(d)
+    name, d, _, streams = max(outer, key=lambda c: c[2])
+    return name, int(d), int(streams)
 
 
 def _template(found: dict[int, str | None], what: str, model: nn.Module) -> tuple[str, tuple[int, ...]]:
@@ -221,23 +229,30 @@ def discover(model: nn.Module) -> ModelAdapter:
         raise DiscoveryError(model, "it is not a Hugging Face model (no get_input_embeddings/get_output_embeddings)")
     embed_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
     embed, lm_head = _path_of(model, embed_mod), _path_of(model, head_mod)
-    if embed is None or lm_head is None:
-        raise DiscoveryError(model, f"found no {'token embedding' if embed is None else 'output head'} module")
+    if embed is None:
+        raise DiscoveryError(model, "found no token embedding module")
     inputs = probe_inputs(model)
     was_training = model.training
     model.eval()
     try:
         seen = record(model, inputs)
-        blocks_path, d = find_blocks(model, seen)
+        if lm_head is None:  # a class that hides its head from get_output_embeddings (CLVP's decoder)
+            lm_head = _head_from_logits(model, seen, inputs)
+            head_mod = get_module(model, lm_head)
+        blocks_path, d, streams = find_blocks(model, seen)
         n = len(get_module(model, blocks_path))
         tokens = int(inputs["input_ids"].numel())
         per_layer = {i: block_parts(_Block(model, seen, f"{blocks_path}.{i}", d, tokens)) for i in range(n)}
     finally:
         model.train(was_training)
-    reasons = {p.why_no_ffn for p in per_layer.values() if p.why_no_ffn}
-    mlp_out, ffn_layers = _template({i: p.mlp_out for i, p in per_layer.items()},
-                                    "; ".join(sorted(reasons)) or "found no FFN output projection", model)
-    ref = next(p for p in per_layer.values() if p.mlp_out == mlp_out)
+    reasons = "; ".join(sorted({p.why_no_ffn for p in per_layer.values() if p.why_no_ffn}))
+    if any(p.mlp_out for p in per_layer.values()):
+        mlp_out, ffn_layers = _template({i: p.mlp_out for i, p in per_layer.items()}, reasons, model)
+        ref = next(p for p in per_layer.values() if p.mlp_out == mlp_out)
+        site, site_reason = "ffn", ""
+    else:  # no block has a dense FFN: the token mixer's output projection is the edit site
+        ref, ffn_layers, site_reason = _attention_site(per_layer, reasons or "found no FFN output projection", model)
+        site = "attn_out"
     attn, _ = _template({i: p.attn for i, p in per_layer.items()}, "found no attention (token-mixing) module", model)
     attn_ref = next(p for p in per_layer.values() if p.attn == attn)
     last_block = f"{blocks_path}.{n - 1}"
@@ -246,18 +261,45 @@ def discover(model: nn.Module) -> ModelAdapter:
     adapter = ModelAdapter(
         family=str(getattr(cfg, "model_type", "") or type(model).__name__),
         embed=embed, layers=blocks_path + ".{}", attn=b + attn, attn_out=b + (attn_ref.attn_out or attn),
-        mlp=b + ref.mlp, mlp_in=tuple(b + p for p in ref.mlp_in), mlp_out=b + mlp_out, ln_final=ln_final,
+        mlp=b + ref.mlp, mlp_in=tuple(b + p for p in ref.mlp_in), mlp_out=b + ref.mlp_out, ln_final=ln_final,
         lm_head=lm_head, weight_layout=ref.layout,  # type: ignore[arg-type]
-        ffn_layers=None if len(ffn_layers) == n else ffn_layers, discovered=True,
+        ffn_layers=None if len(ffn_layers) == n else ffn_layers, discovered=True, edit_site=site,  # type: ignore[arg-type]
+        edit_site_reason=site_reason, residual_streams=streams,
     )
     validate(model, adapter, inputs)
     tied = head_mod.weight is embed_mod.weight
-    log.info("discovered the parts of %s (no registered adapter): blocks %s, FFN output %s (%s, %s FFN%s), "
-             "attention %s, final norm %s, head %s (%s)", type(model).__name__, adapter.layers, adapter.mlp_out,
-             adapter.weight_layout, "gated" if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else "plain",
+    gated = "gated" if len(adapter.mlp_in) >= 2 or _fused(adapter, model) else "plain"
+    what = (f"attention output {adapter.mlp_out} as the edit site ({site_reason})" if site == "attn_out" else
+            f"FFN output {adapter.mlp_out} ({gated} FFN)")
+    log.info("discovered the parts of %s (no registered adapter): blocks %s, %s, %s layout%s, attention %s, "
+             "final norm %s, head %s (%s)", type(model).__name__, adapter.layers, what, adapter.weight_layout,
              f", layers {list(ffn_layers)} only" if adapter.ffn_layers else "", adapter.attn, ln_final or "none",
              lm_head, "tied to the embeddings" if tied else "untied")
     return adapter
+
+
+def _attention_site(per_layer: dict[int, BlockParts], reasons: str,
+                    model: nn.Module) -> tuple[BlockParts, tuple[int, ...], str]:
+    """For a model none of whose blocks has a dense FFN: the token mixer's output projection, a linear map
+    that writes into the residual stream and reads every token (its input, the mixed heads or the recurrent
+    state's readout at a token, is a well-defined key), as the edit site of every layer that has one."""
+    out, layers = _template({i: p.attn_out for i, p in per_layer.items()},
+                            f"{reasons}; nor does any token mixer have a linear output projection that "
+                            "reads one position per input token (the edit site of models without a dense FFN)", model)
+    ref = next(p for p in per_layer.values() if p.attn_out == out)
+    reason = f"{reasons}; so the token mixer's output projection is edited instead"
+    return BlockParts(attn=ref.attn, attn_out=out, mlp=out, mlp_out=out, layout=ref.attn_layout), layers, reason
+
+
+def _head_from_logits(model: nn.Module, seen: dict[str, Seen], inputs: dict[str, torch.Tensor]) -> str:
+    """The linear map (weight [vocab, d]) whose recorded output is the model's logits."""
+    logits = run(model, inputs)
+    found = [n for n, s in seen.items() if s.y is not None and s.y.shape == logits.shape and torch.equal(s.y, logits)
+             and linear_layout(get_module(model, n), s) is not None]
+    if not found:
+        raise DiscoveryError(model, "found no output head module (get_output_embeddings() returns None and no "
+                                    "linear layer's output is the logits)")
+    return max(found, key=lambda n: seen[n].done)
 
 
 def _fused(adapter: ModelAdapter, model: nn.Module) -> bool:

@@ -116,6 +116,19 @@ def _overrides(cfg: Any, layers: int) -> dict[str, Any]:
     for key, value in {**SIZES, **TOKEN_IDS}.items():
         if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
             out[key] = layers if key in DEPTH_KEYS else value
+    # None in a default config that its own model class cannot run with (DeepSeek-V2, Ministral, Nemotron, ...)
+    for key in ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_group", "topk_group",
+                "n_routed_experts"):
+        if key in d and d[key] is None and isinstance(out.get("num_attention_heads"), int):
+            out[key] = SIZES[key]
+    width = out.get("hidden_size", d.get("hidden_size"))
+    for expand, heads, head_dim in (("mamba_expand", "mamba_n_heads", "mamba_d_head"),
+                                    ("expand", "num_heads", "head_dim")):
+        # state-space heads tile the expanded width: heads · head_dim = expand · hidden_size
+        if all(isinstance(d.get(k), int) for k in (expand, heads, head_dim)) and isinstance(width, int):
+            out[head_dim] = d[expand] * width // out.get(heads, d[heads])
+            if isinstance(d.get("mamba_d_ssm"), int):
+                out["mamba_d_ssm"] = d[expand] * width
     for key, value in d.items():  # per-layer lists follow the new depth
         if isinstance(value, list | tuple) and depth and len(value) == depth > layers:
             out[key] = _pick_layers(value, layers)
@@ -159,4 +172,16 @@ def tiny_model(name: str, seed: int = 0, layers: int = LAYERS) -> nn.Module:
                               "a size field of its config is not in lmedit.models.tiny.SIZES")
     torch.manual_seed(seed)
     model = cls(cfg)
+    _fill_zero_matrices(model, seed)
     return model.float().eval()
+
+
+@torch.no_grad()
+def _fill_zero_matrices(model: nn.Module, seed: int) -> None:
+    """Give every weight matrix that the class initialises to all zeros small random values (std 0.02), as
+    training would: a projection left at zero (xLSTM's gates) makes the keys behind it zero for every token,
+    which no trained model has and which no edit of that model could change."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() >= 2 and p.is_floating_point() and not p.any():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)

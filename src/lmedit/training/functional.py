@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..hooks import get_module
 from ..metrics.scoring import _logits_at
 
@@ -172,6 +173,9 @@ def delta_hooks(handle: ModelHandle, deltas: dict[str, Factors | torch.Tensor]) 
 def edited_paths(handle: ModelHandle, layers: Sequence[int], which: str) -> list[str]:
     """Module paths of the MLP matrices to edit: ``which`` = "in", "out" or "both" (in before out)."""
     handle.adapter.check_layers(handle.model, list(layers))
+    if which in ("in", "both") and not handle.adapter.mlp_in:
+        raise ConfigError(f"matrices={which!r}: {type(handle.model).__name__} has no FFN input projection to edit "
+                          f"({handle.adapter.edit_site_reason or 'none was found'}); use matrices='out'")
     paths = []
     for i in layers:
         if which in ("in", "both"):
