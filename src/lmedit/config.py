@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
+
+log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound="Config")
 
@@ -93,6 +96,46 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How an editor runs, not what it computes: locations and speed settings. They are not part of a method's
+    config, so they never enter :meth:`Config.hash` (a trained editor's checkpoint is identified by its
+    content where results are cached). An editor holds them as ``editor.options``
+    (``get_editor(name, options=RunOptions(...))``; the CLI's ``--value-cache``, ``--row-batch`` and
+    ``--editor-checkpoint``).
+
+    Attributes:
+        value_cache: folder that keeps the optimised target values of the locate-then-edit editors and reuses
+            them for the same weights, layer, value settings and request (None: no store).
+        row_batch: requests whose values are optimised together in one batch of rows (locate editors, GRACE;
+            None: 8). Speed only: results differ by rounding.
+        checkpoint: a trained editor's directory written by ``lmedit train``.
+    """
+
+    value_cache: str | None = None
+    row_batch: int | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_batch is not None and (not isinstance(self.row_batch, int) or self.row_batch < 1):
+            raise ConfigError(f"row_batch must be a positive integer, got {self.row_batch!r}")
+        for name in ("value_cache", "checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | Path):
+                raise ConfigError(f"{name} must be a path, got {value!r}")
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+
+    def merged(self, other: RunOptions | None) -> RunOptions:
+        """These options with ``other``'s set (non-None) values on top."""
+        if other is None:
+            return self
+        return dataclasses.replace(self, **{k: v for k, v in dataclasses.asdict(other).items() if v is not None})
+
+
+QUIET_MOVED = frozenset({"checkpoint"})  # moved keys still documented as a way to name them: no warning
+
+
 @dataclasses.dataclass
 class Config:
     """Base class of every method configuration.
@@ -102,6 +145,26 @@ class Config:
     coerced to the field types and validated on construction, however the config is built
     (``MyConfig(lr="1e-3")`` and ``MyConfig.from_dict(...)`` alike).
     """
+
+    # keys that older versions had in this config and that are run options now: key -> RunOptions field
+    moved: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def split_moved(cls, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config values, run-option values) of a mapping that may hold keys that moved out of this config
+        (an older config file, ``--set v_batch_size=8``); a moved key logs a deprecation warning."""
+        values = dict(d)
+        options = {}
+        for key, field_name in cls.moved.items():
+            if key in values:
+                value = values.pop(key)
+                if value is not None and key not in QUIET_MOVED:
+                    log.warning("%s: %r is a run option now, not a method setting (RunOptions.%s; the CLI's "
+                                "--%s); taking it from the config is deprecated", cls.__name__, key, field_name,
+                                field_name.replace("_", "-"))
+                if value is not None:
+                    options[field_name] = value
+        return values, options
 
     def __post_init__(self) -> None:
         name = type(self).__name__

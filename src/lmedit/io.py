@@ -10,6 +10,9 @@
   a problem, so lock files are left in place (deleting them would race with a new holder).
 - :func:`lmedit_home` / :func:`cache_folder` -- where lmedit keeps converted models and disk caches;
   :func:`offline` -- whether downloads are forbidden.
+- :func:`cache_key` / :func:`cache_path` -- the one naming scheme of disk cache entries: a readable prefix
+  (the kind and the parameters worth seeing) and a short hash of everything the entry depends on (kind,
+  model fingerprint, parameters). An entry written under an older name is found there and linked to its new name.
 
 Core layer: imports nothing from lmedit.
 """
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,44 @@ def offline() -> bool:
 def cache_folder(*parts: str) -> Path:
     """A folder under :func:`lmedit_home` (not created)."""
     return lmedit_home().joinpath(*parts)
+
+
+def cache_key(kind: str, fingerprint: str | None, params: Mapping[str, object], show: Sequence[str] = ()) -> str:
+    """The file-name stem of a disk cache entry: ``<kind>-<fingerprint>-<shown params>-<hash>``.
+
+    Args:
+        kind: what is cached (``mom2``, ``embedding-std``, ...).
+        fingerprint: the model the entry belongs to (``ModelHandle.fingerprint``), or None (an entry of no
+            model, or one in a folder of the model's own).
+        params: everything else the entry depends on (JSON-serialisable; order does not matter).
+        show: names of ``params`` written into the name for people, as ``<name><value>``.
+    Returns:
+        e.g. ``mom2-layer3-tokens100000-float32-1f0c2a9b4e7d6c51``: the hash (16 hex digits of a sha256 of the
+        canonical JSON of kind, fingerprint and params) alone identifies the entry.
+    """
+    blob = json.dumps({"kind": kind, "fingerprint": fingerprint, "params": dict(params)}, sort_keys=True,
+                      separators=(",", ":"), default=str)
+    shown = [f"{k}{params[k]}" for k in show]
+    parts = [kind, *([fingerprint] if fingerprint else []), *shown, hashlib.sha256(blob.encode()).hexdigest()[:16]]
+    return "-".join(parts).replace("/", "_")
+
+
+def cache_path(folder: str | Path, key: str, suffix: str, *, legacy: Path | None = None) -> Path:
+    """``folder/<key><suffix>``. When it does not exist but ``legacy`` (the entry's name under an older
+    naming scheme) does, the old file is linked (hard link; a copy where links are refused) to the new name
+    first, so nothing computed before is lost, and the old name stays for older lmedit versions sharing the
+    cache."""
+    path = Path(folder) / f"{key}{suffix}"
+    if legacy is not None and not path.exists() and legacy.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(legacy, path)
+        except FileExistsError:  # another process migrated it first
+            pass
+        except OSError:  # a file system without hard links
+            atomic_write(path, legacy.read_bytes())
+        log.info("cache entry %s is now also %s (the current naming scheme)", legacy, path)
+    return path
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -83,6 +83,7 @@ def editor_class(name: str) -> type[Editor]:
     return _EDITORS[key]
 
 
-def get_editor(name: str, config: Any = None, **overrides: Any) -> Editor:
-    """An editor instance. ``config`` may be a Config, a dict, or a path to a YAML/JSON file."""
-    return editor_class(name)(config, **overrides)
+def get_editor(name: str, config: Any = None, *, options: Any = None, **overrides: Any) -> Editor:
+    """An editor instance. ``config`` may be a Config, a dict, or a path to a YAML/JSON file; ``options`` a
+    :class:`~lmedit.config.RunOptions` (caches, speed settings, a trained editor's checkpoint)."""
+    return editor_class(name)(config, options=options, **overrides)

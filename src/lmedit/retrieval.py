@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write, file_lock, lmedit_home
+from .io import atomic_write, cache_key, cache_path, file_lock, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def embed_corpus(texts: Sequence[str], cache: dict[str, Any], key: str = "") -> 
     mem_key = f"retrieval.corpus.{name}"
     if mem_key in cache:
         return cache[mem_key]
-    path = cache_root() / f"{name}.pt"
+    params = {"embedder": EMBEDDER_NAME, "key": key, "texts": texts_digest(texts)}
+    path = cache_path(cache_root(), cache_key("embeddings", None, params), ".pt", legacy=cache_root() / f"{name}.pt")
     with file_lock(path.with_name(f".{path.name}.lock"), blocking=True):  # one process computes, the others read
         emb = _embed_cached(texts, cache, path)
     cache[mem_key] = emb

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 SLOT = "{}"
 
@@ -167,6 +167,8 @@ class EditCase:
         source: where the case came from (file and index), for error messages and results.
     """
 
+    scorer: ClassVar[str] = "edit"  # how the benchmark scores it (lmedit.metrics.scorers)
+
     request: EditRequest
     paraphrases: tuple[str, ...] = ()
     locality: tuple[QA, ...] = ()
@@ -191,3 +193,8 @@ class EditCase:
     @property
     def case_id(self) -> str | int | None:
         return self.request.case_id
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        """The requests the benchmark applies for this case (one; a multi-edit case has several)."""
+        return (self.request,)

@@ -338,12 +338,12 @@ def test_edit_scope_refuses_stateful_and_unidentified_editors(tiny_llama):
 
 
 def test_baseline_store_scores_the_unedited_model_once(tiny_llama, tmp_path, monkeypatch):
-    import lmedit.bench.run as bench
+    import lmedit.metrics.scorers as scorers
     from lmedit.bench.stores import BaselineStore
 
     computed = []
-    real = bench.baseline
-    monkeypatch.setattr(bench, "baseline", lambda handle, cases, **kw: computed.append(len(cases)) or
+    real = scorers.baseline
+    monkeypatch.setattr(scorers, "baseline", lambda handle, cases, **kw: computed.append(len(cases)) or
                         real(handle, cases, **kw))
     store, cases = BaselineStore(tmp_path / "base"), _cases(4)
     first = run_benchmark(ToyEditor(), tiny_llama, cases[:3], baseline_store=store)

@@ -151,6 +151,19 @@ def test_bench_writes_results_and_prints_the_table(capsys, tiny_dir, tmp_path):
     assert len((out_dir / "cases.jsonl").read_text().strip().splitlines()) == 2
 
 
+def test_bench_runs_mquakes_multi_edit_cases_with_run_options(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))  # the tiny model's statistics stay here
+    out_dir = tmp_path / "run"
+    rc, out, _ = run_cli(capsys, "bench", "--model", str(tiny_dir), "--method", "memit", "--dataset", "mquake",
+                         "--n", "1", "--out", str(out_dir), "--set", "v_num_grad_steps=2", "--set", "mom2_tokens=200",
+                         "--row-batch", "2", "--value-cache", str(tmp_path / "values"))
+    assert rc == 0 and "| multihop | greedy_exact |" in out
+    (line,) = (out_dir / "cases.jsonl").read_text().splitlines()
+    case = json.loads(line)
+    assert case["info"]["edits"] == 4 and case["efficiency"]["chunk_size"] == 4 and "error" not in case["info"]
+    assert len(list((tmp_path / "values").rglob("*.pt"))) == 4, "the 4 requests' values went to --value-cache"
+
+
 def test_demo_edits_scores_and_restores_the_model(tiny_dir):
     from lmedit.demo import choose_method, run_demo
 

@@ -291,3 +291,21 @@ def test_replayed_stands_in_and_restores(tiny_llama):
         assert stand_ins[paths[0]].self_attn is before[0].self_attn  # unknown attributes: the original's
         torch.testing.assert_close(h.model(input_ids=ids).logits, want)
     assert [get_module(h.model, p) for p in paths] == before
+
+
+def test_cache_key_is_stable_readable_and_finds_entries_under_their_old_name(tmp_path):
+    from lmedit.io import cache_key, cache_path
+
+    key = cache_key("mom2", None, {"layer": 3, "tokens": 100, "corpus": "abc"}, show=("layer",))
+    assert key == cache_key("mom2", None, {"corpus": "abc", "tokens": 100, "layer": 3}, show=("layer",))
+    assert key.startswith("mom2-layer3-") and len(key.rsplit("-", 1)[1]) == 16
+    assert cache_key("mom2", "f00d", {"layer": 3}).startswith("mom2-f00d-")
+    assert len({key, cache_key("mom2", None, {"layer": 3, "tokens": 101, "corpus": "abc"}, show=("layer",)),
+                cache_key("mom2", "f00d", {"layer": 3, "tokens": 100, "corpus": "abc"}, show=("layer",)),
+                cache_key("nullspace", None, {"layer": 3, "tokens": 100, "corpus": "abc"}, show=("layer",))}) == 4
+    old = tmp_path / "old-name.pt"
+    old.write_bytes(b"computed long ago")
+    new = cache_path(tmp_path, key, ".pt", legacy=old)
+    assert new.name == f"{key}.pt" and new.read_bytes() == b"computed long ago" and old.exists()
+    assert cache_path(tmp_path, key, ".pt", legacy=old) == new  # already there: nothing to do
+    assert not cache_path(tmp_path / "none", key, ".pt", legacy=tmp_path / "missing").exists()

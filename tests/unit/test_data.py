@@ -96,8 +96,9 @@ def test_mquake_and_known():
     assert len(facts) == 5
     prompt, subject, attribute = facts[0]
     assert subject in prompt and attribute
-    with pytest.raises(DatasetError, match="load_mquake"):
-        load_dataset("mquake")
+    assert load_dataset("mquake", n=1, offset=1) == [case], "MQuAKE cases are benchmark cases too"
+    with pytest.raises(DatasetError, match="load_known"):
+        load_dataset("known")
 
 
 def test_list_datasets():

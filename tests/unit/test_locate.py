@@ -39,8 +39,11 @@ def corpus(tmp_path):
     return path
 
 
-def quick(name: str, corpus, **kw):
-    return get_editor(name, **{**editor_class(name).quick, "mom2_corpus": str(corpus), **kw})
+def quick(name: str, corpus, *, value_cache: str | None = None, **kw):
+    from lmedit.config import RunOptions
+
+    return get_editor(name, **{**editor_class(name).quick, "mom2_corpus": str(corpus), **kw},
+                      options=RunOptions(value_cache=value_cache))
 
 
 # --- templates ------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def test_stats_cache_resume_and_refusals(tiny_llama, corpus, home, monkeypatch):
     got = S.collect_stats(h, [1], corpus=corpus, tokens=800, batch_tokens=256, save_every=1)[1]
     assert torch.allclose(got, want) and calls["n"] == 5  # 2 batches before the stop, the last 2 after it
     monkeypatch.setattr(h.model, "forward", real)
-    files = list((home / "stats" / h.fingerprint).glob("mom2-L1-*"))
+    files = list((home / "stats" / h.fingerprint).glob("mom2-layer1-*"))
     assert len(files) == 1
     assert torch.equal(S.collect_stats(h, [1], corpus=corpus, tokens=800)[1], got)  # from disk
     other = make_handle("llama", h.tokenizer)
@@ -305,6 +308,21 @@ def test_stats_cache_resume_and_refusals(tiny_llama, corpus, home, monkeypatch):
     shutil.copy(files[0], home / "stats" / other.fingerprint / files[0].name)
     with pytest.raises(S.StatsError, match="refusing"):
         S.collect_stats(other, [1], corpus=corpus, tokens=800)
+
+
+def test_stats_cached_under_the_old_file_name_are_found_and_linked(tiny_llama, corpus, home, monkeypatch):
+    """Statistics computed before lmedit.io.cache_key named the files (mom2-L<layer>-<corpus>-<n>-<dtype>.pt)
+    are used, not recomputed: linked to the new name, the old name kept for older versions."""
+    h = tiny_llama
+    want = S.collect_stats(h, [1], corpus=corpus, tokens=400, batch_tokens=256)[1]
+    folder = home / "stats" / h.fingerprint
+    (new,) = folder.glob("mom2-layer1-*")
+    old = folder / f"mom2-L1-{S.corpus_hash(S.corpus_files(corpus))}-400-float32.pt"  # the name before
+    new.rename(old)
+    h.cache.clear()
+    monkeypatch.setattr(h.model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert torch.equal(S.collect_stats(h, [1], corpus=corpus, tokens=400, batch_tokens=256)[1], want)
+    assert new.exists() and old.exists() and new.stat().st_ino == old.stat().st_ino
 
 
 def test_stats_errors_and_corpus_cleaning(tiny_llama, tmp_path, monkeypatch):
@@ -388,7 +406,7 @@ def test_alphaedit_key_cache_is_editor_state(tiny_llama, corpus, home):
     ed = quick("alphaedit", corpus)
     edit = ed.compute(tiny_llama, REQ)
     assert set(ed.state_dict()["kkt"]) == {"1"}
-    assert list((home / "stats" / tiny_llama.fingerprint).glob("nullspace-L1-*"))
+    assert list((home / "stats" / tiny_llama.fingerprint).glob("nullspace-layer1-*"))
     fresh = quick("alphaedit", corpus)
     assert fresh.state_dict()["kkt"] == {}  # never shared between editor objects
     fresh.load_state_dict(ed.state_dict())
@@ -447,6 +465,26 @@ def test_value_cache_reuses_values_across_editors_and_runs(tiny_llama, corpus, h
     with first.applied(tiny_llama):  # other weights never meet the stored values
         quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ])
     assert calls == [2, 1, 1, 0, 1, 1, 1]
+
+
+def test_values_stored_under_the_old_scope_name_are_found(tiny_llama, corpus, home, tmp_path, monkeypatch):
+    from lmedit.locate import pipeline
+    from lmedit.locate.value_store import ValueStore
+
+    scopes, calls = [], []
+    real_scope, real_opt = ValueStore.scope, pipeline.optimize_values
+    monkeypatch.setattr(ValueStore, "scope", staticmethod(lambda *a: scopes.append(real_scope(*a)) or scopes[-1]))
+    monkeypatch.setattr(pipeline, "optimize_values",
+                        lambda handle, requests, *a, **kw: calls.append(len(requests)) or real_opt(handle, requests,
+                                                                                                  *a, **kw))
+    cache = tmp_path / "values"
+    quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ])
+    (new, old), = set(scopes)
+    assert new.startswith("values-layer") and [p.name for p in cache.iterdir()] == [new]
+    (cache / new).rename(cache / old)  # as a version before lmedit.io.cache_key left it
+    quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ])
+    assert calls == [1, 0], "the value stored under the old name was used"
+    assert {p.name for p in cache.iterdir()} == {new, old}
 
 
 def test_stats_cli_layer_parser():

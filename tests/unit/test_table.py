@@ -52,7 +52,7 @@ class ToyEditor(Editor):
 
 @dataclasses.dataclass
 class ToyFitConfig(ToyConfig):
-    checkpoint: str | None = option(None, "trained state folder", identity=False)
+    moved: ClassVar[dict[str, str]] = {"checkpoint": "checkpoint"}  # a trained editor's: RunOptions.checkpoint
 
 
 class ToyFitEditor(ToyEditor):
@@ -282,20 +282,22 @@ def test_missing_checkpoint_and_unregistered_paper_method(toy, model_dir, tmp_pa
 
 
 def test_multihop_leaves_model_untouched(toy, model_dir):
+    from lmedit.bench.apply import CannotStackEdits, apply_together, revert_checked
     from lmedit.data import load_mquake
+    from lmedit.metrics.multihop import score_multihop
     from lmedit.models.loading import load_model
-    from lmedit.table.multihop import CannotStackEdits, apply_all, revert_all, score_multihop
 
     handle = load_model(model_dir)
     case = load_mquake(n=1)[0]
     before = score_multihop(handle, case)
     assert before["multihop"].protocol == "greedy_exact" and before["multihop"].n >= 3
-    edits, eff = apply_all(ToyEditor(), handle, list(case.requests))
-    assert handle.contexts and eff["seconds"] >= 0 and eff["edits"] == 4
-    revert_all(handle, edits)
+    ms: list = []
+    edits, apply_s = apply_together(ToyEditor(), handle, list(case.requests), ms)
+    assert handle.contexts and len(ms) == 1 and ms[0].seconds >= 0 and apply_s >= 0
+    revert_checked(handle, edits)
     assert handle.contexts == []
     with pytest.raises(CannotStackEdits):
-        apply_all(ToyFitEditor(), handle, list(case.requests))
+        apply_together(ToyFitEditor(), handle, list(case.requests), [])
     torch.testing.assert_close(score_multihop(handle, case)["multihop_token_acc"].value,
                                before["multihop_token_acc"].value)
 
@@ -522,17 +524,17 @@ def test_a_teacher_forced_bench_run_lends_its_cases_and_the_cell_computes_the_ge
 
 
 def test_multihop_run_resumes_through_the_runners_reader(toy, model_dir, tmp_path):
+    from lmedit.bench import run_benchmark
     from lmedit.data import load_mquake
     from lmedit.models.loading import load_model
-    from lmedit.table.multihop import run_multihop
 
     handle, cases = load_model(model_dir), load_mquake(n=2)
-    first = run_multihop(ToyEditor(), handle, cases, tmp_path)
+    first = run_benchmark(ToyEditor(), handle, cases, out_dir=tmp_path).results
     path = tmp_path / "cases.jsonl"
     lines = path.read_text().splitlines()
     path.write_text(lines[0] + "\n" + lines[1][:15])  # killed while writing the second case
     calls = toy.calls
-    again = run_multihop(ToyEditor(), handle, cases, tmp_path, resume=True)
+    again = run_benchmark(ToyEditor(), handle, cases, out_dir=tmp_path, resume=True).results
     assert toy.calls == calls + 1, "only the torn case is edited again"
     assert [(r.case_id, r.pre, r.post) for r in again] == [(r.case_id, r.pre, r.post) for r in first]
     assert again[0].to_dict() == first[0].to_dict(), "the finished case is read back, not recomputed"

@@ -18,6 +18,11 @@ Output folder: ``cases.jsonl`` (one line per finished case, flushed as it finish
 (each applied edit, so that ``resume=True`` can rebuild the edited model). An edit that fails with
 :class:`EditInputError` or :class:`EditError` is recorded in its cases' ``info["error"]`` and the run goes on;
 failed cases are left out of the metric means and counted in ``summary["n_errors"]``.
+
+A case may carry several requests (``case.requests``; MQuAKE's multi-edit cases hold 4): they are applied
+together (:mod:`lmedit.bench.apply`: one batch, or stacked when the editor does not batch) and the case is
+scored by the scorer its type declares (:mod:`lmedit.metrics.scorers`), so a multi-edit dataset is a setting
+of this runner, not a second one.
 """
 
 from __future__ import annotations
@@ -32,16 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..edits import Edit, EditError
-from ..hooks import get_parameter
 from ..io import atomic_write, folder_lock
 from ..metrics import coverage
 from ..metrics.drift import DriftSettings, DriftTracker
-from ..metrics.efficiency import Measurement, efficiency_record, measure
-from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, check_protocols, score_cases_with_texts
+from ..metrics.efficiency import Measurement, combined, efficiency_record
+from ..metrics.evaluate import ALL_PROTOCOLS, Baseline, check_protocols
 from ..metrics.gen_protocol import GEN
 from ..metrics.generate import GenSettings, frame
 from ..metrics.records import CaseResult
-from ..types import EditCase, EditInputError, EditRequest
+from ..metrics.scorers import CaseScorer, scorer_for
+from ..types import EditInputError, EditRequest
+from .apply import EVAL_TIMINGS, SETTINGS, apply_together, check_args, revert_checked  # noqa: F401 (settings re-exported)
 from .rundir import (
     CASES_FILE,
     SUMMARY_FILE,
@@ -63,8 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("single", "batch", "sequential")
-EVAL_TIMINGS = ("immediate", "final")
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
 
 
@@ -81,7 +85,7 @@ class _Run:
 
     editor: Any
     handle: ModelHandle
-    cases: list[EditCase]
+    cases: list[Any]  # EditCase records, or a dataset's multi-edit cases (each with .requests)
     keys: list[Any]
     setting: str
     batch_size: int
@@ -102,6 +106,7 @@ class _Run:
     old_protocols: list[str] | None = None  # the protocols of the run being resumed (its run.json)
     drift: Any = None  # DriftTracker of batch and sequential runs
     lifelong: Any = None  # checkpoints and collapse guard of sequential runs (lmedit.bench.sequential.Lifelong)
+    scorer: CaseScorer | None = None  # how these cases are scored (their type's scorer)
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -115,15 +120,16 @@ class _Run:
         return Baseline(locality=[r[1] for r in rows], pre=[r[0] for r in rows], texts=[r[2] for r in rows])
 
     def score(self, idx: list[int]) -> list[dict]:
-        posts, texts = score_cases_with_texts(self.handle, [self.cases[i] for i in idx], self.sub_base(idx),
-                                              protocols=self.protocols, generation=self.generation)
+        posts, texts = self.scorer.score(self.handle, [self.cases[i] for i in idx], self.sub_base(idx),
+                                         protocols=self.protocols, generation=self.generation)
         self.texts.update({self.keys[i]: t for i, t in zip(idx, texts, strict=True)})
         return posts
 
     def record(self, i: int, post: dict, efficiency: dict, info: dict, chunk: int) -> None:
         """Store one finished case, append it to cases.jsonl (flushed) and advance the progress bar."""
         key, pre = self.keys[i], self.base[self.keys[i]][0]
-        info = {"source": self.cases[i].source, **info}
+        n_edits = len(self.cases[i].requests)
+        info = {"source": self.cases[i].source, **({"edits": n_edits} if n_edits > 1 else {}), **info}
         if "reliability" in pre and pre["reliability"].value == 1.0:
             info["already_true"] = True
             log.info("case %s: the model already gives the new target before the edit", key)
@@ -148,7 +154,7 @@ class _Run:
             self.bar.set_postfix({k[:3]: f"{t / c:.2f}" for k, (t, c) in self.running.items()})
 
 
-def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *, setting: str = "single",
+def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, setting: str = "single",
                   batch_size: int = 1, eval_timing: str = "final", out_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = False, protocols: Sequence[str] = ALL_PROTOCOLS,
                   run_info: dict[str, Any] | None = None, edit_store: Any = None,
@@ -159,13 +165,15 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
+        cases: EditCase records, or the multi-edit cases of a dataset such as MQuAKE (all of one kind).
         setting: ``"single"``, ``"batch"`` or ``"sequential"``.
         batch_size: cases per edit (batch and sequential settings).
         eval_timing: ``"immediate"`` or ``"final"`` (sequential only).
         out_dir: folder for cases.jsonl / summary.json / table.md (None: nothing is written).
         resume: continue a run in ``out_dir``: finished cases are kept, finished chunks are not redone.
         progress: show a tqdm progress bar.
-        protocols: scoring protocols (``token_acc``, ``prob_compare``, ``gen``). Resuming a run with protocols
+        protocols: scoring protocols (``token_acc``, ``prob_compare``, ``gen``; a multi-edit case's scorer has
+            its own and ignores them). Resuming a run with protocols
             its finished cases lack computes them for those cases (``fill_missing``) or marks them as
             missing (:mod:`lmedit.metrics.coverage`).
         run_info: facts about the data slice (dataset name, n, offset, file) copied into the summary.
@@ -185,16 +193,17 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
     """
     t0 = time.perf_counter()
     cases = list(cases)
-    _check_args(editor, handle, cases, setting, batch_size, eval_timing)
+    check_args(editor, handle, cases, setting, batch_size, eval_timing)
     keys = case_keys(cases)
     if len(set(map(str, keys))) != len(keys):
         raise EditInputError("case ids are not unique; give every case its own case_id")
     timing = eval_timing if setting == "sequential" else None
-    protocols = check_protocols(protocols)
+    scorer = scorer_for(cases)
+    protocols = scorer.protocols(check_protocols(protocols))
     if GEN in protocols:
         frame(handle, cases[0].request.text, (generation or GenSettings()).context)  # e.g. no chat template
     run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
-               Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings())
+               Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings(), scorer=scorer)
     run.lifelong = lifelong_for(run, checkpoints, collapse_guard)  # checks the checkpoints; idle when neither
     header = {**run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
                            protocols=protocols, generation=run.generation), **run.lifelong.header()}
@@ -206,7 +215,7 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *
             coverage.drop_cases(run.out / CASES_FILE, set(map(str, run.reopened)))
         if drift is not None and setting != "single":
             run.drift = DriftTracker(handle, drift, run.out, n_chunks=len(run.chunks()), setting=setting)
-        if edit_store is not None and setting == "single":
+        if edit_store is not None and setting == "single" and all(len(c.requests) == 1 for c in cases):
             from .stores import edit_scope
 
             run.scope = edit_scope(editor, header)
@@ -255,48 +264,32 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
     return BenchmarkResult(results, summary)
 
 
-def _check_args(editor: Any, handle: ModelHandle, cases: list, setting: str, batch_size: int, eval_timing: str) -> None:
-    name = editor.name or type(editor).__name__
-    if setting not in SETTINGS:
-        raise ValueError(f"setting {setting!r} is not one of {SETTINGS}")
-    if eval_timing not in EVAL_TIMINGS:
-        raise ValueError(f"eval_timing {eval_timing!r} is not one of {EVAL_TIMINGS}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if setting == "single" and batch_size != 1:
-        raise ValueError("setting 'single' edits one case at a time; use setting='batch' for batch_size > 1")
-    if batch_size > 1 and not editor.capabilities.batch:
-        raise ValueError(f"{name} cannot edit several requests at once (capabilities.batch is false); "
-                         "use batch_size=1")
-    if setting == "sequential" and not editor.capabilities.sequential:
-        raise ValueError(f"{name} cannot stack edits (capabilities.sequential is false); use setting 'single'")
-    if not cases or not all(isinstance(c, EditCase) for c in cases):
-        raise EditInputError("run_benchmark needs a non-empty list of EditCase records")
-    if handle.contexts:
-        raise BenchmarkError("in-context edits are active on this handle; revert them before benchmarking")
-
-
 def _compute_apply(run: _Run, idx: list[int]) -> tuple[Edit | None, dict[str, Any], str | None]:
-    """Compute (measured) and apply one edit for cases ``idx``; a recoverable failure returns its message.
-    With an edit store, a stored edit of the same request is applied instead, and a computed one is kept."""
-    requests = [run.cases[i].request for i in idx]
+    """The one edit of cases ``idx`` (the sequential setting: one compute per chunk), computed and applied;
+    a recoverable failure returns its message."""
+    edits, eff, err = _compute_apply_all(run, idx)
+    return (edits[0] if edits else None), eff, err
+
+
+def _compute_apply_all(run: _Run, idx: list[int]) -> tuple[list[Edit], dict[str, Any], str | None]:
+    """Compute (measured) and apply the edits of cases ``idx``, every request of theirs together
+    (:func:`~lmedit.bench.apply.apply_together`); a recoverable failure returns its message, with the model
+    as it was. With an edit store, a stored edit of the same request is applied instead, and a computed
+    one is kept."""
+    requests = [r for i in idx for r in run.cases[i].requests]
     if run.store is not None and (stored := _stored(run, requests)) is not None:
-        return stored
-    m = Measurement()
+        return [stored[0]], stored[1], None
+    ms: list[Measurement] = []
     try:
-        with measure() as m:
-            edit = run.editor.compute(run.handle, requests)
-        t = time.perf_counter()
-        edit.apply(run.handle)
-        apply_s = time.perf_counter() - t
+        edits, apply_s = apply_together(run.editor, run.handle, requests, ms)
     except RECOVERABLE as e:
         msg = f"{type(e).__name__}: {e}"
         log.warning("edit of case(s) %s failed: %s", [run.keys[i] for i in idx], msg)
-        return None, efficiency_record(m, len(idx), None), msg
-    eff = efficiency_record(m, len(idx), apply_s)
+        return [], efficiency_record(combined(ms), len(requests), None), msg
+    eff = efficiency_record(combined(ms), len(requests), apply_s)
     if run.store is not None:
-        run.store.put(run.scope, requests[0], edit, eff)
-    return edit, eff, None
+        run.store.put(run.scope, requests[0], edits[0], eff)
+    return edits, eff, None
 
 
 def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any], None] | None:
@@ -314,17 +307,6 @@ def _stored(run: _Run, requests: list[EditRequest]) -> tuple[Edit, dict[str, Any
     return edit, {**eff, "reused_edit": True}, None
 
 
-def _check_reverted(handle: ModelHandle, edit: Edit) -> None:
-    """Cheap check after a revert: every parameter the edit touched holds its base values again."""
-    from ..digests import tensor_digest
-
-    for name, digest in getattr(edit, "base_digests", {}).items():
-        if tensor_digest(get_parameter(handle.model, name)) != digest:
-            raise BenchmarkError(f"parameter {name} was not restored by reverting the edit")
-    if handle.contexts:
-        raise BenchmarkError("an in-context edit is still active after its revert")
-
-
 def _info(edit: Edit | None, chunk: int, err: str | None) -> dict[str, Any]:
     info: dict[str, Any] = {"chunk": chunk}
     if err:
@@ -340,19 +322,19 @@ def _run_independent(run: _Run) -> None:
         todo = run.todo(chunk)
         if not todo:
             continue
-        edit, eff, err = _compute_apply(run, chunk)
-        if edit is not None:
+        edits, eff, err = _compute_apply_all(run, chunk)
+        if edits:
             try:
                 if run.drift is not None:
                     run.drift.after_chunk(k, len(chunk))
                 posts = run.score(todo)
             finally:
-                edit.revert(run.handle)
-                _check_reverted(run.handle, edit)
+                revert_checked(run.handle, edits)
         else:
             posts = [{} for _ in todo]
+        info = _info(next((e for e in edits if e.meta.get("stats")), None), k, err)  # stacked: the first with stats
         for i, post in zip(todo, posts, strict=True):
-            run.record(i, post, eff, _info(edit, k, err), k)
+            run.record(i, post, eff, info, k)
 
 
 def _run_sequential(run: _Run) -> None:

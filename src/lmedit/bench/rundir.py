@@ -60,7 +60,7 @@ def run_header(editor: Any, handle: ModelHandle, cases: Sequence[EditCase], *, s
             "protocols": list(protocols), "case_ids": json.loads(json.dumps(keys, default=str)),
             "case_digests": [case_digest(c) for c in cases],
             # a trained editor is its checkpoint's content, not its path (retraining in place changes it)
-            **({"checkpoint_state": state_id(ckpt)} if (ckpt := getattr(cfg, "checkpoint", None)) else {}),
+            **({"checkpoint_state": state_id(ckpt)} if (ckpt := editor.options.checkpoint) else {}),
             **({"generation": (generation or GenSettings()).key()} if GEN in protocols else {})}
 
 

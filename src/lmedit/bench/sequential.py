@@ -46,7 +46,6 @@ from ..digests import tensor_digest
 from ..errors import EditCollapseError
 from ..hooks import get_parameter
 from ..metrics.drift import NGRAM_ENTROPY, PERPLEXITY, DriftSettings, corpus_ids, perplexity
-from ..metrics.evaluate import score_cases_with_texts
 from ..metrics.records import CaseResult, summarize
 
 if TYPE_CHECKING:
@@ -251,8 +250,8 @@ class Lifelong:
         todo = [i for i in self.applied if str(run.keys[i]) not in scored]
         for s in range(0, len(todo), SCORE_SLICE):
             part = todo[s:s + SCORE_SLICE]
-            posts, _ = score_cases_with_texts(run.handle, [run.cases[i] for i in part], run.sub_base(part),
-                                              protocols=run.protocols, generation=run.generation)
+            posts, _ = run.scorer.score(run.handle, [run.cases[i] for i in part], run.sub_base(part),
+                                        protocols=run.protocols, generation=run.generation)
             lines = [{"checkpoint": c, "case_id": run.keys[i], "post": {m: v.to_dict() for m, v in p.items()}}
                      for i, p in zip(part, posts, strict=True)]
             _append(self.paths[CHECKPOINT_CASES_FILE], lines)

@@ -34,8 +34,6 @@ from typing import TYPE_CHECKING, Any
 from ..digests import case_digest, digest, request_digest
 from ..edits import Edit
 from ..io import cache_file
-from ..metrics.evaluate import baseline
-from ..metrics.gen_protocol import scope_labels
 from ..metrics.records import Score
 from ..metrics.scoring import TargetScore
 
@@ -169,14 +167,15 @@ def score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any)
     """The unedited model's scores of the pending cases of a run (``run.base``): from ``store`` (a
     :class:`BaselineStore` or None) where it has them, else computed (in one batched pass) and kept there."""
     got: dict[int, tuple[dict, list, list]] = {}
-    scope = store.scope(run.handle, state_digest, scope_labels(run.protocols, run.generation)) \
+    scope = store.scope(run.handle, state_digest, run.scorer.labels(run.protocols, run.generation)) \
         if store is not None else ""
     if store is not None:
         got = {i: hit for i in pending if (hit := store.get(scope, run.cases[i])) is not None}
     todo = [i for i in pending if i not in got]
     if todo:
         log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
-        b = baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols, generation=run.generation)
+        b = run.scorer.baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols,
+                                generation=run.generation)
         for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
             got[i] = (pre, loc, texts)
             if store is not None:

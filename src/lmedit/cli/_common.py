@@ -38,6 +38,25 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value (repeatable), e.g. --set layers=[4] --set lr=5e-4")
 
 
+def add_run_option_args(p: argparse.ArgumentParser) -> None:
+    """``--value-cache DIR`` and ``--row-batch N``: run options of the editor (lmedit.config.RunOptions),
+    not method settings (``--set v_batch_size=N`` / ``value_cache=DIR`` still work, with a deprecation
+    warning)."""
+    p.add_argument("--value-cache", metavar="DIR",
+                   help="locate-then-edit editors: keep the optimised target values here and reuse them for the "
+                        "same weights, layer, value settings and request")
+    p.add_argument("--row-batch", type=int, metavar="N",
+                   help="requests whose values are optimised together (speed only; default 8)")
+
+
+def run_options(args: argparse.Namespace) -> Any:
+    """The editor's RunOptions from ``--value-cache``, ``--row-batch`` and ``--editor-checkpoint``."""
+    from ..config import RunOptions
+
+    return RunOptions(value_cache=getattr(args, "value_cache", None), row_batch=getattr(args, "row_batch", None),
+                      checkpoint=getattr(args, "editor_checkpoint", None))
+
+
 def parse_value(text: str) -> Any:
     """A --set value: YAML syntax for lists/numbers/booleans (``[4,5]``, ``true``), else the plain string.
 
@@ -71,11 +90,11 @@ def config_overrides(method: str, config: str | None, sets: list[str],
             raise ValueError(f"--set {item!r}: write it as key=value, e.g. --set lr=5e-4")
         overrides[key.strip()] = parse_value(value)
     if checkpoint is not None:
-        if "checkpoint" not in cls.Config.field_types():
+        if cls.Config.moved.get("checkpoint") != "checkpoint":
             raise ValueError(f"method {cls.name!r} takes no trained checkpoint (its config has no 'checkpoint' "
                              "field); drop --editor-checkpoint")
         overrides["checkpoint"] = checkpoint
-    if cls.capabilities.needs_fit and not getattr(cls.Config.from_dict(overrides), "checkpoint", None):
+    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
         raise ValueError(f"method {cls.name!r} must be trained before it can edit; pass "
                          "--editor-checkpoint DIR with a trained editor")
     return overrides

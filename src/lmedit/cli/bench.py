@@ -10,10 +10,12 @@ from ._common import (
     add_config_args,
     add_judge_args,
     add_protocol_args,
+    add_run_option_args,
     config_overrides,
     make_judge,
     protocol_options,
     quiet_libraries,
+    run_options,
 )
 
 
@@ -37,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias or model directory (default {DEFAULT_MODEL})")
     p.add_argument("--data", metavar="PATH", help="read the dataset from this file instead of the default")
     add_config_args(p)
+    add_run_option_args(p)
     add_protocol_args(p)
     add_judge_args(p)
     p.add_argument("--drift-tokens", type=int, default=20_000,
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.offset < 0 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1 and --offset at least 0")
     overrides = config_overrides(args.method, args.config, args.overrides, args.editor_checkpoint)
-    editor = get_editor(args.method, overrides)
+    editor = get_editor(args.method, overrides, options=run_options(args))
     # cheap setting checks before the model loads (run_benchmark checks them all again)
     if args.setting == "single" and args.batch_size != 1:
         raise ValueError("--setting single edits one case at a time; use --setting batch or sequential "

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ..types import QA, EditCase, EditInputError, EditRequest
-from ._common import DEFAULT_MODEL, add_config_args, config_overrides, human_bytes, quiet_libraries
+from ._common import (
+    DEFAULT_MODEL,
+    add_config_args,
+    add_run_option_args,
+    config_overrides,
+    human_bytes,
+    quiet_libraries,
+    run_options,
+)
 
 CASE_KEYS = ("paraphrases", "locality")
 
@@ -32,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="one request or a list: {prompt, subject, target_new[, target_true, case_id, "
                         "paraphrases, locality: [{prompt, answer}]]}")
     add_config_args(p)
+    add_run_option_args(p)
     p.add_argument("--editor-checkpoint", metavar="DIR", help="trained editor state, for methods that need training")
     p.add_argument("--save", metavar="DIR", help="save the edit here (a new or empty folder; load it with Edit.load)")
     p.add_argument("--max-relative-update", type=float, default=None, metavar="X",
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(args, quiet_lmedit=True)
     cases = build_cases(args)
     editor = get_editor(args.method, config_overrides(args.method, args.config, args.overrides,
-                                                       args.editor_checkpoint))
+                                                       args.editor_checkpoint), options=run_options(args))
     if len(cases) > 1 and not editor.capabilities.batch:  # say so before the model loads
         raise EditInputError(f"{args.method} edits one request at a time; the request file holds {len(cases)}")
     save = Path(args.save) if args.save else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..types import EditCase, EditInputError
+from ..types import EditInputError
 from .paths import find_data_file
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,13 @@ class DatasetError(EditInputError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A registered dataset: its file (relative to a data root) and the loader that maps its records.
+    """A registered dataset: its file (relative to a data root), the loader that maps its records, and what
+    a benchmark of it needs to know.
 
-    ``kind`` is ``"edit"`` for loaders returning EditCase lists (usable by the benchmark), otherwise what the
-    loader returns (``"multihop"``, ``"known"``).
+    ``kind`` describes the records for listings (``"edit"``, ``"multihop"``, ``"known"``); code outside this
+    package reads the declarations instead: ``benchmark`` (its records are benchmark cases, each scored by
+    the scorer its type names) and ``requests_per_case`` (edit requests a case applies together; MQuAKE-hard:
+    4), which sizes slices and estimates costs.
     """
 
     name: str
@@ -48,19 +51,23 @@ class DatasetSpec:
     loader: Callable[..., list]
     kind: str = "edit"
     description: str = ""
+    benchmark: bool = True
+    requests_per_case: int = 1
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
 _discovered = False
 
 
-def register_dataset(name: str, file: str, *, kind: str = "edit", description: str = ""):
-    """Decorator for ``loader(file: Path, n: int | None, offset: int) -> list``: registers it as ``name``."""
+def register_dataset(name: str, file: str, *, kind: str = "edit", description: str = "", benchmark: bool = True,
+                     requests_per_case: int = 1):
+    """Decorator for ``loader(file: Path, n: int | None, offset: int) -> list``: registers it as ``name``
+    (see :class:`DatasetSpec` for the keywords)."""
 
     def deco(fn: Callable[..., list]) -> Callable[..., list]:
         if name in _DATASETS and _DATASETS[name].loader is not fn:
             raise ValueError(f"dataset name {name!r} is already registered")
-        _DATASETS[name] = DatasetSpec(name, file, fn, kind, description)
+        _DATASETS[name] = DatasetSpec(name, file, fn, kind, description, benchmark, requests_per_case)
         return fn
 
     return deco
@@ -87,8 +94,9 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def load_dataset(name: str, *, n: int | None = None, offset: int = 0,
-                 path: str | Path | None = None) -> list[EditCase]:
-    """Load ``n`` edit cases of dataset ``name`` starting at valid record ``offset``.
+                 path: str | Path | None = None) -> list[Any]:
+    """Load ``n`` benchmark cases of dataset ``name`` starting at valid record ``offset``: EditCase records,
+    or the dataset's own multi-edit case type (MQuAKE), which the benchmark runner scores alike.
 
     Args:
         name: a registered dataset name (see :func:`list_datasets`).
@@ -97,8 +105,8 @@ def load_dataset(name: str, *, n: int | None = None, offset: int = 0,
         path: an explicit file (or data folder) instead of the default search.
     """
     spec = get_dataset(name)
-    if spec.kind != "edit":
-        raise DatasetError(f"dataset {name!r} holds {spec.kind} records, not edit cases; "
+    if not spec.benchmark:
+        raise DatasetError(f"dataset {name!r} holds {spec.kind} records, not benchmark cases; "
                            f"load it with lmedit.data.load_{name}()")
     return _load(spec, n, offset, path)
 

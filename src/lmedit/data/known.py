@@ -16,7 +16,7 @@ class KnownFact(NamedTuple):
     attribute: str
 
 
-@register_dataset("known", "misc/known_1000.json", kind="known",
+@register_dataset("known", "misc/known_1000.json", kind="known", benchmark=False,
                   description="ROME known facts (1,209): prompt, subject, attribute for causal tracing")
 def load_known_file(file: Path, n: int | None = None, offset: int = 0) -> list[KnownFact]:
     out = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..types import EditRequest
 from . import DatasetError, build, read_records, register_dataset, require, select
@@ -17,6 +17,8 @@ from . import DatasetError, build, read_records, register_dataset, require, sele
 @dataclass(frozen=True)
 class MultiHopCase:
     """One MQuAKE record: the edits to apply together and the multi-hop questions they change."""
+
+    scorer: ClassVar[str] = "multihop"  # how the benchmark scores it (lmedit.metrics.multihop)
 
     requests: tuple[EditRequest, ...]
     questions: tuple[str, ...]
@@ -52,7 +54,7 @@ def mquake_case(rec: dict[str, Any], file: Path, index: int) -> MultiHopCase:
     return build(file, index, make)
 
 
-@register_dataset("mquake", "portability/MQuAKE-hard_300.json", kind="multihop",
+@register_dataset("mquake", "portability/MQuAKE-hard_300.json", kind="multihop", requests_per_case=4,
                   description="MQuAKE-CF hard subset (300 cases, 4 edits each): multi-hop questions")
 def load_mquake_file(file: Path, n: int | None = None, offset: int = 0) -> list[MultiHopCase]:
     records = read_records(file)

@@ -15,11 +15,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..config import Config, ConfigError, option
+from ..config import Config, ConfigError, RunOptions, option
 from ..digests import tensor_digest
 from ..edits import WeightDelta
 from ..hooks import get_module, get_parameter
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # λ of EasyEdit's MEMIT/PMET presets, tuned for Llama-2-7B's MLP width. For a key drawn from the corpus,
 # E[kᵀC⁻¹k] = tr(C⁻¹C) = d_ff: the edit term K Kᵀ grows with the width relative to C, so λ must too.
+ROW_BATCH = 8  # requests whose values are optimised together when RunOptions.row_batch is not set
 REFERENCE_LAMBDA = 15000.0
 REFERENCE_WIDTH = 11008
 
@@ -47,6 +48,8 @@ SMOLLM2_VALUE_STEPS = 50
 class LocateConfig(Config):
     """Fields shared by ROME, MEMIT, EMMET, AlphaEdit and PMET; each method's Config extends it."""
 
+    moved: ClassVar[dict[str, str]] = {"value_cache": "value_cache", "v_batch_size": "row_batch"}
+
     layers: list[int] | Literal["auto"] | None = option(
         None, "layers whose W_out is rewritten (None: chosen from the depth; 'auto': the causal-tracing peak)")
     v_num_grad_steps: int = option(25, "Adam steps of the value optimisation")
@@ -56,18 +59,13 @@ class LocateConfig(Config):
     kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
     v_early_stop: float = option(0.05, "stop a value's optimisation once its loss is below this (0: every step)",
                                  added=True)
-    value_cache: str | None = option(
-        None, "folder that keeps the optimised target values and reuses them for the same weights, layer, value "
-        "settings and request (e.g. MEMIT and AlphaEdit on the same facts, or a stopped batch run)", identity=False)
-    v_batch_size: int = option(8, "requests whose values are optimised together in one batch of rows (speed "
-                               "only: the results differ by rounding)", identity=False)
     mom2_tokens: int = option(100_000, "corpus tokens for the key second moment C = E[k kᵀ]")
     mom2_corpus: str | None = option(None, "text file or folder for C (None: WikiText, see lmedit.locate.stats)")
     context_lengths: list[list[int]] = option([[10, 5]], "context templates: [total tokens, samples] pairs")
     seed: int = option(0, "seed of the context-template sampler")
 
     def validate(self) -> None:
-        for name in ("v_num_grad_steps", "mom2_tokens", "v_batch_size"):
+        for name in ("v_num_grad_steps", "mom2_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.v_early_stop < 0:
@@ -205,28 +203,30 @@ def batch_update(handle, requests: Sequence[EditRequest], layers: Sequence[int],
 
 
 def target_values(handle, requests: Sequence[EditRequest], layer: int, sites: Sequence[str],
-                  groups: TemplateGroups, cfg: Any) -> list[ValueResult]:
-    """The optimised values of ``requests`` at ``layer``, taken from and kept in ``cfg.value_cache`` when it
-    is set (each value as soon as it is final, so a stopped run resumes)."""
+                  groups: TemplateGroups, cfg: Any, run: RunOptions | None = None) -> list[ValueResult]:
+    """The optimised values of ``requests`` at ``layer`` (``run.row_batch`` at a time), taken from and kept in
+    ``run.value_cache`` when it is set (each value as soon as it is final, so a stopped run resumes)."""
     opts = value_options(cfg)
-    if not cfg.value_cache:
-        return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=cfg.v_batch_size)
+    run = run or RunOptions()
+    rows = run.row_batch or ROW_BATCH
+    if not run.value_cache:
+        return optimize_values(handle, requests, layer, sites, groups, opts, batch_size=rows)
     from .value_store import ValueStore
 
-    store = ValueStore(cfg.value_cache)
+    store = ValueStore(run.value_cache)
     scope = store.scope(handle, layer, sites, opts, groups)
     got = [store.get(scope, r) for r in requests]
     missing = [i for i, v in enumerate(got) if v is None]
     if len(missing) < len(requests):
         log.info("%d of %d target values taken from %s", len(requests) - len(missing), len(requests),
-                 cfg.value_cache)
+                 run.value_cache)
 
     def keep(j: int, value: ValueResult) -> None:
         got[missing[j]] = value
         store.put(scope, requests[missing[j]], value)
 
     optimize_values(handle, [requests[i] for i in missing], layer, sites, groups, opts,
-                    batch_size=cfg.v_batch_size, done=keep)
+                    batch_size=rows, done=keep)
     return got  # type: ignore[return-value]
 
 
@@ -273,9 +273,10 @@ def resolve_batch(handle, cfg: Any, name: str, center: float = 0.17, count: int 
 
 
 def memit_family(handle, requests: Sequence[EditRequest], cfg: Any, solve: Callable, *, site: str = "layer",
-                 sites: Sequence[str] | None = None, spread_rule: str = "linear", keys_after: bool = False
-                 ) -> tuple[WeightDelta, dict]:
-    """z at the last layer, then the multi-layer loop with ``solve(layer, K, R, C) -> (a, b)``."""
+                 sites: Sequence[str] | None = None, spread_rule: str = "linear", keys_after: bool = False,
+                 run: RunOptions | None = None) -> tuple[WeightDelta, dict]:
+    """z at the last layer, then the multi-layer loop with ``solve(layer, K, R, C) -> (a, b)``; ``run``: the
+    editor's run options (value store, row batch)."""
     from .stats import second_moments
 
     layers = check_layers(handle, cfg.layers)
@@ -290,7 +291,7 @@ def memit_family(handle, requests: Sequence[EditRequest], cfg: Any, solve: Calla
     with clock("statistics"):
         C = second_moments(handle, layers, tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)
     with clock("values"):
-        values = target_values(handle, requests, layers[-1], sites or [site], groups, cfg)
+        values = target_values(handle, requests, layers[-1], sites or [site], groups, cfg, run)
     Z = torch.stack([v.target(site) for v in values])  # [B, d]
     factors, info = batch_update(handle, requests, layers, Z, site, groups,
                                  lambda layer, K, R: solve(layer, K, R, C[layer]), spread_rule, keys_after, clock)

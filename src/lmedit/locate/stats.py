@@ -26,7 +26,7 @@ import torch
 
 from ..errors import LmeditError
 from ..hooks import StopForward, get_module
-from ..io import atomic_write, file_lock, lmedit_home
+from ..io import atomic_write, cache_key, cache_path, file_lock, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ def context_length(model, cap: int = 1024) -> int:
 
 def _cache_path(handle, layer: int, chash: str, n_tokens: int) -> Path:
     dtype = str(handle.dtype).replace("torch.", "")
-    return lmedit_home() / "stats" / handle.fingerprint / f"mom2-L{layer}-{chash}-{n_tokens}-{dtype}.pt"
+    folder = lmedit_home() / "stats" / handle.fingerprint
+    key = cache_key("mom2", None, {"layer": layer, "corpus": chash, "tokens": n_tokens, "dtype": dtype},
+                    show=("layer", "tokens", "dtype"))
+    return cache_path(folder, key, ".pt", legacy=folder / f"mom2-L{layer}-{chash}-{n_tokens}-{dtype}.pt")
 
 
 def _load(handle, path: Path) -> dict | None:
@@ -251,10 +254,14 @@ def second_moments(handle, layers: Sequence[int], *, tokens: int = 100_000, corp
     return {lay: store[lay] for lay in layers}
 
 
-def disk_cached(handle, filename: str, compute) -> dict:
-    """A dict of tensors cached under ``$LMEDIT_HOME/stats/<fingerprint>/filename`` (refused for other models)."""
-    path = lmedit_home() / "stats" / handle.fingerprint / filename
-    with file_lock(path.with_name(f".{filename}.lock"), blocking=True):  # one process computes, others read
+def disk_cached(handle, kind: str, params: dict, compute, *, show: tuple[str, ...] = (),
+                legacy: str | None = None) -> dict:
+    """A dict of tensors cached under ``$LMEDIT_HOME/stats/<fingerprint>/`` by :func:`lmedit.io.cache_key`
+    of ``kind`` and ``params`` (refused for other models); ``legacy``: its file name before that scheme."""
+    folder = lmedit_home() / "stats" / handle.fingerprint
+    path = cache_path(folder, cache_key(kind, None, params, show), ".pt",  # the folder is the model's
+                      legacy=folder / legacy if legacy else None)
+    with file_lock(path.with_name(f".{path.name}.lock"), blocking=True):  # one process computes, others read
         state = _load(handle, path)
         if state is None:
             state = {**compute(), "fingerprint": handle.fingerprint}

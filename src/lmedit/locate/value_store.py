@@ -4,8 +4,9 @@ the value settings, the context templates and the request, not on λ, the lower 
 EMMET and AlphaEdit with the same value settings share them, and so do runs that sweep the solver's
 settings (the original MEMIT code keeps a cache of z for the same reason). A batch run of many facts also
 resumes from the values it had stored before it was stopped. Layout: ``<root>/<scope>/<request digest>.pt``;
-the scope is the digest of every weight, the dtype, the layer, the sites, the value options, the templates
-and lmedit's version.
+the scope is the :func:`lmedit.io.cache_key` of every weight's digest, the dtype, the layer, the sites, the
+value options, the templates and lmedit's version (values stored under the scope's older name, a bare
+digest of the same, are found there and linked).
 
 Entries are written atomically (a rename); a corrupted one is recomputed, not trusted.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..digests import digest, request_digest
-from ..io import cache_file
+from ..io import cache_file, cache_key, cache_path
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -34,17 +35,23 @@ class ValueStore:
         self.root = Path(root)
 
     @staticmethod
-    def scope(handle: ModelHandle, layer: int, sites: Sequence[str], options: Any, templates: Any) -> str:
-        """Where the values of ``handle``'s current weights at ``layer`` with these settings live."""
+    def scope(handle: ModelHandle, layer: int, sites: Sequence[str], options: Any,
+              templates: Any) -> tuple[str, str]:
+        """Where the values of ``handle``'s current weights at ``layer`` with these settings live: the folder
+        name, and its name before :func:`lmedit.io.cache_key` named it (read as a fallback)."""
         from .. import __version__
 
-        return digest([handle.state_digest(), str(handle.dtype), layer, sorted(sites),
-                       dataclasses.asdict(options), templates, __version__])[:16]
+        state = handle.state_digest()
+        parts = [state, str(handle.dtype), layer, sorted(sites), dataclasses.asdict(options), templates, __version__]
+        names = ("weights", "dtype", "layer", "sites", "options", "templates", "version")
+        params = dict(zip(names, parts, strict=True))
+        return cache_key("values", None, params, show=("layer",)), digest(parts)[:16]
 
-    def _path(self, scope: str, request: Any) -> Path:
-        return self.root / scope / f"{request_digest(request)}.pt"
+    def _path(self, scope: tuple[str, str], request: Any) -> Path:
+        name = request_digest(request)
+        return cache_path(self.root / scope[0], name, ".pt", legacy=self.root / scope[1] / f"{name}.pt")
 
-    def get(self, scope: str, request: Any) -> Any:
+    def get(self, scope: tuple[str, str], request: Any) -> Any:
         """The stored ValueResult of ``request``, or None (absent or unreadable)."""
         import torch
 
@@ -64,7 +71,7 @@ class ValueStore:
             return None
         return value
 
-    def put(self, scope: str, request: Any, value: Any) -> None:
+    def put(self, scope: tuple[str, str], request: Any, value: Any) -> None:
         import torch
 
         own = {k: {s: t.detach().clone() for s, t in getattr(value, k).items()} for k in ("init", "delta")}

@@ -108,7 +108,7 @@ class AlphaEdit(Editor):
                 P[layer] = self._projector(handle, layer, C, cfg)
             return null_space_update(K, R, P[layer], self._kkt.get(layer), cfg.L2)
 
-        edit, info = memit_family(handle, requests, cfg, solve, keys_after=True)
+        edit, info = memit_family(handle, requests, cfg, solve, keys_after=True, run=self.options)
         for layer, K in info["keys_after"].items():  # keys of the edited model join K_p K_pᵀ
             kkt = K.double() @ K.double().T
             self._kkt[layer] = self._kkt[layer] + kkt if layer in self._kkt else kkt
@@ -125,7 +125,8 @@ class AlphaEdit(Editor):
                 P, dim = nullspace_projector(C, cfg.nullspace_threshold)
                 return {"P": P.float(), "dim": dim}
 
-            state = disk_cached(handle, name, compute)
+            params = {"layer": layer, "threshold": cfg.nullspace_threshold, "corpus": chash, "tokens": cfg.mom2_tokens}
+            state = disk_cached(handle, "nullspace", params, compute, show=("layer",), legacy=name)
             log.info("alphaedit: layer %d null space has %d of %d dimensions", layer, int(state["dim"]),
                      C.shape[0])
             handle.cache[key] = state["P"].to(torch.float64)

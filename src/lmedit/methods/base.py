@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, RunOptions
 from ..edits import Edit, WeightDelta
 from ..locate.pipeline import check_layers
 from ..types import EditInputError, EditRequest
@@ -45,6 +45,10 @@ class Editor(ABC):
     Subclasses set ``Config`` (a :class:`~lmedit.config.Config` dataclass), ``capabilities``, optional
     ``presets`` (preset name -> overrides, see ``models/architectures.py:PRESET_SHAPES``), and implement
     ``_compute``. ``resolve`` fills model-dependent defaults (e.g. layers chosen from the model's depth).
+
+    What is not the method (where caches and a trained checkpoint live, speed settings) is the editor's
+    ``options`` (:class:`~lmedit.config.RunOptions`), given as ``options=`` and read by ``_compute``; keys of
+    older configs that became options (``v_batch_size``, ``value_cache``, ``checkpoint``) are mapped there.
     """
 
     name: ClassVar[str] = ""
@@ -62,14 +66,17 @@ class Editor(ABC):
     # method's recommended setting
     quick: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, config: Config | dict | str | Path | None = None, **overrides: Any) -> None:
+    def __init__(self, config: Config | dict | str | Path | None = None, *, options: RunOptions | None = None,
+                 **overrides: Any) -> None:
         if isinstance(config, str | Path):
             config = self.Config.from_file(config).to_dict()
         if isinstance(config, Config):
             if not isinstance(config, self.Config):
                 raise ConfigError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
             config = config.to_dict()
-        self._overrides: dict[str, Any] = {**(config or {}), **overrides}
+        values, moved = self.Config.split_moved({**(config or {}), **overrides})
+        self._overrides: dict[str, Any] = values
+        self.options: RunOptions = RunOptions(**moved).merged(options)  # explicit options win
         self.Config.from_dict(self._overrides)  # fail now on unknown keys or bad values
 
     # --- configuration -----------------------------------------------------------------------------

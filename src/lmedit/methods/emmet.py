@@ -52,5 +52,5 @@ class EMMET(Editor):
         def solve(layer, K, R, C):
             return equality_constrained(K, R, C, cfg.mom2_update_weight, cfg.update_norm_lambda, cfg.emmet_lambda)
 
-        edit, _ = memit_family(handle, requests, cfg, solve)
+        edit, _ = memit_family(handle, requests, cfg, solve, run=self.options)
         return edit

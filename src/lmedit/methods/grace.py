@@ -30,7 +30,7 @@ import torch
 
 from ..config import Config, ConfigError, option
 from ..locate.keys import compute_keys
-from ..locate.pipeline import Phases
+from ..locate.pipeline import ROW_BATCH, Phases
 from ..locate.values import ValueOptions, optimize_values
 from ..registry import register_editor
 from ..types import EditRequest
@@ -47,17 +47,16 @@ WHOLE_PROMPT = [["{}"]]  # one template, no context: the key and the value sit a
 
 @dataclass
 class GRACEConfig(Config):
+    moved: ClassVar[dict[str, str]] = {"batch_size": "row_batch"}  # a speed setting: RunOptions.row_batch
     layer: int | None = option(None, "layer whose FFN output projection holds the codebook (None: 85% of depth)")
     eps: float = option(1.0, "deferral radius ε of a new key (Euclidean, in the projection's input space)")
     steps: int = option(100, "Adam steps that train a new value (the paper's n_iter)")
     lr: float = option(1.0, "Adam learning rate of the value (the paper's edit_lr)")
     early_stop: float = option(0.05, "stop training a value once its answer loss is below this (0: every step)")
-    batch_size: int = option(8, "requests whose values train together in one batch of rows (speed only)",
-                             identity=False)
 
     def validate(self) -> None:
-        if self.eps <= 0 or self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
-            raise ConfigError("GRACEConfig needs eps > 0, steps ≥ 1, lr > 0 and batch_size ≥ 1")
+        if self.eps <= 0 or self.steps < 1 or self.lr <= 0:
+            raise ConfigError("GRACEConfig needs eps > 0, steps ≥ 1 and lr > 0")
         if self.early_stop < 0:
             raise ConfigError(f"early_stop must be ≥ 0, got {self.early_stop}")
 
@@ -85,7 +84,8 @@ class GRACE(DepthLayer, Editor):
         opts = ValueOptions(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, clamp=float("inf"), kl_factor=0.0,
                             early_stop=cfg.early_stop)
         with clock("values"):
-            values = optimize_values(handle, whole, layer, ["mlp"], WHOLE_PROMPT, opts, batch_size=cfg.batch_size)
+            values = optimize_values(handle, whole, layer, ["mlp"], WHOLE_PROMPT, opts,
+                                     batch_size=self.options.row_batch or ROW_BATCH)
         losses = [v.losses[-1] for v in values]
         log.info("grace: %d key(s) at %s, answer loss %s -> %s", len(requests), path,
                  [round(v.losses[0], 3) for v in values], [round(x, 3) for x in losses])

@@ -86,7 +86,7 @@ class KVMemory(Editor):
         gid = flatten(groups)[1]
         stored = torch.stack([group_mean(k, gid) for k in keys]) if cfg.key == "templates" else keys[:, 0]
         with clock("values"):
-            values = target_values(handle, requests, layer, ["mlp"], groups, cfg)
+            values = target_values(handle, requests, layer, ["mlp"], groups, cfg, self.options)
         base = base_module(handle, path)
         ref = next(base.parameters())
         with torch.no_grad():

@@ -51,5 +51,6 @@ class MEMIT(Editor):
 
     def _compute(self, handle: ModelHandle, requests: list, cfg: MEMITConfig) -> Any:
         lam = cfg.mom2_update_weight
-        edit, _ = memit_family(handle, requests, cfg, lambda layer, K, R, C: least_squares(K, R, C, lam))
+        edit, _ = memit_family(handle, requests, cfg, lambda layer, K, R, C: least_squares(K, R, C, lam),
+                               run=self.options)
         return edit

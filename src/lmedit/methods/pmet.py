@@ -57,5 +57,5 @@ class PMET(Editor):
     def _compute(self, handle: ModelHandle, requests: list, cfg: PMETConfig) -> Any:
         lam = cfg.mom2_update_weight
         edit, _ = memit_family(handle, requests, cfg, lambda layer, K, R, C: least_squares(K, R, C, lam),
-                               site="mlp", sites=["attn", "mlp"], spread_rule="sqrt")
+                               site="mlp", sites=["attn", "mlp"], spread_rule="sqrt", run=self.options)
         return edit

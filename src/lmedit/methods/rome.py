@@ -104,7 +104,7 @@ class ROME(Editor):
             C = second_moments(handle, [layer], tokens=cfg.mom2_tokens, corpus=cfg.mom2_corpus)[layer] \
                 if cfg.mom2_adjustment else None
         with clock("values"):
-            value, = target_values(handle, [req], layer, ["mlp"], groups, cfg)
+            value, = target_values(handle, [req], layer, ["mlp"], groups, cfg, self.options)
         with clock("solve"):
             v_star = value.target("mlp").double()  # [d]
             k_u, k_den = {"consistent": (k_bar, k_bar), "original": (k_bar, k_p),

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, option
 from ..hooks import trace
-from ..io import atomic_write, file_lock, lmedit_home
+from ..io import atomic_write, cache_key, cache_path, file_lock, lmedit_home
 from ..registry import register_editor
 from ..swaps import ModuleSwap, register_swap_module
 from ..types import EditRequest
@@ -192,8 +192,11 @@ def ffn_input_memory(handle: ModelHandle, info: FFNInfo, cfg: TPatcherConfig) ->
         return handle.cache[key]
     from safetensors.torch import load_file, save_file
 
-    file = (lmedit_home() / "cache" / "ffn_memory" /
-            f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-c{cfg.memory_chunk}-{corpus.stem}.safetensors")
+    folder = lmedit_home() / "cache" / "ffn_memory"
+    params = {"layer": info.layer, "size": cfg.memory_size, "chunk": cfg.memory_chunk, "corpus": corpus.stem}
+    file = cache_path(folder, cache_key("ffn-memory", handle.fingerprint, params, show=("layer", "size")),
+                      ".safetensors", legacy=folder / f"{handle.fingerprint}-L{info.layer}-n{cfg.memory_size}-"
+                                                      f"c{cfg.memory_chunk}-{corpus.stem}.safetensors")
     with file_lock(file.with_name(f".{file.name}.lock"), blocking=True):  # one process computes, the others read
         mem = None
         if file.exists():

@@ -33,9 +33,8 @@ log = logging.getLogger(__name__)
 class TrainedConfig(Config):
     """Fields every trained editor has (training length, optimiser, validation, checkpoint)."""
 
-    # a location, not a value: runs and cells identify the checkpoint by its content (state_id)
-    checkpoint: str | None = option(None, "directory written by `lmedit train` (editor.json + its tensors)",
-                                    identity=False)
+    # a location, not a value: RunOptions.checkpoint; runs and cells identify it by its content (state_id)
+    moved: ClassVar[dict[str, str]] = {"checkpoint": "checkpoint"}
     steps: int = option(2000, "training steps (one batch of edits each)")
     batch_size: int = option(4, "edits per training step")
     lr: float = option(1e-4, "Adam learning rate of the editor network")
@@ -81,7 +80,7 @@ class TrainedEditor(Editor):
 
     def edit_from(self, obj: Any, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         """The edit of ``requests`` by the trained ``obj``; a subclass may pass use-time options."""
-        return obj.edit(requests, {"checkpoint": cfg.checkpoint})
+        return obj.edit(requests, {"checkpoint": self.options.checkpoint})
 
     # --- training ----------------------------------------------------------------------------------
     def train_request(self, handle: ModelHandle) -> dict[str, str]:
@@ -130,7 +129,7 @@ class TrainedEditor(Editor):
         """Load ``editor.*`` from ``directory`` for ``handle`` (refuses other models and methods)."""
         info, tensors = ckpt.read(directory, ckpt.EDITOR, method=self.name, fingerprint=handle.fingerprint,
                                   model_name=handle.name)
-        cfg = self.Config.from_dict({**info["config"], "checkpoint": str(directory)})
+        cfg = self.Config.from_dict(self.Config.split_moved(info["config"])[0])  # older ones hold "checkpoint"
         obj = self.build(handle, cfg)
         try:
             obj.load_state_tensors(tensors)
@@ -151,18 +150,19 @@ class TrainedEditor(Editor):
         self._pending.update(state)
 
     def trained_for(self, handle: ModelHandle, cfg: Any) -> Objective:
-        """The trained networks for ``handle``'s model: fitted or loaded before, or read from ``cfg.checkpoint``;
+        """The trained networks for ``handle``'s model: fitted or loaded before, or read from the
+        ``options.checkpoint`` directory;
         NotTrainedError when there are none."""
         if handle.fingerprint in self._trained:
             return self._trained[handle.fingerprint]
         if handle.fingerprint in self._pending:
             st = self._pending.pop(handle.fingerprint)
-            obj = self.build(handle, self.Config.from_dict(st["config"]))
+            obj = self.build(handle, self.Config.from_dict(self.Config.split_moved(st["config"])[0]))
             obj.load_state_tensors(st["tensors"])
             self._trained[handle.fingerprint] = obj
             return obj
-        if cfg.checkpoint:
-            return self.load_checkpoint(handle, cfg.checkpoint)
+        if self.options.checkpoint:
+            return self.load_checkpoint(handle, self.options.checkpoint)
         raise NotTrainedError(
             f"{self.name} must be trained for model {handle.name!r} before it can edit: call "
             f"editor.fit(handle, cases, out=DIR) on {self.default_dataset!r} training cases, or pass "

@@ -141,6 +141,23 @@ def measure(interval: float = 0.005) -> Iterator[Measurement]:
             m.cuda_peak_bytes = int(cuda.max_memory_allocated())
 
 
+def combined(ms: list[Measurement]) -> Measurement:
+    """One measurement of blocks run one after the other (stacked edits): seconds and RSS deltas summed,
+    peaks the largest, starts those of the first block."""
+    if len(ms) <= 1:
+        return ms[0] if ms else Measurement()
+
+    def most(name: str) -> int | None:
+        vals = [getattr(m, name) for m in ms if getattr(m, name) is not None]
+        return max(vals) if vals else None
+
+    deltas = [m.rss_delta_bytes for m in ms if m.rss_delta_bytes is not None]
+    return Measurement(seconds=sum(m.seconds for m in ms), peak_rss_bytes=most("peak_rss_bytes"),
+                       rss_delta_bytes=sum(deltas) if deltas else None, rss_start_bytes=ms[0].rss_start_bytes,
+                       cuda_peak_bytes=most("cuda_peak_bytes"), cuda_start_bytes=ms[0].cuda_start_bytes,
+                       rss_samples=sum(m.rss_samples for m in ms))
+
+
 def human_bytes(n: float | None) -> str:
     """A byte count for people: "512 B", "1.5 MB", "n/a"."""
     if n is None:

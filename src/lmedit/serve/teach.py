@@ -29,7 +29,7 @@ EXPORT_FORMAT = "lmedit.edit/1"
 # module kinds (lmedit.swaps) and checks every tensor's digest, so no kind can run code from the file.
 IMPORT_KINDS = ("weight_delta", "prompt_context", "module_swap")
 # config fields that name files: a request may not set them (no path from a request reaches the disk)
-PATH_FIELDS = ("checkpoint", "corpus", "cache_dir")
+PATH_FIELDS = ("checkpoint", "corpus", "cache_dir", "value_cache")
 
 
 @dataclass

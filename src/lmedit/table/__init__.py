@@ -78,19 +78,22 @@ def check_datasets(datasets: list[str] | tuple[str, ...]) -> list[str]:
     if not out:
         raise ValueError("no datasets given; use e.g. zsre,counterfact")
     for ds in out:
-        kind = get_dataset(ds).kind  # unknown names fail here, with the available ones listed
-        if kind not in ("edit", "multihop"):
-            raise DatasetError(f"dataset {ds!r} holds {kind} records, not edit cases; it cannot be a table row")
+        spec = get_dataset(ds)  # unknown names fail here, with the available ones listed
+        if not spec.benchmark:
+            raise DatasetError(f"dataset {ds!r} holds {spec.kind} records, not edit cases; it cannot be a table row")
     return out
 
 
 def slice_sizes(datasets: list[str], n: int, multihop_n: int | None) -> dict[str, int]:
-    """Cases per dataset: ``n``; a multi-hop dataset gets ``multihop_n`` (default n // 4: each of its cases
-    applies 4 edits, so both kinds of dataset cost about the same number of edits)."""
+    """Cases per dataset: ``n``; a dataset whose cases apply k > 1 edits together (MQuAKE: 4) gets
+    ``multihop_n`` (default n // k, so that every dataset costs about the same number of edits)."""
     from ..data import get_dataset
 
-    mh = multihop_n if multihop_n is not None else max(1, n // 4)
-    return {ds: mh if get_dataset(ds).kind == "multihop" else n for ds in datasets}
+    def size(ds: str) -> int:
+        k = get_dataset(ds).requests_per_case
+        return n if k == 1 else multihop_n if multihop_n is not None else max(1, n // k)
+
+    return {ds: size(ds) for ds in datasets}
 
 
 def _specs(methods: list[str], datasets: list[str], unavailable: dict[str, str], *, n: dict[str, int],

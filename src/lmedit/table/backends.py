@@ -211,16 +211,16 @@ def run_ray(specs: list[CellSpec], opts: RunOptions, *, workers: int = 2, addres
 
 
 def cell_cost(spec: CellSpec) -> float:
-    """A rough cost of a cell for ordering: cases x edits per case x the method's ``relative_cost``."""
+    """A rough cost of a cell for ordering: cases x edits per case (the dataset's ``requests_per_case``) x the
+    method's ``relative_cost``."""
     from ..registry import editor_class
-    from .runner import dataset_kind
+    from .runner import requests_per_case
 
     try:
         per_case = float(editor_class(spec.method).relative_cost)
     except Exception:  # noqa: BLE001  (an unknown method fails in its own cell, not here)
         per_case = 1.0
-    edits = 4 if dataset_kind(spec.dataset) == "multihop" else 1  # MQuAKE-hard: 4 edits per case
-    return spec.n * edits * per_case
+    return spec.n * requests_per_case(spec.dataset) * per_case
 
 
 def start_order(specs: list[CellSpec]) -> list[tuple[int, CellSpec]]:

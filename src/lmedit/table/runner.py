@@ -42,18 +42,17 @@ class CellSkipped(Exception):
     """The cell cannot run for a reason the user can act on; the table shows '-' with this reason."""
 
 
-def dataset_kind(name: str) -> str:
+def requests_per_case(dataset: str) -> int:
+    """How many edit requests a case of ``dataset`` applies together (its declaration in lmedit.data)."""
     from ..data import get_dataset
 
-    return get_dataset(name).kind
+    return get_dataset(dataset).requests_per_case
 
 
 def load_cases(spec: CellSpec, data_path: str | None = None) -> list[Any]:
-    """The dataset slice of a cell: EditCases, or MultiHopCases for a multi-hop dataset."""
+    """The dataset slice of a cell: EditCases, or the dataset's multi-edit cases (MQuAKE)."""
     from .. import data
 
-    if dataset_kind(spec.dataset) == "multihop":
-        return data.load_mquake(n=spec.n, offset=spec.offset, path=data_path)
     return data.load_dataset(spec.dataset, n=spec.n, offset=spec.offset, path=data_path)
 
 
@@ -62,15 +61,16 @@ def field_counts(cases: list[Any]) -> dict[str, int]:
     return {f: sum(bool(getattr(c, f, ())) for c in cases) for f in ("paraphrases", "locality", "portability")}
 
 
-def cannot_run(editor_cls: Any, handle: ModelHandle, spec: CellSpec, multihop: bool) -> str | None:
+def cannot_run(editor_cls: Any, handle: ModelHandle, spec: CellSpec, per_case: int = 1) -> str | None:
     """Why this method cannot run this cell (from its capabilities), or None."""
     caps = editor_cls.capabilities
     if handle.is_encoder_decoder and not caps.encoder_decoder:
         return f"{spec.method} cannot edit encoder-decoder models such as {type(handle.model).__name__}"
     if spec.setting == "sequential" and not caps.sequential:
         return f"{spec.method} cannot stack edits, so it has no sequential setting"
-    if multihop and not (caps.batch or caps.sequential):
-        return f"{spec.method} can neither batch nor stack edits, so a multi-edit MQuAKE case cannot be applied"
+    if per_case > 1 and not (caps.batch or caps.sequential):
+        return (f"{spec.method} can neither batch nor stack edits, so a {spec.dataset} case of {per_case} edits "
+                "cannot be applied")
     return None
 
 
@@ -91,7 +91,7 @@ def shared_requests(specs: list[CellSpec], data_path: str | None) -> list[str]:
 
     seen: dict[str, int] = {}
     for spec in {s.dataset: s for s in specs}.values():  # one cell per dataset: its slice is theirs
-        if dataset_kind(spec.dataset) != "edit":
+        if requests_per_case(spec.dataset) != 1:  # the edit store keeps single-request edits only
             continue
         for d in {request_digest(c.request) for c in load_cases(spec, data_path)}:
             seen[d] = seen.get(d, 0) + 1
@@ -161,19 +161,21 @@ def _benchmark(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpe
     return results, summaries, adopted
 
 
-def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str, str] | None) -> tuple[Any, dict]:
-    """The cell's editor and its overrides; a trained editor gets its checkpoint (or the cell is skipped)."""
+def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str, str] | None) -> Any:
+    """The cell's editor; a trained editor gets its checkpoint as a run option (or the cell is skipped)."""
+    from ..config import RunOptions
     from ..registry import get_editor
 
     overrides = spec.config_overrides()
-    if cls.capabilities.needs_fit and not overrides.get("checkpoint"):
+    editor = get_editor(spec.method, overrides)
+    if cls.capabilities.needs_fit and not editor.options.checkpoint:
         ckpts = checkpoints or {}  # "method@dataset" (trained on that dataset) wins over "method"
         ckpt = ckpts.get(f"{spec.method}@{spec.dataset}") or ckpts.get(spec.method) \
             or DEFAULT_CHECKPOINT.format(method=spec.method)
         if not Path(ckpt).is_dir():
-            raise CellSkipped(missing_checkpoint(get_editor(spec.method, overrides), handle, ckpt))
-        overrides["checkpoint"] = ckpt
-    return get_editor(spec.method, overrides), overrides
+            raise CellSkipped(missing_checkpoint(editor, handle, ckpt))
+        editor = get_editor(spec.method, overrides, options=RunOptions(checkpoint=ckpt))
+    return editor
 
 
 def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
@@ -199,20 +201,20 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
     """
+    from ..metrics.scorers import scorer_for
     from ..registry import editor_class
-    from .multihop import CannotStackEdits, run_multihop
 
     seed_everything(spec.seed)
-    multihop = dataset_kind(spec.dataset) == "multihop"
     cls = editor_class(spec.method)
-    reason = cannot_run(cls, handle, spec, multihop)
+    reason = cannot_run(cls, handle, spec, requests_per_case(spec.dataset))
     if reason:
         raise CellSkipped(reason)
-    editor, overrides = _editor(cls, spec, handle, checkpoints)
+    editor = _editor(cls, spec, handle, checkpoints)
     cases = load_cases(spec, data_path)
+    scored = scorer_for(cases).protocols(tuple(protocols))  # the asked protocols these cases are scored with
     config = editor.config_for(handle)
     generation = generation or GenSettings()
-    extra: dict[str, Any] = {"checkpoint": checkpoint_identity(overrides.get("checkpoint"))}
+    extra: dict[str, Any] = {"checkpoint": checkpoint_identity(editor.options.checkpoint)}
     if GEN in protocols and generation.key() != GenSettings().key():  # default settings keep older keys valid
         extra["generation"] = generation.key()
     key = cell_key(spec, fingerprint=handle.fingerprint, config_hash=config.hash(),
@@ -223,7 +225,7 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
         except LockedError as e:
             raise CellSkipped(f"another process is computing it now: {e}") from None
         hit = cache.load(spec, key)
-        missing = cell_lacks(hit, protocols, multihop) if hit is not None else []
+        missing = cell_lacks(hit, scored) if hit is not None else []
         if hit is not None and (not missing or cached_only):
             log.info("cell %s: cached", spec.name)
             if missing:
@@ -236,20 +238,12 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
         folder, resume = cache.prepare(spec, key)
         run_info = {"command": "lmedit table", "cell": spec.to_dict(), "model": handle.name}
         seed_everything(spec.seed)
-        if multihop:
-            try:
-                results = run_multihop(editor, handle, cases, folder / "run-000", resume=resume, on_case=on_case)
-            except CannotStackEdits as e:
-                raise CellSkipped(str(e)) from None
-            summaries: list[dict[str, Any]] = []
-            adopted = None
-        else:
-            store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
-            baselines = BaselineStore(cache.root.parent / BASELINE_STORE_DIR)
-            results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
-                                                     reuse, store, baselines,
-                                                     {"protocols": protocols, "generation": generation})
-        efficiency = efficiency_stats(results, summaries, training_seconds(overrides.get("checkpoint")))
+        store = EditStore(cache.root.parent / EDIT_STORE_DIR, requests=shared_requests) if shared_requests else None
+        baselines = BaselineStore(cache.root.parent / BASELINE_STORE_DIR)
+        results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
+                                                 reuse, store, baselines,
+                                                 {"protocols": protocols, "generation": generation})
+        efficiency = efficiency_stats(results, summaries, training_seconds(editor.options.checkpoint))
         errors = [r.info["error"] for r in results if r.info.get("error")]
         if results and len(errors) == len(results):
             cache.wipe(spec)  # not cached, not resumable: a rerun tries these edits again
@@ -266,10 +260,9 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
         return result
 
 
-def cell_lacks(cell: CellResult, protocols: tuple[str, ...], multihop: bool) -> list[str]:
-    """The protocols a cached cell was not computed with (a multi-hop cell has its own single protocol)."""
-    if multihop:
-        return []
+def cell_lacks(cell: CellResult, protocols: tuple[str, ...]) -> list[str]:
+    """The protocols a cached cell was not computed with, of those its cases are scored with (a multi-hop
+    case's scorer has its own protocol and takes none of the asked ones)."""
     held = cell.info.get("protocols") or TEACHER_FORCED  # cells from before the info was kept
     return [p for p in protocols if p not in held]
 

@@ -209,10 +209,13 @@ def suggest_layers(handle, n_facts: int = 20, kind: str = "mlp", *, facts: Seque
     key = ("tracing.suggest", kind, n_facts, samples, str(noise), window, facts is None)
     if key in handle.cache:
         return handle.cache[key]
-    from ..io import lmedit_home
+    from ..io import cache_key, cache_path, lmedit_home
 
-    disk = (lmedit_home() / "tracing" /
-            f"suggest-{handle.fingerprint}-{kind}-n{n_facts}-s{samples}-w{window}-{noise or 's3'}.json")
+    folder = lmedit_home() / "tracing"
+    params = {"kind": kind, "facts": n_facts, "samples": samples, "window": window, "noise": noise or "s3"}
+    disk = cache_path(folder, cache_key("suggest", handle.fingerprint, params, show=("kind", "facts")), ".json",
+                      legacy=folder / f"suggest-{handle.fingerprint}-{kind}-n{n_facts}-s{samples}-w{window}-"
+                                      f"{noise or 's3'}.json")
     if facts is None and disk.exists():
         avg = AverageEffect.load(disk)
     else:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..hooks import get_module
-from ..io import atomic_write, lmedit_home
+from ..io import atomic_write, cache_key, cache_path, lmedit_home
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def embedding_std(handle, subjects: Sequence[str]) -> float:
 
 
 def _disk_path(handle) -> Path:
-    return lmedit_home() / "tracing" / f"embedding-std-{handle.fingerprint}.json"
+    folder = lmedit_home() / "tracing"
+    return cache_path(folder, cache_key("embedding-std", handle.fingerprint, {"subjects": KNOWN_FILE}), ".json",
+                      legacy=folder / f"embedding-std-{handle.fingerprint}.json")
 
 
 def subject_std(handle) -> float:

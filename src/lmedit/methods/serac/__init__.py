@@ -64,4 +64,4 @@ class SERAC(TrainedEditor):
 
     def edit_from(self, obj: SERACObjective, handle: ModelHandle, requests: list[EditRequest], cfg: Any) -> Edit:
         # the routing threshold is a use-time choice: the caller's value wins over the trained config's
-        return obj.edit(requests, {"checkpoint": cfg.checkpoint}, threshold=cfg.threshold)
+        return obj.edit(requests, {"checkpoint": self.options.checkpoint}, threshold=cfg.threshold)
