@@ -48,8 +48,8 @@ class LBFGSStepper:
     """L-BFGS (two-loop recursion, ``history`` curvature pairs) with an Armijo backtracking line search in
     which every trial point is one evaluation of the batched loop.
 
-    δ (all sites, flattened) moves from the accepted point x along d: trial = x + t·d. The trial is accepted when f(trial) ≤ f(x) + c1·∇f(x)ᵀ(trial − x);
-    otherwise t shrinks (minimum of the quadratic through f(x), ∇f(x)ᵀd and f(trial), kept in [0.1 t, 0.5 t])
+    δ (all sites, flattened) moves from the accepted point x along d: trial = x + t·d. The trial is accepted
+    when f(trial) ≤ f(x) + c1·∇f(x)ᵀ(trial − x); otherwise t shrinks (minimum of the quadratic through f(x), ∇f(x)ᵀd and f(trial), kept in [0.1 t, 0.5 t])
     and δ goes back to x + t·d. With ``radii`` every trial is projected onto the clamp balls, and on a ball's
     surface the direction loses its outward part (it moves along the sphere). The first direction is the
     steepest descent, scaled to the length of Adam's first step (``lr`` per coordinate); later ones use t = 1
