@@ -49,11 +49,11 @@ class LBFGSStepper:
     which every trial point is one evaluation of the batched loop.
 
     δ (all sites, flattened) moves from the accepted point x along d: trial = x + t·d. The trial is accepted
-    when f(trial) ≤ f(x) + c1·∇f(x)ᵀ(trial − x); otherwise t shrinks (minimum of the quadratic through f(x), ∇f(x)ᵀd and f(trial), kept in [0.1 t, 0.5 t])
-    and δ goes back to x + t·d. With ``radii`` every trial is projected onto the clamp balls, and on a ball's
-    surface the direction loses its outward part (it moves along the sphere). The first direction is the
-    steepest descent, scaled to the length of Adam's first step (``lr`` per coordinate); later ones use t = 1
-    and the usual sᵀy/yᵀy initial scaling.
+    when f(trial) ≤ f(x) + c1·∇f(x)ᵀ(trial − x); otherwise t shrinks (minimum of the quadratic through f(x),
+    ∇f(x)ᵀd and f(trial), kept in [0.1 t, 0.5 t]) and δ goes back to x + t·d. With ``radii`` every trial is
+    projected onto the clamp balls, and on a ball's surface the direction loses its outward part (it moves
+    along the sphere). The first direction is the steepest descent, scaled to the length of Adam's first step
+    (``lr`` per coordinate); later ones use t = 1 and the usual sᵀy/yᵀy initial scaling.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float, radii: Sequence[float] | None = None,
