@@ -125,7 +125,7 @@ def main() -> None:
                 r = one_edit(handle, get_editor(method, **sets), case)
                 got.setdefault((method, name), []).append(r)
                 print(method, name, case.case_id, {k: v for k, v in r.items() if k != "phases"}, flush=True)
-    write(args, profile_edit, profile, variants, methods, got)
+        write(args, profile_edit, profile, variants, methods, got)  # after every case: a stopped run keeps its rows
 
 
 def write(args, edit: dict, profile: dict, variants, methods, got) -> None:
@@ -140,14 +140,15 @@ def write(args, edit: dict, profile: dict, variants, methods, got) -> None:
     lines += [f"| – {k} | {v:.3f} |" for k, v in profile.items() if k not in ("rows", "suffix tokens")]
     lines += ["", f"One step runs {profile['rows']} rows of at most {profile['suffix tokens']} suffix tokens through "
               "the layers from the edit layer up.", ""]
-    lines += [f"## Variants on the first {args.cases} zsre-train cases (token accuracy, %)", "",
+    done = len(got[(methods[-1], variants[-1][0])])
+    lines += [f"## Variants on the first {done} zsre-train cases (token accuracy, %)", "",
               "| method | variant | settings | median s / edit | median values s | speed-up (median per-case ratio) "
               "| steps: median (min-max) | mean final value loss | rel | gen | loc |",
               "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for method in methods:
-        base = got[(method, variants[0][0])]
+        base = got[(method, variants[0][0])][:done]
         for name, sets in variants:
-            rs = got[(method, name)]
+            rs = got[(method, name)][:done]
             ratio = statistics.median(b["s"] / r["s"] for b, r in zip(base, rs, strict=True))
             steps = [r["steps"] for r in rs if r["steps"] is not None] or [float("nan")]
             vals = [r["phases"].get("values", float("nan")) for r in rs]

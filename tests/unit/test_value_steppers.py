@@ -123,3 +123,10 @@ def test_the_optimizer_reaches_the_value_options_and_the_hash_honestly():
     plain = {k: v for k, v in adam.to_dict().items() if k != "v_optimizer"}
     assert adam.hash() == LocateConfig.from_dict(plain).hash()
     assert lbfgs.hash() != adam.hash()
+
+
+def test_rome_smollm2_preset_uses_lbfgs_and_its_hash_says_so():
+    cls = editor_class("rome")
+    new = cls.Config.from_dict(cls.presets["smollm2-135m"])
+    assert new.v_optimizer == "lbfgs"
+    assert new.hash() != new.replace(v_optimizer="adam").hash()  # cells cached with Adam are not reused
