@@ -35,9 +35,11 @@ class AdamStepper:
         return True
 
     def zero_grad(self) -> None:
+        """Clear δ's gradient before the backward."""
         self.opt.zero_grad()
 
     def step(self) -> None:
+        """One Adam step from δ's gradient."""
         self.opt.step()
 
     def finish(self) -> None:
@@ -81,6 +83,7 @@ class LBFGSStepper:
                 at += p.numel()
 
     def evaluated(self, loss: float) -> bool:
+        """Accept or reject the current trial δ by its loss; True: accepted, its gradient is needed."""
         trial = self._flat()
         accept = self.x is None or (math.isfinite(loss) and
                                     loss <= self.loss + self.c1 * float(self.g @ (trial - self.x)))
@@ -92,10 +95,12 @@ class LBFGSStepper:
         return accept
 
     def zero_grad(self) -> None:
+        """Clear δ's gradient before the backward."""
         for p in self.params:
             p.grad = None
 
     def step(self) -> None:
+        """Move δ to the next trial: a shorter step after a rejection, else a new L-BFGS direction."""
         if self._trial is None:  # rejected: retry closer to x
             self._set(self._project(self.x + self.t * self.d))
             return
