@@ -52,13 +52,17 @@ class LocateConfig(Config):
 
     layers: list[int] | Literal["auto"] | None = option(
         None, "layers whose W_out is rewritten (None: chosen from the depth; 'auto': the causal-tracing peak)")
-    v_num_grad_steps: int = option(25, "Adam steps of the value optimisation")
+    v_num_grad_steps: int = option(25, "steps (forward passes) of the value optimisation")
     v_lr: float = option(0.5, "Adam learning rate of the value optimisation")
     v_weight_decay: float = option(1e-3, "weight of ‖δ‖/‖v₀‖² in the value loss")
     clamp_norm_factor: float = option(4.0, "‖δ‖ is kept ≤ clamp_norm_factor·‖v₀‖")
     kl_factor: float = option(0.0625, "weight of the KL term on '{subject} is a'")
     v_early_stop: float = option(0.05, "stop a value's optimisation once its loss is below this (0: every step)",
                                  added=True)
+    v_optimizer: Literal["adam", "lbfgs"] = option(
+        "adam", "optimiser of the value optimisation: 'adam' (the papers'), or 'lbfgs' (L-BFGS with a backtracking "
+        "line search, one forward per step; reaches the early-stop loss in fewer steps; v_lr sets its first step)",
+        added=True)
     mom2_tokens: int = option(100_000, "corpus tokens for the key second moment C = E[k kᵀ]")
     mom2_corpus: str | None = option(None, "text file or folder for C (None: WikiText, see lmedit.locate.stats)")
     context_lengths: list[list[int]] = option([[10, 5]], "context templates: [total tokens, samples] pairs")
@@ -110,7 +114,7 @@ def depth_layers(handle, center: float, count: int) -> list[int]:
 def value_options(cfg: Any) -> ValueOptions:
     return ValueOptions(steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
                         clamp=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, early_stop=cfg.v_early_stop,
-                        confident_stop=getattr(cfg, "confident_stop", False))
+                        confident_stop=getattr(cfg, "confident_stop", False), optimizer=cfg.v_optimizer)
 
 
 def check_layers(handle, layers: Sequence[int]) -> list[int]:

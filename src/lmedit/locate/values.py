@@ -37,6 +37,7 @@ from torch import nn
 from ..hooks import get_module
 from ..types import EditRequest
 from .rows import Part, Problem, assemble, request_rows
+from .steppers import make_stepper
 from .suffix import Suffix, clean_pass, loss_logits, replaying
 from .suffix import suffix_forward as _suffix_forward  # module-level name: tests swap it out
 from .templates import TemplateGroups
@@ -52,6 +53,7 @@ class ValueOptions:
     kl_factor: float = 0.0625
     early_stop: float = 0.05
     confident_stop: bool = False  # PMET: ×0.1 NLL once the target is the argmax, stop when KL ≤ 0.01
+    optimizer: str = "adam"  # a name of .steppers.OPTIMIZERS
 
 
 @dataclass
@@ -176,29 +178,39 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                 forward = lambda: loss_logits(handle, p)  # noqa: E731
             else:
                 ctx, forward = contextlib.nullcontext(), suffix.logits
-            optims = [torch.optim.Adam(sites_.params(g), lr=opts.lr) for g in range(n)]
+            steppers = [make_stepper(opts.optimizer, sites_.params(g), opts.lr, _radii(sites_, g, opts.clamp))
+                        for g in range(n)]
             with ctx:
                 for step in range(opts.steps):
                     if step > 0:
                         logits = forward()
                     order = sites_.order
                     loss, confident = _losses(p, logits, kl_init[order], sites_, opts)  # [len(order)]
-                    going = []
+                    going, grad = [], []
                     for j, (g, value) in enumerate(zip(order, loss.tolist(), strict=True)):
                         if g not in running:
                             continue
-                        losses[g].append(value)
-                        if value < opts.early_stop or step == opts.steps - 1 or confident[j]:
+                        if value < opts.early_stop or confident[j]:  # stop at this δ
+                            losses[g].append(value)
                             running.discard(g)
-                        else:
-                            going.append(j)
+                            continue
+                        wants_grad = steppers[g].evaluated(value)
+                        losses[g].append(steppers[g].loss)  # the loss of the δ kept so far
+                        if step == opts.steps - 1:
+                            steppers[g].finish()
+                            running.discard(g)
+                            continue
+                        going.append(j)
+                        if wants_grad:
+                            grad.append(j)
                     if not going:
                         break
+                    for j in grad:
+                        steppers[order[j]].zero_grad()
+                    if grad:
+                        loss[grad].sum().backward()
                     for j in going:
-                        optims[order[j]].zero_grad()
-                    loss[going].sum().backward()
-                    for j in going:
-                        optims[order[j]].step()
+                        steppers[order[j]].step()
                         _clamp(sites_, order[j], opts.clamp)
                     if suffix is not None and len(going) < len(order):  # stopped requests leave the batch
                         p = _drop_stopped(handle, parts, p, suffix, sites_, [order[j] for j in going])
@@ -249,6 +261,11 @@ def _losses(p: Problem, logits: torch.Tensor, kl_init: torch.Tensor, sites: _Sit
         ratio = (kl.detach() / max(opts.kl_factor, 1e-12)).cpu()
         confident = [bool(a) and float(r) <= 0.01 for a, r in zip(sure, ratio, strict=True)]
     return nll + kl + wd, confident
+
+
+def _radii(sites: _Sites, g: int, factor: float) -> list[float]:
+    """The clamp radius factor · ‖v₀‖ of request ``g``'s δ, per site (in the order of ``sites.params``)."""
+    return [factor * float(v[g].norm()) for v in sites.init.values()]
 
 
 @torch.no_grad()
