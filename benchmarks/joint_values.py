@@ -1,11 +1,11 @@
 """Value optimisation of many requests in one batch of rows against one request at a time (SmolLM2-135M).
 
 MEMIT, EMMET, AlphaEdit and PMET optimise one target value z per request before their solve; for a batch of
-1,000 facts that is almost all of the edit. The requests' losses are independent, so ``optimize_values``
-can run several requests' rows in one forward and backward (the run option ``row_batch``, formerly
-``v_batch_size``) and each still gets its own gradient, Adam state and stopping step. This measures, for
-the first N CounterFact requests and MEMIT's SmolLM2 settings, the wall time of all N values at each batch size, and how far the values and the loss
-histories move against one at a time.
+1,000 facts that is almost all of the edit. The requests' losses are independent, so ``optimize_values`` can
+run several requests' rows in one forward and backward (the run option ``row_batch``, formerly
+``v_batch_size``) and each still gets its own gradient, Adam state and stopping step. This measures, for the
+first N CounterFact requests and MEMIT's SmolLM2 settings, the wall time of all N values at each batch size,
+and how far the values and the loss histories move against one at a time.
 
     python benchmarks/joint_values.py --n 32 --sizes 1 4 8 16      # writes results/joint_values.md
 """
