@@ -97,6 +97,7 @@ class Entry:
     values: torch.Tensor  # float32 [mask size]
     act: float
     sharding: Sharding
+    replay: tuple[str, str] | None = None  # (prompt, answer) the shard's later edits train again
 
 
 class WiseLayer(ProjectionWrapper):
@@ -141,6 +142,15 @@ class WiseLayer(ProjectionWrapper):
             tau.index_add_(0, self.mask(e.sharding, shard), e.values)
         return tau.view(self.shape)
 
+    def replay_rows(self, shard: int) -> list[tuple[str, str]]:
+        """(prompt, answer) of the shard's applied edits that carry one, in apply order."""
+        return [e.replay for e in self.shards().get(shard, []) if e.replay is not None]
+
+    def shard_floor(self, shard: int) -> float:
+        """The smallest routing statistic of the shard's applied edits (inf if it has none): its threshold is
+        act_ratio × this."""
+        return min((e.act for e in self.shards().get(shard, [])), default=float("inf"))
+
     def open_shard(self) -> int | None:
         """The newest shard if it still has room for an edit, else None."""
         shards = self.shards()
@@ -179,7 +189,7 @@ class WiseLayer(ProjectionWrapper):
             return
         sharding = next(iter(self._owned.values())).sharding
         for members, merged in self.groups():
-            theta = [min(e.act for e in shards[s]) * sharding.act_ratio for s in members]
+            theta = [self.shard_floor(s) * sharding.act_ratio for s in members]
             taus = [self.shard_tau(s) for s in members]
             if merged:
                 self._memories.append((ties_merge(taus, sharding.density), min(theta)))
@@ -226,18 +236,21 @@ class WiseEdit(Edit):
         sharding: the :class:`Sharding` settings it was made with.
         shape: (d_out, d_in) of the projection.
         activation: name of the model's activation function (σ of the routing score).
+        replay: (prompt, answer) of the edit, trained again by the later edits of its shard (None: never).
     """
 
     kind = "wise_side_memory"
     order_free: ClassVar[bool] = True
 
     def __init__(self, path: str, shard: int, values: torch.Tensor, act: float, sharding: Sharding,
-                 shape: tuple[int, int], activation: str, meta: dict[str, Any] | None = None) -> None:
+                 shape: tuple[int, int], activation: str, meta: dict[str, Any] | None = None,
+                 replay: tuple[str, str] | None = None) -> None:
         super().__init__(meta)
         if values.dim() != 1 or not torch.isfinite(values).all() or not act == act:
             raise EditError("refusing WISE edit: its values are not a finite vector (NaN/inf in training?)")
         self.path, self.shard, self.values, self.act = path, int(shard), values.float(), float(act)
         self.sharding, self.shape, self.activation = sharding, (int(shape[0]), int(shape[1])), activation
+        self.replay = (str(replay[0]), str(replay[1])) if replay is not None else None
 
     def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None
                ) -> tuple[WiseLayer, int]:
@@ -259,14 +272,15 @@ class WiseEdit(Edit):
         return module, module.add(self._entry())
 
     def _entry(self) -> Entry:
-        return Entry(self.shard, self.values, self.act, self.sharding)
+        return Entry(self.shard, self.values, self.act, self.sharding, self.replay)
 
     def _revert(self, handle: ModelHandle, done: tuple[WiseLayer, int]) -> None:
         remove_from(handle, self.path, *done)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         body = {"path": self.path, "shard": self.shard, "act": self.act, "shape": list(self.shape),
-                "activation": self.activation, "sharding": dict(self.sharding.__dict__)}
+                "activation": self.activation, "sharding": dict(self.sharding.__dict__),
+                "replay": list(self.replay) if self.replay is not None else None}
         return {"values": self.values}, body
 
     @classmethod
@@ -278,7 +292,7 @@ class WiseEdit(Edit):
         if values.numel() != want:
             raise EditError(f"saved WISE edit has {values.numel()} values, its shard's mask {want} entries")
         return cls(str(body["path"]), int(body["shard"]), values, float(body["act"]), sharding, shape,
-                   str(body["activation"]), meta)
+                   str(body["activation"]), meta, body.get("replay"))
 
     def _describe_body(self) -> list[str]:
         return [f"  shard {self.shard} of the side memory at {self.path}: {self.values.numel()} trained entries "
