@@ -233,7 +233,8 @@ class WISE(DepthLayer, Editor):
         finally:
             set_module(handle.model, path, module)
         values = trainer.values.detach().float().cpu()
-        stats = {"layer": layer, "shard": shard, "steps": len(losses), "replayed": len(earlier), "loss": [losses[0], losses[-1]],
+        stats = {"layer": layer, "shard": shard, "steps": len(losses), "replayed": len(earlier),
+                 "loss": [losses[0], losses[-1]],
                  "delta_edit_min": float(d_in.min()), "delta_unrelated_max": float(d_out.max()),
                  "scale": scale, "seconds": clock.seconds, "cpu_seconds": time.process_time() - cpu0}
         log.info("wise: shard %d at %s, %d steps, loss %.3f -> %.3f, Δ edit ≥ %.3g, unrelated ≤ %.3g (scale %.3g)",
