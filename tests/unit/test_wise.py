@@ -105,8 +105,15 @@ def test_later_edits_of_a_shard_replay_the_earlier_ones(llama, tmp_path):
     for r in REQS[:4]:
         batch = llama.tokens.teacher_forced([r.text], [r.target_new])
         assert (routes(llama, layer, r.text, r.target_new)[batch.pred_positions(0)] == 0).all(), r
-    edits[0].save(tmp_path / "e")
-    assert Edit.load(tmp_path / "e").replay == edits[0].replay
+    # the threshold: act_ratio × the statistics no later edit replayed (here only the newest edit's)
+    (_, theta), = layer.memories()
+    assert theta == pytest.approx(edits[3].act * edits[3].sharding.act_ratio)
+    edits[3].save(tmp_path / "e")
+    loaded = Edit.load(tmp_path / "e")
+    assert (loaded.replay, loaded.replayed) == (edits[3].replay, 2)
+    edits[3].revert(llama)  # edit 2 replayed edits 0 and 1: its statistic is the threshold again
+    assert layer.memories()[0][1] == pytest.approx(edits[2].act * edits[2].sharding.act_ratio)
+    edits[3].apply(llama)
     for e in reversed(edits):
         e.revert(llama)
     none = wise(replay=0)

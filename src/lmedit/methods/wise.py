@@ -191,7 +191,7 @@ class WISE(DepthLayer, Editor):
         trainer = _Training(base, tau0, index, act, side_at)
         trainer.lead = tuple(inputs["input_ids"].shape)
         # the shard's routing statistic before this edit: its threshold after it is act_ratio × min(floor, Δ_edit)
-        floor = memory.shard_floor(shard) if memory is not None else float("inf")
+        floor = memory.shard_floor(shard, len(earlier)) if memory is not None else float("inf")
         trainer.theta = cfg.act_ratio * floor
         alpha, beta, gamma = cfg.alpha * scale, cfg.beta * scale, cfg.gamma * scale
         losses: list[float] = []
@@ -241,7 +241,7 @@ class WISE(DepthLayer, Editor):
                  shard, path, len(losses), losses[0], losses[-1], stats["delta_edit_min"],
                  stats["delta_unrelated_max"], scale)
         return WiseEdit(path, shard, values, float(d_in.min()), sharding, shape, act_name, meta={"stats": stats},
-                        replay=(req.text, req.target_new))
+                        replay=(req.text, req.target_new), replayed=len(earlier))
 
 
 def _activation_name(handle: ModelHandle) -> str:
