@@ -12,7 +12,8 @@ one per full shard not yet merged, and the open shard's.
 
 Routing, at every token position: Δ_m = ‖σ(W x + τ_m x) − σ(W x)‖ for each side memory m (σ: the model's
 activation function); the position takes the output of the memory with the largest Δ_m among those with
-Δ_m ≥ θ_m, else the main memory's. θ_m = act_ratio × the smallest in-scope Δ its edits recorded when trained.
+Δ_m ≥ θ_m, else the main memory's. θ_m = act_ratio × the smallest in-scope Δ its edits recorded when trained,
+leaving out an edit that a later edit of its shard replayed (that later edit re-measured it on the shared τ).
 
 Everything the layer computes is a function of the set of applied edits and their apply order (recomputed on
 every change), so reverting any edit -- from the open shard, a full shard, or a merged group (whose TIES merge

@@ -5,15 +5,20 @@ The main memory is W_out (the FFN output projection) at one mid-to-late layer �
 
 1. rows: the prompt + new answer in WISE's context templates (greedy-free variant: ``lmedit.locate``'s
    sampled prefixes of the seed words "I", "You", "Because", "Yes", "Q:", 5 and 10 tokens long, plus the
-   bare prompt) and a fixed set of unrelated sentences (``IRRELEVANT``, the paper's "loc_prompt");
+   bare prompt), the prompts and answers of the shard's newest ``replay`` earlier edits (memory replay, so a
+   new edit cannot overwrite them on the τ they share) and a fixed set of unrelated sentences
+   (``IRRELEVANT``, the paper's "loc_prompt"); while training, a position takes the side memory only where
+   the router will send it at inference (answer positions, and Δ at or above the shard's threshold);
 2. only the entries of the shard's random mask (ratio ρ) of τ train, with SGD, on
    L = CE(answer | side memory) + relu(Δ_irr − α) + relu(β − Δ_edit) + relu(γ − (Δ_edit − max Δ_irr)),
    Δ(x) = ‖σ(W x + τ x) − σ(W x)‖ per position (σ: the model's activation function), Δ_edit at the positions
    that predict the answer, Δ_irr at every token of the unrelated sentences; α, β, γ are given relative to
    the mean ‖σ(W x)‖ of the unrelated tokens (so they carry over between models; the paper's 5/20/10 are
    absolute for Llama-2-7B); after each step the side memory is clamped to W ± ``norm_constraint``;
-3. the smallest Δ_edit reached is the edit's threshold statistic; at inference a position uses the side
-   memory whose Δ exceeds act_ratio × its edits' smallest statistic (the largest such Δ wins), else W.
+3. the smallest Δ_edit reached (replayed edits included) is the edit's threshold statistic; a shard's
+   threshold is act_ratio × the smallest statistic of its edits no later edit replayed
+   (``WiseLayer.shard_floor``); at inference a position uses the side memory whose Δ reaches its threshold
+   (the largest such Δ wins), else W.
 
 Knowledge sharding and merging: edits fill shards of ``shard_size`` (each with its own random mask, trained
 from a fresh copy of W); full shards are TIES-merged in groups of ``merge_every`` (WISE-Retrieve of merged
