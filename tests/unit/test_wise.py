@@ -70,6 +70,58 @@ def test_edit_prompt_takes_side_memory_and_unrelated_text_main(llama):
     edit.revert(llama)
 
 
+def test_training_routes_as_inference(llama):
+    # an edit trains through the side memory only where the layer will route to it at inference (its answer
+    # positions, and positions whose Δ reaches the shard's threshold): with the shard's τ and threshold and no
+    # new values, the training stand-in gives the layer's own output at every position
+    from lmedit.methods.wise import _Training
+
+    edit = wise().compute(llama, REQS[0]).apply(llama)
+    layer = layer_of(llama, edit)
+    (tau, theta), = layer.memories()
+    batch = llama.tokens.teacher_forced([REQS[0].text, *IRRELEVANT[:3]], [REQS[0].target_new, "x", "x", "x"])
+    with torch.no_grad(), trace(llama.model, edit.path, input=True, output=False) as t:
+        llama.model(**batch.model_inputs(llama.device))
+    x = t.input
+    stand_in = _Training(layer.base, tau, shard_mask(edit.sharding.mask_seed(0), layer.shape, 0.2), layer.act,
+                         torch.zeros(x.shape[:-1], dtype=torch.bool))
+    stand_in.theta = theta
+    routed, choice = layer.route(x, layer.base(x))
+    assert 0 < int((choice == 0).sum()) < choice.numel()  # both memories are used: the test can tell them apart
+    assert torch.allclose(stand_in(x).float(), routed, atol=1e-6)
+    edit.revert(llama)
+
+
+def test_later_edits_of_a_shard_replay_the_earlier_ones(llama, tmp_path):
+    # each edit trains the shard's earlier edits' prompts and answers again (at most `replay` of them), so its
+    # routing statistic -- hence the shard's threshold -- covers them on the τ they now share
+    editor, edits = wise(replay=2), []
+    for r in REQS[:4]:
+        edits.append(editor.compute(llama, r).apply(llama))
+    assert [e.meta["stats"]["replayed"] for e in edits] == [0, 1, 2, 2]
+    assert edits[0].replay == (REQS[0].text, REQS[0].target_new)
+    layer = layer_of(llama, edits[0])
+    assert layer.replay_rows(0) == [e.replay for e in edits]
+    for r in REQS[:4]:
+        batch = llama.tokens.teacher_forced([r.text], [r.target_new])
+        assert (routes(llama, layer, r.text, r.target_new)[batch.pred_positions(0)] == 0).all(), r
+    # the threshold: act_ratio × the statistics no later edit replayed (here only the newest edit's)
+    (_, theta), = layer.memories()
+    assert theta == pytest.approx(edits[3].act * edits[3].sharding.act_ratio)
+    edits[3].save(tmp_path / "e")
+    loaded = Edit.load(tmp_path / "e")
+    assert (loaded.replay, loaded.replayed) == (edits[3].replay, 2)
+    edits[3].revert(llama)  # edit 2 replayed edits 0 and 1: its statistic is the threshold again
+    assert layer.memories()[0][1] == pytest.approx(edits[2].act * edits[2].sharding.act_ratio)
+    edits[3].apply(llama)
+    for e in reversed(edits):
+        e.revert(llama)
+    none = wise(replay=0)
+    a = none.compute(llama, REQS[0]).apply(llama)
+    assert none.compute(llama, REQS[1]).meta["stats"]["replayed"] == 0
+    a.revert(llama)
+
+
 def test_shards_fill_then_merge(llama):
     editor, edits = wise(**SHARDED), []
     for i, r in enumerate(REQS):

@@ -12,7 +12,8 @@ one per full shard not yet merged, and the open shard's.
 
 Routing, at every token position: Δ_m = ‖σ(W x + τ_m x) − σ(W x)‖ for each side memory m (σ: the model's
 activation function); the position takes the output of the memory with the largest Δ_m among those with
-Δ_m ≥ θ_m, else the main memory's. θ_m = act_ratio × the smallest in-scope Δ its edits recorded when trained.
+Δ_m ≥ θ_m, else the main memory's. θ_m = act_ratio × the smallest in-scope Δ its edits recorded when trained,
+leaving out an edit that a later edit of its shard replayed (that later edit re-measured it on the shared τ).
 
 Everything the layer computes is a function of the set of applied edits and their apply order (recomputed on
 every change), so reverting any edit -- from the open shard, a full shard, or a merged group (whose TIES merge
@@ -97,6 +98,8 @@ class Entry:
     values: torch.Tensor  # float32 [mask size]
     act: float
     sharding: Sharding
+    replay: tuple[str, str] | None = None  # (prompt, answer) the shard's later edits train again
+    replayed: int = 0  # how many of the shard's earlier edits (those with a replay) it trained again
 
 
 class WiseLayer(ProjectionWrapper):
@@ -141,6 +144,25 @@ class WiseLayer(ProjectionWrapper):
             tau.index_add_(0, self.mask(e.sharding, shard), e.values)
         return tau.view(self.shape)
 
+    def replay_rows(self, shard: int) -> list[tuple[str, str]]:
+        """(prompt, answer) of the shard's applied edits that carry one, in apply order."""
+        return [e.replay for e in self.shards().get(shard, []) if e.replay is not None]
+
+    def shard_floor(self, shard: int, replaying: int = 0) -> float:
+        """The shard's routing statistic (inf if it has no edits): its threshold is act_ratio × this.
+
+        It is the smallest statistic of the shard's edits that no later edit of the shard has replayed: a later
+        edit that trained an earlier one's prompt again measured its Δ there on the τ they now share, so its
+        statistic covers the earlier edit, whose own statistic was measured on an older τ. With ``replaying``
+        > 0: the statistic the shard will have besides a new edit replaying that many of its newest edits."""
+        entries = self.shards().get(shard, [])
+        covered: set[int] = set()
+        for j, e in enumerate([*entries, Entry(shard, torch.empty(0), float("inf"), entries[0].sharding,
+                                               None, replaying)] if entries and replaying else entries):
+            with_replay = [i for i in range(j) if entries[i].replay is not None]
+            covered.update(with_replay[max(0, len(with_replay) - e.replayed):] if e.replayed else [])
+        return min((e.act for i, e in enumerate(entries) if i not in covered), default=float("inf"))
+
     def open_shard(self) -> int | None:
         """The newest shard if it still has room for an edit, else None."""
         shards = self.shards()
@@ -179,7 +201,7 @@ class WiseLayer(ProjectionWrapper):
             return
         sharding = next(iter(self._owned.values())).sharding
         for members, merged in self.groups():
-            theta = [min(e.act for e in shards[s]) * sharding.act_ratio for s in members]
+            theta = [self.shard_floor(s) * sharding.act_ratio for s in members]
             taus = [self.shard_tau(s) for s in members]
             if merged:
                 self._memories.append((ties_merge(taus, sharding.density), min(theta)))
@@ -226,18 +248,23 @@ class WiseEdit(Edit):
         sharding: the :class:`Sharding` settings it was made with.
         shape: (d_out, d_in) of the projection.
         activation: name of the model's activation function (σ of the routing score).
+        replay: (prompt, answer) of the edit, trained again by the later edits of its shard (None: never).
+        replayed: how many earlier edits of its shard it trained again (its statistic covers them).
     """
 
     kind = "wise_side_memory"
     order_free: ClassVar[bool] = True
 
     def __init__(self, path: str, shard: int, values: torch.Tensor, act: float, sharding: Sharding,
-                 shape: tuple[int, int], activation: str, meta: dict[str, Any] | None = None) -> None:
+                 shape: tuple[int, int], activation: str, meta: dict[str, Any] | None = None,
+                 replay: tuple[str, str] | None = None, replayed: int = 0) -> None:
         super().__init__(meta)
         if values.dim() != 1 or not torch.isfinite(values).all() or not act == act:
             raise EditError("refusing WISE edit: its values are not a finite vector (NaN/inf in training?)")
         self.path, self.shard, self.values, self.act = path, int(shard), values.float(), float(act)
         self.sharding, self.shape, self.activation = sharding, (int(shape[0]), int(shape[1])), activation
+        self.replay = (str(replay[0]), str(replay[1])) if replay is not None else None
+        self.replayed = int(replayed)
 
     def _apply(self, handle: ModelHandle, strict: bool, max_relative_update: float | None
                ) -> tuple[WiseLayer, int]:
@@ -259,14 +286,15 @@ class WiseEdit(Edit):
         return module, module.add(self._entry())
 
     def _entry(self) -> Entry:
-        return Entry(self.shard, self.values, self.act, self.sharding)
+        return Entry(self.shard, self.values, self.act, self.sharding, self.replay, self.replayed)
 
     def _revert(self, handle: ModelHandle, done: tuple[WiseLayer, int]) -> None:
         remove_from(handle, self.path, *done)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         body = {"path": self.path, "shard": self.shard, "act": self.act, "shape": list(self.shape),
-                "activation": self.activation, "sharding": dict(self.sharding.__dict__)}
+                "activation": self.activation, "sharding": dict(self.sharding.__dict__),
+                "replay": list(self.replay) if self.replay is not None else None, "replayed": self.replayed}
         return {"values": self.values}, body
 
     @classmethod
@@ -278,7 +306,7 @@ class WiseEdit(Edit):
         if values.numel() != want:
             raise EditError(f"saved WISE edit has {values.numel()} values, its shard's mask {want} entries")
         return cls(str(body["path"]), int(body["shard"]), values, float(body["act"]), sharding, shape,
-                   str(body["activation"]), meta)
+                   str(body["activation"]), meta, body.get("replay"), int(body.get("replayed", 0)))
 
     def _describe_body(self) -> list[str]:
         return [f"  shard {self.shard} of the side memory at {self.path}: {self.values.numel()} trained entries "

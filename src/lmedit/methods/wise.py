@@ -5,15 +5,20 @@ The main memory is W_out (the FFN output projection) at one mid-to-late layer �
 
 1. rows: the prompt + new answer in WISE's context templates (greedy-free variant: ``lmedit.locate``'s
    sampled prefixes of the seed words "I", "You", "Because", "Yes", "Q:", 5 and 10 tokens long, plus the
-   bare prompt) and a fixed set of unrelated sentences (``IRRELEVANT``, the paper's "loc_prompt");
+   bare prompt), the prompts and answers of the shard's newest ``replay`` earlier edits (memory replay, so a
+   new edit cannot overwrite them on the τ they share) and a fixed set of unrelated sentences
+   (``IRRELEVANT``, the paper's "loc_prompt"); while training, a position takes the side memory only where
+   the router will send it at inference (answer positions, and Δ at or above the shard's threshold);
 2. only the entries of the shard's random mask (ratio ρ) of τ train, with SGD, on
    L = CE(answer | side memory) + relu(Δ_irr − α) + relu(β − Δ_edit) + relu(γ − (Δ_edit − max Δ_irr)),
    Δ(x) = ‖σ(W x + τ x) − σ(W x)‖ per position (σ: the model's activation function), Δ_edit at the positions
    that predict the answer, Δ_irr at every token of the unrelated sentences; α, β, γ are given relative to
    the mean ‖σ(W x)‖ of the unrelated tokens (so they carry over between models; the paper's 5/20/10 are
    absolute for Llama-2-7B); after each step the side memory is clamped to W ± ``norm_constraint``;
-3. the smallest Δ_edit reached is the edit's threshold statistic; at inference a position uses the side
-   memory whose Δ exceeds act_ratio × its edits' smallest statistic (the largest such Δ wins), else W.
+3. the smallest Δ_edit reached (replayed edits included) is the edit's threshold statistic; a shard's
+   threshold is act_ratio × the smallest statistic of its edits no later edit replayed
+   (``WiseLayer.shard_floor``); at inference a position uses the side memory whose Δ reaches its threshold
+   (the largest such Δ wins), else W.
 
 Knowledge sharding and merging: edits fill shards of ``shard_size`` (each with its own random mask, trained
 from a fresh copy of W); full shards are TIES-merged in groups of ``merge_every`` (WISE-Retrieve of merged
@@ -83,6 +88,8 @@ class WISEConfig(Config):
     act_ratio: float = option(0.88, "a position uses a side memory when Δ ≥ act_ratio × its edits' smallest Δ")
     norm_constraint: float = option(1.0, "each side-memory entry stays within ± this of the main memory's")
     templates: int = option(10, "context-template rows per edit besides the bare prompt (0, 5 or 10)")
+    replay: int = option(20, "earlier edits of the same shard (the newest this many) whose prompt and answer "
+                         "train again with each new edit, so it cannot overwrite them (0: none)")
     shard_size: int = option(500, "edits per shard (the paper's save_freq); a full shard starts a fresh mask")
     merge_every: int = option(2, "full shards TIES-merged into one side memory (merge_freq / save_freq; 1: never)")
     density: float = option(0.53, "TIES trim density of the merge")
@@ -97,6 +104,8 @@ class WISEConfig(Config):
             raise ConfigError("WISEConfig needs margins alpha, beta, gamma ≥ 0 and norm_constraint > 0")
         if self.templates not in (0, 5, 10):
             raise ConfigError(f"templates must be 0, 5 or 10, got {self.templates}")
+        if self.replay < 0:
+            raise ConfigError(f"replay must be ≥ 0, got {self.replay}")
         if self.shard_size < 1 or self.merge_every < 1:
             raise ConfigError("WISEConfig needs shard_size ≥ 1 and merge_every ≥ 1")
 
@@ -106,12 +115,19 @@ class WISEConfig(Config):
 
 
 class _Training(nn.Module):
-    """Stands in for W_out while an edit trains: every position takes the side memory W + τ₀ + scatter(v)."""
+    """Stands in for W_out while an edit trains, routed as at inference: a position takes the side memory
+    W + τ₀ + scatter(v) when it predicts an answer token (``side_at``) or its Δ reaches ``theta``, else W.
 
-    def __init__(self, base: nn.Module, tau0: torch.Tensor, index: torch.Tensor) -> None:
+    (Putting every position on the side memory, as before, let an edit rely on the side memory at its prompt
+    tokens, which at inference take the main memory: the answer was learned in training and lost when routed.)
+    """
+
+    def __init__(self, base: nn.Module, tau0: torch.Tensor, index: torch.Tensor, act,
+                 side_at: torch.Tensor) -> None:
         super().__init__()
-        self.base, self.tau0, self.index = base, tau0, index
+        self.base, self.tau0, self.index, self.act, self.side_at = base, tau0, index, act, side_at
         self.values = nn.Parameter(torch.zeros(index.numel(), device=tau0.device))
+        self.theta = float("inf")  # the routing threshold in force; updated by the training loop
         self.x: torch.Tensor | None = None
         self.main: torch.Tensor | None = None
         self.lead: tuple[int, ...] | None = None  # (rows, positions) of the training batch
@@ -124,7 +140,11 @@ class _Training(nn.Module):
         lead = self.lead or x.shape[:-1]  # some FFNs (mixtures of experts) see their tokens flattened
         self.x = x.detach().float().reshape(*lead, x.shape[-1])
         self.main = out.detach().float().reshape(*lead, out.shape[-1])
-        return (out.float() + F.linear(x.float(), self.tau())).to(out.dtype)
+        side = out.float() + F.linear(x.float(), self.tau())
+        with torch.no_grad():
+            delta = (self.act(side) - self.act(out.float())).norm(dim=-1)
+            fire = (delta >= self.theta) | self.side_at.reshape(delta.shape)
+        return torch.where(fire.unsqueeze(-1), side, out.float()).to(out.dtype)
 
 
 @register_editor("wise")
@@ -163,13 +183,21 @@ class WISE(DepthLayer, Editor):
                 main_irr = base(a_irr.to(handle.dtype)).float()
             scale = float(act(main_irr).norm(dim=-1).mean())
         prompts, targets = _rows(handle, req, cfg.templates)
+        earlier = memory.replay_rows(shard)[-cfg.replay:] if memory is not None and cfg.replay else []
+        prompts += [p for p, _ in earlier]
+        targets += [t for _, t in earlier]
         batch = handle.tokens.teacher_forced(prompts, targets, "right")
         rows = [i for i in range(len(prompts)) for _ in batch.pred_positions(i)]
         cols = [c for i in range(len(prompts)) for c in batch.pred_positions(i)]
         labels = torch.tensor([t for ls in batch.labels for t in ls], device=device)
         inputs = batch.model_inputs(device)
-        trainer = _Training(base, tau0, index)
+        side_at = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool, device=device)
+        side_at[rows, cols] = True
+        trainer = _Training(base, tau0, index, act, side_at)
         trainer.lead = tuple(inputs["input_ids"].shape)
+        # the shard's routing statistic before this edit: its threshold after it is act_ratio × min(floor, Δ_edit)
+        floor = memory.shard_floor(shard, len(earlier)) if memory is not None else float("inf")
+        trainer.theta = cfg.act_ratio * floor
         alpha, beta, gamma = cfg.alpha * scale, cfg.beta * scale, cfg.gamma * scale
         losses: list[float] = []
         set_module(handle.model, path, trainer)
@@ -188,7 +216,8 @@ class WISE(DepthLayer, Editor):
                                  + F.relu(gamma - (d_in - d_out.max())).mean())
                         loss = ce + l_act
                         losses.append(float(loss.detach()))
-                        lo, hi = float(d_in.detach().min()), float(d_out.detach().max())
+                        lo, hi = min(float(d_in.detach().min()), floor), float(d_out.detach().max())
+                        trainer.theta = cfg.act_ratio * lo
                         hit = bool((logits.detach().argmax(-1) == labels).all())
                         log.debug("wise step %d: answer %.4f (argmax right everywhere: %s), routing %.4f "
                                   "(Δ edit ≥ %.3g, unrelated ≤ %.3g)", _step, float(ce.detach()), hit,
@@ -209,13 +238,15 @@ class WISE(DepthLayer, Editor):
         finally:
             set_module(handle.model, path, module)
         values = trainer.values.detach().float().cpu()
-        stats = {"layer": layer, "shard": shard, "steps": len(losses), "loss": [losses[0], losses[-1]],
+        stats = {"layer": layer, "shard": shard, "steps": len(losses), "replayed": len(earlier),
+                 "loss": [losses[0], losses[-1]],
                  "delta_edit_min": float(d_in.min()), "delta_unrelated_max": float(d_out.max()),
                  "scale": scale, "seconds": clock.seconds, "cpu_seconds": time.process_time() - cpu0}
         log.info("wise: shard %d at %s, %d steps, loss %.3f -> %.3f, Δ edit ≥ %.3g, unrelated ≤ %.3g (scale %.3g)",
                  shard, path, len(losses), losses[0], losses[-1], stats["delta_edit_min"],
                  stats["delta_unrelated_max"], scale)
-        return WiseEdit(path, shard, values, float(d_in.min()), sharding, shape, act_name, meta={"stats": stats})
+        return WiseEdit(path, shard, values, float(d_in.min()), sharding, shape, act_name, meta={"stats": stats},
+                        replay=(req.text, req.target_new), replayed=len(earlier))
 
 
 def _activation_name(handle: ModelHandle) -> str:
