@@ -92,3 +92,17 @@ def test_drift_row_in_a_sequential_table_not_in_a_single_one(toy, model_dir, tmp
     single = _table(model_dir, tmp_path / "s", drift=DRIFT)
     assert not any(r.metric == "perplexity_drift" for r in single.rows)
     assert "drift" not in json.loads((tmp_path / "s" / "table1.json").read_text())
+
+
+def test_cli_judge_down_warns_and_drift_flag_checked(toy, model_dir, tmp_path, capsys):  # noqa: F811
+    from lmedit.cli import main
+
+    out = tmp_path / "t"
+    args = ["-q", "table", "--model", model_dir, "--methods", TOY, "--datasets", "zsre", "--n", "2", "--out", str(out),
+            "--workers", "1", "--no-plots"]
+    assert main([*args, "--drift-tokens", "-1"]) == 1
+    assert "--drift-tokens" in capsys.readouterr().err
+    assert main([*args, "--judge", "http://127.0.0.1:9/v1"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the LLM judge was unreachable" in captured.err and "| Reliability |" in captured.out
+    assert (out / "table1.md").exists()
