@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from http.server import HTTPServer
 
 import pytest
-from test_gen_runs import _Stub
+from test_gen_runs import _Stub, stub  # noqa: F401 (the judge stub server fixture)
 from test_table import TOY, ToyEditor, model_dir, toy  # noqa: F401 (fixtures)
 
 from lmedit.metrics.drift import DriftSettings
@@ -16,17 +14,6 @@ from lmedit.metrics.judge import Judge
 from lmedit.table import build_table
 
 DRIFT = DriftSettings(tokens=200, window=64, prompts=("The capital of", "Tokyo is"), max_new_tokens=8)
-
-
-@pytest.fixture
-def stub():
-    server = HTTPServer(("127.0.0.1", 0), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Stub.mode, _Stub.seen = "ok", []
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
 
 
 def _table(model_dir, out, **kw):  # noqa: F811 (the fixture's value)
