@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..bench.rundir import CASES_FILE, RUN_FILE
+from ..io import LockedError
 from ..metrics.drift import NGRAM_ENTROPY, PERPLEXITY
 from ..metrics.gen_protocol import GEN
 from ..metrics.records import CaseResult, summarize
@@ -55,7 +57,12 @@ def judge_cells(cells: list[CellResult], cache: CellCache, judge: Any) -> dict[s
         folders = _run_folders(cache, cell)
         if not folders:
             continue
-        with cache.locked(cell.spec):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(cache.locked(cell.spec))
+            except LockedError as e:
+                log.warning("cell %s: not judged, another process is computing it (%s)", cell.spec.name, e)
+                continue
             for folder in folders:
                 rescore_run(folder, judge=judge)
             if judge.down is not None:  # nothing graded (or only part): keep the cell as it was
