@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from ._common import DEFAULT_MODEL, add_protocol_args, protocol_options, quiet_libraries
+from ._common import DEFAULT_MODEL, add_judge_args, add_protocol_args, make_judge, protocol_options, quiet_libraries
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH", help="data folder to read the datasets from")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     add_protocol_args(p)
+    add_judge_args(p)
+    p.add_argument("--drift-tokens", type=int, default=20_000,
+                   help="batch (--batch-size > 1) and sequential cells: perplexity on this many WikiText-2 tokens "
+                        "before and after the edits, shown as a 'Perplexity drift' ratio row per dataset (default "
+                        "%(default)s; 0: not measured)")
     p.set_defaults(func=run)
 
 
@@ -136,6 +142,14 @@ def run(args: argparse.Namespace) -> int:
             print("lmedit table: error: --backend ray needs Ray (pip install ray); or use --backend local",
                   file=sys.stderr)
             return 1
+    if args.drift_tokens < 0:
+        raise ValueError("--drift-tokens must be 0 (off) or a positive number of tokens")
+    drift = None
+    if args.drift_tokens and (args.setting == "sequential" or args.batch_size > 1):
+        from ..metrics.drift import DriftSettings
+
+        drift = DriftSettings(tokens=args.drift_tokens)
+    judge = make_judge(args, Path(args.out))
     n_cells = (len(names) - len(unavailable)) * len(datasets)
     progress = BarProgress(n_cells, inner_bars=args.backend == "local") if not args.quiet else None
     t0 = time.time()
@@ -147,11 +161,15 @@ def run(args: argparse.Namespace) -> int:
             out=args.out, backend=args.backend, address=args.address, workers=args.workers, seed=args.seed,
             checkpoints=_checkpoints(args.checkpoint), data_path=args.data, threads=args.threads,
             plots=not args.no_plots, progress=progress, reuse=args.reuse,
-            cached_only=args.cached_only, protocols=protocols, generation=generation)
+            cached_only=args.cached_only, protocols=protocols, generation=generation, drift=drift, judge=judge)
     finally:
         if progress:
             progress.close()
     print(result.markdown.rstrip())
+    down = (result.meta.get("judge") or {}).get("down")
+    if down:
+        print(f"\nwarning: the LLM judge was unreachable ({down}); the table has no gen_judge rows for the cells it "
+              "could not grade, and its other numbers stand", file=sys.stderr)
     cached = sum(c.cached for c in result.cells)
     print(f"\n{len(result.cells)} cells ({cached} from cache) in {time.time() - t0:.0f} s; wrote "
           + ", ".join(str(p) for p in result.files.values()))

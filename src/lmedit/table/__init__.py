@@ -21,9 +21,10 @@ from typing import Any
 
 from ..io import atomic_write
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
-from .cells import CellResult, CellSpec, TableError, git_commit, lmedit_version
+from .cells import CellCache, CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
 from .layout import Row, build_rows, long_records, markdown, to_csv
+from .postscore import DRIFT_INFO
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
                 checkpoints: dict[str, str] | None = None, data_path: str | None = None,
                 threads: int | None = None, plots: bool = True, progress: Progress | None = None,
                 reuse: list[str] | tuple[str, ...] = (), cached_only: bool = False,
-                protocols: tuple[str, ...] | list[str] | None = None, generation: Any = None) -> TableResult:
+                protocols: tuple[str, ...] | list[str] | None = None, generation: Any = None,
+                drift: Any = None, judge: Any = None) -> TableResult:
     """Benchmark every (method, dataset) cell and write the table files into ``out``.
 
     Args:
@@ -160,6 +162,10 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
         protocols: scoring protocols (default: ``token_acc``, ``prob_compare`` and ``gen``, the generation
             protocol); rows of other protocols are left out. generation: a
             :class:`~lmedit.metrics.generate.GenSettings` (context, token cap).
+        drift: a :class:`~lmedit.metrics.drift.DriftSettings`: batch and sequential cells measure the
+            perplexity drift of the edited model (a "Perplexity drift" row per dataset); None: not measured.
+        judge: a :class:`~lmedit.metrics.judge.Judge`: after the cells ran, it grades their generated answers
+            (``gen_judge`` rows; :func:`lmedit.table.postscore.judge_cells`); None (default): no judge.
     """
     from ..metrics.evaluate import ALL_PROTOCOLS, check_protocols
     from ..metrics.generate import GenSettings
@@ -179,7 +185,7 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     shared = shared_requests(specs, data_path) if setting == "single" and not cached_only else []
     opts = RunOptions(model=model, out=str(out), checkpoints=dict(checkpoints or {}), data_path=data_path,
                       threads=threads, reuse=[str(r) for r in reuse], cached_only=cached_only,
-                      shared_requests=shared, protocols=protocols, generation=generation)
+                      shared_requests=shared, protocols=protocols, generation=generation, drift=drift)
     t0 = time.time()
     if backend == "local":
         workers = 1 if cached_only or workers is None else \
@@ -195,9 +201,18 @@ def build_table(model: str, *, methods: str | list[str] = "paper", datasets: lis
     cells += [CellResult(CellSpec(m, ds, n=sizes[ds], offset=offset, setting=setting, edits=edits,
                                   eval_timing=eval_timing, seed=seed), "skipped", reason)
               for m, reason in unavailable.items() for ds in datasets]
+    extra: dict[str, Any] = {}
+    if judge is not None:
+        from .postscore import judge_cells
+
+        if progress is not None:
+            progress.status("LLM judge grading the answers")
+        extra["judge"] = judge_cells(cells, CellCache(out), judge)
+    if drift is not None:
+        extra["drift_tokens"] = drift.tokens
     meta = _meta(model, cells, specs, n=n, n_by_dataset=sizes, backend=backend, workers=workers,
                  seconds=time.time() - t0, threads=threads, protocols=list(protocols),
-                 generation=generation.key())
+                 generation=generation.key(), **extra)
     return write_table(cells, names, datasets, meta, out, plots=plots)
 
 
@@ -225,14 +240,15 @@ def write_table(cells: list[CellResult], methods: list[str], datasets: list[str]
              "efficiency.md": out / "efficiency.md"}
     atomic_write(files["table1.md"], md)
     atomic_write(files["table1.csv"], to_csv(records))
+    drift = {c.spec.name: c.info[DRIFT_INFO] for c in cells if c.info.get(DRIFT_INFO)}
     doc = {"meta": meta, "methods": methods, "datasets": datasets, "rows": records, "efficiency": eff,
-           "cells": [{**c.to_dict(), "cached": c.cached} for c in cells]}
+           **({"drift": drift} if drift else {}), "cells": [{**c.to_dict(), "cached": c.cached} for c in cells]}
     atomic_write(files["table1.json"], json.dumps(doc, indent=1, default=str, allow_nan=False))
     atomic_write(files["efficiency.md"], efficiency_markdown(eff, datasets, meta))
     if plots:
         from . import plots as figs
 
         title = f"{meta['model']}: {meta['setting_label']}"
-        files["table1.png"] = figs.bars(rows, methods, out / "table1.png", title)
+        files["table1.png"] = figs.bars([r for r in rows if not r.ratio], methods, out / "table1.png", title)
         files["efficiency.png"] = figs.scatter(eff, out / "efficiency.png", f"{meta['model']}: quality vs time")
     return TableResult(cells=cells, rows=rows, meta=meta, files=files, markdown=md)

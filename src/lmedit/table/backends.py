@@ -57,6 +57,7 @@ class RunOptions:
     shared_requests: list[str] = field(default_factory=list)  # digests of requests that several cells edit
     protocols: tuple[str, ...] = ALL_PROTOCOLS  # scoring protocols of every cell
     generation: GenSettings = field(default_factory=GenSettings)  # how the gen protocol generates
+    drift: Any = None  # DriftSettings of batch and sequential cells (None: not measured)
 
 
 def safe_run(handle: ModelHandle, spec: CellSpec, opts: RunOptions, progress: Progress | None = None) -> CellResult:
@@ -70,7 +71,7 @@ def safe_run(handle: ModelHandle, spec: CellSpec, opts: RunOptions, progress: Pr
                           progress=bool(progress and progress.inner_bars),
                           on_case=progress.case_done if progress else None, reuse=opts.reuse,
                           cached_only=opts.cached_only, shared_requests=opts.shared_requests,
-                          protocols=opts.protocols, generation=opts.generation)
+                          protocols=opts.protocols, generation=opts.generation, drift=opts.drift)
     except CellSkipped as e:
         result = CellResult(spec, "skipped", str(e))
     except EditInputError as e:  # e.g. a method that cannot edit this architecture or these requests

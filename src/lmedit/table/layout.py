@@ -9,6 +9,10 @@ provide, is ``-`` with a footnote that says why. The pre-edit column is the uned
 Each metric has a row per protocol: the teacher-forced one (``token_acc``), then the generation protocol's
 (``gen_em``, ``gen_f1``, ``gen_contains``, and ``gen_judge`` when a judge graded the answers), and for
 Locality also its generation rows against the ground truth. Protocols are never averaged together.
+
+A batch or sequential table whose cells measured capability drift ends each dataset's block with a
+"Perplexity drift" row: the edited model's WikiText-2 perplexity divided by the unedited model's (1.00 = no
+drift), printed as a ratio (not x100); the ratio closest to 1 is bold.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from typing import Any
 
 from ..metrics.gen_protocol import GEN, GEN_CONTAINS, GEN_EM, GEN_F1, GEN_JUDGE, LOCALITY_TRUTH, split_key
 from .cells import CellResult
+from .postscore import DRIFT_INFO
 
 DATASET_LABELS = {"zsre": "ZsRE", "counterfact": "CounterFact", "qaedit": "QAEdit",
                   "zsre-portability": "ZsRE (portability)", "mquake": "MQuAKE (multi-hop)"}
 METRIC_LABELS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
                  "multihop": "Multi-hop", LOCALITY_TRUTH: "Locality (ground truth)"}
+DRIFT_ROW, DRIFT_PROTOCOL = "perplexity_drift", "perplexity_ratio"  # the drift row's metric and protocol
+METRIC_LABELS[DRIFT_ROW] = "Perplexity drift (ratio edited / unedited)"
 GEN_ORDER = (GEN_EM, GEN_F1, GEN_CONTAINS, GEN_JUDGE)
 CORE_ROWS = ("reliability", "generalization", "locality")
 # Blocks whose rows differ from CORE_ROWS (+ any portability groups the cells report).
@@ -46,6 +53,7 @@ class Row:
     cases: dict[str, int] = field(default_factory=dict)
     protocol: str = "token_acc"
     pre: float | None = None
+    ratio: bool = False  # a ratio (the drift row), printed as it is: not x100, best = closest to 1
 
     @property
     def label(self) -> str:
@@ -56,6 +64,8 @@ class Row:
 
     def best(self) -> set[str]:
         nums = {m: v for m, v in self.values.items() if v is not None}
+        if self.ratio:
+            nums = {m: -abs(math.log(v)) for m, v in nums.items() if v > 0}
         if len(nums) < 2 or max(nums.values()) == min(nums.values()):
             return set()  # nothing stands out when every method scores the same
         top = max(nums.values())
@@ -141,11 +151,31 @@ def build_rows(cells: list[CellResult], methods: list[str], datasets: list[str],
                     if row.pre is None and _mean(cell.pre.get(metric)) is not None:
                         row.pre = _mean(cell.pre.get(metric))
             rows.append(row)
+        if any(DRIFT_INFO in c.info for c in ds_cells if c.status == "ok"):
+            rows.append(_drift_row(ds, ds_cells, methods))
     return rows
 
 
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.1f}"
+def _drift_row(dataset: str, cells: list[CellResult], methods: list[str]) -> Row:
+    """The dataset's perplexity drift per method (see the module docstring)."""
+    by = {c.spec.method: c for c in cells}
+    row = Row(dataset, DRIFT_ROW, protocol=DRIFT_PROTOCOL, ratio=True)
+    for m in methods:
+        cell = by.get(m)
+        drift = cell.info.get(DRIFT_INFO) if cell is not None else None
+        if drift:
+            row.values[m], row.cases[m] = drift["perplexity_ratio"], int(cell.info.get("cases", 0))
+        elif cell is None or cell.status != "ok":
+            row.values[m], row.reasons[m] = None, cell.reason if cell is not None else f"{m} was not run on {dataset}"
+        else:
+            row.values[m], row.reasons[m] = None, (
+                f"{m}/{dataset} measured no drift (cached before drift was measured, or a multi-hop cell); delete "
+                f"its cell folder to compute it")
+    return row
+
+
+def _fmt(v: float | None, ratio: bool = False) -> str:
+    return "" if v is None else f"{v:.3f}" if ratio else f"{100 * v:.1f}"
 
 
 def _n_text(meta: dict[str, Any]) -> str:
@@ -161,7 +191,7 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
              f"Model `{meta['model']}` (fingerprint `{meta['model_fingerprint']}`), lmedit {meta['lmedit_version']}"
              f" (commit `{meta.get('commit') or 'unknown'}`). Setting: {meta['setting_label']}. "
              f"N = {_n_text(meta)} (per-cell N in table1.csv). Values x100; "
-             "best per row in **bold**." + _generation_text(meta, rows), "",
+             "best per row in **bold**." + _generation_text(meta, rows) + _drift_text(meta, rows), "",
              "| Dataset | Metric | Protocol | Pre-edit | " + " | ".join(methods) + " |",
              "|---|---|---|---:|" + "---:|" * len(methods)]
     last = None
@@ -174,7 +204,7 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
                 k = notes.setdefault(row.reasons.get(m, "not run"), len(notes) + 1)
                 cells.append(f"-[^{k}]")
             else:
-                cells.append(f"**{_fmt(v)}**" if m in best else _fmt(v))
+                cells.append(f"**{_fmt(v, row.ratio)}**" if m in best else _fmt(v, row.ratio))
         ds = DATASET_LABELS.get(row.dataset, row.dataset) if row.dataset != last else ""
         last = row.dataset
         lines.append(f"| {ds} | {row.label} | {row.protocol} | {_fmt(row.pre)} | " + " | ".join(cells) + " |")
@@ -188,6 +218,13 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"[^{k}]: {reason}" for reason, k in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+def _drift_text(meta: dict[str, Any], rows: list[Row]) -> str:
+    if not any(r.ratio for r in rows):
+        return ""
+    return (f" Perplexity drift rows: perplexity on {meta.get('drift_tokens') or '?'} WikiText-2 tokens after the "
+            "edits divided by the unedited model's (a ratio, not x100; 1.000 = no drift; averaged over sequences).")
 
 
 def _generation_text(meta: dict[str, Any], rows: list[Row]) -> str:
@@ -211,6 +248,8 @@ PROTOCOL_TEXT = {
     GEN_F1: "token F1 of the same generated answer against the gold (Locality: against the unedited model's answer)",
     GEN_CONTAINS: "the normalised gold occurs in the same generated answer (lenient)",
     GEN_JUDGE: "an LLM judge grades the same generated answer CORRECT (SimpleQA rubric)",
+    DRIFT_PROTOCOL: "capability drift: WikiText-2 perplexity of the edited model / of the unedited model (a ratio; "
+                    "above 1 = the edits made the model worse at ordinary text)",
 }
 
 CSV_COLUMNS = ("dataset", "metric", "method", "value", "protocol", "n_cases", "status", "reason", "setting",

@@ -25,6 +25,7 @@ from ..metrics.generate import GenSettings
 from ..metrics.records import CaseResult, summarize
 from .cells import CellCache, CellResult, CellSpec, cases_digest, cell_key, digest, git_commit
 from .efficiency import efficiency_stats
+from .postscore import DRIFT_INFO, cell_drift
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -130,12 +131,13 @@ def _adopt(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpec, s
 
 def _benchmark(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpec, folder: Path, resume: bool,
                run_info: dict[str, Any], progress: bool, reuse: list[str] | tuple[str, ...] = (),
-               edit_store: Any = None, baseline_store: Any = None, scoring: dict[str, Any] | None = None
-               ) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
+               edit_store: Any = None, baseline_store: Any = None, scoring: dict[str, Any] | None = None,
+               drift: Any = None) -> tuple[list[CaseResult], list[dict[str, Any]], dict[str, Any] | None]:
     """run_benchmark over the cell's cases: once (single), or once per sequence of T edits (sequential).
     A fresh single/batch cell first adopts what ``reuse`` (earlier bench runs) already computed; a single
     cell takes and keeps edits in ``edit_store``; every cell shares the unedited model's scores through
-    ``baseline_store``. ``scoring``: the protocols and generation settings (run_benchmark's keywords)."""
+    ``baseline_store``. ``scoring``: the protocols and generation settings (run_benchmark's keywords);
+    ``drift``: DriftSettings of batch and sequential runs (a single run measures none)."""
     from ..bench import run_benchmark
 
     scoring = scoring or {}
@@ -155,7 +157,7 @@ def _benchmark(editor: Any, handle: ModelHandle, cases: list[Any], spec: CellSpe
                             eval_timing=spec.eval_timing, out_dir=folder / f"run-{i:03d}",
                             resume=resume or adopted is not None,
                             progress=progress, run_info={**run_info, "sequence": i}, edit_store=edit_store,
-                            baseline_store=baseline_store, **scoring)
+                            baseline_store=baseline_store, drift=drift, **scoring)
         results.extend(out.results)
         summaries.append(out.summary)
     return results, summaries, adopted
@@ -182,7 +184,8 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
              data_path: str | None = None, progress: bool = False,
              on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
              cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = (),
-             protocols: tuple[str, ...] = ALL_PROTOCOLS, generation: GenSettings | None = None) -> CellResult:
+             protocols: tuple[str, ...] = ALL_PROTOCOLS, generation: GenSettings | None = None,
+             drift: Any = None) -> CellResult:
     """The result of one cell: from the cache when intact and current, else computed now and stored.
 
     ``reuse``: ``lmedit bench`` output folders (or folders of them) whose finished cases a new single/batch
@@ -197,6 +200,9 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
     cached cell that lacks one of them (a cell computed before the generation protocol existed) is resumed
     to compute it for its finished cases (:mod:`lmedit.metrics.coverage`), or, with ``cached_only``, shown
     with that protocol marked missing. Generation settings other than the default enter the key.
+    ``drift``: a :class:`~lmedit.metrics.drift.DriftSettings`: a batch or sequential cell measures the
+    perplexity drift of its edited model (``info["drift"]``, :func:`lmedit.table.postscore.cell_drift`); not
+    part of the key (a cell cached without it shows its drift as missing).
 
     Raises:
         CellSkipped: the method cannot run this cell (capabilities, or a missing trained checkpoint).
@@ -242,7 +248,7 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
         baselines = BaselineStore(cache.root.parent / BASELINE_STORE_DIR)
         results, summaries, adopted = _benchmark(editor, handle, cases, spec, folder, resume, run_info, progress,
                                                  reuse, store, baselines,
-                                                 {"protocols": protocols, "generation": generation})
+                                                 {"protocols": protocols, "generation": generation}, drift)
         efficiency = efficiency_stats(results, summaries, training_seconds(editor.options.checkpoint))
         errors = [r.info["error"] for r in results if r.info.get("error")]
         if results and len(errors) == len(results):
@@ -255,7 +261,8 @@ def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoin
                   "config": config.to_dict(), "commit": git_commit(), "setting_label": setting_label(spec),
                   "protocols": sorted(set(protocols) | set(hit.info.get("protocols") or TEACHER_FORCED))
                   if hit is not None else list(protocols),
-                  **({"reused": adopted} if adopted else {})})
+                  **({"reused": adopted} if adopted else {}),
+                  **({DRIFT_INFO: measured} if (measured := cell_drift(summaries)) else {})})
         cache.store(result)
         return result
 
