@@ -34,9 +34,6 @@ class Recorder:
     def cell_started(self, spec, n_cases) -> None:
         self.events.append(f"start {spec.name}")
 
-    def case_done(self) -> None:
-        self.events.append("case")
-
     def cell_done(self, result) -> None:
         self.events.append(f"done {result.spec.name}")
 

@@ -65,32 +65,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 class BarProgress:
-    """Progress bars: one over cells (the current cell's name, the table's ETA), one over the current cell's
-    cases with its ETA (drawn by run_benchmark, or here for multi-hop cells, which report each case)."""
+    """Progress bars: one over cells (the current cell's name, the table's ETA); the bar over the current
+    cell's cases with its ETA is drawn by run_benchmark."""
 
     def __init__(self, n_cells: int, inner_bars: bool) -> None:
         from tqdm import tqdm
 
-        self._tqdm = tqdm
         self.inner_bars = inner_bars
         self.cells = tqdm(total=n_cells, desc="cells", unit="cell", position=0, file=sys.stderr)
-        self.cases: Any = None
-        self._current: tuple[str, int] = ("", 0)
 
     def cell_started(self, spec: Any, n_cases: int) -> None:
         self.cells.set_postfix_str(spec.name)
-        self._current = (spec.name, n_cases)
-
-    def case_done(self) -> None:
-        if self.cases is None:  # created on the first report: cells run by run_benchmark draw their own
-            name, n = self._current
-            self.cases = self._tqdm(total=n, desc=name, unit="case", position=1, leave=False, file=sys.stderr)
-        self.cases.update(1)
 
     def cell_done(self, result: Any) -> None:
-        if self.cases is not None:
-            self.cases.close()
-            self.cases = None
         state = "cached" if result.cached else result.status
         self.cells.set_postfix_str(f"{result.spec.name}: {state}")
         self.cells.update(1)

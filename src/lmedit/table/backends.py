@@ -36,8 +36,6 @@ class Progress(Protocol):
 
     def cell_started(self, spec: CellSpec, n_cases: int) -> None: ...
 
-    def case_done(self) -> None: ...
-
     def cell_done(self, result: CellResult) -> None: ...
 
     def status(self, text: str) -> None: ...
@@ -69,7 +67,7 @@ def safe_run(handle: ModelHandle, spec: CellSpec, opts: RunOptions, progress: Pr
     try:
         result = run_cell(handle, spec, CellCache(opts.out), checkpoints=opts.checkpoints, data_path=opts.data_path,
                           progress=bool(progress and progress.inner_bars),
-                          on_case=progress.case_done if progress else None, reuse=opts.reuse,
+                          reuse=opts.reuse,
                           cached_only=opts.cached_only, shared_requests=opts.shared_requests,
                           protocols=opts.protocols, generation=opts.generation, drift=opts.drift)
     except CellSkipped as e:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +181,7 @@ def _editor(cls: Any, spec: CellSpec, handle: ModelHandle, checkpoints: dict[str
 
 def run_cell(handle: ModelHandle, spec: CellSpec, cache: CellCache, *, checkpoints: dict[str, str] | None = None,
              data_path: str | None = None, progress: bool = False,
-             on_case: Callable[[], None] | None = None, reuse: list[str] | tuple[str, ...] = (),
+             reuse: list[str] | tuple[str, ...] = (),
              cached_only: bool = False, shared_requests: list[str] | tuple[str, ...] = (),
              protocols: tuple[str, ...] = ALL_PROTOCOLS, generation: GenSettings | None = None,
              drift: Any = None) -> CellResult:
