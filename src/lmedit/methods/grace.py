@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -53,6 +53,9 @@ class GRACEConfig(Config):
     steps: int = option(100, "Adam steps that train a new value (the paper's n_iter)")
     lr: float = option(1.0, "Adam learning rate of the value (the paper's edit_lr)")
     early_stop: float = option(0.05, "stop training a value once its answer loss is below this (0: every step)")
+    optimizer: Literal["adam", "lbfgs"] = option(
+        "adam", "optimiser of a value: 'adam' (the paper's) or 'lbfgs' (L-BFGS with a line search; reaches the "
+        "early-stop loss in about a third of the time on SmolLM2, docs/lifelong.md)", added=True)
 
     def validate(self) -> None:
         if self.eps <= 0 or self.steps < 1 or self.lr <= 0:
@@ -70,7 +73,8 @@ class GRACE(DepthLayer, Editor):
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # methods-spec B.15 [proposal]: layer 25; ε from the key distances of ZsRE prompts (docs/lifelong.md)
-        "smollm2-135m": {"layer": 25, "eps": 3.0, "steps": 100, "lr": 1.0},
+        # L-BFGS: same answer-loss threshold in 1.3 s instead of 3.6 s per edit (median of 6 ZsRE edits)
+        "smollm2-135m": {"layer": 25, "eps": 3.0, "steps": 100, "lr": 1.0, "optimizer": "lbfgs"},
     }
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "eps": 1.0, "steps": 30, "lr": 0.5}
 
@@ -82,7 +86,7 @@ class GRACE(DepthLayer, Editor):
         with clock("keys"):
             keys = compute_keys(handle, whole, [layer], WHOLE_PROMPT)[layer][:, 0]  # [n, d_ff]
         opts = ValueOptions(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, clamp=float("inf"), kl_factor=0.0,
-                            early_stop=cfg.early_stop)
+                            early_stop=cfg.early_stop, optimizer=cfg.optimizer)
         with clock("values"):
             values = optimize_values(handle, whole, layer, ["mlp"], WHOLE_PROMPT, opts,
                                      batch_size=self.options.row_batch or ROW_BATCH)

@@ -62,7 +62,7 @@ class KVMemory(Editor):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # ROME's layer and value settings (rome.py); τ from benchmarks/lifelong.py on ZsRE (docs/lifelong.md)
         "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS, "context_lengths": [[10, 5]],
-                         "threshold": 0.7},
+                         "threshold": 0.7, "v_optimizer": "lbfgs"},
     }
     # tiny random models: layer 1 of 4 and no weight decay keep the value effective (as for ROME)
     quick: ClassVar[dict[str, Any]] = {"layers": [1], "v_num_grad_steps": 20, "v_weight_decay": 0.0,
