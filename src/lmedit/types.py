@@ -117,6 +117,14 @@ class EditRequest:
         """The prompt with the subject filled in."""
         return self.template.format(self.subject)
 
+    @property
+    def fact(self) -> tuple[str, str]:
+        """Which fact the request rewrites: its subject with the current answer where known (ZsRE asks one
+        fact in several wordings, each with its own new answer), else with the prompt. Two requests with the
+        same fact contradict each other; in a sequence the later one is the correction that stands."""
+        known = self.target_true.strip().casefold() if self.target_true else self.template.casefold()
+        return self.subject.strip().casefold(), known
+
     def to_dict(self) -> dict[str, Any]:
         """The request as plain JSON data, with the subject filled into the prompt."""
         return {

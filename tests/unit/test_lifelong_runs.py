@@ -254,3 +254,31 @@ def test_lifelong_plot(tmp_path):
                             "collapse_guard": {"ratio": 1.3, "base_perplexity": 20.0}}}
     path = lifelong_curves(summary, tmp_path / "lifelong.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_fact_edited_again_counts_once_under_its_latest_edit(tiny_llama, tmp_path, corpus):
+    """ZsRE asks one fact in several wordings, each with its own new answer: in a sequence the latest edit of a
+    fact is the one that stands ("current"); the earlier ones are counted as superseded, not as forgotten."""
+    cases = _cases(10)  # cases 8 and 9 rewrite the facts of cases 0 and 1 again (same subject, same true answer)
+    assert cases[8].request.fact == cases[0].request.fact and cases[2].request.fact != cases[0].request.fact
+    out = tmp_path / "run"
+    kw = dict(setting="sequential", eval_timing="immediate", out_dir=out, protocols=PROTOCOLS, checkpoints=[5, 10])
+    res = run_benchmark(ToyEditor(scale=0.02), tiny_llama, cases, **kw)
+    five, ten = res.summary["lifelong"]["checkpoints"]
+    assert (five["superseded"], ten["superseded"]) == (0, 2)
+    assert five["scores"]["current"]["reliability"]["cases"] == 5
+    assert ten["scores"]["current"]["reliability"]["cases"] == 8
+    assert "latest per fact" in (out / "table.md").read_text()
+    # a run folder from before "current" existed: resuming adds it from the scored case rows
+    lines = _jsonl(out / "checkpoints.jsonl")
+    for rec in lines:
+        rec["scores"].pop("current"), rec.pop("superseded")
+    (out / "checkpoints.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    again = run_benchmark(ToyEditor(scale=0.02), tiny_llama, cases, resume=True, **kw)
+    assert again.summary["lifelong"]["checkpoints"][1]["scores"]["current"] == ten["scores"]["current"]
+
+
+def test_a_request_without_its_true_answer_is_its_own_fact_per_wording():
+    a = EditRequest(prompt="{} plays", subject="Denny Herzig", target_new="winger")
+    b = EditRequest(prompt="{} is a", subject="Denny Herzig", target_new="goalkeeper")
+    assert a.fact != b.fact and a.fact == EditRequest(prompt="{} plays", subject=" denny herzig", target_new="x").fact

@@ -4,9 +4,10 @@
 made (cases whose chunk ran, refused and failed ones included) to each value, *every edit applied so far* on the model
 as it is then (the retention timing of methods-spec A.3), under every protocol of the run and against the
 baseline of the unedited model (locality included). Each checkpoint is summarised for all applied edits,
-the oldest tenth and the newest tenth (retention), with the capability drift measured there when the run
-measures drift. With ``eval_timing="final"``, a checkpoint at the last case *is* the final scoring: it is
-read from the run's case records instead of being scored twice.
+the oldest tenth, the newest tenth (retention) and the latest edit of each fact ("current": an edit that a
+later edit of the same fact contradicts is superseded, :attr:`EditRequest.fact`), with the capability drift
+measured there when the run measures drift. With ``eval_timing="final"``, a checkpoint at the last case
+*is* the final scoring: it is read from the run's case records instead of being scored twice.
 
 **Collapse guard.** After each newly computed edit is applied, a probe (perplexity of the first ``tokens``
 tokens of the drift corpus, :func:`lmedit.metrics.drift.perplexity`) runs; an edit that pushes it past
@@ -22,9 +23,9 @@ below) and ``guard.jsonl`` (the unedited probe, then one line per probed edit). 
 
     {"schema": "lmedit.lifelong/1", "eval_timing": "immediate" | "final",
      "checkpoints": [{"edits": 100,            # cases whose chunk ran so far
-                      "chunk": 99, "applied": 98, "refused": 1, "failed": 1, "tenth": 9,
+                      "chunk": 99, "applied": 98, "refused": 1, "failed": 1, "tenth": 9, "superseded": 3,
                       "source": "scored" | "final records",
-                      "scores": {"all" | "oldest" | "newest": {metric: {"mean", "protocol", "cases"}}},
+                      "scores": {"all" | "oldest" | "newest" | "current": {metric: {"mean", "protocol", "cases"}}},
                       "probe_perplexity": 25.1 | null,
                       "drift": {"perplexity": 25.8, "perplexity_before": 25.76, "ratio": 1.002,
                                 "ngram_entropy": 5.9} | null}],
@@ -181,6 +182,7 @@ class Lifelong:
         self.seen: list[int] = []  # case indices whose chunk ran, in order
         self.applied: list[int] = []  # ... whose edit is applied
         self.refused: set[int] = set()
+        self.fact_of = {str(k): _fact(c, k) for k, c in zip(run.keys, run.cases, strict=True)}
 
     def header(self) -> dict[str, Any]:
         """Fields for run.json: a run resumes only with the same guard (it changes which edits are kept)."""
@@ -267,13 +269,16 @@ class Lifelong:
         kept = [r["perplexity"] for r in self.probes if "chunk" in r and not r.get("refused")]
         return kept[-1] if kept else self.base_ppl
 
-    @staticmethod
-    def _point(c: int, k: int, results: list[CaseResult], *, refused: int, failed: int, source: str,
+    def _point(self, c: int, k: int, results: list[CaseResult], *, refused: int, failed: int, source: str,
                probe: float | None) -> dict[str, Any]:
         tenth = max(1, len(results) // 10)
-        parts = {"all": results, "oldest": results[:tenth], "newest": results[-tenth:]} if results else {}
+        facts = [self.fact_of[str(r.case_id)] for r in results]
+        last = {f: i for i, f in enumerate(facts)}
+        current = [r for i, (r, f) in enumerate(zip(results, facts, strict=True)) if last[f] == i]
+        parts = {"all": results, "oldest": results[:tenth], "newest": results[-tenth:],
+                 "current": current} if results else {}
         return {"edits": c, "chunk": k, "applied": len(results), "refused": refused, "failed": failed,
-                "tenth": tenth if results else 0, "source": source,
+                "tenth": tenth if results else 0, "superseded": len(results) - len(current), "source": source,
                 "scores": {name: summarize(rs, "post") for name, rs in parts.items()}, "probe_perplexity": probe}
 
     def summary(self, results: list[CaseResult]) -> dict[str, Any]:
@@ -283,6 +288,13 @@ class Lifelong:
         if not self.checkpoints and self.guard is None:
             return {}
         points = dict(self.done)
+        for c, p in points.items():  # a checkpoint scored before "current" existed: add it from its case rows
+            if "current" not in p["scores"] and self.partial.get(c):
+                rows = [CaseResult.from_dict({"case_id": i, "post": post}) for i, post in self.partial[c].items()]
+                fresh = self._point(c, p["chunk"], rows, refused=p["refused"], failed=p["failed"],
+                                    source=p["source"], probe=p["probe_perplexity"])
+                points[c] = {**p, "superseded": fresh["superseded"],
+                             "scores": {**p["scores"], "current": fresh["scores"]["current"]}}
         n = len(run.cases)
         if n in self.checkpoints and run.eval_timing == "final":
             ok = [r for r in results if "error" not in r.info]
@@ -292,6 +304,11 @@ class Lifelong:
         drift = run.drift.records if run.drift is not None else []
         out = _assemble(points, drift, self.probes, self.guard, self.base_ppl, run.eval_timing)
         return {"lifelong": out}
+
+
+def _fact(case: Any, key: Any) -> Any:
+    """The fact a case rewrites (a case of several requests: its own key, so never superseded)."""
+    return case.request.fact if hasattr(case, "request") else ("case", str(key))
 
 
 def _assemble(points: dict[int, dict[str, Any]], drift_records: list[dict[str, Any]], probes: list[dict[str, Any]],
@@ -341,19 +358,22 @@ def curve_lines(lifelong: dict[str, Any]) -> list[str]:
     """A markdown table of the checkpoints of ``summary["lifelong"]`` (reliability all / oldest / newest,
     locality, drift), one row per checkpoint and protocol of reliability."""
     lines = ["Retention at the checkpoints (every applied edit so far scored on the model at that point; ×100):", "",
-             "| edits | applied | refused | metric | all | oldest tenth | newest tenth | generalization | locality | "
-             "perplexity (×unedited) |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| edits | applied | refused | metric | all | oldest tenth | newest tenth | latest per fact (superseded) "
+             "| generalization (latest per fact) | locality | perplexity (×unedited) |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in lifelong["checkpoints"]:
         d = p.get("drift")
         ppl = f"{d['perplexity']:.2f} (×{d['ratio']:.3f})" if d else "–"
         names = sorted(m for m in p["scores"].get("all", {}) if m.startswith("reliability"))
+        cur = "current" if "current" in p["scores"] else "all"  # a summary from before "current" existed
         if not names:  # no edit applied yet (all refused or failed)
-            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | – | {ppl} |")
+            lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | – | – | – | – | – | – | – | {ppl} |")
         for name in names:
             tag = name[len("reliability"):]
             lines.append(f"| {p['edits']} | {p['applied']} | {p['refused']} | {name} | {_cell(p, 'all', name)} | "
-                         f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | "
-                         f"{_cell(p, 'all', 'generalization' + tag)} | {_cell(p, 'all', 'locality' + tag)} | {ppl} |")
+                         f"{_cell(p, 'oldest', name)} | {_cell(p, 'newest', name)} | {_cell(p, cur, name)} "
+                         f"({p.get('superseded', 0)}) | {_cell(p, cur, 'generalization' + tag)} | "
+                         f"{_cell(p, 'all', 'locality' + tag)} | {ppl} |")
     g = lifelong.get("collapse_guard")
     if g and g["base_perplexity"] is not None:
         top = "–" if g["max_perplexity"] is None else f"{g['max_perplexity']:.4g}"
