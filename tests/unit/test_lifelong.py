@@ -184,6 +184,32 @@ def test_gate_fires_only_on_a_matching_key():
     assert torch.equal(memory(x), torch.tensor([[2.0, 10.1], [0.0, 1.0], [1.0, 1.0]]))
 
 
+def test_a_gate_key_of_the_same_fact_shadows_the_older_until_it_is_deleted(tmp_path):
+    """same_fact: a newer key this similar to an older one is the same fact corrected again; the newer
+    residual answers, and deleting it brings the older back. Keys below the bound both stay."""
+    from lmedit.methods._memory import Entries, MemoryLayer
+
+    memory = MemoryLayer(torch.nn.Identity())
+    old = memory.add(Entries("gate", torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 10.0]]), [0.9], ["a"]))
+    near = torch.tensor([[1.0, 0.2]])  # cos 0.981 with the older key
+    x = torch.tensor([[1.0, 0.0]])
+    new = memory.add(Entries("gate", near, torch.tensor([[0.0, -5.0]]), [0.9], ["b"], same_fact=0.99))
+    assert torch.equal(memory(x), torch.tensor([[1.0, 10.0]])), "below same_fact: the most similar key wins"
+    memory.remove(new)
+    new = memory.add(Entries("gate", near, torch.tensor([[0.0, -5.0]]), [0.9], ["b"], same_fact=0.95))
+    assert torch.equal(memory(x), torch.tensor([[1.0, -5.0]])), "the later correction of the fact stands"
+    memory.remove(new)
+    assert torch.equal(memory(x), torch.tensor([[1.0, 10.0]])) and len(memory) == 1 and old is not None
+    with pytest.raises(EditError, match="same_fact"):
+        Entries("gate", near, torch.ones(1, 2), [0.9], ["b"], same_fact=1.5)
+    from lmedit.methods._memory import MemoryEdit
+
+    saved = MemoryEdit({"m": Entries("gate", near, torch.ones(1, 2), [0.9], ["b"], same_fact=0.95)},
+                       meta={"model_fingerprint": "toy"})
+    path = saved.save(tmp_path / "e")
+    assert Edit.load(path).entries["m"].same_fact == 0.95
+
+
 @pytest.mark.parametrize("name", ["kv-memory", "grace", "lora"])
 def test_saved_edit_is_tensors_and_json_and_refuses_another_model(name, llama, tokenizer, tmp_path):
     handle = llama

@@ -15,8 +15,10 @@ Entries follow one of two rules, checked at every token position of every forwar
   (the split rule, recomputed from the applied set on every change, so it never depends on history).
 
 Collisions: an entry whose key equals an earlier applied entry's key of the same rule (relative distance
-below ``COLLISION_TOLERANCE``: the same subject and prompt on the same weights) *shadows* it: the newer edit
-wins while it is applied, and the older one comes back when the newer is deleted.
+below ``COLLISION_TOLERANCE``: the same subject and prompt on the same weights), or, for an entry with
+``same_fact`` set, whose key has cosine similarity ≥ ``same_fact`` with it (the same fact reworded),
+*shadows* it: the newer edit wins while it is applied, and the older one comes back when the newer is
+deleted.
 
 Saved edits hold their keys and values as tensors (safetensors) and their per-entry numbers and labels as
 JSON; no class path is read from a file.
@@ -55,10 +57,13 @@ class Entries:
     values: torch.Tensor
     bounds: list[float]
     labels: list[str]
+    same_fact: float | None = None  # cosine at or above which these keys shadow an earlier key (None: equal only)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise EditError(f"unknown memory rule {self.rule!r}; use one of {RULES}")
+        if self.same_fact is not None and not 0 < self.same_fact <= 1:
+            raise EditError(f"same_fact is a cosine similarity in (0, 1], got {self.same_fact}")
         n = self.keys.shape[0]
         if self.keys.dim() != 2 or self.values.dim() != 2 or self.values.shape[0] != n \
                 or len(self.bounds) != n or len(self.labels) != n or n == 0:
@@ -128,12 +133,12 @@ class MemoryLayer(ProjectionWrapper):
         """Per rule: the keys, values, effective bounds and labels in force (collisions resolved)."""
         out = {}
         for rule in RULES:
-            rows = [(e.keys[i], e.values[i], e.bounds[i], e.labels[i])
+            rows = [(e.keys[i], e.values[i], e.bounds[i], e.labels[i], e.same_fact)
                     for e in self._owned.values() if e.rule == rule for i in range(len(e.bounds))]
             if not rows:
                 continue
             keys = torch.stack([r[0] for r in rows]).float()
-            keep = _unshadowed(keys)
+            keep = _unshadowed(keys, [r[4] for r in rows])
             keys = keys[keep]
             values = torch.stack([rows[i][1] for i in keep.tolist()]).float()
             bounds = torch.tensor([rows[i][2] for i in keep.tolist()], dtype=torch.float32)
@@ -177,12 +182,16 @@ class MemoryLayer(ProjectionWrapper):
         return new.to(out.dtype)
 
 
-def _unshadowed(keys: torch.Tensor) -> torch.Tensor:
+def _unshadowed(keys: torch.Tensor, same_fact: list[float | None]) -> torch.Tensor:
     """Indices of the keys (in apply order) that no later key collides with."""
     norms = keys.norm(dim=-1)
     dist = torch.cdist(keys, keys)
     scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(1e-12)
     same = dist <= COLLISION_TOLERANCE * scale
+    if any(s is not None for s in same_fact):  # [i, j]: the later key j's own similarity bound
+        bound = torch.tensor([2.0 if s is None else s for s in same_fact])
+        unit = keys / norms[:, None].clamp_min(1e-12)
+        same = same | (unit @ unit.T >= bound[None, :])
     later = torch.triu(torch.ones_like(same), diagonal=1)  # [i, j]: j applied after i
     return torch.nonzero(~(same & later).any(dim=1)).flatten()
 
@@ -258,6 +267,8 @@ class MemoryEdit(Edit):
             tensors[f"{path}::keys"] = e.keys
             tensors[f"{path}::values"] = e.values
             body["modules"][path] = {"rule": e.rule, "bounds": list(e.bounds), "labels": list(e.labels)}
+            if e.same_fact is not None:
+                body["modules"][path]["same_fact"] = e.same_fact
         return tensors, body
 
     @classmethod
@@ -267,7 +278,7 @@ class MemoryEdit(Edit):
             try:
                 entries[path] = Entries(str(spec["rule"]), tensors[f"{path}::keys"].float(),
                                         tensors[f"{path}::values"].float(), [float(b) for b in spec["bounds"]],
-                                        [str(x) for x in spec["labels"]])
+                                        [str(x) for x in spec["labels"]], spec.get("same_fact"))
             except KeyError as err:
                 raise EditError(f"saved memory edit is missing {err} for module {path}") from err
         return cls(entries, meta)
