@@ -247,7 +247,8 @@ def test_lifelong_plot(tmp_path):
         s = {"reliability": {"mean": r, "protocol": "token_acc", "cases": n},
              "locality": {"mean": 1.0, "protocol": "token_acc", "cases": n}}
         return {"edits": n, "chunk": n - 1, "applied": n, "refused": 0, "failed": 0, "tenth": max(1, n // 10),
-                "source": "scored", "scores": {"all": s, "oldest": s, "newest": s}, "probe_perplexity": 20.0,
+                "source": "scored", "scores": {"all": s, "oldest": s, "newest": s, "current": s},
+                "probe_perplexity": 20.0,
                 "drift": {"perplexity": 21.0, "perplexity_before": 20.0, "ratio": 1.05, "ngram_entropy": 5.0}}
     summary = {"method": "toy", "model": {"name": "tiny"},
                "lifelong": {"eval_timing": "final", "checkpoints": [point(10, 1.0), point(100, 0.9)],

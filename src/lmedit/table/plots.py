@@ -116,12 +116,13 @@ def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = Non
     for j, name in enumerate(names):
         suffix = name[len("reliability"):]
         label = suffix.lstrip("@:_") or points[0]["scores"]["all"][name]["protocol"]
-        for part, style in (("all", "-"), ("oldest", ":"), ("newest", "--"), ("current", (0, (1, 4)))):
+        for part, style in (("all", "-"), ("oldest", ":"), ("newest", "--"), ("current", "-.")):
             if not any(part in p["scores"] for p in points):  # "current": the latest edit of each fact
                 continue
             ys = [100 * p["scores"][part][name]["mean"] if name in p["scores"].get(part, {}) else math.nan
                   for p in points]
-            left.plot(x, ys, style, marker="o", color=cmap(j), label=f"reliability {label} ({part})")
+            left.plot(x, ys, style, marker="D" if part == "current" else "o", color=cmap(j),
+                      label=f"reliability {label} ({'latest per fact' if part == 'current' else part})")
         loc = "locality" + suffix
         ys = [100 * p["scores"]["all"][loc]["mean"] if loc in p["scores"].get("all", {}) else math.nan for p in points]
         if all(math.isnan(y) for y in ys):
