@@ -150,6 +150,10 @@ def test_resume_after_crash(tiny_llama, tmp_path, setting, batch_size, timing):
     assert tiny_llama.state_digest() == before
     ids = [d["case_id"] for d in _lines(tmp_path)]
     assert sorted(ids) == list(range(6)) and len(ids) == 6
+    # its wall time is this sitting's, and says so
+    assert res.summary.get("resumed_with_cases_done", 0) == len(partial)
+    if len(partial):
+        assert "wall time of the last sitting" in (tmp_path / "table.md").read_text()
     # a resumed run gives the same numbers as an uninterrupted one
     fresh = run_benchmark(ToyEditor(), tiny_llama, cases, setting=setting, batch_size=batch_size, eval_timing=timing)
     assert [r.post for r in res.results] == [r.post for r in fresh.results]

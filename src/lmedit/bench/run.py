@@ -238,10 +238,11 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
         finally:
             if run.bar is not None:
                 run.bar.close()
-        return _finish(run, header, start_digest, run_info, t0)
+        return _finish(run, header, start_digest, run_info, t0, resumed_with=len(cases) - len(pending))
 
 
-def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float) -> BenchmarkResult:
+def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict | None, t0: float,
+            resumed_with: int = 0) -> BenchmarkResult:
     """Check the model is the original again, then summarise and write summary.json and table.md."""
     end_digest = run.handle.state_digest()
     restored = end_digest == start_digest
@@ -250,6 +251,8 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
     summary = build_summary(results, {**{k: v for k, v in header.items() if k != "case_ids"},
                                       "data": dict(run_info or {}), "n_cases": len(run.cases),
                                       "model_restored": restored, "wall_seconds": time.perf_counter() - t0})
+    if resumed_with:  # wall_seconds is this sitting's only
+        summary["resumed_with_cases_done"] = resumed_with
     if run.chunk_stats:
         summary["chunk_stats"] = run.chunk_stats
     if run.drift is not None:

@@ -93,7 +93,10 @@ def render_table(summary: dict[str, Any]) -> str:
         lines.append(f"- max peak RSS: {eff['max_peak_rss_bytes'] / 2**20:,.0f} MiB")
     if eff["max_cuda_peak_bytes"]:
         lines.append(f"- max CUDA memory: {eff['max_cuda_peak_bytes'] / 2**20:,.0f} MiB")
-    lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s")
+    done = summary.get("resumed_with_cases_done")
+    lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s" if not done else
+                 f"- wall time of the last sitting: {summary.get('wall_seconds', 0.0):.1f} s (resumed with {done} "
+                 "of the cases finished; earlier sittings are not counted)")
     if summary.get("missing_protocols"):
         lines += ["", "Cases not scored with a protocol (left out of its means, not zeros): "
                   + ", ".join(f"{p}: {n}" for p, n in summary["missing_protocols"].items())]
