@@ -116,6 +116,26 @@ def test_colliding_key_newer_wins_older_returns(name, llama):
     first.revert(handle)
 
 
+def test_kv_memory_same_fact_reworded_newer_wins(llama):
+    """A reworded prompt about the same subject gives a near-equal key, not an equal one: only with
+    same_fact does the newer correction shadow the older (and deleting it brings the older back)."""
+    from lmedit.methods._memory import memory_at
+
+    handle = llama
+    reworded = EditRequest(prompt="What language did {} speak? The answer is", subject="Danielle Darrieux",
+                           target_new="Spain")
+    for same_fact, kept in ((None, 2), (0.05, 1)):
+        ed = editor("kv-memory", same_fact=same_fact, threshold=0.0)
+        first = ed.compute(handle, [REQS[0]]).apply(handle)
+        second = ed.compute(handle, [reworded]).apply(handle)
+        path = handle.adapter.mlp_out.format(ed.config_for(handle).layers[0])
+        assert len(memory_at(handle, path).active()["gate"][0]) == kept
+        second.revert(handle)
+        assert len(memory_at(handle, path).active()["gate"][0]) == 1
+        first.revert(handle)
+        assert memory_at(handle, path) is None
+
+
 def logits_with_only(handle, applied, keep) -> torch.Tensor:
     for e in reversed(applied):
         e.revert(handle)
