@@ -60,7 +60,7 @@ from .rundir import (
     save_chunk,
     write_json,
 )
-from .sequential import CollapseGuard, lifelong_for
+from .sequential import SCORE_SLICE, CollapseGuard, lifelong_for
 from .stores import score_baseline
 from .summary import METRIC_ORDER, build_summary, render_table
 
@@ -371,9 +371,10 @@ def _run_sequential(run: _Run) -> None:
             else:
                 later.update({i: (eff, info, k) for i in todo})
             run.lifelong.after_chunk(k, chunk, edit is not None, err)
-        for chunk in chunks:  # final timing: chunk by chunk, so a crash keeps what was scored
-            todo = [i for i in chunk if i in later]
-            for i, post in zip(todo, run.score(todo) if todo else [], strict=True):
+        todo = [i for chunk in chunks for i in chunk if i in later]
+        for s in range(0, len(todo), SCORE_SLICE):  # final timing: a slice at a time (its generations batched
+            part = todo[s : s + SCORE_SLICE]  # together), each recorded at once, so a crash keeps what was scored
+            for i, post in zip(part, run.score(part), strict=True):
                 run.record(i, post, *later[i])
     finally:
         for edit in reversed(applied):

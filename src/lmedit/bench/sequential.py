@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "lmedit.lifelong/1"
 CHECKPOINTS_FILE, CHECKPOINT_CASES_FILE, GUARD_FILE = "checkpoints.jsonl", "checkpoint_cases.jsonl", "guard.jsonl"
-SCORE_SLICE = 32  # cases scored (and written) at a time at a checkpoint
+SCORE_SLICE = 32  # cases scored (and written) at a time at a checkpoint and in the final scoring
 
 
 @dataclass(frozen=True)
