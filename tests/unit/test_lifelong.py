@@ -116,6 +116,45 @@ def test_colliding_key_newer_wins_older_returns(name, llama):
     first.revert(handle)
 
 
+@pytest.mark.parametrize("rule,same_fact", [("gate", None), ("gate", 0.9), ("codebook", None)])
+def test_memory_kept_up_to_date_equals_recomputing_it(rule, same_fact):
+    """MemoryLayer.add updates what it computes in O(n) when it can; after any sequence of adds (near and
+    equal keys, several labels, entries of two keys) and removals, what it computes equals a layer that
+    recomputes everything from the applied entries (the same output; the same table up to rounding)."""
+    from lmedit.methods._memory import Entries, MemoryLayer
+
+    g = torch.Generator().manual_seed(0)
+    layer, applied = MemoryLayer(torch.nn.Identity()), {}
+    keys: list[torch.Tensor] = []
+    x = torch.randn(64, 8, generator=g)
+    for step in range(120):
+        if applied and torch.rand(1, generator=g) < 0.25:
+            token = list(applied)[int(torch.randint(len(applied), (1,), generator=g))]
+            layer.remove(token)
+            del applied[token]
+        else:
+            n = 2 if torch.rand(1, generator=g) < 0.1 else 1
+            pick = torch.rand(1, generator=g)
+            if keys and pick < 0.2:  # an earlier key again
+                k = keys[int(torch.randint(len(keys), (1,), generator=g))].clone().expand(n, -1).clone()
+            elif keys and pick < 0.4:  # near an earlier key
+                k = keys[int(torch.randint(len(keys), (1,), generator=g))] + 0.05 * torch.randn(n, 8, generator=g)
+            else:
+                k = torch.randn(n, 8, generator=g)
+            keys += list(k)
+            e = Entries(rule, k, torch.randn(n, 8, generator=g), [1.5] * n,
+                        [str(int(torch.randint(3, (1,), generator=g))) for _ in range(n)], same_fact)
+            applied[layer.add(e)] = e
+        fresh = MemoryLayer(torch.nn.Identity())
+        fresh._owned = dict(applied)
+        fresh._compile()
+        assert torch.equal(layer(x), fresh(x)), f"step {step}"
+        for r in fresh._tables:
+            for a, b in zip(layer._tables[r], fresh._tables[r], strict=True):
+                # radii from matmul distances: equal up to their rounding (~3e-4 of the keys' norms)
+                assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), f"step {step}, {r}"
+
+
 def test_kv_memory_same_fact_reworded_newer_wins(llama):
     """A reworded prompt about the same subject gives a near-equal key, not an equal one: only with
     same_fact does the newer correction shadow the older (and deleting it brings the older back)."""

@@ -128,6 +128,26 @@ class MemoryLayer(ProjectionWrapper):
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self._tables: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._active: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]] = {}  # = active()
+        self._dirty = False
+
+    def add(self, owned: Any) -> int:
+        """Add an edit's entries: in O(n) when the state kept so far extends to exactly what :meth:`active`
+        gives (one key; a codebook key that shadows nothing); otherwise everything is recomputed (O(n²))."""
+        token = self._next
+        self._next += 1
+        self._owned[token] = owned
+        if self._dirty or not self._extend(owned):
+            self._compile()
+        else:
+            self._publish()
+        return token
+
+    def remove(self, token: int) -> None:
+        """Take an edit's entries out; recomputed from the applied set at the next forward (reverting many
+        edits in a row recomputes once)."""
+        del self._owned[token]
+        self._dirty, self._tables, self._active = True, {}, {}
 
     def active(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
         """Per rule: the keys, values, effective bounds and labels in force (collisions resolved)."""
@@ -149,11 +169,41 @@ class MemoryLayer(ProjectionWrapper):
         return out
 
     def _compile(self) -> None:
+        self._active, self._dirty = self.active(), False
+        self._publish()
+
+    def _publish(self) -> None:
         self._tables = {}
-        for rule, (keys, values, bounds, _labels) in self.active().items():
+        for rule, (keys, values, bounds, _labels) in self._active.items():
             if rule == "gate":
                 keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             self._tables[rule] = (keys, values, bounds)
+
+    def _extend(self, e: Entries) -> bool:
+        """The state after adding ``e`` to what is applied, from the state before, when that is cheap and
+        equal to recomputing; False (nothing changed) when the caller must recompute."""
+        if len(e.bounds) != 1:
+            return False
+        k, v, bound = e.keys.float(), e.values.float(), torch.tensor(e.bounds, dtype=torch.float32)
+        cur = self._active.get(e.rule)
+        if cur is None:
+            self._active[e.rule] = (k.clone(), v.clone(), bound, list(e.labels))
+            return True
+        keys, values, bounds, labels = cur
+        shadowed = _collides(keys, k[0], e.same_fact)  # the older keys this one shadows
+        if shadowed.any():
+            if e.rule == "codebook":  # the others' split radii may grow: recompute
+                return False
+            keep = ~shadowed
+            keys, values, bounds = keys[keep], values[keep], bounds[keep]
+            labels = [x for x, gone in zip(labels, shadowed.tolist(), strict=True) if not gone]
+        if e.rule == "codebook" and labels:
+            other = torch.tensor([x != e.labels[0] for x in labels])
+            half = torch.where(other, torch.cdist(keys, k)[:, 0] / 2, torch.full((len(labels),), float("inf")))
+            bounds, bound = torch.minimum(bounds, half), torch.minimum(bound, half.min().reshape(1))
+        self._active[e.rule] = (torch.cat([keys, k]), torch.cat([values, v]), torch.cat([bounds, bound]),
+                                [*labels, e.labels[0]])
+        return True
 
     def _table(self, rule: str, device: torch.device) -> tuple[torch.Tensor, ...]:
         t = self._tables[rule]
@@ -163,6 +213,8 @@ class MemoryLayer(ProjectionWrapper):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
+        if self._dirty:
+            self._compile()
         if not self._tables:
             return out
         q = x.float()
@@ -182,17 +234,29 @@ class MemoryLayer(ProjectionWrapper):
         return new.to(out.dtype)
 
 
+def _collides(keys: torch.Tensor, key: torch.Tensor, same_fact: float | None) -> torch.Tensor:
+    """[n] bool: which of the older ``keys`` the newer ``key`` collides with (:func:`_unshadowed`'s rule)."""
+    norms, norm = keys.norm(dim=-1), key.norm()
+    same = (keys - key).norm(dim=-1) <= COLLISION_TOLERANCE * torch.maximum(norms, norm).clamp_min(1e-12)
+    if same_fact is not None:
+        same = same | ((keys / norms[:, None].clamp_min(1e-12)) @ (key / norm.clamp_min(1e-12)) >= same_fact)
+    return same
+
+
 def _unshadowed(keys: torch.Tensor, same_fact: list[float | None]) -> torch.Tensor:
     """Indices of the keys (in apply order) that no later key collides with."""
     norms = keys.norm(dim=-1)
-    dist = torch.cdist(keys, keys)
     scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(1e-12)
-    same = dist <= COLLISION_TOLERANCE * scale
+    later = torch.triu(torch.ones(len(keys), len(keys), dtype=torch.bool), diagonal=1)  # [i, j]: j after i
+    # matmul distances are off by up to ~3e-4 of the norms (an equal pair need not give 0): they only pick
+    # candidates, and each candidate pair is measured directly, as _collides measures it
+    same = (torch.cdist(keys, keys) <= 1e-2 * scale) & later
+    for i, j in same.nonzero().tolist():
+        same[i, j] = bool((keys[i] - keys[j]).norm() <= COLLISION_TOLERANCE * scale[i, j])
     if any(s is not None for s in same_fact):  # [i, j]: the later key j's own similarity bound
         bound = torch.tensor([2.0 if s is None else s for s in same_fact])
         unit = keys / norms[:, None].clamp_min(1e-12)
         same = same | (unit @ unit.T >= bound[None, :])
-    later = torch.triu(torch.ones_like(same), diagonal=1)  # [i, j]: j applied after i
     return torch.nonzero(~(same & later).any(dim=1)).flatten()
 
 
