@@ -12,7 +12,8 @@ Entries follow one of two rules, checked at every token position of every forwar
   Among several firing gates, the most similar key wins.
 - ``"codebook"`` (deferral radius): the nearest codebook key within its radius (Euclidean) *replaces* the
   output. A key's radius is its own ε, shrunk to half its distance to every key of another label
-  (the split rule, recomputed from the applied set on every change, so it never depends on history).
+  (the split rule; kept up to date on every change, equal to recomputing it from the applied set, so it
+  never depends on history).
 
 Collisions: an entry whose key equals an earlier applied entry's key of the same rule (relative distance
 below ``COLLISION_TOLERANCE``: the same subject and prompt on the same weights), or, for an entry with
