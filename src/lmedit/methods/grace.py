@@ -73,7 +73,7 @@ class GRACE(DepthLayer, Editor):
     relative_cost: ClassVar[float] = 3.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # methods-spec B.15 [proposal]: layer 25; ε from the key distances of ZsRE prompts (docs/lifelong.md)
-        # L-BFGS: same answer-loss threshold in 1.3 s instead of 3.6 s per edit (median of 6 ZsRE edits)
+        # L-BFGS: same answer-loss threshold in 1.2 s instead of 3.4 s per edit (median of 6 ZsRE edits)
         "smollm2-135m": {"layer": 25, "eps": 3.0, "steps": 100, "lr": 1.0, "optimizer": "lbfgs"},
     }
     quick: ClassVar[dict[str, Any]] = {"layer": 2, "eps": 1.0, "steps": 30, "lr": 0.5}
