@@ -4,6 +4,8 @@
   content or its new content, never half of one: the data goes to a unique temporary file in the same
   folder (``tempfile``), is flushed to disk (``fsync``) and then renamed over the target (``os.replace``,
   atomic on POSIX).
+- :func:`append_jsonl` / :func:`read_jsonl` -- run records appended line by line and flushed; a line torn by
+  a crash while it was written stays alone on its line and is dropped when read.
 - :func:`file_lock` -- an advisory OS lock (``fcntl.flock``) on a lock file. Non-blocking by default: a
   second process gets :class:`LockedError` naming what is locked and, when it can be read, the process that
   holds it. The OS drops the lock when its holder exits, even after ``kill -9``: a stale lock file is never
@@ -226,3 +228,31 @@ def folder_lock(folder: str | Path, *, what: str | None = None, blocking: bool =
     folder = Path(folder)
     return file_lock(folder / LOCK_FILE, what=what or f"folder {folder}", blocking=blocking,
                      tidy=not folder.exists())
+
+
+def read_jsonl(path: Path | None) -> list[dict]:
+    """The records of a JSON-lines file (none when it does not exist); a torn line is dropped with a warning."""
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (an earlier run stopped while writing it)", path)
+    return out
+
+
+def append_jsonl(path: Path | None, records: Sequence[Mapping]) -> None:
+    """Append ``records`` to a JSON-lines file, one line each, and flush; nothing when ``path`` is None."""
+    if path is None or not records:
+        return
+    text = "".join(json.dumps(r, default=str) + "\n" for r in records)
+    with open(path, "ab") as f:
+        if f.tell():
+            with open(path, "rb") as r:
+                r.seek(-1, 2)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")  # a torn last line stays alone on its line (and is dropped when read)
+        f.write(text.encode("utf-8"))
+        f.flush()

@@ -164,6 +164,39 @@ def test_resume_after_crash(tiny_llama, tmp_path, setting, batch_size, timing):
     assert [r.post for r in res.results] == [r.post for r in fresh.results]
 
 
+def test_a_resumed_run_takes_the_unedited_baseline_from_its_folder(tiny_llama, tmp_path, monkeypatch):
+    from lmedit.bench.stores import BASELINE_FILE
+    from lmedit.metrics.scorers import CaseScorer
+
+    scored = []
+    real = CaseScorer.baseline
+
+    def counting(self, handle, cases, **kw):
+        scored.extend(c.case_id for c in cases)
+        return real(self, handle, cases, **kw)
+
+    monkeypatch.setattr(CaseScorer, "baseline", counting)
+    cases = _cases(6)
+    kw = dict(setting="sequential", batch_size=2, eval_timing="final", out_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_benchmark(ToyEditor(crash_after=2), tiny_llama, cases, **kw)
+    assert sorted(scored) == list(range(6))
+    assert len((tmp_path / BASELINE_FILE).read_text().splitlines()) == 6  # one line per case
+    scored.clear()
+    res = run_benchmark(ToyEditor(), tiny_llama, cases, resume=True, **kw)
+    assert scored == []  # nothing scored unedited again
+    fresh = run_benchmark(ToyEditor(), tiny_llama, cases, setting="sequential", batch_size=2, eval_timing="final")
+    assert [r.pre for r in res.results] == [r.pre for r in fresh.results]
+    assert [r.post for r in res.results] == [r.post for r in fresh.results]
+    # a torn last line (a crash while writing it) only costs that case
+    lines = (tmp_path / BASELINE_FILE).read_text().splitlines()
+    (tmp_path / BASELINE_FILE).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    (tmp_path / "cases.jsonl").write_text("")
+    scored.clear()
+    run_benchmark(ToyEditor(), tiny_llama, cases, resume=True, **kw)
+    assert len(scored) == 1
+
+
 def test_resume_drops_torn_last_line(tiny_llama, tmp_path):
     cases = _cases(3)
     run_benchmark(ToyEditor(), tiny_llama, cases, out_dir=tmp_path)

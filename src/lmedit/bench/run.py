@@ -61,7 +61,7 @@ from .rundir import (
     write_json,
 )
 from .sequential import SCORE_SLICE, CollapseGuard, lifelong_for
-from .stores import score_baseline
+from .stores import RunBaselines, score_baseline
 from .summary import METRIC_ORDER, build_summary, render_table
 
 if TYPE_CHECKING:
@@ -181,7 +181,9 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
             holds (same method, config, model and checkpoint) takes that edit instead of computing it, and
             computed edits are kept in it. Efficiency still reports what computing the edit cost.
         baseline_store: a :class:`~lmedit.bench.stores.BaselineStore`: the unedited model's scores of a case are
-            taken from it when it has them for these exact weights, and kept in it otherwise.
+            taken from it when it has them for these exact weights, and kept in it otherwise. Default, with
+            ``out_dir``: the run folder's own ``baseline.jsonl`` (:class:`~lmedit.bench.stores.RunBaselines`),
+            so a resumed run does not score the unedited model again.
         generation: how the ``gen`` protocol generates (context, token cap); default GenSettings().
         drift: capability drift (perplexity, n-gram entropy) before and after the edits of a batch or
             sequential run (:mod:`lmedit.metrics.drift`); None: not measured.
@@ -224,6 +226,8 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
         pending = [i for i in range(len(cases)) if keys[i] not in run.done]
         work = run.lifelong.need(pending)  # the pending cases, and those of unfinished checkpoints
         if work:
+            if baseline_store is None and run.out is not None:
+                baseline_store = RunBaselines(run.out)
             score_baseline(run, work, start_digest, baseline_store)
             if run.drift is not None:
                 run.drift.before()

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from ..digests import tensor_digest
 from ..errors import EditCollapseError
 from ..hooks import get_parameter
+from ..io import append_jsonl, read_jsonl
 from ..metrics.drift import NGRAM_ENTROPY, PERPLEXITY, DriftSettings, corpus_ids, perplexity
 from ..metrics.records import CaseResult, summarize
 
@@ -113,33 +114,6 @@ def check_checkpoints(checkpoints: Any, n: int, batch_size: int = 1) -> tuple[in
     return tuple(cps)
 
 
-def _read_jsonl(path: Path | None) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn line (a crash while writing it) is dropped."""
-    if path is None or not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: dropping a torn line (an earlier run stopped while writing it)", path)
-    return out
-
-
-def _append(path: Path | None, records: list[dict[str, Any]]) -> None:
-    if path is None or not records:
-        return
-    text = "".join(json.dumps(r, default=str) + "\n" for r in records)
-    with open(path, "ab") as f:
-        if f.tell():
-            with open(path, "rb") as r:
-                r.seek(-1, 2)
-                if r.read(1) != b"\n":
-                    f.write(b"\n")  # a torn last line stays alone on its line (and is dropped when read)
-        f.write(text.encode("utf-8"))
-        f.flush()
-
-
 def probe_perplexity(handle: ModelHandle, guard: CollapseGuard) -> float:
     """The collapse guard's probe on the model as it is now."""
     ids = corpus_ids(handle, DriftSettings(tokens=guard.tokens, window=guard.tokens, corpus=guard.corpus))
@@ -173,11 +147,11 @@ class Lifelong:
         out = run.out if checkpoints or guard is not None else None  # an idle one reads and writes nothing
         self.paths = {name: (out / name if out is not None else None)
                       for name in (CHECKPOINTS_FILE, CHECKPOINT_CASES_FILE, GUARD_FILE)}
-        self.done = {r["edits"]: r for r in _read_jsonl(self.paths[CHECKPOINTS_FILE])}
+        self.done = {r["edits"]: r for r in read_jsonl(self.paths[CHECKPOINTS_FILE])}
         self.partial: dict[int, dict[str, dict]] = {}
-        for r in _read_jsonl(self.paths[CHECKPOINT_CASES_FILE]):
+        for r in read_jsonl(self.paths[CHECKPOINT_CASES_FILE]):
             self.partial.setdefault(r["checkpoint"], {})[str(r["case_id"])] = r["post"]
-        self.probes = _read_jsonl(self.paths[GUARD_FILE])
+        self.probes = read_jsonl(self.paths[GUARD_FILE])
         self.base_ppl = next((r["perplexity"] for r in self.probes if r.get("point") == "before"), None)
         self.seen: list[int] = []  # case indices whose chunk ran, in order
         self.applied: list[int] = []  # ... whose edit is applied
@@ -205,7 +179,7 @@ class Lifelong:
         self.base_ppl = probe_perplexity(self.run.handle, self.guard)
         rec = {"point": "before", "perplexity": self.base_ppl, "tokens": self.guard.tokens}
         self.probes.append(rec)
-        _append(self.paths[GUARD_FILE], [rec])
+        append_jsonl(self.paths[GUARD_FILE], [rec])
         log.info("collapse guard: unedited probe perplexity %.4g, limit %.4g", self.base_ppl,
                  self.guard.ratio * self.base_ppl)
 
@@ -223,13 +197,13 @@ class Lifelong:
             rec = {"chunk": k, "case_ids": ids, "perplexity": e.data.get("perplexity"), "refused": True,
                    "edit": edit.label()}
             self.probes.append(rec)
-            _append(self.paths[GUARD_FILE], [rec])
+            append_jsonl(self.paths[GUARD_FILE], [rec])
             if "perplexity" not in e.data:  # the rollback itself failed: the run cannot go on
                 raise
             return None, msg
         rec = {"chunk": k, "case_ids": ids, "perplexity": ppl, "refused": False}
         self.probes.append(rec)
-        _append(self.paths[GUARD_FILE], [rec])
+        append_jsonl(self.paths[GUARD_FILE], [rec])
         return edit, None
 
     def after_chunk(self, k: int, chunk: list[int], applied: bool, err: str | None) -> None:
@@ -256,14 +230,14 @@ class Lifelong:
                                         protocols=run.protocols, generation=run.generation)
             lines = [{"checkpoint": c, "case_id": run.keys[i], "post": {m: v.to_dict() for m, v in p.items()}}
                      for i, p in zip(part, posts, strict=True)]
-            _append(self.paths[CHECKPOINT_CASES_FILE], lines)
+            append_jsonl(self.paths[CHECKPOINT_CASES_FILE], lines)
             scored.update({str(rec["case_id"]): rec["post"] for rec in lines})
         results = [CaseResult.from_dict({"case_id": run.keys[i], "post": scored[str(run.keys[i])]})
                    for i in self.applied]
         rec = self._point(c, k, results, refused=len(self.refused), failed=c - len(self.applied) - len(self.refused),
                           source="scored", probe=self._last_probe())
         self.done[c] = rec
-        _append(self.paths[CHECKPOINTS_FILE], [rec])
+        append_jsonl(self.paths[CHECKPOINTS_FILE], [rec])
 
     def _last_probe(self) -> float | None:
         kept = [r["perplexity"] for r in self.probes if "chunk" in r and not r.get("refused")]
@@ -347,10 +321,10 @@ def progress(run_dir: str | Path) -> dict[str, Any]:
         return done["lifelong"]
     header = json.loads((d / RUN_FILE).read_text())
     cfg = header.get("collapse_guard")
-    probes = _read_jsonl(d / GUARD_FILE)
-    points = {r["edits"]: r for r in _read_jsonl(d / CHECKPOINTS_FILE)}
+    probes = read_jsonl(d / GUARD_FILE)
+    points = {r["edits"]: r for r in read_jsonl(d / CHECKPOINTS_FILE)}
     base = next((r["perplexity"] for r in probes if r.get("point") == "before"), None)
-    return _assemble(points, _read_jsonl(d / DRIFT_FILE), probes, CollapseGuard(**cfg) if cfg else None, base,
+    return _assemble(points, read_jsonl(d / DRIFT_FILE), probes, CollapseGuard(**cfg) if cfg else None, base,
                      header.get("eval_timing"))
 
 

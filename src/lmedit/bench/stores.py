@@ -18,6 +18,11 @@ the scope is the digest of every weight of the model (``ModelHandle.state_digest
 device, the scoring protocols and lmedit's version.
 
 Entries are written atomically (a rename); a corrupted one is recomputed, not trusted.
+
+:class:`RunBaselines` -- the same scores, kept inside one run folder (``baseline.jsonl``, a line per case,
+appended as each slice of cases is scored): a run resumed after a crash takes them instead of scoring the
+unedited model again (about 15 minutes for 1,000 ZsRE cases under both protocols on SmolLM2 here). Same
+scope as :class:`BaselineStore`, so other weights, protocols or another lmedit version score again.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..digests import case_digest, digest, request_digest
 from ..edits import Edit
-from ..io import cache_file
+from ..io import append_jsonl, cache_file, read_jsonl
 from ..metrics.records import Score
 from ..metrics.scoring import TargetScore
 
@@ -44,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EFFICIENCY_FILE = "efficiency.json"
+BASELINE_FILE = "baseline.jsonl"
+BASELINE_SLICE = 32  # cases whose baseline is scored (and kept) at a time
 
 
 def edit_scope(editor: Any, header: dict[str, Any]) -> str | None:
@@ -144,28 +151,62 @@ class BaselineStore:
         if not path.exists():
             return None
         try:
-            doc = json.loads(path.read_text())
-            pre = {k: Score(**v) for k, v in doc["pre"].items()}
-            loc = [TargetScore(tuple(t["pred"]), tuple(t["labels"]), tuple(t["logprobs"])) for t in doc["locality"]]
-            texts = list(doc.get("texts", []))
+            return _from_doc(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring the stored baseline at %s (%s); scoring it again", path, e)
             path.unlink(missing_ok=True)
             return None
-        return pre, loc, texts
 
     def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
             texts: list[dict] | None = None) -> None:
         """Store ``case``'s pre-edit scores, locality predictions and generated texts for :meth:`get`
         (written atomically)."""
-        doc = {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
-               "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
+        doc = _to_doc(pre, loc, texts)
         cache_file(self._path(scope, case), lambda tmp: tmp.write_text(json.dumps(doc)), "the baseline of a case")
+
+
+class RunBaselines:
+    """The unedited model's scores of a run's cases in ``<run folder>/baseline.jsonl`` (module docstring);
+    the same ``scope`` / ``get`` / ``put`` as :class:`BaselineStore`."""
+
+    scope = staticmethod(BaselineStore.scope)
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / BASELINE_FILE
+        self.docs = {(r.get("scope"), r.get("case")): r for r in read_jsonl(self.path)}
+
+    def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore], list[dict]] | None:
+        doc = self.docs.get((scope, case_digest(case)))
+        if doc is None:
+            return None
+        try:
+            return _from_doc(doc)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring a baseline line of %s (%s); scoring that case again", self.path, e)
+            return None
+
+    def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
+            texts: list[dict] | None = None) -> None:
+        doc = {"scope": scope, "case": case_digest(case), **_to_doc(pre, loc, texts)}
+        append_jsonl(self.path, [doc])
+        self.docs[(scope, doc["case"])] = doc
+
+
+def _to_doc(pre: dict[str, Score], loc: list[TargetScore], texts: list[dict] | None) -> dict[str, Any]:
+    return {"pre": {k: dataclasses.asdict(v) for k, v in pre.items()},
+            "locality": [dataclasses.asdict(t) for t in loc], "texts": list(texts or [])}
+
+
+def _from_doc(doc: dict[str, Any]) -> tuple[dict[str, Score], list[TargetScore], list[dict]]:
+    pre = {k: Score(**v) for k, v in doc["pre"].items()}
+    loc = [TargetScore(tuple(t["pred"]), tuple(t["labels"]), tuple(t["logprobs"])) for t in doc["locality"]]
+    return pre, loc, list(doc.get("texts", []))
 
 
 def score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any) -> None:
     """The unedited model's scores of the pending cases of a run (``run.base``): from ``store`` (a
-    :class:`BaselineStore` or None) where it has them, else computed (in one batched pass) and kept there."""
+    :class:`BaselineStore`, :class:`RunBaselines` or None) where it has them, else computed and kept there,
+    :data:`BASELINE_SLICE` cases at a time (without a store, in one batched pass)."""
     got: dict[int, tuple[dict, list, list]] = {}
     scope = store.scope(run.handle, state_digest, run.scorer.labels(run.protocols, run.generation)) \
         if store is not None else ""
@@ -174,9 +215,12 @@ def score_baseline(run: _Run, pending: list[int], state_digest: str, store: Any)
     todo = [i for i in pending if i not in got]
     if todo:
         log.info("scoring the unedited model on %d case(s) (baseline)", len(todo))
-        b = run.scorer.baseline(run.handle, [run.cases[i] for i in todo], protocols=run.protocols,
+    step = BASELINE_SLICE if store is not None else max(len(todo), 1)  # kept a slice at a time: a crash loses one
+    for s in range(0, len(todo), step):
+        part = todo[s:s + step]
+        b = run.scorer.baseline(run.handle, [run.cases[i] for i in part], protocols=run.protocols,
                                 generation=run.generation)
-        for i, pre, loc, texts in zip(todo, b.pre, b.locality, b.texts or [[] for _ in todo], strict=True):
+        for i, pre, loc, texts in zip(part, b.pre, b.locality, b.texts or [[] for _ in part], strict=True):
             got[i] = (pre, loc, texts)
             if store is not None:
                 store.put(scope, run.cases[i], pre, loc, texts)
