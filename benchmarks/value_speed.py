@@ -55,9 +55,10 @@ def step_profile(handle, editor, request, repeats: int) -> dict[str, float]:
                                    "loss": [], "backward": []}
     try:
         with torch.enable_grad():
-            logits, _ = clean_pass(handle, p, layer)
-            kl_init = F.log_softmax(logits[len(p.labels):], -1).detach()
-            suffix = suffix_forward(handle, p, sites, logits, layer)
+            with torch.no_grad():
+                logits, _ = clean_pass(handle, p, layer)
+            kl_init = F.log_softmax(logits[len(p.labels):], -1)
+            suffix, _ = suffix_forward(handle, p, sites, logits, layer)
             setup = time.perf_counter() - t0
             for _ in range(repeats):
                 t0 = time.perf_counter()

@@ -126,8 +126,9 @@ def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, 
     try:
         with torch.enable_grad():
             clean, _ = Sx.clean_pass(h, p, 1)
-            suffix = Sx.suffix_forward(h, p, sites, clean, 1)
-            assert suffix is not None
+            suffix, first = Sx.suffix_forward(h, p, sites, clean, 1)
+            assert suffix is not None and first.requires_grad  # step 0 of an optimisation: the graph to δ
+            assert torch.allclose(first, clean, atol=1e-5)
             sites.delta["layer"][0].data += 0.5
             fast = suffix.logits()
             sites.set_index(p.index)
@@ -216,7 +217,7 @@ def test_values_optimised_together_equal_values_optimised_alone(tiny_decoder, si
 
 def _check_together_equals_alone(h, groups, sites, suffix_path, dtype, monkeypatch):
     if not suffix_path:  # the full-forward path, which keeps every row until the batch ends
-        monkeypatch.setattr(V, "_suffix_forward", lambda *a: None)
+        monkeypatch.setattr(V, "_suffix_forward", lambda *a: (None, None))
     free = V.ValueOptions(steps=12, lr=0.2, weight_decay=1e-2, clamp=2.0, early_stop=0.0)
     runs = [V.optimize_value(h, r, 1, sites, groups, free).losses for r in JOINT]
     opts = dataclasses.replace(free, early_stop=_threshold_with_most_stopping_steps(runs))
@@ -455,7 +456,8 @@ def test_value_cache_reuses_values_across_editors_and_runs(tiny_llama, corpus, h
     both = quick("memit", corpus, value_cache=str(cache)).compute(tiny_llama, [REQ, other])
     assert calls == [2, 1, 1]  # the second run optimised only the new request's value
     for name, (a, b) in both.deltas.items():  # same edit as without the cache
-        assert torch.allclose(a @ b.T, plain.deltas[name][0] @ plain.deltas[name][1].T, atol=1e-6)
+        # (computed alone, not in a batch of two: only the rounding differs)
+        assert torch.allclose(a @ b.T, plain.deltas[name][0] @ plain.deltas[name][1].T, atol=1e-5)
     quick("emmet", corpus, value_cache=str(cache), clamp_norm_factor=4.0).compute(tiny_llama, [REQ, other])
     quick("memit", corpus, value_cache=str(cache), kl_factor=0.5).compute(tiny_llama, [REQ])  # other settings
     assert calls == [2, 1, 1, 0, 1]

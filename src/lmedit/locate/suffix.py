@@ -78,9 +78,9 @@ class Suffix:
                                            position_ids=self.positions), **extra).last_hidden_state  # [rows, S, d]
         return self.head(hidden[self.rows, self.cols]).float()  # [n_positions, vocab]
 
-    @torch.no_grad()
     def record_below(self) -> torch.Tensor:
-        """One clean pass (δ is added at ℓ, above what it records) that keeps the output of layer ℓ-1."""
+        """One pass at the current δ (added at ℓ, above what it records) that keeps the output of layer ℓ-1;
+        its logits carry the graph to δ when grad is enabled."""
         logits, self.below = with_input_of(self.handle, self.layer, self.logits)
         return logits
 
@@ -98,7 +98,7 @@ class Suffix:
 
 
 def clean_pass(handle, p: Problem, layer: int) -> tuple[torch.Tensor, object]:
-    """Step 0 on the full rows; also captures the input of layer ℓ (the output of layer ℓ-1)."""
+    """The loss logits of the full rows (δ = 0); also captures the input of layer ℓ (the output of layer ℓ-1)."""
     return with_input_of(handle, layer, lambda: loss_logits(handle, p))
 
 
@@ -115,11 +115,13 @@ def with_input_of(handle, layer: int, forward) -> tuple[torch.Tensor, object]:
         hook.remove()
 
 
-def suffix_forward(handle, p: Problem, sites: Any, clean: torch.Tensor, layer: int) -> Suffix | None:
-    """The suffix-only forward (layers ≥ ``layer`` only) when it reproduces the clean logits (checked here,
-    once), else None."""
+def suffix_forward(handle, p: Problem, sites: Any, clean: torch.Tensor, layer: int
+                   ) -> tuple[Suffix | None, torch.Tensor | None]:
+    """The suffix-only forward (layers ≥ ``layer`` only) and the logits of its first pass (δ = 0, with the
+    graph to δ when grad is enabled: a value optimisation's step 0) when that pass reproduces the ``clean``
+    logits of the full rows (checked here, once); else (None, None)."""
     if body_and_head(handle.model) is None:
-        return None
+        return None, None
     sites.enabled = False  # the clean prefix pass carries no δ
     try:
         suffix = Suffix(handle, p, layer)
@@ -134,16 +136,16 @@ def suffix_forward(handle, p: Problem, sites: Any, clean: torch.Tensor, layer: i
         return _full_forwards(sites, p, f"the prefix key/value cache is unusable ({str(e)[:120]})")
     clean = clean.detach()
     tol = 1e-3 if handle.dtype == torch.float32 else 5e-2
-    diff = float((got - clean).abs().max()) if got.shape == clean.shape else float("inf")
+    diff = float((got.detach() - clean).abs().max()) if got.shape == clean.shape else float("inf")
     if diff <= tol * max(1.0, float(clean.abs().max())):
-        return suffix
+        return suffix, got
     return _full_forwards(sites, p, f"prefix key/value cache changed the logits (max diff {diff:.3g})")
 
 
-def _full_forwards(sites: Any, p: Problem, why: str) -> None:
+def _full_forwards(sites: Any, p: Problem, why: str) -> tuple[None, None]:
     log.warning("%s; using full forwards", why)
     sites.set_index(p.index)
-    return None
+    return None, None
 
 
 def detach_hidden(adapter, out: object) -> object:

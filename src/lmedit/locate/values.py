@@ -169,10 +169,13 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
     losses: list[list[float]] = [[] for _ in range(n)]
     running = set(range(n))
     try:
+        with torch.no_grad():
+            clean, below = clean_pass(handle, p, layer)  # records v₀ and creates δ = 0 (no graph: see below)
+        kl_init = F.log_softmax(clean[len(p.labels):], -1)  # [n, vocab]
         with torch.enable_grad():
-            logits, below = clean_pass(handle, p, layer)  # records v₀ and creates δ = 0
-            kl_init = F.log_softmax(logits[len(p.labels):], -1).detach()  # [n, vocab]
-            suffix = _suffix_forward(handle, p, sites_, logits, layer)
+            # step 0's logits (with their graph) come from the suffix pass that checks the prefix cache, so
+            # the full rows never run backward (once a backward through every row: about a step and a half)
+            suffix, logits = _suffix_forward(handle, p, sites_, clean, layer)
             if suffix is None:  # the prefix cache did not reproduce the logits: replay the lower layers
                 ctx = replaying(handle, layer, below) if layer > 0 else contextlib.nullcontext()
                 forward = lambda: loss_logits(handle, p)  # noqa: E731
@@ -182,7 +185,7 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                         for g in range(n)]
             with ctx:
                 for step in range(opts.steps):
-                    if step > 0:
+                    if step > 0 or logits is None:
                         logits = forward()
                     order = sites_.order
                     loss, confident = _losses(p, logits, kl_init[order], sites_, opts)  # [len(order)]
