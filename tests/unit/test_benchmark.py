@@ -249,10 +249,32 @@ def test_resume_with_more_cases_extends_the_run(tiny_llama, tmp_path):
     editor = ToyEditor()
     run_benchmark(editor, tiny_llama, cases, setting="batch", batch_size=2, out_dir=whole, resume=True)
     assert editor.calls == 1
-    seq = tmp_path / "seq"
-    run_benchmark(ToyEditor(), tiny_llama, cases[:2], setting="sequential", out_dir=seq)
-    with pytest.raises(BenchmarkError, match="case_ids"):  # a lifelong run's final scores depend on every edit
-        run_benchmark(ToyEditor(), tiny_llama, cases, setting="sequential", out_dir=seq, resume=True)
+
+
+@pytest.mark.parametrize("timing", ["final", "immediate"])
+def test_a_sequential_run_extends_from_its_saved_edits(tiny_llama, tmp_path, timing):
+    cases, seq = _cases(6), tmp_path / "seq"
+    kw = dict(setting="sequential", batch_size=2, eval_timing=timing)
+    first = run_benchmark(ToyEditor(), tiny_llama, cases[:4], out_dir=seq, checkpoints=[2, 4], **kw)
+    on_disk = [json.loads(x)["edits"] for x in (seq / "checkpoints.jsonl").read_text().splitlines()]
+    assert on_disk == [2, 4]  # the final point too (final timing: from the final scores), so it is not redone
+    editor = ToyEditor()
+    more = run_benchmark(editor, tiny_llama, cases, out_dir=seq, resume=True, checkpoints=[2, 4, 6], **kw)
+    assert editor.calls == 1  # the new chunk only: the first two are applied from disk
+    fresh = run_benchmark(ToyEditor(), tiny_llama, cases, checkpoints=[2, 4, 6], **kw)
+    assert [r.post for r in more.results] == [r.post for r in fresh.results]  # final scores after all 6 edits
+    points = more.summary["lifelong"]["checkpoints"]
+    assert [p["edits"] for p in points] == [2, 4, 6]
+    assert points[1]["scores"] == first.summary["lifelong"]["checkpoints"][1]["scores"]  # kept, not redone
+    if timing == "final":
+        aside = [json.loads(x) for x in (seq / "cases.after-4.jsonl").read_text().splitlines()]
+        assert [d["post"] for d in aside] == [r.to_dict()["post"] for r in first.results]
+    else:
+        assert not (seq / "cases.after-4.jsonl").exists()
+    odd = tmp_path / "odd"  # a partial last chunk would chunk differently: refused
+    run_benchmark(ToyEditor(), tiny_llama, cases[:3], out_dir=odd, **kw)
+    with pytest.raises(BenchmarkError, match="case_ids"):
+        run_benchmark(ToyEditor(), tiny_llama, cases, out_dir=odd, resume=True, **kw)
 
 
 def test_already_true_is_marked(tiny_llama):

@@ -161,14 +161,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A single/batch run over a longer slice whose first cases are the old run's (``--n`` raised on resume).
+    """A run over a longer slice whose first cases are the old run's (``--n`` raised on resume).
 
-    Sequential runs never extend (their final scores depend on every edit), nor batch runs whose last old
-    chunk was partial (the longer slice would chunk those cases differently).
+    Not a batch or sequential run whose last old chunk was partial (the longer slice would chunk those cases
+    differently). A sequential run goes on from its saved edits; with final timing its old final scores are
+    moved aside (:func:`prepare_out`), since the final scores depend on every edit.
     """
     ids = old.get("case_ids") or []
     whole_chunks = new.get("setting") == "single" or (
-        new.get("setting") == "batch" and len(ids) % max(1, int(new.get("batch_size") or 1)) == 0)
+        new.get("setting") in ("batch", "sequential") and len(ids) % max(1, int(new.get("batch_size") or 1)) == 0)
     same_content = "case_digests" not in old or new["case_digests"][: len(ids)] == old["case_digests"]
     return whole_chunks and new["case_ids"][: len(ids)] == ids and same_content
 
@@ -194,12 +195,26 @@ def prepare_out(run: _Run, header: dict[str, Any], resume: bool) -> None:
         if diff in (["case_ids"], ["case_digests", "case_ids"]) and _extends(old, header):
             log.info("resuming %s with more cases: %d -> %d", out, len(old["case_ids"]), len(header["case_ids"]))
             diff = []
+            if header.get("setting") == "sequential" and header.get("eval_timing") == "final":
+                _set_aside_finals(cases_file, len(old["case_ids"]))
         if diff:
             raise BenchmarkError(f"cannot resume {out}: it was run with different {', '.join(diff)}; use the same "
                                  "method, config, model, data slice and setting, or another folder")
     write_json(out / RUN_FILE, header)
     run.done = read_cases(cases_file, set(map(str, run.keys)))
     log.info("resuming %s: %d of %d case(s) already done", out, len(run.done), len(run.keys))
+
+
+def _set_aside_finals(cases_file: Path, n_old: int) -> None:
+    """An extended final-timing sequential run: the old run's final scores were made with its ``n_old`` edits
+    and no longer are final; they move to ``cases.after-<n_old>.jsonl`` (the run's checkpoint at ``n_old``,
+    when it had one, keeps them in ``checkpoints.jsonl``) and every case is scored again at the new end."""
+    if cases_file.exists() and cases_file.stat().st_size:
+        aside = cases_file.with_name(f"cases.after-{n_old}.jsonl")
+        cases_file.replace(aside)
+        cases_file.write_text("")
+        log.info("extending a final-timing sequential run: its final scores after %d edits moved to %s", n_old,
+                 aside.name)
 
 
 def read_cases(path: Path, wanted: set[str]) -> dict[Any, CaseResult]:

@@ -275,6 +275,10 @@ class Lifelong:
             refused = sum(str(r.info.get("error", "")).startswith(EditCollapseError.__name__) for r in results)
             points[n] = self._point(n, len(run.chunks()) - 1, ok, refused=refused, failed=n - len(ok) - refused,
                                     source="final records", probe=self._last_probe())
+            if n not in self.done and len(results) == n:  # kept on disk: a run extended later keeps this point
+                self.done[n] = points[n]
+                append_jsonl(self.paths[CHECKPOINTS_FILE], [points[n]])
+            points[n] = dict(points[n])  # (the drift added below is not part of the record)
         drift = run.drift.records if run.drift is not None else []
         out = _assemble(points, drift, self.probes, self.guard, self.base_ppl, run.eval_timing)
         return {"lifelong": out}
