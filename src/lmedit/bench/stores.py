@@ -176,6 +176,8 @@ class RunBaselines:
         self.docs = {(r.get("scope"), r.get("case")): r for r in read_jsonl(self.path)}
 
     def get(self, scope: str, case: Any) -> tuple[dict[str, Score], list[TargetScore], list[dict]] | None:
+        """(pre-edit scores, locality predictions, generated text records) of ``case``, or None (absent or
+        unreadable: that case is scored again)."""
         doc = self.docs.get((scope, case_digest(case)))
         if doc is None:
             return None
@@ -187,6 +189,7 @@ class RunBaselines:
 
     def put(self, scope: str, case: Any, pre: dict[str, Score], loc: list[TargetScore],
             texts: list[dict] | None = None) -> None:
+        """Append ``case``'s pre-edit scores, locality predictions and generated texts (one flushed line)."""
         doc = {"scope": scope, "case": case_digest(case), **_to_doc(pre, loc, texts)}
         append_jsonl(self.path, [doc])
         self.docs[(scope, doc["case"])] = doc
