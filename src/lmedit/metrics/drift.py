@@ -14,7 +14,6 @@ run does not measure a point again). In-context edits apply to the generations, 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..io import append_jsonl, read_jsonl
 from ..kv import body_and_head
 from .generate import frame, generate_texts
 from .records import Score
@@ -146,13 +146,7 @@ class DriftTracker:
                  setting: str) -> None:
         self.handle, self.settings, self.n_chunks, self.setting = handle, settings, n_chunks, setting
         self.path = out / DRIFT_FILE if out is not None else None
-        self.records: list[dict[str, Any]] = []
-        if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("%s: dropping a torn line", self.path)
+        self.records: list[dict[str, Any]] = read_jsonl(self.path)
 
     def _has(self, point: str) -> bool:
         return any(r["point"] == point for r in self.records)
@@ -163,9 +157,7 @@ class DriftTracker:
         log.info("capability drift: measuring %s", point)
         rec = {"point": point, **extra, **measure_drift(self.handle, self.settings)}
         self.records.append(rec)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+        append_jsonl(self.path, [rec])
 
     def before(self) -> None:
         self._measure("before", edits_applied=0)
