@@ -19,6 +19,7 @@ import torch
 
 from ..hooks import StopForward, get_module
 from ..types import EditRequest
+from .stats import context_length
 from .templates import TemplateGroups, compose, flatten, split_template
 
 
@@ -107,3 +108,32 @@ def compute_keys(handle, requests: Sequence[EditRequest], layers: Sequence[int],
     got = gather(handle, rows, points, batch_size)
     n_t = len(rows) // len(requests)
     return {layer: g.view(len(requests), n_t, -1) for layer, g in zip(layers, got, strict=True)}
+
+
+@torch.no_grad()
+def token_inputs(handle, ids: Sequence[int], layer: int, window: int = 512) -> torch.Tensor:
+    """The input of W_out at ``layer`` at every token of ``ids``, read in windows of ``window`` tokens or the
+    model's position limit (each opened by the model's BOS, whose own input is left out): float32
+    [len(ids), d_ff]."""
+    module = get_module(handle.model, handle.adapter.mlp_out.format(layer))
+    bos = list(handle.tokens.bos)
+    window = max(1, min(window, context_length(handle.model) - len(bos)))
+    parts: list[torch.Tensor] = []
+
+    def grab(_m, args) -> None:
+        parts.append(handle.adapter.per_token(args[0], 1)[0, len(bos):].float().cpu())
+        raise StopForward
+
+    hook = module.register_forward_pre_hook(grab)
+    try:
+        for s in range(0, len(ids), window):
+            try:
+                handle.model(input_ids=torch.tensor([bos + list(ids[s:s + window])], device=handle.device),
+                             use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        hook.remove()
+    if len(parts) != -(-len(ids) // window):
+        raise RuntimeError(f"{handle.adapter.mlp_out.format(layer)} did not run")
+    return torch.cat(parts) if parts else torch.zeros(0, 0)

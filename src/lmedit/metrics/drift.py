@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PERPLEXITY, NGRAM_ENTROPY = "perplexity", "ngram_entropy"  # the tags (and names) of the two numbers
 DRIFT_FILE = "drift.jsonl"
 WIKITEXT = "corpus/wikitext-2_test.tokens.txt"
+WIKITEXT_VALID = "corpus/wikitext-2_valid.tokens.txt"  # no drift number reads it: free for calibration
 DRIFT_PROMPTS = (
     "The history of the city begins", "My favourite recipe for dinner is", "The main causes of the war were",
     "In the morning, the scientists", "The best way to learn a new language is", "The river flows through",
@@ -67,24 +68,30 @@ class DriftSettings:
 
 
 def corpus_ids(handle: ModelHandle, settings: DriftSettings) -> list[int]:
-    """The first ``settings.tokens`` token ids of the corpus (cached on the handle)."""
+    """The first ``settings.tokens`` token ids of the drift corpus (cached on the handle)."""
+    return text_ids(handle, WIKITEXT, settings.tokens, settings.corpus)
+
+
+def text_ids(handle: ModelHandle, relative: str, tokens: int, path: str | None = None) -> list[int]:
+    """The first ``tokens`` token ids of a data file (``relative`` to a data root, e.g. :data:`WIKITEXT`, found
+    as every data file is) or of the text file ``path``, WikiText's markers undone; cached on the handle."""
     from ..data.paths import find_data_file
 
-    path = find_data_file(WIKITEXT, settings.corpus)
-    key = ("drift_corpus", str(path), settings.tokens)
+    found = find_data_file(relative, path)
+    key = ("text_ids", str(found), tokens)
     if key not in handle.cache:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(found).read_text(encoding="utf-8")
         for a, b in _MARKERS:
             text = text.replace(a, b)
-        n_chars = settings.tokens * 6
+        n_chars = tokens * 6
         while True:
             ids = handle.tokens.encode(text[:n_chars])
-            if len(ids) > settings.tokens or n_chars >= len(text):
+            if len(ids) > tokens or n_chars >= len(text):
                 break
             n_chars *= 2
-        if len(ids) < settings.tokens:
-            raise ValueError(f"{path} has only {len(ids)} tokens; ask for at most that many drift tokens")
-        handle.cache[key] = ids[:settings.tokens]
+        if len(ids) < tokens:
+            raise ValueError(f"{found} has only {len(ids)} tokens; ask for at most that many")
+        handle.cache[key] = ids[:tokens]
     return handle.cache[key]
 
 
