@@ -2,8 +2,12 @@
 
 Reads each run folder's summary.json and writes one markdown table (teacher forced next to generation
 scored Reliability / Generalization / Locality, each tagged) and a figure of the gap per method and dataset.
+A folder written by `lmedit table --out OUT` stands for the runs of all its single-edit cells
+(``OUT/cells/<method>__<dataset>/run-000``).
 
     python benchmarks/eval_gap.py RUN_DIR... --out benchmarks/results/eval_gap.md --figure docs/img/eval_gap.png
+    python benchmarks/eval_gap.py results/table1 --out benchmarks/results/eval_gap_table.md \
+        --figure docs/img/eval_gap_table.png
 """
 
 from __future__ import annotations
@@ -37,30 +41,42 @@ def fmt(v: float | None) -> str:
 
 
 def figure(rows: list[dict], path: Path) -> None:
+    """One row of panels per dataset (Reliability, Generalization), one group of three bars per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for ax, metric in zip(axes, ("reliability", "generalization"), strict=True):
-        labels = [f"{r['method']}\n{r['dataset']}" for r in rows]
-        xs = range(len(rows))
-        for off, (key, name) in zip((-0.27, 0, 0.27), ((metric, "teacher forced (token_acc)"),
-                                                         (f"{metric}@gen_contains", "generated, gold contained"),
-                                                         (f"{metric}@gen_em", "generated, exact match")), strict=True):
-            ax.bar([x + off for x in xs], [100 * (r[key] or 0) for r in rows], width=0.27, label=name)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_title(metric.capitalize())
-        ax.set_ylim(0, 105)
-    axes[0].set_ylabel("x100")
-    handles, names = axes[0].get_legend_handles_labels()
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.2 * len(datasets) + 0.6), sharey=True, squeeze=False)
+    for (ax_rel, ax_gen), dataset in zip(axes, datasets, strict=True):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        for ax, metric in ((ax_rel, "reliability"), (ax_gen, "generalization")):
+            xs = range(len(mine))
+            for off, (key, name) in zip((-0.27, 0, 0.27), ((metric, "teacher forced (token_acc)"),
+                                                             (f"{metric}@gen_contains", "generated, gold contained"),
+                                                             (f"{metric}@gen_em", "generated, exact match")),
+                                        strict=True):
+                ax.bar([x + off for x in xs], [100 * (r[key] or 0) for r in mine], width=0.27, label=name)
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels([r["method"] for r in mine], fontsize=8, rotation=30 if len(mine) > 6 else 0)
+            ax.set_title(f"{dataset}: {metric}", fontsize=10)
+            ax.set_ylim(0, 105)
+        ax_rel.set_ylabel("x100")
+    handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def run_folders(paths: list[Path]) -> list[Path]:
+    """Each path, or for an `lmedit table` output folder, its single-edit cells' runs (method, dataset order)."""
+    out = []
+    for p in paths:
+        out += sorted(p.glob("cells/*/run-000")) if (p / "cells").is_dir() else [p]
+    return out
 
 
 def main() -> None:
@@ -69,7 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_gap.md")
     ap.add_argument("--figure", type=Path)
     args = ap.parse_args()
-    rows = [read(r) for r in args.runs if (r / "summary.json").exists()]
+    rows = [read(r) for r in run_folders(args.runs) if (r / "summary.json").exists()]
     lines = ["# Teacher forcing vs generation, per method", "",
              "From `lmedit bench` runs (single edits, SmolLM2-135M-Instruct, first N cases; both protocols "
              "computed in the same run on the same edits). Values x100. TF = teacher-forced token accuracy "
