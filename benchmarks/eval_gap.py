@@ -26,7 +26,9 @@ HEADER = ("| method | dataset | N | Rel. TF | Rel. gen EM | Rel. gen contains | 
 
 def read(run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
-    row = {"method": s["method"], "dataset": (s.get("data") or {}).get("dataset", "?"), "n": s["n_cases"],
+    data = s.get("data") or {}
+    dataset = data.get("dataset") or (data.get("cell") or {}).get("dataset", "?")  # bench run / table cell
+    row = {"method": s["method"], "dataset": dataset, "n": s["n_cases"],
            "pre": s["pre"]}
     for key, tag in COLUMNS:
         stat = s["post"].get(key)
