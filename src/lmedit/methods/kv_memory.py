@@ -56,7 +56,8 @@ class KVMemoryConfig(LocateConfig):
         added=True)
     calibrate_tokens: int = option(
         16384, "tokens of the reference text on which a new key's gate must stay shut: its threshold rises to "
-        "calibrate_margin above the key's highest cosine there (capped at its own prompt's); 0: threshold for all")
+        "calibrate_margin above the key's highest cosine there (capped at its own prompt's); 0: the shared "
+        "threshold for every key")
     calibrate_margin: float = option(0.05, "how far above its highest cosine on the reference text a key's gate "
                                            "opens")
     calibrate_text: str | None = option(None, "a text file to calibrate on instead of WikiText-2's valid split "
