@@ -42,37 +42,6 @@ def fmt(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def figure(rows: list[dict], path: Path) -> None:
-    """One row of panels per dataset (Reliability, Generalization), one group of three bars per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.2 * len(datasets) + 0.6), sharey=True, squeeze=False)
-    for (ax_rel, ax_gen), dataset in zip(axes, datasets, strict=True):
-        mine = [r for r in rows if r["dataset"] == dataset]
-        for ax, metric in ((ax_rel, "reliability"), (ax_gen, "generalization")):
-            xs = range(len(mine))
-            for off, (key, name) in zip((-0.27, 0, 0.27), ((metric, "teacher forced (token_acc)"),
-                                                             (f"{metric}@gen_contains", "generated, gold contained"),
-                                                             (f"{metric}@gen_em", "generated, exact match")),
-                                        strict=True):
-                ax.bar([x + off for x in xs], [100 * (r[key] or 0) for r in mine], width=0.27, label=name)
-            ax.set_xticks(list(xs))
-            ax.set_xticklabels([r["method"] for r in mine], fontsize=8, rotation=30 if len(mine) > 6 else 0)
-            ax.set_title(f"{dataset}: {metric}", fontsize=10)
-            ax.set_ylim(0, 105)
-        ax_rel.set_ylabel("x100")
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3)
-    fig.suptitle("SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-
-
 def run_folders(paths: list[Path]) -> list[Path]:
     """Each path, or for an `lmedit table` output folder, its single-edit cells' runs (method, dataset order)."""
     out = []
@@ -106,7 +75,9 @@ def main() -> None:
     args.out.write_text(text)
     print(text)
     if args.figure:
-        figure(rows, args.figure)
+        from lmedit.table.plots import gap
+
+        gap(rows, args.figure, "SmolLM2-135M, single edits: what teacher forcing reports vs what the edited model says")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     header = (tmp_path / "table1.csv").read_text().splitlines()[0]
     assert header.startswith("dataset,metric,method,value,protocol,n_cases")
     assert "s/edit zsre" in (tmp_path / "efficiency.md").read_text()
+    _check_headline(tmp_path, doc)
     mquake = next(c for c in t.cells if c.spec.dataset == "mquake")
     assert mquake.efficiency["benchmark_wall_seconds"] > 0, "a multi-hop cell sums its cases' wall times"
     calls = toy.calls
@@ -202,6 +203,22 @@ def test_table_end_to_end_then_cached(toy, model_dir, tmp_path):
     third = _table(model_dir, tmp_path, datasets=["zsre", "mquake"], multihop_n=2)
     assert [c.cached for c in third.cells] == [False, True]
     assert toy.calls == calls + 2, "only the corrupt cell was recomputed"
+
+
+def _check_headline(out, doc):
+    """headline.md puts each method's teacher-forced and generated scores side by side, from table1.json."""
+    assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"
+    value = {(r["dataset"], r["metric"], r["method"]): r["value"] for r in doc["rows"]}
+    lines = [ln for ln in (out / "headline.md").read_text().splitlines() if ln.startswith("| ZsRE") or
+             ln.startswith("|  |")]
+    assert [ln.split(" | ")[1] for ln in lines] == ["Reliability", "Generalization", "Locality"]
+    for line, metric, tags in zip(lines, ("reliability", "generalization", "locality"),
+                                  (("", "@gen_em", "@gen_contains"), ("", "@gen_em", "@gen_contains"), ("", "@gen_em")),
+                                  strict=True):
+        cell = line.rstrip(" |").split(" | ")[-1]
+        want = " · ".join(f"{100 * value[('zsre', metric + t, TOY)]:.1f}" for t in tags)
+        assert cell == want, (line, want)
+    assert "MQuAKE" not in (out / "headline.md").read_text(), "multi-hop has one protocol: not in the headline"
 
 
 def test_mquake_edits_are_batched_or_stacked(toy, model_dir, tmp_path):

@@ -6,7 +6,8 @@ cached, and laid out as markdown, CSV, JSON and figures.
     print(t.markdown)
 
 Files written to ``out``: table1.md / table1.csv / table1.json, efficiency.md, table1.png, efficiency.png,
-and ``cells/`` (the cache: a rerun computes only missing or stale cells; see :mod:`lmedit.table.cells`).
+with the generation protocol headline.md and gap.png (each method's teacher-forced and generated scores side
+by side), and ``cells/`` (the cache: a rerun computes only missing or stale cells; see :mod:`lmedit.table.cells`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..io import atomic_write
 from .backends import Progress, RunOptions, _cuda, auto_workers, run_local, run_ray, worker_threads
 from .cells import CellCache, CellResult, CellSpec, TableError, git_commit, lmedit_version
 from .efficiency import efficiency_markdown, method_summary
-from .layout import Row, build_rows, long_records, markdown, to_csv
+from .layout import Row, build_rows, gap_entries, headline_markdown, long_records, markdown, to_csv
 from .postscore import DRIFT_INFO
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,17 @@ def write_table(cells: list[CellResult], methods: list[str], datasets: list[str]
            **({"drift": drift} if drift else {}), "cells": [{**c.to_dict(), "cached": c.cached} for c in cells]}
     atomic_write(files["table1.json"], json.dumps(doc, indent=1, default=str, allow_nan=False))
     atomic_write(files["efficiency.md"], efficiency_markdown(eff, datasets, meta))
+    headline = headline_markdown(rows, methods, meta)
+    if headline is not None:
+        files["headline.md"] = out / "headline.md"
+        atomic_write(files["headline.md"], headline)
     if plots:
         from . import plots as figs
 
         title = f"{meta['model']}: {meta['setting_label']}"
         files["table1.png"] = figs.bars([r for r in rows if not r.ratio], methods, out / "table1.png", title)
         files["efficiency.png"] = figs.scatter(eff, out / "efficiency.png", f"{meta['model']}: quality vs time")
+        if headline is not None:
+            files["gap.png"] = figs.gap(gap_entries(rows, methods), out / "gap.png",
+                                        f"{meta['model']}: what teacher forcing reports vs what the edited model says")
     return TableResult(cells=cells, rows=rows, meta=meta, files=files, markdown=md)

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics.gen_protocol import GEN, GEN_CONTAINS, GEN_EM, GEN_F1, GEN_JUDGE, LOCALITY_TRUTH, split_key
+from ..metrics.gen_protocol import GEN, GEN_CONTAINS, GEN_EM, GEN_F1, GEN_JUDGE, LOCALITY_TRUTH, is_gen_key, split_key
 from .cells import CellResult
 from .postscore import DRIFT_INFO
 
@@ -218,6 +218,46 @@ def markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"[^{k}]: {reason}" for reason, k in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+def headline_markdown(rows: list[Row], methods: list[str], meta: dict[str, Any]) -> str | None:
+    """headline.md: the gap between the protocols on one line per dataset and metric. Each method's cell reads
+    "teacher-forced · generated, exact match · generated, answer contained" (Locality: agreement with the
+    unedited model · the generated answer unchanged). None when the table has no generation rows."""
+    if not any(is_gen_key(r.metric) for r in rows):
+        return None
+    by = {(r.dataset, r.metric): r for r in rows}
+    lines = [f"# Teacher-forced vs generated: {meta['model']}", "",
+             f"{meta['setting_label']}; N = {_n_text(meta)}; values x100. Each cell: **teacher-forced** "
+             "(`token_acc`) · **generated, exact match** (`gen_em`) · **generated, answer contained** "
+             "(`gen_contains`); Locality: teacher-forced agreement with the unedited model · the generated answer "
+             "unchanged (`gen_em`). The full table with every protocol's row: table1.md.", "",
+             "| Dataset | Metric | Pre-edit | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for ds in dict.fromkeys(r.dataset for r in rows):
+        label = DATASET_LABELS.get(ds, ds)
+        for metric in CORE_ROWS:
+            parts = [by[k] for k in ((ds, metric), (ds, f"{metric}@{GEN_EM}"), (ds, f"{metric}@{GEN_CONTAINS}"))
+                     if k in by]
+            if (ds, metric) not in by or len(parts) < 2:
+                continue
+            cells = [" · ".join(_fmt(p.values.get(m)) or "-" for p in parts) for m in methods]
+            pre = " · ".join(_fmt(p.pre) or "–" for p in parts) if parts[0].pre is not None else ""
+            lines.append(f"| {label} | {METRIC_LABELS[metric]} | {pre} | " + " | ".join(cells) + " |")
+            label = ""
+    return "\n".join(lines) + "\n"
+
+
+def gap_entries(rows: list[Row], methods: list[str]) -> list[dict[str, Any]]:
+    """One entry per (dataset, method) with its core metrics under every protocol (``plots.gap``'s input)."""
+    out = []
+    for ds in dict.fromkeys(r.dataset for r in rows):
+        for m in methods:
+            scores = {r.metric: r.values.get(m) for r in rows
+                      if r.dataset == ds and split_key(r.metric)[0] in CORE_ROWS}
+            if any(v is not None for v in scores.values()):
+                out.append({"method": m, "dataset": DATASET_LABELS.get(ds, ds), **scores})
+    return out
 
 
 def _drift_text(meta: dict[str, Any], rows: list[Row]) -> str:

@@ -1,4 +1,5 @@
-"""Figures for the table: grouped bars per dataset and metric, and quality against time per edit.
+"""Figures for the table: grouped bars per dataset and metric, quality against time per edit, and the gap
+between teacher-forced and generated scores per method.
 
 matplotlib is an optional extra (``pip install lmedit[viz]``); it is imported here, on first use, with the
 non-interactive Agg backend so plotting works without a display.
@@ -58,6 +59,39 @@ def bars(rows: list[Any], methods: list[str], path: Path, title: str) -> Path:
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gap(entries: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """gap.png: one row of panels per dataset (Reliability, Generalization); per method three bars, teacher
+    forced, generated with the answer contained, generated exact match (x100). ``entries``: one dict per
+    (dataset, method) with "method", "dataset" and metric keys ("reliability", "reliability@gen_em", ...)."""
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(e["dataset"] for e in entries)) or ["(none)"]
+    most = max([sum(e["dataset"] == ds for e in entries) for ds in datasets] + [1])
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(max(8.0, 1.1 * most + 3), 3.0 * len(datasets) + 0.7),
+                             sharey=True, squeeze=False)
+    bars_ = (("", "teacher forced (token_acc)"), ("@gen_contains", "generated, answer contained (gen_contains)"),
+             ("@gen_em", "generated, exact match (gen_em)"))
+    for row_axes, ds in zip(axes, datasets, strict=True):
+        mine = [e for e in entries if e["dataset"] == ds]
+        for ax, metric in zip(row_axes, ("reliability", "generalization"), strict=True):
+            for k, (tag, name) in enumerate(bars_):
+                ys = [100 * (e.get(metric + tag) or 0.0) for e in mine]
+                ax.bar([i + (k - 1) * 0.27 for i in range(len(mine))], ys, 0.27, label=name)
+            ax.set_xticks(range(len(mine)))
+            ax.set_xticklabels([e["method"] for e in mine], fontsize=8, rotation=30 if len(mine) > 6 else 0)
+            ax.set_title(f"{ds}: {metric}", fontsize=10)
+            ax.set_ylim(0, 105)
+            ax.grid(axis="y", alpha=0.3)
+        row_axes[0].set_ylabel("x100")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
