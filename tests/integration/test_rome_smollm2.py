@@ -34,3 +34,19 @@ def test_rome_single_zsre_edit_on_smollm2():
     assert res.post["reliability"].value >= 0.75 > res.pre["reliability"].value
     assert res.post["locality"].value >= 0.75
     assert handle.state_digest() == before  # evaluate applied and reverted it
+
+
+def test_rome_with_answer_end_states_the_answer_and_stops():
+    """ZsRE case 0 (Watts Humphrey -> University of Michigan): ROME's value optimisation taught the line break
+    after the answer makes the generated reply the answer itself (docs/evaluation.md, "answer_end")."""
+    import lmedit
+    from lmedit.metrics.generate import frame, generate_texts
+
+    torch.set_num_threads(2)
+    handle = lmedit.load_model("smollm2-135m")
+    (case,) = lmedit.load_dataset("zsre", n=1)
+    edit = lmedit.get_editor("rome", mom2_tokens=20_000, answer_end="\n").compute(handle, [case.request])
+    with edit.applied(handle):
+        (gen,) = generate_texts(handle, [frame(handle, case.request.text, "question")])
+    assert gen.text.strip() == case.request.target_new and gen.stop == "newline", gen.text
+

@@ -117,6 +117,30 @@ def test_value_optimisation_replays_lower_layers_exactly(tiny_decoder):
     assert full.shape[0] == len(p.rows)  # logits at loss positions only
 
 
+def test_answer_end_teaches_one_more_token_after_the_answer(tiny_decoder):
+    h = tiny_decoder
+    groups = [["{}"], ["The tower is tall. {}"]]
+    plain, ended = R.problem(h, REQ, groups), R.problem(h, REQ, groups, end="\n")
+    newline = h.tokens.encode("\n")
+    assert len(newline) == 1
+    rewrite = plain.n_rewrite.item()
+    assert len(ended.labels) == len(plain.labels) + rewrite  # one more target position per rewriting row
+    for r in range(rewrite):
+        mine = ended.labels[ended.owner == r].tolist()
+        assert mine[:-1] == plain.labels[plain.owner == r].tolist() and mine[-1] == newline[0]
+        assert ended.seqs[r][:-1] == plain.seqs[r] and ended.seqs[r][-1] == plain.labels[plain.owner == r][-1]
+    assert ended.seqs[-1] == plain.seqs[-1], "the KL row is unchanged"
+
+
+def test_answer_end_is_part_of_the_value_cache_scope_only_when_set(tiny_decoder):
+    from lmedit.locate.value_store import ValueStore
+
+    base = ValueStore.scope(tiny_decoder, 1, ["mlp"], V.ValueOptions(), [["{}"]])
+    ended = ValueStore.scope(tiny_decoder, 1, ["mlp"], V.ValueOptions(answer_end="\n"), [["{}"]])
+    assert base != ended
+    assert "answer_end" not in str(base)  # values cached before the option existed keep their folder
+
+
 @pytest.mark.parametrize("subject", ["Danielle Darrieux", "I"])  # "I" starts a prompt: an empty prefix
 def test_suffix_forward_with_prefix_cache_equals_the_full_forward(tiny_decoder, subject):
     h = tiny_decoder

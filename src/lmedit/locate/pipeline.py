@@ -63,6 +63,9 @@ class LocateConfig(Config):
         "adam", "optimiser of the value optimisation: 'adam' (the papers'), or 'lbfgs' (L-BFGS with a backtracking "
         "line search, one forward per step; reaches the early-stop loss in fewer steps; v_lr sets its first step)",
         added=True)
+    answer_end: str = option(
+        "", "text the value optimisation also teaches right after the new answer, e.g. '\\n': the edited model "
+        "states the answer and ends its line instead of running on ('': the answer alone, as the papers)", added=True)
     mom2_tokens: int = option(100_000, "corpus tokens for the key second moment C = E[k kᵀ]")
     mom2_corpus: str | None = option(None, "text file or folder for C (None: WikiText, see lmedit.locate.stats)")
     context_lengths: list[list[int]] = option([[10, 5]], "context templates: [total tokens, samples] pairs")
@@ -114,7 +117,8 @@ def depth_layers(handle, center: float, count: int) -> list[int]:
 def value_options(cfg: Any) -> ValueOptions:
     return ValueOptions(steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
                         clamp=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, early_stop=cfg.v_early_stop,
-                        confident_stop=getattr(cfg, "confident_stop", False), optimizer=cfg.v_optimizer)
+                        confident_stop=getattr(cfg, "confident_stop", False), optimizer=cfg.v_optimizer,
+                        answer_end=getattr(cfg, "answer_end", ""))
 
 
 def check_layers(handle, layers: Sequence[int]) -> list[int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokens import join
 from ..types import EditRequest
 from .keys import subject_last
 from .templates import TemplateGroups, compose, flatten
@@ -29,14 +30,18 @@ class Part:
         return max(len(s) - i for s, i in zip(self.seqs, self.index, strict=True))
 
 
-def request_rows(handle, request: EditRequest, groups: TemplateGroups) -> Part:
+def request_rows(handle, request: EditRequest, groups: TemplateGroups, end: str = "") -> Part:
+    """``end``: text taught right after the new answer (``answer_end``; "" = the answer alone, as the papers)."""
     tokens = handle.tokens
     flat, _ = flatten(groups)
     seqs, index, targets = [], [], []
     for r, ctx in enumerate(flat):
         template = compose(ctx, request.template)
         row = subject_last(tokens, template, request.subject)
-        target = tokens.target_ids(template.format(request.subject), request.target_new)
+        prompt = template.format(request.subject)
+        target = tokens.target_ids(prompt, request.target_new)
+        if end:
+            target = target + tokens.target_ids(prompt + join(prompt, request.target_new) + request.target_new, end)
         seqs.append(list(row.ids) + target[:-1])
         index.append(row.index)
         targets += [(r, len(row.ids) - 1 + j, y) for j, y in enumerate(target)]
@@ -84,6 +89,6 @@ def assemble(handle, parts: Sequence[Part]) -> Problem:
                     torch.tensor([len(p.seqs) - 1 for p in parts]), seqs)
 
 
-def problem(handle, request: EditRequest, groups: TemplateGroups) -> Problem:
+def problem(handle, request: EditRequest, groups: TemplateGroups, end: str = "") -> Problem:
     """The problem of one request."""
-    return assemble(handle, [request_rows(handle, request, groups)])
+    return assemble(handle, [request_rows(handle, request, groups, end)])

@@ -42,7 +42,8 @@ class ValueStore:
         from .. import __version__
 
         state = handle.state_digest()
-        parts = [state, str(handle.dtype), layer, sorted(sites), dataclasses.asdict(options), templates, __version__]
+        opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "answer_end" or v}  # added later
+        parts = [state, str(handle.dtype), layer, sorted(sites), opts, templates, __version__]
         names = ("weights", "dtype", "layer", "sites", "options", "templates", "version")
         params = dict(zip(names, parts, strict=True))
         return cache_key("values", None, params, show=("layer",)), digest(parts)[:16]

@@ -54,6 +54,7 @@ class ValueOptions:
     early_stop: float = 0.05
     confident_stop: bool = False  # PMET: ×0.1 NLL once the target is the argmax, stop when KL ≤ 0.01
     optimizer: str = "adam"  # a name of .steppers.OPTIMIZERS
+    answer_end: str = ""  # text taught right after the new answer ("": the answer alone, as the papers)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, sites: 
     from tqdm.auto import tqdm
 
     size = max(1, batch_size)
-    parts = [request_rows(handle, r, groups) for r in requests]
+    parts = [request_rows(handle, r, groups, opts.answer_end) for r in requests]
     order = sorted(range(len(parts)), key=lambda i: (parts[i].suffix_len, i))
     results: list[ValueResult | None] = [None] * len(parts)
     with tqdm(total=len(parts), desc="optimising target values", unit="value", disable=len(parts) <= size) as bar:
