@@ -28,7 +28,9 @@ def read(run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
     data = s.get("data") or {}
     dataset = data.get("dataset") or (data.get("cell") or {}).get("dataset", "?")  # bench run / table cell
-    row = {"method": s["method"], "dataset": dataset, "n": s["n_cases"],
+    end = (s.get("config") or {}).get("answer_end")
+    method = s["method"] + (f" + answer_end {end!r}" if end else "")
+    row = {"method": method, "dataset": dataset, "n": s["n_cases"],
            "pre": s["pre"]}
     for key, tag in COLUMNS:
         stat = s["post"].get(key)
@@ -61,11 +63,12 @@ def main() -> None:
              "From `lmedit bench` runs (single edits, SmolLM2-135M-Instruct, first N cases; both protocols "
              "computed in the same run on the same edits). Values x100. TF = teacher-forced token accuracy "
              "(`token_acc`); gen EM = normalised exact match of the greedy answer's first line (`gen_em`); "
-             "gen contains = the gold occurs in it (`gen_contains`).", "", HEADER, "|---|---|---:|" + "---:|" * 9]
+             "gen contains = the gold occurs in it (`gen_contains`).", "", "<!-- --8<-- [start:table] -->", HEADER,
+             "|---|---|---:|" + "---:|" * 9]
     for r in rows:
         cells = " | ".join(fmt(r[k]) for k, _ in COLUMNS)
         lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {cells} |")
-    lines += ["", "Unedited model (pre-edit) on the same cases: " + "; ".join(
+    lines += ["<!-- --8<-- [end:table] -->", "", "Unedited model (pre-edit) on the same cases: " + "; ".join(
         f"{r['dataset']} rel. TF {fmt((r['pre'].get('reliability') or {}).get('mean'))}, gen EM "
         f"{fmt((r['pre'].get('reliability@gen_em') or {}).get('mean'))}"
         for r in {r['dataset']: r for r in rows}.values())
