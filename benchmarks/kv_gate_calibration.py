@@ -28,8 +28,8 @@ from lmedit.data import load_dataset
 from lmedit.locate.keys import compute_keys, token_inputs
 from lmedit.locate.pipeline import templates_for
 from lmedit.locate.templates import flatten, group_mean
-from lmedit.methods.kv_memory import gate_thresholds
-from lmedit.metrics.drift import WIKITEXT, WIKITEXT_VALID, text_ids
+from lmedit.methods.kv_memory import gate_thresholds, reference_cosines
+from lmedit.metrics.drift import WIKITEXT, text_ids
 from lmedit.models.loading import load_model
 from lmedit.registry import get_editor
 
@@ -87,8 +87,7 @@ def main() -> None:
     own = keys[:, 0]
     for size in [int(x) for x in args.sizes.split(",")]:
         t0 = time.perf_counter()
-        ref = F.normalize(token_inputs(handle, text_ids(handle, WIKITEXT_VALID, size), layer), dim=-1).half()
-        best = torch.cat([(F.normalize(k, dim=-1).half() @ ref.T).amax(-1).float() for k in stored.split(256)])
+        best = reference_cosines(handle, layer, stored, cfg.replace(calibrate_tokens=size))  # as the editor does
         seconds = f"{time.perf_counter() - t0:.1f}"
         for margin in [float(x) for x in args.margins.split(",")]:
             bounds, capped = gate_thresholds(stored, own, best, cfg.threshold, margin)
