@@ -11,6 +11,10 @@ the shared context once and each batch only on its rows' own tokens (``lmedit.kv
 baseline is the same scorer forced to run every row in full. Both score the same rows of
 ``--context-cases`` cases, each under its own IKE edit; predictions must agree exactly.
 
+Third part: a benchmark cell's whole scoring of those cases under their IKE edits (teacher forcing,
+probability comparison and generation, as ``lmedit bench`` scores a case), with the prefix caches shared
+across the scoring's batches (``lmedit.kv.reusing_prefixes``) and without (each batch computes its own).
+
     flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py            # 200 cases, batch 32
     python benchmarks/eval_throughput.py --n 50 --repeats 2 --no-write           # quick look
 """
@@ -106,6 +110,44 @@ def in_context(handle, cases, batch_size: int, repeats: int) -> dict:
             "gap": gap, "context_tokens": statistics.median(context_tokens)}
 
 
+def whole_scoring(handle, cases, repeats: int) -> dict:
+    """Seconds per case of score_cases_with_texts (all three protocols) under each case's IKE edit, with and
+    without one scoring's batches sharing their prefix caches."""
+    import contextlib
+
+    import lmedit.metrics.evaluate as evaluate
+    from lmedit import get_editor
+
+    protocols = ("token_acc", "prob_compare", "gen")
+    editor = get_editor("ike")
+    base = evaluate.baseline(handle, cases, protocols=protocols)
+    work = [(i, editor.compute(handle, [c.request])) for i, c in enumerate(cases)]
+    shared = evaluate.reusing_prefixes
+
+    def run(reuse: bool) -> tuple[float, list]:
+        evaluate.reusing_prefixes = shared if reuse else (lambda model: contextlib.nullcontext())
+        out, t0 = [], time.perf_counter()
+        try:
+            for i, edit in work:
+                one = evaluate.Baseline(locality=[base.locality[i]], pre=[base.pre[i]], texts=[base.texts[i]])
+                with edit.applied(handle):
+                    out.append(evaluate.score_cases_with_texts(handle, [cases[i]], one, protocols=protocols))
+        finally:
+            evaluate.reusing_prefixes = shared
+        return time.perf_counter() - t0, out
+
+    fast, full = [], []
+    for _ in range(repeats):  # interleaved
+        t, a = run(True)
+        fast.append(t)
+        t, b = run(False)
+        full.append(t)
+    same = all(x[1] == y[1] for x, y in zip(a, b, strict=True))
+    gap = max(abs(s.value - y[0][0][k].value) for x, y in zip(a, b, strict=True) for k, s in x[0][0].items())
+    n = len(cases)
+    return {"fast": statistics.median(fast) / n, "full": statistics.median(full) / n, "same": same, "gap": gap}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -162,6 +204,17 @@ def main() -> None:
                   f"| shared context once (key/value cache) | {ic['fast']:.2f} | {ic['full'] / ic['fast']:.1f}x |", "",
                   f"Predictions identical: {'yes' if ic['same'] else 'NO'}; largest log-probability difference "
                   f"{ic['gap']:.1e}."]
+        ws = whole_scoring(handle, cases[: args.context_cases], args.repeats)
+        lines += ["", "## A benchmark cell's whole scoring under an in-context edit", "",
+                  "Each case scored as `lmedit bench` scores it (token accuracy, probability comparison and "
+                  "generation) under its own IKE edit; seconds per case, median of "
+                  f"{args.repeats} interleaved passes.", "",
+                  "| path | seconds per case | vs each batch alone |", "|---|---:|---:|",
+                  f"| each batch computes its prefix cache | {ws['full']:.2f} | 1.0x |",
+                  f"| one scoring shares its prefix caches (`reusing_prefixes`) | {ws['fast']:.2f} | "
+                  f"{ws['full'] / ws['fast']:.1f}x |", "",
+                  f"Generated texts identical: {'yes' if ws['same'] else 'NO'}; largest score difference "
+                  f"{ws['gap']:.1e}."]
     model = "" if args.model == "smollm2-135m" else f" --model {args.model}"
     lines += ["", "Command: `flock /tmp/lmedit-heavy.lock python benchmarks/eval_throughput.py"
               f"{model} --n {args.n} --batch-size {args.batch_size} --repeats {args.repeats} "

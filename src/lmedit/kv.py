@@ -6,12 +6,18 @@ front of every evaluation prompt, :mod:`lmedit.metrics.scoring`). Both build a H
 for the prefix here and run each step or batch on a copy of it.
 
 Cropping a cache is avoided on purpose: ``DynamicCache.crop`` changed meaning across transformers versions.
+
+Scoring one edit reads the same context many times over (teacher-forced rows of every metric, then each
+generation batch), each through its own :class:`SharedPrefix`; inside :func:`reusing_prefixes` they share
+the caches they compute, keyed by the prefix's tokens, so each distinct prefix runs once per scoring.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,6 +78,25 @@ def _head_reproduces_logits(model: Any, body: Any, head: Any) -> bool:
     return part.shape == full.shape and torch.allclose(part, full, rtol=1e-4, atol=1e-4)
 
 
+_MEMO = "_lmedit_prefix_caches"
+MEMO_SIZE = 8  # prefixes kept per block: scoring one edit meets two or three (its batches' shared lengths)
+
+
+@contextlib.contextmanager
+def reusing_prefixes(model: Any) -> Iterator[None]:
+    """Within this block every :class:`SharedPrefix` of ``model`` serves the caches any of them computed for
+    the same tokens. The weights must not change inside it (scoring only reads them); the caches are dropped
+    at its end. Nested blocks share the outer one's."""
+    if _MEMO in model.__dict__:
+        yield
+        return
+    model.__dict__[_MEMO] = {}
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_MEMO, None)
+
+
 class SharedPrefix:
     """A token sequence whose key/value cache serves, repeated, any batch of rows that begin with (a prefix
     of) it. The cache of each shared length is computed once, on first use."""
@@ -97,10 +122,19 @@ class SharedPrefix:
     @torch.no_grad()
     def _cache(self, k: int) -> Any:
         if k not in self._caches:
-            cache = new_cache(self.model)
-            ids = torch.tensor([self.ids[:k]], device=self.device)
-            self.body(input_ids=ids, attention_mask=torch.ones_like(ids),
-                      position_ids=torch.arange(k, device=self.device)[None], use_cache=True, **{self.kw: cache})
+            memo = self.model.__dict__.get(_MEMO)
+            key = tuple(self.ids[:k])
+            cache = memo.get(key) if memo is not None else None
+            if cache is None:
+                cache = new_cache(self.model)
+                ids = torch.tensor([self.ids[:k]], device=self.device)
+                self.body(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          position_ids=torch.arange(k, device=self.device)[None], use_cache=True,
+                          **{self.kw: cache})
+                if memo is not None:
+                    if len(memo) >= MEMO_SIZE:
+                        memo.pop(next(iter(memo)))  # the oldest
+                    memo[key] = cache
             self._caches[k] = cache
         return self._caches[k]
 

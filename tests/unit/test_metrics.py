@@ -172,6 +172,44 @@ def test_evaluate_applies_scores_and_reverts(tiny_llama):
     assert res.case_id == 0
 
 
+def test_scoring_an_in_context_edit_computes_each_shared_prefix_once(tiny_llama, monkeypatch):
+    """Every teacher-forced batch and generation batch of one scoring reads the same context: inside
+    reusing_prefixes its key/value cache is computed once per distinct prefix, and the scores and generated
+    texts equal those of a scoring that recomputes it for every batch."""
+    import contextlib
+
+    import lmedit.kv as kv
+    import lmedit.metrics.evaluate as evaluate_module
+    from lmedit.edits import PromptContext
+    from lmedit.metrics.gen_protocol import GEN
+
+    protocols = (TOKEN_ACC, PROB_COMPARE, GEN)
+    case = _case()
+    base = baseline(tiny_llama, [case], protocols=protocols)
+    ctx = "New Fact: The capital of France is Lyon\nPrompt: The capital of France is Lyon\n\n" * 4 + "New Fact: "
+    edit = PromptContext(ctx, meta={"model_fingerprint": tiny_llama.fingerprint})
+    computed: list[int] = []
+    new_cache = kv.new_cache
+    monkeypatch.setattr(kv, "new_cache", lambda model: computed.append(1) or new_cache(model))
+
+    def scored() -> tuple[list, list, int]:
+        computed.clear()
+        with edit.applied(tiny_llama):
+            post, texts = evaluate_module.score_cases_with_texts(tiny_llama, [case], base, protocols=protocols,
+                                                                 batch_size=2)
+        return post, texts, len(computed)
+
+    shared, shared_texts, once = scored()
+    monkeypatch.setattr(evaluate_module, "reusing_prefixes", lambda model: contextlib.nullcontext())
+    alone, alone_texts, every = scored()
+    assert 1 <= once < every, (once, every)
+    assert shared_texts == alone_texts
+    assert shared[0].keys() == alone[0].keys()
+    for name, score in shared[0].items():
+        assert score.value == pytest.approx(alone[0][name].value, abs=1e-6), name
+    assert kv._MEMO not in tiny_llama.model.__dict__, "the caches are dropped when the scoring ends"
+
+
 def test_measure_time_and_memory():
     read = _rss_reader()
     if read is None:

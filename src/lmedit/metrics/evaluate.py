@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..kv import reusing_prefixes
 from ..types import EditCase
 from .gen_protocol import GEN, generate_records, scores_from_records
 from .generate import GenSettings
@@ -140,6 +141,13 @@ def score_cases_with_texts(handle: ModelHandle, cases: Sequence[EditCase], base:
                            ) -> tuple[list[dict[str, Score]], list[list[dict[str, Any]]]]:
     """Score the model as it is now (edited) against the baseline of the original model; also returns the
     generation protocol's text records per case (empty lists without it)."""
+    with reusing_prefixes(handle.model):  # an in-context edit's context runs once, not once per batch
+        return _score_cases_with_texts(handle, cases, base, protocols, batch_size, generation)
+
+
+def _score_cases_with_texts(handle: ModelHandle, cases: Sequence[EditCase], base: Baseline,
+                            protocols: Sequence[str], batch_size: int, generation: GenSettings | None
+                            ) -> tuple[list[dict[str, Score]], list[list[dict[str, Any]]]]:
     items = _items(cases, protocols)
     scores = _score(handle, items, batch_size)
     post, _ = _aggregate(cases, items, scores, base.locality)
