@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_mend import CASES, REQ
@@ -62,3 +64,62 @@ def test_trained_ke_raises_the_target(family, tokenizer):
 def test_ke_config_is_strict():
     with pytest.raises(Exception, match="unknown"):
         KEConfig.from_dict({"cond_size": 3})
+
+
+def _objective(tokenizer, **overrides):
+    handle = make_handle("llama", tokenizer)
+    cfg = get_editor("ke", **get_editor("ke").quick).config_for(handle)
+    return KEObjective(handle, cfg.replace(layers=[handle.n_layers - 1], **overrides))
+
+
+def _ascend(obj, steps: int) -> list[float]:
+    """λ after each of ``steps`` optimiser steps on the multiplier alone (Adam, as the trainer)."""
+    from lmedit.training.data import examples_from_cases
+
+    groups = obj.param_groups()
+    opt = torch.optim.Adam([groups[1]])
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = obj.train_step(examples_from_cases(CASES[:2]))
+        loss.backward()
+        opt.step()
+        obj.after_step()
+        out.append(float(obj.net.lam().detach()))
+    return out
+
+
+def test_linear_multiplier_rises_by_about_lr_alpha_per_step_as_in_kes_code(tokenizer):
+    """KE's code keeps λ itself: while the KL is over the margin it rises ~lr_alpha per step. The log form
+    multiplies it by ~e^lr_alpha per step instead (lmedit's first KE, still the default for its checkpoints)."""
+    lin = _objective(tokenizer, multiplier="linear", kl_margin=0.0, lr_alpha=0.5)
+    assert lin.param_groups()[1]["clip"] is False and lin.param_groups()[1]["params"] == [lin.net.lambda_kl]
+    assert not hasattr(lin.net, "log_lambda")
+    lams = _ascend(lin, 4)
+    steps = [b - a for a, b in zip([1.0] + lams[:-1], lams, strict=True)]
+    assert all(0 < d <= 0.5 * 1.01 for d in steps), steps  # additive, at most lr_alpha per step
+    log = _objective(tokenizer, kl_margin=0.0, lr_alpha=0.5)
+    assert log.param_groups()[1]["clip"] is True
+    log_lams = _ascend(log, 4)
+    ratios = [b / a for a, b in zip([1.0] + log_lams[:-1], log_lams, strict=True)]
+    assert all(r > 1.5 for r in ratios), ratios  # multiplicative: ~e^0.5 per step
+    assert lams[-1] == pytest.approx(1 + 4 * 0.5, rel=0.02)  # Adam's steps are lr_alpha long at first
+    assert log_lams[-1] == pytest.approx(math.exp(4 * 0.5), rel=0.1)
+
+
+def test_linear_multiplier_is_clamped_at_zero(tokenizer):
+    """With the KL under the margin, ascent lowers λ; it stops at 0 (KE's code clamps it there)."""
+    obj = _objective(tokenizer, multiplier="linear", kl_margin=1e9, lr_alpha=1.0)
+    lams = _ascend(obj, 3)
+    assert lams[-1] == 0.0 and min(lams) >= 0.0
+
+
+def test_linear_multiplier_checkpoints_round_trip(tokenizer):
+    obj = _objective(tokenizer, multiplier="linear")
+    state = obj.state_tensors()
+    assert "lambda_kl" in state and "log_lambda" not in state
+    other = _objective(tokenizer, multiplier="linear")
+    with torch.no_grad():
+        state["lambda_kl"] = torch.tensor(3.5)
+    other.load_state_tensors(state)
+    assert float(other.net.lam().detach()) == 3.5

@@ -170,6 +170,41 @@ def test_resumed_old_checkpoint_recovers_the_best_violation(tmp_path):
     assert again.best_violation == pytest.approx(0.4)
 
 
+class WithMultiplier(Toy):
+    """Toy plus a Lagrange-multiplier-like parameter whose gradient is huge and kept out of the clip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lam = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[float] = []
+
+    def param_groups(self):
+        return [{"params": [self.w], "lr": 0.05}, {"params": [self.lam], "lr": 0.5, "clip": False}]
+
+    def train_step(self, batch):
+        loss, metrics = super().train_step(batch)
+        return loss + 1e6 * self.lam, metrics
+
+    def after_step(self):
+        self.seen.append((float(self.w.grad.norm()), float(self.lam.grad)))
+        with torch.no_grad():
+            self.lam.clamp_(min=0.0)
+
+
+def test_groups_marked_clip_false_stay_out_of_the_clipped_norm_and_after_step_runs():
+    obj = WithMultiplier()
+    s = TrainSettings(steps=3, batch_size=2, val_every=10, val_batches=0, patience=0, grad_clip=1.0)
+    tr = Trainer(obj, s, INFO)
+    ex = examples_from_cases([case(i) for i in range(8)])
+    train, val = split(ex, 2)
+    tr.run(train, val)
+    assert len(obj.seen) == 3, "after_step runs once per step"
+    w_norm, lam_grad = obj.seen[0]
+    assert lam_grad == pytest.approx(1e6), "the multiplier's gradient is not clipped"
+    assert w_norm == pytest.approx(1.0, rel=1e-4), "the editor's gradient is clipped on its own norm"
+    assert float(obj.lam) == 0.0, "after_step's clamp holds the multiplier at 0"
+
+
 def test_constraint_ranking_feasible_then_violation_then_loss():
     tr = Trainer(Toy(), SETTINGS, INFO)
     assert tr._improves(0.5, 9.0)  # anything beats nothing

@@ -9,6 +9,13 @@ with ∇W the fine-tuning gradient of the edit loss (scaled to unit RMS here, so
 scale-free input: the gradients of different models differ by orders of magnitude). Training solves the
 constrained problem  min L_edit  s.t.  KL(p_θ ‖ p_θ+Δ) ≤ m_KL  with a Lagrange multiplier λ updated by gradient
 ascent (KE eq. 4). Edits are dense WeightDeltas; a batch of requests sums their updates.
+
+How λ moves (``multiplier``): KE's own code keeps λ itself as the parameter (from 1, clamped at 0 after each
+step), so under a normalising optimiser it rises by about ``lr_alpha`` per step while the KL is over the
+margin (``"linear"``). lmedit's first KE kept log λ instead (``"log"``, the default so that earlier checkpoints
+and results keep their meaning): the same steps then multiply λ by e^lr_alpha each, so a KL far over the margin
+for 100 steps takes λ from 1 to ~2·10⁴, and its gradient λ·(KL − m) then dominated the clipped gradient norm
+and starved the editor's (see docs/methods/trained.md). In ``"linear"`` mode λ is clipped apart from the editor.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class KEConfig(TrainedConfig):
     kl_margin: float = option(1e-3, "m_KL: the locality KL the constraint allows")
     lr_alpha: float = option(0.1, "learning rate of the Lagrange multiplier λ (gradient ascent)")
     cedit: float = option(1.0, "weight of the edit loss")
+    multiplier: Literal["log", "linear"] = option(
+        "log", "how the Lagrange multiplier λ is kept: 'linear' as in KE's code (λ itself, from 1, clamped at 0, "
+               "rising ~lr_alpha per step; clipped apart from the editor), 'log' (log λ: λ grows ×e^lr_alpha per "
+               "step; lmedit's first KE)", added=True)
 
 
 class ConditionEncoder(nn.Module):
@@ -94,7 +105,16 @@ class KENet(nn.Module):
         self.heads = nn.ModuleList(
             MaskHead(cfg.cond_dim, cfg.head_hidden, m, n, -cfg.init_step * m / (0.5 * cfg.max_scale))
             for m, n in shapes.values())
-        self.log_lambda = nn.Parameter(torch.zeros(()))  # λ = exp(log λ), starts at 1
+        if cfg.multiplier == "linear":
+            self.lambda_kl = nn.Parameter(torch.ones(()))  # λ itself, starts at 1, kept >= 0 (KEObjective.after_step)
+        else:
+            self.log_lambda = nn.Parameter(torch.zeros(()))  # λ = exp(log λ), starts at 1
+
+    def multiplier(self) -> nn.Parameter:
+        return self.lambda_kl if hasattr(self, "lambda_kl") else self.log_lambda
+
+    def lam(self) -> torch.Tensor:
+        return self.lambda_kl if hasattr(self, "lambda_kl") else self.log_lambda.exp()
 
 
 class KEObjective:
@@ -106,12 +126,21 @@ class KEObjective:
         shapes = {p: weight_shape(handle, p) for p in self.paths}
         self.net = KENet(shapes, d_embed, cfg).to(handle.device)
         # gradient *ascent* on λ: the optimiser descends, so its gradient is negated (KE's Lagrangian)
-        self.net.log_lambda.register_hook(lambda g: -g)
+        self.net.multiplier().register_hook(lambda g: -g)
         self.prefix = PrefixCache(handle, min(cfg.layers))  # training only: edits run the whole model
 
     def param_groups(self) -> list[dict[str, Any]]:
-        body = [p for n, p in self.net.named_parameters() if n != "log_lambda"]
-        return [{"params": body, "lr": self.cfg.lr}, {"params": [self.net.log_lambda], "lr": self.cfg.lr_alpha}]
+        lam = self.net.multiplier()
+        body = [p for p in self.net.parameters() if p is not lam]
+        # "clip": False keeps λ's gradient out of the editor's clipped norm (linear mode, as KE's code)
+        return [{"params": body, "lr": self.cfg.lr},
+                {"params": [lam], "lr": self.cfg.lr_alpha, "clip": self.cfg.multiplier != "linear"}]
+
+    def after_step(self) -> None:
+        """λ stays a valid multiplier: clamped at 0 after each step in linear mode (KE's code does the same)."""
+        if self.cfg.multiplier == "linear":
+            with torch.no_grad():
+                self.net.lambda_kl.clamp_(min=0.0)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.net.state_dict())
@@ -155,7 +184,7 @@ class KEObjective:
     def _loss(self, batch: list[TrainExample]) -> tuple[torch.Tensor, dict[str, float]]:
         deltas, pre_acc = self.deltas([ex.request for ex in batch], self.prefix)
         edit_nll, edit_acc, kl = edit_and_loc_losses(self.handle, batch, deltas, self.prefix)
-        lam = self.net.log_lambda.exp()
+        lam = self.net.lam()
         loss = self.cfg.cedit * edit_nll + lam * (kl - self.cfg.kl_margin)
         return loss, {"edit_acc": edit_acc, "pre_acc": pre_acc, "edit_nll": edit_nll.item(), "loc_kl": kl.item(),
                       "lambda": lam.item()}

@@ -35,6 +35,8 @@ class Objective(Protocol):
     def val_step(self, batch: list[TrainExample]) -> dict[str, float]: ...
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    # Optional: ``after_step()``, called after each optimiser step (KE keeps its multiplier >= 0 there); a param
+    # group with ``"clip": False`` is left out of the clipped gradient norm (a Lagrange multiplier's gradient).
     # Optional: ``constraint_violation(val_metrics) -> float`` (0 when a constraint of the method holds, e.g.
     # KE's locality KL <= m_KL). The best checkpoint is then a feasible one when any validation was feasible:
     # feasible beats infeasible, a smaller violation beats a larger one, and the loss breaks ties.
@@ -155,9 +157,11 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss, metrics = self.obj.train_step(batch)
                 loss.backward()
-                params = [p for g in self.opt.param_groups for p in g["params"]]
+                params = [p for g in self.opt.param_groups if g.get("clip", True) for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
                 self.opt.step()
+                if hasattr(self.obj, "after_step"):
+                    self.obj.after_step()
                 self.step += 1
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     window.setdefault(k, []).append(v)
