@@ -60,6 +60,11 @@ def join(prompt: str, target: str) -> str:
     return " "
 
 
+def with_answer(prompt: str, answer: str) -> str:
+    """``prompt`` followed by ``answer`` as one text, joined as :func:`join` says."""
+    return prompt + join(prompt, answer) + answer
+
+
 class TokenPolicy:
     """Tokenization rules for one model (see the module docstring)."""
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tokens import join
+from ..tokens import with_answer
 from ..types import EditRequest
 from .keys import subject_last
 from .templates import TemplateGroups, compose, flatten
@@ -41,7 +41,7 @@ def request_rows(handle, request: EditRequest, groups: TemplateGroups, end: str 
         prompt = template.format(request.subject)
         target = tokens.target_ids(prompt, request.target_new)
         if end:
-            target = target + tokens.target_ids(prompt + join(prompt, request.target_new) + request.target_new, end)
+            target = target + tokens.target_ids(with_answer(prompt, request.target_new), end)
         seqs.append(list(row.ids) + target[:-1])
         index.append(row.index)
         targets += [(r, len(row.ids) - 1 + j, y) for j, y in enumerate(target)]

@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, option
 from ..edits import PromptContext
 from ..registry import register_editor
 from ..retrieval import EMBEDDER_NAME, embed_corpus, file_digest, get_embedder, nearest
-from ..tokens import join
+from ..tokens import with_answer
 from ..types import EditCase, EditRequest
 from .base import Capabilities, Editor
 
@@ -60,28 +60,24 @@ class IKEConfig(Config):
 
 
 
-def fact(prompt: str, target: str) -> str:
-    return f"{prompt}{join(prompt, target)}{target}"
-
-
 def demonstrations(cases: list[EditCase], kinds: list[str]) -> list[str]:
     """Copy / update / retain demonstrations (spec B.4) of each case, in pool order."""
     out: list[str] = []
     for c in cases:
         r = c.request
-        new_fact = fact(r.text, r.target_new)
+        new_fact = with_answer(r.text, r.target_new)
         if "copy" in kinds:
             out.append(f"New Fact: {new_fact}\nPrompt: {new_fact}\n\n")
         if "update" in kinds:
-            out += [f"New Fact: {new_fact}\nPrompt: {fact(p, r.target_new)}\n\n" for p in c.paraphrases]
+            out += [f"New Fact: {new_fact}\nPrompt: {with_answer(p, r.target_new)}\n\n" for p in c.paraphrases]
         if "retain" in kinds:
-            out += [f"New Fact: {new_fact}\nPrompt: {fact(q.prompt, q.answer)}\n\n" for q in c.locality]
+            out += [f"New Fact: {new_fact}\nPrompt: {with_answer(q.prompt, q.answer)}\n\n" for q in c.locality]
     return out
 
 
 def header(request: EditRequest) -> str:
     """The edit's own lines; the evaluation prompt is appended right after them."""
-    return f"New Fact: {fact(request.text, request.target_new)}\nPrompt: "
+    return f"New Fact: {with_answer(request.text, request.target_new)}\nPrompt: "
 
 
 @register_editor("ike")
@@ -101,7 +97,7 @@ class IKE(Editor):
         sims: list[float] = []
         if cfg.k > 0:
             texts, emb = self.pool(handle, cfg)
-            query = f"New Fact: {fact(request.text, request.target_new)}\nPrompt: {request.text}\n\n"
+            query = f"New Fact: {with_answer(request.text, request.target_new)}\nPrompt: {request.text}\n\n"
             q = get_embedder(handle.cache).encode([query])[0]  # [dim]
             idx, sims = nearest(q, emb, cfg.k)
             demos = [texts[i] for i in reversed(idx)]  # most similar last, next to the edit

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...swaps import ModuleSwap
-from ...tokens import join
+from ...tokens import with_answer
 from ...training.data import TrainExample
 from ...training.functional import answer_logprobs, delta_hooks, nll_and_acc, weight_shape
 from .router import SERACRouter, scope_logits
@@ -27,13 +27,9 @@ if TYPE_CHECKING:
     from ...models.handle import ModelHandle
 
 
-def _with_answer(prompt: str, answer: str) -> str:
-    return prompt + join(prompt, answer) + answer
-
-
 def context(prompt: str, target: str) -> str:
     """The counterfactual model's context for one edit (the router builds the same ids)."""
-    return _with_answer(prompt, target) + "\n"
+    return with_answer(prompt, target) + "\n"
 
 
 class SERACObjective:
@@ -95,9 +91,9 @@ class SERACObjective:
         for i, ex in enumerate(batch):
             r = ex.request
             keys.append(r.text)
-            for q, pos in ((ex.rephrase, True), (_with_answer(ex.rephrase, r.target_new), True),
-                           (_with_answer(r.text, r.target_new), True), (ex.loc.prompt, False),
-                           (_with_answer(ex.loc.prompt, ex.loc.answer), False)):
+            for q, pos in ((ex.rephrase, True), (with_answer(ex.rephrase, r.target_new), True),
+                           (with_answer(r.text, r.target_new), True), (ex.loc.prompt, False),
+                           (with_answer(ex.loc.prompt, ex.loc.answer), False)):
                 queries.append(q)
                 owner.append(i)
                 positive.append(pos)
