@@ -45,11 +45,20 @@ def has_logit_processing(model: Any) -> bool:
     return bool(getattr(cfg, "final_logit_softcapping", None)) or bool(getattr(cfg, "logit_scale", None))
 
 
+def needs_whole_sequence(model: Any) -> bool:
+    """Does a module of ``model`` (as edited now) read every forward's whole token sequence? A SERAC router
+    routes each row by its text, so it must see the row's every token in each forward: such a model runs
+    without key/value caches and shared prefixes. Modules say so with a true ``whole_sequence`` attribute."""
+    return any(getattr(m, "whole_sequence", False) for m in model.modules())
+
+
 def body_and_head(model: Any) -> tuple[Any, Any] | None:
     """(decoder body, unembedding) of a decoder-only model whose logits are ``head(body(...))``, else None
-    (encoder-decoders, models without an output embedding or with logit post-processing). Every path that
-    computes logits at chosen positions only, or from a cached prefix, asks this first."""
-    if getattr(model.config, "is_encoder_decoder", False) or has_logit_processing(model):
+    (encoder-decoders, models without an output embedding or with logit post-processing, and models that
+    must read whole sequences, :func:`needs_whole_sequence`). Every path that computes logits at chosen
+    positions only, or from a cached prefix, asks this first."""
+    if getattr(model.config, "is_encoder_decoder", False) or has_logit_processing(model) \
+            or needs_whole_sequence(model):
         return None
     body = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

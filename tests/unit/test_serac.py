@@ -93,3 +93,35 @@ def test_threshold_is_a_use_time_option(fitted):
     assert router.threshold == 0.999999
     router.bind(handle)
     assert router.route([REQ.text + " English"]) == [-1]  # nothing is that certain: the base model answers
+
+
+def _greedy_whole(handle, prompt, steps, ends):
+    """Greedy continuation by full forwards (no cache): what a batch must reproduce row by row."""
+    ids = handle.tokens.prompt_ids(prompt)
+    new = []
+    for _ in range(steps):
+        nxt = int(handle.model(input_ids=torch.tensor([ids + new]), use_cache=False).logits[0, -1].argmax())
+        if nxt in ends:
+            break
+        new.append(nxt)
+    return new
+
+
+@torch.no_grad()
+def test_batched_generation_sees_whole_rows(fitted, monkeypatch):
+    """lmedit's generation drops finished rows from its batch and runs long common beginnings once; under
+    SERAC every forward must still read each row's whole text, so a batch (rows finishing at different steps,
+    a shared 20-token beginning) generates what each prompt generates alone by full forwards."""
+    from lmedit.metrics import generate as gen
+
+    editor, handle = fitted
+    long = "Answer in one word, the way an atlas would, and do not explain: "
+    prompts = [REQ.text, OTHER, long + REQ.text, long + OTHER, "The official language of France is"]
+    with editor.compute(handle, [REQ]).applied(handle):
+        free = [_greedy_whole(handle, p, 6, set()) for p in prompts]
+        end = free[0][2]  # this token ends the first row after two tokens: it leaves the batch early
+        monkeypatch.setattr(gen, "stop_ids", lambda _h: {end})
+        want = [_greedy_whole(handle, p, 6, {end}) for p in prompts]
+        got = gen.generate_texts(handle, prompts, max_new_tokens=6, stop_at_newline=False)
+    assert len({len(w) for w in want}) > 1  # rows do finish at different steps
+    assert [g.text for g in got] == [handle.tokenizer.decode(w, skip_special_tokens=True) for w in want]

@@ -12,7 +12,8 @@ starts its answer on a new line after a question), or after ``max_new_tokens`` (
 
 Rows are left-padded and batched by length; each step runs one token per row on the cache, and a row that
 stops leaves the batch. Rows that begin with the same tokens (an in-context edit's demonstrations, a chat
-template's system turn) run those once (:class:`lmedit.kv.SharedPrefix`).
+template's system turn) run those once (:class:`lmedit.kv.SharedPrefix`). A model whose edit must read
+every token of each forward (SERAC routes by the input's text) runs the whole sequence at each step instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..kv import SharedPrefix, body_and_head, cache_kwarg, new_cache
+from ..kv import SharedPrefix, body_and_head, cache_kwarg, needs_whole_sequence, new_cache
 from ..types import EditInputError
 
 if TYPE_CHECKING:
@@ -134,16 +135,24 @@ def _common_prefix(rows: list[list[int]], first: list[int] | None = None) -> int
 
 
 class _Stepper:
-    """One batch's forward passes on a key/value cache (decoder-only models)."""
+    """One batch's forward passes: on a key/value cache (decoder-only models), or on the whole sequence each
+    step when the edited model must read every token (:func:`lmedit.kv.needs_whole_sequence`)."""
 
     def __init__(self, handle: ModelHandle, n: int, k: int, prefix: SharedPrefix | None) -> None:
         self.model, self.device = handle.model, handle.device
-        self.body_head = body_and_head(handle.model)
+        self.whole = needs_whole_sequence(handle.model)
+        self.body_head = None if self.whole else body_and_head(handle.model)
         self.cache = prefix.batch_cache(k, n) if prefix is not None else new_cache(handle.model)
         self.kw = cache_kwarg(self.body_head[0]) if self.body_head else "past_key_values"
+        self.seen: torch.Tensor | None = None  # whole-sequence mode: every token so far [rows, len]
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits [rows, vocab] after ``ids`` (the new tokens), ``mask`` covering cache + new."""
+        if self.whole:
+            self.seen = ids if self.seen is None else torch.cat([self.seen, ids], 1)
+            full_pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            return self.model(input_ids=self.seen.to(self.device), attention_mask=mask.to(self.device),
+                              position_ids=full_pos.to(self.device), use_cache=False).logits[:, -1].float()
         kw = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
               "position_ids": positions.to(self.device), "use_cache": True, self.kw: self.cache}
         if self.body_head is None:
@@ -152,7 +161,10 @@ class _Stepper:
         return head(body(**kw).last_hidden_state[:, -1]).float()
 
     def keep(self, rows: list[int]) -> None:
-        self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
+        if self.whole:
+            self.seen = self.seen[rows]
+        else:
+            self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
 
 
 def _run_decoder(handle: ModelHandle, rows: list[list[int]], cap: int, stop_at_newline: bool,

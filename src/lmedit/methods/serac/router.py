@@ -20,8 +20,10 @@ directly; reverting an edit removes its wrapper and so exactly its entries.
 
 The wrapper keeps its tensors as non-persistent buffers and renames ``base.*`` keys back in ``state_dict``,
 so the model's state dict looks the same with the edit applied (its own tensors are saved with the edit).
-Incremental decoding (a non-empty KV cache in ``generate``) reuses the routing of the first step and
-recomputes routed rows on the whole sequence.
+It declares ``whole_sequence``: lmedit's own scoring and generation then run every forward on whole
+sequences (no shared prefixes, no cache whose rows are dropped as they finish, see
+:func:`lmedit.kv.needs_whole_sequence`). Transformers' ``generate`` keeps its KV cache and every row: each
+continuation step routes the whole text so far again and recomputes the routed rows on the whole sequence.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class SERACRouter(SwapModule):
         cf_shapes: their (d_out, d_in); cf_rank: the adapter's rank (0: none).
     """
 
+    whole_sequence = True  # routes by each row's whole text (lmedit.kv.needs_whole_sequence)
+
     def __init__(self, entries: list[dict[str, Any]], dim: int = 384, threshold: float = 0.5,
                  cf_paths: list[str] | None = None, cf_shapes: list[list[int]] | None = None, cf_rank: int = 0) -> None:
         super().__init__()
@@ -76,7 +80,7 @@ class SERACRouter(SwapModule):
             self.register_buffer(f"cf_b{i}", torch.zeros(d_in, cf_rank), persistent=False)
         self._register_state_dict_hook(_strip_base)
         self._handle: ModelHandle = None
-        self._gen: tuple[torch.Tensor, list[int]] | None = None
+        self._gen: torch.Tensor | None = None  # generate(): the tokens its KV cache holds
 
     # --- Edit plumbing -----------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -149,23 +153,21 @@ class SERACRouter(SwapModule):
         past = kw.get("past_key_values")
         # a continuation step of generate(): the KV cache already holds the earlier tokens
         cont = (self._gen is not None and past is not None and _cache_len(past) > 0
-                and self._gen[0].shape[0] == input_ids.shape[0])
-        if cont:
-            full, routes = torch.cat([self._gen[0], input_ids], 1), self._gen[1]
-        else:
-            full = input_ids
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            texts = [self._handle.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
-                     for row, m in zip(full, mask, strict=True)]
-            routes = self.route(texts)
+                and self._gen.shape[0] == input_ids.shape[0])
+        if not cont and past is not None and _cache_len(past) > 0:
+            raise RuntimeError("a SERAC router must read whole sequences: this forward's key/value cache holds "
+                               "tokens it never saw (run it without a cache, see lmedit.kv.needs_whole_sequence)")
+        full = torch.cat([self._gen, input_ids], 1) if cont else input_ids
+        mask = attention_mask if attention_mask is not None and attention_mask.shape == full.shape \
+            else torch.ones_like(full)
+        # every step routes on the whole text so far, as teacher-forced scoring routes the whole row
+        routes = self.route([self._handle.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+                             for row, m in zip(full, mask, strict=True)])
         use_cache = kw.get("use_cache") or past is not None
-        self._gen = (full, routes) if use_cache else None
+        self._gen = full if use_cache else None
         rows = [r for r, e in enumerate(routes) if e >= 0]
         if not rows:
             return out
-        mask = attention_mask if attention_mask is not None else torch.ones_like(full)
-        if mask.shape[1] != full.shape[1]:
-            mask = torch.ones_like(full)
         entries = self.entries()
         hidden = self.counterfactual(root, [full[r][mask[r].bool()].tolist() for r in rows],
                                      [entries[routes[r]] for r in rows])
