@@ -141,8 +141,8 @@ class _Stepper:
     def __init__(self, handle: ModelHandle, n: int, k: int, prefix: SharedPrefix | None) -> None:
         self.model, self.device = handle.model, handle.device
         self.whole = needs_whole_sequence(handle.model)
-        self.body_head = None if self.whole else body_and_head(handle.model)
-        self.cache = prefix.batch_cache(k, n) if prefix is not None else new_cache(handle.model)
+        self.body_head = body_and_head(handle.model)  # None in whole-sequence mode
+        self.cache = None if self.whole else prefix.batch_cache(k, n) if prefix is not None else new_cache(handle.model)
         self.kw = cache_kwarg(self.body_head[0]) if self.body_head else "past_key_values"
         self.seen: torch.Tensor | None = None  # whole-sequence mode: every token so far [rows, len]
 
