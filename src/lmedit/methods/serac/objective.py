@@ -21,15 +21,10 @@ from ...swaps import ModuleSwap
 from ...tokens import with_answer
 from ...training.data import TrainExample
 from ...training.functional import answer_logprobs, delta_hooks, nll_and_acc, weight_shape
-from .router import SERACRouter, scope_logits
+from .router import SERACRouter, context, scope_logits
 
 if TYPE_CHECKING:
     from ...models.handle import ModelHandle
-
-
-def context(prompt: str, target: str) -> str:
-    """The counterfactual model's context for one edit (the router builds the same ids)."""
-    return with_answer(prompt, target) + "\n"
 
 
 class SERACObjective:

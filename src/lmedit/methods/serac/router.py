@@ -36,11 +36,17 @@ from torch import nn
 
 from ...hooks import get_module
 from ...swaps import SwapModule, register_swap_module
+from ...tokens import with_answer
 
 if TYPE_CHECKING:
     from ...models.handle import ModelHandle
 
 BUFFERS = ("mem_keys", "proj", "log_temp", "bias")
+
+
+def context(prompt: str, target: str) -> str:
+    """The counterfactual model's context for one edit: the edit as a line, read before the input."""
+    return with_answer(prompt, target) + "\n"
 
 
 def scope_logits(keys: torch.Tensor, queries: torch.Tensor, proj: torch.Tensor, log_temp: torch.Tensor,
@@ -181,12 +187,10 @@ class SERACRouter(SwapModule):
 
     def counterfactual(self, root: nn.Module, rows: list[list[int]], entries: list[dict]) -> list[torch.Tensor]:
         """Hidden states [len(row), d] of each row read after its edit's context, with the CF adapter on."""
-        from ...tokens import join
-
         tok = self._handle.tokens
         seqs, keep = [], []
         for ids, e in zip(rows, entries, strict=True):
-            ctx = tok.encode(e["prompt"] + join(e["prompt"], e["target"]) + e["target"] + "\n")
+            ctx = tok.encode(context(e["prompt"], e["target"]))
             nb = len(tok.bos) if ids[: len(tok.bos)] == tok.bos else 0
             seqs.append(ids[:nb] + ctx + ids[nb:])
             keep.append((nb, len(ids) - nb))
