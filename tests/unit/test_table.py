@@ -556,3 +556,19 @@ def test_multihop_run_resumes_through_the_runners_reader(toy, model_dir, tmp_pat
     assert [(r.case_id, r.pre, r.post) for r in again] == [(r.case_id, r.pre, r.post) for r in first]
     assert again[0].to_dict() == first[0].to_dict(), "the finished case is read back, not recomputed"
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_headline_marks_cells_whose_generation_scored_fewer_cases():
+    """A generated score out of fewer cases than the teacher-forced one (a gold answer such as ')' has no words
+    to match) carries a footnote with both counts; a cell scored on every case carries none."""
+    from lmedit.table.layout import Row, headline_markdown
+
+    def row(metric, a, b, cases_a, cases_b):
+        return Row("qaedit", metric, values={"a": a, "b": b}, cases={"a": cases_a, "b": cases_b})
+
+    rows = [row("reliability", 0.99, 0.5, 100, 100), row("reliability@gen_em", 0.17, 0.2, 99, 100),
+            row("reliability@gen_contains", 0.8, 0.3, 99, 100)]
+    text = headline_markdown(rows, ["a", "b"], {"model": "toy", "setting_label": "single edits", "n": 100})
+    line = next(ln for ln in text.splitlines() if ln.startswith("| QAEdit"))
+    assert line.split(" | ")[3] == "99.0 · 17.0 · 80.0[^1]" and line.split(" | ")[4] == "50.0 · 20.0 · 30.0 |"
+    assert "[^1]: generated: scored on 99 of the 100 cases" in text

@@ -234,6 +234,7 @@ def headline_markdown(rows: list[Row], methods: list[str], meta: dict[str, Any])
              "unchanged (`gen_em`). The full table with every protocol's row: table1.md.", "",
              "| Dataset | Metric | Pre-edit | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
+    notes: dict[str, int] = {}
     for ds in dict.fromkeys(r.dataset for r in rows):
         label = DATASET_LABELS.get(ds, ds)
         for metric in CORE_ROWS:
@@ -241,11 +242,27 @@ def headline_markdown(rows: list[Row], methods: list[str], meta: dict[str, Any])
                      if k in by]
             if (ds, metric) not in by or len(parts) < 2:
                 continue
-            cells = [" · ".join(_fmt(p.values.get(m)) or "-" for p in parts) for m in methods]
+            cells = [" · ".join(_fmt(p.values.get(m)) or "-" for p in parts) + _fewer_cases(parts, m, notes)
+                     for m in methods]
             pre = " · ".join(_fmt(p.pre) or "–" for p in parts) if parts[0].pre is not None else ""
             lines.append(f"| {label} | {METRIC_LABELS[metric]} | {pre} | " + " | ".join(cells) + " |")
             label = ""
+    if notes:
+        lines.append("")
+        lines += [f"[^{k}]: {text}" for text, k in notes.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fewer_cases(parts: list[Row], method: str, notes: dict[str, int]) -> str:
+    """A footnote marker when the generation protocol scored fewer of a cell's cases than teacher forcing did
+    (a gold answer that normalisation leaves empty, such as ')', cannot score a generated answer), so that
+    no one reads its percentage as out of the full N."""
+    tf, gen = parts[0].cases.get(method, 0), parts[1].cases.get(method, 0)
+    if not tf or not gen or gen >= tf:
+        return ""
+    text = (f"generated: scored on {gen} of the {tf} cases; the others' gold answers have no words after "
+            "normalisation (e.g. ')') or their generation was not computed, and the run's log names them")
+    return f"[^{notes.setdefault(text, len(notes) + 1)}]"
 
 
 def gap_entries(rows: list[Row], methods: list[str]) -> list[dict[str, Any]]:
