@@ -260,8 +260,8 @@ def _fewer_cases(parts: list[Row], method: str, notes: dict[str, int]) -> str:
     tf, gen = parts[0].cases.get(method, 0), parts[1].cases.get(method, 0)
     if not tf or not gen or gen >= tf:
         return ""
-    text = (f"generated: scored on {gen} of the {tf} cases; the others' gold answers have no words after "
-            "normalisation (e.g. ')') or their generation was not computed, and the run's log names them")
+    text = (f"generated: scored on {gen} of the {tf} cases (a gold answer with no words after normalisation, "
+            "e.g. ')', cannot be matched; the run's log names each case left out)")
     return f"[^{notes.setdefault(text, len(notes) + 1)}]"
 
 
