@@ -70,6 +70,60 @@ def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: floa
             "(edit.apply(handle, max_relative_update=X))", option="max_relative_update")
 
 
+_INT_VIEW = {4: torch.int32, 2: torch.int16}
+
+
+def _undo_record(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> tuple[Any, ...]:
+    """What a weight edit keeps to put ``before`` back bit-exactly, in a fraction of a copy's memory.
+
+    ``after`` = round(before + Δ). Recomputing round(after − Δ) gives ``before`` back in most entries and a few
+    units in the last place off in the rest, so the record holds those offsets of the bit patterns as int8
+    (only the entries that differ, with their int32 indices, when they are under a fifth), the few entries
+    whose offset does not fit in int8 (where |Δ| ≫ |W|) verbatim, a digest of ``after`` (the revert checks it
+    undoes what it wrote) and one of ``before`` (it checks its result). Sequential weight edits would
+    otherwise keep a full copy of every layer they touch per edit (AlphaEdit on SmolLM2: 17.7 MB each, so
+    18 GB after 1,000 edits); this keeps about a tenth of that at ‖ΔW‖/‖W‖ = 0.1. Other dtypes keep a copy."""
+    from .digests import tensor_digest
+
+    ints = _INT_VIEW.get(before.element_size())
+    if ints is None or not before.is_floating_point() or before.numel() == 0:
+        return ("copy", before.clone())
+    back = (after.to(torch.float32) - delta.to(torch.float32)).to(before.dtype)
+    want = before.contiguous().view(ints).view(-1)
+    offset = want.to(torch.int64) - back.contiguous().view(ints).view(-1).to(torch.int64)
+    big = (offset.abs() > 127).nonzero().view(-1)
+    offset[big] = 0
+    exact = (big.to(torch.int32), want[big].clone())
+    where = offset.nonzero().view(-1)
+    if 5 * where.numel() < offset.numel():
+        small: tuple[torch.Tensor, ...] = (where.to(torch.int32), offset[where].to(torch.int8))
+    else:
+        small = (offset.to(torch.int8),)
+    return ("offsets", tensor_digest(after), tensor_digest(before), small, exact)
+
+
+def _undone(current: torch.Tensor, record: tuple[Any, ...], delta: Any) -> torch.Tensor | None:
+    """``before`` from an :func:`_undo_record` (``delta``: a callable giving Δ again); None when ``current`` is
+    not what the edit wrote or the result is not bit-identical to what was there."""
+    from .digests import tensor_digest
+
+    if record[0] == "copy":
+        return record[1]
+    _, after_digest, before_digest, small, (big, big_bits) = record
+    if tensor_digest(current) != after_digest:
+        return None
+    ints = _INT_VIEW[current.element_size()]
+    back = (current.to(torch.float32) - delta().to(torch.float32)).to(current.dtype)
+    bits = back.contiguous().view(ints).view(-1).to(torch.int64)
+    if len(small) == 2:
+        bits[small[0].to(torch.int64)] += small[1].to(torch.int64)
+    else:
+        bits += small[0].to(torch.int64)
+    bits[big.to(torch.int64)] = big_bits.to(torch.int64)
+    before = bits.to(ints).view(current.dtype).view(current.shape)
+    return before if tensor_digest(before) == before_digest else None
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -159,7 +213,8 @@ class Edit:
                 f"cannot revert {self.label()}: {len(later)} edit(s) applied after it are still applied; revert "
                 f"them first, newest first: {', '.join(e.label() for e in reversed(later))} "
                 "(handle.applied_edits lists the applied edits, oldest first); nothing was changed")
-        self._revert(handle, self._applied_to.pop(id(handle.model)))
+        self._revert(handle, self._applied_to[id(handle.model)])  # a revert that raises changed nothing
+        del self._applied_to[id(handle.model)]
         if self in stack:
             stack.remove(self)
 
@@ -271,7 +326,7 @@ class WeightDelta(Edit):
         from .digests import tensor_digest
 
         model = handle.model
-        new_values: dict[str, torch.Tensor] = {}
+        new_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.deltas:
             try:
                 p = get_parameter(model, name)
@@ -292,19 +347,28 @@ class WeightDelta(Edit):
             if not torch.isfinite(new).all():
                 raise EditError(f"refusing edit: it would write NaN/inf into {name}; the model is unchanged")
             _check_bound(name, delta, base, max_relative_update)
-            new_values[name] = new
+            new_values[name] = new, delta
         originals = {}
         with torch.no_grad():
-            for name, new in new_values.items():
+            for name, (new, delta) in new_values.items():
                 p = get_parameter(model, name)
-                originals[name] = p.detach().clone()
+                originals[name] = _undo_record(p.detach(), new, delta)
                 p.copy_(new)
         return originals
 
-    def _revert(self, handle: ModelHandle, originals: dict[str, torch.Tensor]) -> None:
+    def _revert(self, handle: ModelHandle, originals: dict[str, Any]) -> None:
+        restored = {}
+        for name, record in originals.items():
+            p = get_parameter(handle.model, name)
+            restored[name] = _undone(p.detach(), record, lambda n=name, d=p.device: self.dense(n).to(d))
+            if restored[name] is None:
+                raise EditError(
+                    f"cannot revert {self.label()} exactly: {name} no longer holds what this edit wrote (was it "
+                    "changed outside lmedit?); nothing was changed. Reload the model, or remove the edit with "
+                    "handle.remove_edit(edit, rebuild=True) after restoring the weight")
         with torch.no_grad():
-            for name, orig in originals.items():
-                get_parameter(handle.model, name).copy_(orig)
+            for name, before in restored.items():
+                get_parameter(handle.model, name).copy_(before)
 
     def _to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}

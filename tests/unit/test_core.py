@@ -233,6 +233,55 @@ def test_weight_delta_strict_base_values(tiny_llama):
     d1.revert(tiny_llama)
 
 
+def _record_bytes(record) -> int:
+    if isinstance(record, torch.Tensor):
+        return record.numel() * record.element_size()
+    return sum(_record_bytes(x) for x in record) if isinstance(record, tuple) else 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 10.0])
+def test_many_weight_edits_revert_bit_exact_from_a_fraction_of_a_copy(tiny_llama, dtype, scale):
+    """Twenty low-rank edits stacked on one weight (as a sequential run stacks them) revert newest first to the
+    bit; each keeps far less than a copy of the weight (small updates: a few percent of it), whatever the
+    update's size, including entries where the update dwarfs the weight."""
+    tiny_llama.model.to(dtype)
+    name = tiny_llama.adapter.mlp_out.format(1) + ".weight"
+    p = tiny_llama.model.get_parameter(name)
+    with torch.no_grad():
+        p.view(-1)[:7] = torch.tensor([0.0, 1e-30, -1e-30, 1e-8, -3.0, 2.0, 65000.0]).to(dtype)  # tiny, huge, zero
+    before, states = tiny_llama.state_digest(), []
+    ref = p.detach().float().view(-1)[7:].norm()  # updates relative to the ordinary entries
+    gen = torch.Generator().manual_seed(0)
+    edits = []
+    for _ in range(20):
+        a, b = torch.randn(p.shape[0], 2, generator=gen), torch.randn(p.shape[1], 2, generator=gen)
+        a *= scale * ref / (a @ b.T).norm()
+        edits.append(WeightDelta({name: (a, b)}).apply(tiny_llama))
+        states.append(tiny_llama.state_digest())
+    sizes = [_record_bytes(e._applied_to[id(tiny_llama.model)][name]) for e in edits]
+    assert max(sizes) < p.numel() * p.element_size() * (0.06 if scale < 0.01 else 0.6), sizes
+    for i in reversed(range(20)):
+        assert tiny_llama.state_digest() == states[i]
+        edits[i].revert(tiny_llama)
+    assert tiny_llama.state_digest() == before
+
+
+def test_weight_revert_refuses_a_weight_changed_behind_its_back(tiny_llama):
+    """A weight changed outside lmedit after an edit: the revert says so and changes nothing (it cannot know
+    what to put back), rather than writing a wrong 'original'."""
+    name = tiny_llama.adapter.mlp_out.format(1) + ".weight"
+    p = tiny_llama.model.get_parameter(name)
+    a, b = torch.randn(p.shape[0], 1) * 0.01, torch.randn(p.shape[1], 1)
+    edit = WeightDelta({name: (a, b)}).apply(tiny_llama)
+    with torch.no_grad():
+        p.view(-1)[3] += 1.0
+    changed = tiny_llama.state_digest()
+    with pytest.raises(EditError, match="no longer holds what this edit wrote"):
+        edit.revert(tiny_llama)
+    assert tiny_llama.state_digest() == changed and edit.is_applied(tiny_llama)
+
+
 def test_prompt_context_changes_inputs_not_weights(tiny_llama, tmp_path):
     before = tiny_llama.state_digest()
     e = PromptContext("New Fact: x\n", meta={"model_fingerprint": tiny_llama.fingerprint})
