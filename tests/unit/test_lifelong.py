@@ -348,3 +348,25 @@ def test_lora_dropout_is_seeded_and_only_the_adapters(llama):
     assert all(torch.equal(first.weights[k], again.weights[k]) for k in first.weights)
     assert not any(m.training for m in llama.model.modules()), "compute left modules in training mode"
     assert first.meta["stats"]["loss_last"] < first.meta["stats"]["loss_first"]
+
+
+def test_lora_merged_is_the_same_update_as_a_weight_edit(llama):
+    """merge=True: the same training gives a low-rank WeightDelta whose model matches the peft adapter's (to
+    float rounding), touches no module, and stacks and reverts newest first bit-exactly."""
+    from lmedit.edits import WeightDelta
+
+    adapter = editor("lora").compute(llama, [REQS[0]])
+    merged = editor("lora", merge=True).compute(llama, [REQS[0]])
+    assert isinstance(merged, WeightDelta) and merged.meta["peft_config"]["r"] == 4
+    assert len(merged.deltas) == len({k.split(".lora_")[0] for k in adapter.weights})
+    assert torch.allclose(logits_with(llama, [merged]), logits_with(llama, [adapter]), atol=1e-4)
+    base, snap = logits(llama), weights(llama)
+    modules = [type(m) for m in llama.model.modules()]
+    stack = []
+    for r in REQS:
+        stack.append(editor("lora", merge=True).compute(llama, [r]).apply(llama))
+    assert [type(m) for m in llama.model.modules()] == modules, "a merged edit adds no module"
+    for e in reversed(stack):
+        e.revert(llama)
+    assert torch.equal(logits(llama), base)
+    assert all(torch.equal(v, snap[k]) for k, v in llama.model.state_dict().items())
