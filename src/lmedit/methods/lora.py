@@ -65,7 +65,7 @@ class LoRAConfig(Config):
     merge: bool = option(False, "the edit is the adapter's update B·A·α/r added into the weights it adapts (a "
                                 "low-rank weight edit) instead of a peft module: a forward costs the same after "
                                 "1,000 edits as after none; it reverts like any weight edit (newest first, "
-                                "bit-exact) and saves as one, not in peft's format")
+                                "bit-exact) and saves as one, not in peft's format", added=True)
 
     def validate(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.steps < 1:
