@@ -102,16 +102,16 @@ def _undo_record(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor)
     return ("offsets", tensor_digest(after), tensor_digest(before), small, exact)
 
 
-def _undone(current: torch.Tensor, record: tuple[Any, ...], delta: Any) -> torch.Tensor | None:
-    """``before`` from an :func:`_undo_record` (``delta``: a callable giving Δ again); None when ``current`` is
-    not what the edit wrote or the result is not bit-identical to what was there."""
+def _undone(current: torch.Tensor, record: tuple[Any, ...], delta: Any) -> torch.Tensor | str:
+    """``before`` from an :func:`_undo_record` (``delta``: a callable giving Δ again), or why it cannot be
+    restored bit-exactly (then nothing may be written)."""
     from .digests import tensor_digest
 
     if record[0] == "copy":
         return record[1]
     _, after_digest, before_digest, small, (big, big_bits) = record
     if tensor_digest(current) != after_digest:
-        return None
+        return "it no longer holds what this edit wrote (was it changed outside lmedit?)"
     ints = _INT_VIEW[current.element_size()]
     back = (current.to(torch.float32) - delta().to(torch.float32)).to(current.dtype)
     bits = back.contiguous().view(ints).view(-1).to(torch.int64)
@@ -121,7 +121,10 @@ def _undone(current: torch.Tensor, record: tuple[Any, ...], delta: Any) -> torch
         bits += small[0].to(torch.int64)
     bits[big.to(torch.int64)] = big_bits.to(torch.int64)
     before = bits.to(ints).view(current.dtype).view(current.shape)
-    return before if tensor_digest(before) == before_digest else None
+    if tensor_digest(before) != before_digest:
+        return ("recomputing the edit's update did not give back the weights before it bit for bit (another "
+                "device or number type than when it was applied?)")
+    return before
 
 
 def _version() -> str:
@@ -357,15 +360,14 @@ class WeightDelta(Edit):
         return originals
 
     def _revert(self, handle: ModelHandle, originals: dict[str, Any]) -> None:
-        restored = {}
+        restored: dict[str, torch.Tensor] = {}
         for name, record in originals.items():
             p = get_parameter(handle.model, name)
-            restored[name] = _undone(p.detach(), record, lambda n=name, d=p.device: self.dense(n).to(d))
-            if restored[name] is None:
-                raise EditError(
-                    f"cannot revert {self.label()} exactly: {name} no longer holds what this edit wrote (was it "
-                    "changed outside lmedit?); nothing was changed. Reload the model, or remove the edit with "
-                    "handle.remove_edit(edit, rebuild=True) after restoring the weight")
+            before = _undone(p.detach(), record, lambda n=name, d=p.device: self.dense(n).to(d))
+            if isinstance(before, str):
+                raise EditError(f"cannot revert {self.label()} exactly: {name}: {before}; nothing was changed. "
+                                "Reload the model to get the unedited weights")
+            restored[name] = before
         with torch.no_grad():
             for name, before in restored.items():
                 get_parameter(handle.model, name).copy_(before)

@@ -280,6 +280,15 @@ def test_weight_revert_refuses_a_weight_changed_behind_its_back(tiny_llama):
     with pytest.raises(EditError, match="no longer holds what this edit wrote"):
         edit.revert(tiny_llama)
     assert tiny_llama.state_digest() == changed and edit.is_applied(tiny_llama)
+    with torch.no_grad():
+        p.view(-1)[3] -= 1.0  # the weight holds what the edit wrote again, but its update now recomputes otherwise
+    a0 = a.clone()
+    a.mul_(1.001)
+    with pytest.raises(EditError, match="did not give back the weights before it"):
+        edit.revert(tiny_llama)
+    a.copy_(a0)
+    edit.revert(tiny_llama)
+    assert not edit.is_applied(tiny_llama)
 
 
 def test_prompt_context_changes_inputs_not_weights(tiny_llama, tmp_path):
