@@ -73,7 +73,8 @@ def _check_bound(name: str, delta: torch.Tensor, base: torch.Tensor, bound: floa
 _INT_VIEW = {4: torch.int32, 2: torch.int16}
 
 
-def _undo_record(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> tuple[Any, ...]:
+def _undo_record(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor, before_digest: str
+                 ) -> tuple[Any, ...]:
     """What a weight edit keeps to put ``before`` back bit-exactly, in a fraction of a copy's memory.
 
     ``after`` = round(before + Δ). Recomputing round(after − Δ) gives ``before`` back in most entries and a few
@@ -99,7 +100,7 @@ def _undo_record(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor)
         small: tuple[torch.Tensor, ...] = (where.to(torch.int32), offset[where].to(torch.int8))
     else:
         small = (offset.to(torch.int8),)
-    return ("offsets", tensor_digest(after), tensor_digest(before), small, exact)
+    return ("offsets", tensor_digest(after), before_digest, small, exact)
 
 
 def _undone(current: torch.Tensor, record: tuple[Any, ...], delta: Any) -> torch.Tensor | str:
@@ -329,7 +330,7 @@ class WeightDelta(Edit):
         from .digests import tensor_digest
 
         model = handle.model
-        new_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        new_values: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
         for name in self.deltas:
             try:
                 p = get_parameter(model, name)
@@ -340,7 +341,8 @@ class WeightDelta(Edit):
             if tuple(delta.shape) != tuple(p.shape):
                 raise EditMismatchError(
                     f"update for {name} has shape {tuple(delta.shape)}, the parameter {tuple(p.shape)}")
-            if strict and name in self.base_digests and tensor_digest(p) != self.base_digests[name]:
+            before_digest = tensor_digest(p)  # the strict check's and the undo record's
+            if strict and name in self.base_digests and before_digest != self.base_digests[name]:
                 raise EditMismatchError(
                     f"parameter {name} does not hold the values this edit was computed on (another edit is "
                     "applied, or another checkpoint); revert the other edits first or pass strict=False"
@@ -350,12 +352,12 @@ class WeightDelta(Edit):
             if not torch.isfinite(new).all():
                 raise EditError(f"refusing edit: it would write NaN/inf into {name}; the model is unchanged")
             _check_bound(name, delta, base, max_relative_update)
-            new_values[name] = new, delta
+            new_values[name] = new, delta, before_digest
         originals = {}
         with torch.no_grad():
-            for name, (new, delta) in new_values.items():
+            for name, (new, delta, before_digest) in new_values.items():
                 p = get_parameter(model, name)
-                originals[name] = _undo_record(p.detach(), new, delta)
+                originals[name] = _undo_record(p.detach(), new, delta, before_digest)
                 p.copy_(new)
         return originals
 

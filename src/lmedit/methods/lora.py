@@ -209,9 +209,9 @@ class LoRA(Editor):
                         opt.zero_grad()
                         loss.backward()
                         opt.step()
-                weights = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(
-                    handle.model, adapter_name=name).items()}
                 merged = _low_rank_updates(handle, name) if cfg.merge else None
+                weights = {} if cfg.merge else {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(
+                    handle.model, adapter_name=name).items()}
             finally:
                 remove(handle, name)
         log.info("lora: %d step(s), answer loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
