@@ -283,3 +283,66 @@ def test_a_request_without_its_true_answer_is_its_own_fact_per_wording():
     a = EditRequest(prompt="{} plays", subject="Denny Herzig", target_new="winger")
     b = EditRequest(prompt="{} is a", subject="Denny Herzig", target_new="goalkeeper")
     assert a.fact != b.fact and a.fact == EditRequest(prompt="{} plays", subject=" denny herzig", target_new="x").fact
+
+
+class _TenSecondsPerStep:
+    """A clock for the edit budget: every reading is 10 s after the one before, so each edit measures 10 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 10.0
+        return self.now
+
+
+@pytest.mark.parametrize("timing", ["final", "immediate"])
+def test_the_edit_budget_ends_the_run_where_it_runs_out_and_a_resume_goes_on(tiny_llama, tmp_path, corpus,
+                                                                             monkeypatch, timing):
+    import lmedit.bench.run as run_mod
+
+    monkeypatch.setattr(run_mod, "_clock", _TenSecondsPerStep())
+    h, out = tiny_llama, tmp_path / "run"
+    before = h.state_digest()
+    kw = dict(setting="sequential", eval_timing=timing, out_dir=out, protocols=PROTOCOLS, checkpoints=[1, 4, 6],
+              collapse_guard=CollapseGuard(ratio=50, corpus=corpus))
+    ed = ToyEditor(scale=0.02)
+    res = run_benchmark(ed, h, _cases(6), edit_budget=25, **kw)  # 10 s, 20 s, 30 s: no fourth edit starts
+    assert h.state_digest() == before and ed.calls == 3
+    s = res.summary
+    assert s["n_cases"] == 3 and [r.case_id for r in res.results] == [0, 1, 2]
+    assert json.loads((out / "run.json").read_text())["case_ids"] == [0, 1, 2]
+    b = s["edit_budget"]
+    assert (b["seconds"], b["spent"], b["edits"], b["asked"]) == (25, 30.0, 3, 6)
+    assert b["projected_seconds"] == pytest.approx(6 * b["edit_seconds_mean"])
+    points = s["lifelong"]["checkpoints"]  # checkpoint 4 and 6 were never reached; the run's end is the last point
+    assert [p["edits"] for p in points] == [1, 3] and points[-1]["scores"]["all"]["reliability"]["cases"] == 3
+    assert points[-1]["source"] == ("final records" if timing == "final" else "scored")
+    assert "stopped by the edit budget" in (out / "table.md").read_text()
+
+    res = run_benchmark(ed, h, _cases(6), resume=True, **kw)  # the full list again, no budget: goes on
+    assert h.state_digest() == before and ed.calls == 6  # the first three edits came from disk
+    assert res.summary["n_cases"] == 6 and "edit_budget" not in res.summary
+    assert [p["edits"] for p in res.summary["lifelong"]["checkpoints"]] == [1, 3, 4, 6]
+
+
+def test_an_edit_budget_needs_a_sequential_run_and_a_positive_time(tiny_llama, tmp_path, capsys, tiny_dir):
+    for setting, budget, msg in [("batch", 10, "sequential runs"), ("sequential", 0, "positive number"),
+                                 ("sequential", -1.0, "positive number"), ("sequential", "1h", "positive number")]:
+        with pytest.raises(ValueError, match=msg):
+            run_benchmark(ToyEditor(), tiny_llama, _cases(2), setting=setting, protocols=PROTOCOLS,
+                          out_dir=tmp_path / "r", edit_budget=budget)
+    assert not (tmp_path / "r").exists()
+    from lmedit.cli import main
+    from lmedit.cli.bench import duration
+
+    assert [duration(x) for x in ("90m", "2h", "600s", "45", "1.5h")] == [5400, 7200, 600, 45, 5400]
+    base = ["bench", "--model", str(tiny_dir), "--method", "ft-m", "--dataset", "zsre", "--n", "2",
+            "--out", str(tmp_path / "r")]
+    for extra, msg in [(["--edit-budget", "2 days"], "write e.g. 90m"), (["--edit-budget", "0m"], "positive")]:
+        with pytest.raises(SystemExit):  # argparse: usage and the message
+            main(base + extra)
+        assert msg in capsys.readouterr().err, extra
+    assert main(base + ["--edit-budget", "1h"]) != 0
+    assert "add --setting sequential" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

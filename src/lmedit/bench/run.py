@@ -50,6 +50,7 @@ from ..types import EditInputError, EditRequest
 from .apply import EVAL_TIMINGS, SETTINGS, apply_together, check_args, revert_checked  # noqa: F401 (settings re-exported)
 from .rundir import (
     CASES_FILE,
+    RUN_FILE,
     SUMMARY_FILE,
     TABLE_FILE,
     BenchmarkError,
@@ -60,7 +61,7 @@ from .rundir import (
     save_chunk,
     write_json,
 )
-from .sequential import SCORE_SLICE, CollapseGuard, lifelong_for
+from .sequential import SCORE_SLICE, CollapseGuard, budget_summary, check_budget, lifelong_for
 from .stores import RunBaselines, score_baseline
 from .summary import METRIC_ORDER, build_summary, render_table
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECOVERABLE = (EditInputError, EditError)  # a failed edit of one case; anything else stops the run
+_clock = time.perf_counter  # what the edit budget is measured with (a test replaces it)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class _Run:
     drift: Any = None  # DriftTracker of batch and sequential runs
     lifelong: Any = None  # checkpoints and collapse guard of sequential runs (lmedit.bench.sequential.Lifelong)
     scorer: CaseScorer | None = None  # how these cases are scored (their type's scorer)
+    header: dict[str, Any] = field(default_factory=dict)  # run.json (a run the edit budget stops is cut to its cases)
+    budget: float | None = None  # sequential: seconds of editing this sitting may spend (None: no limit)
+    budget_record: dict[str, Any] | None = None  # where the budget stopped the run (summary["edit_budget"])
 
     def chunks(self) -> list[list[int]]:
         step = 1 if self.setting == "single" else self.batch_size
@@ -160,8 +165,8 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
                   run_info: dict[str, Any] | None = None, edit_store: Any = None,
                   baseline_store: Any = None, generation: GenSettings | None = None,
                   drift: DriftSettings | None = None, fill_missing: bool = True,
-                  checkpoints: Sequence[int] | None = None, collapse_guard: CollapseGuard | None = None
-                  ) -> BenchmarkResult:
+                  checkpoints: Sequence[int] | None = None, collapse_guard: CollapseGuard | None = None,
+                  edit_budget: float | None = None) -> BenchmarkResult:
     """Edit and score ``cases`` with ``editor`` on ``handle`` (see the module docstring).
 
     Args:
@@ -190,12 +195,18 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
         checkpoints: sequential only: edit counts at which every edit so far is scored again (retention).
         collapse_guard: sequential only: refuse edits that collapse a probe perplexity (see
             :mod:`lmedit.bench.sequential`; the CLI turns it on by default).
+        edit_budget: sequential only: seconds of editing (compute, apply, the guard's probe, saving the edit;
+            not scoring) this sitting may spend. Once spent, no new edit starts: the run becomes a run of the
+            cases edited so far (scored as if ``cases`` had ended there; ``run.json`` says so, so a later
+            ``resume`` with the full list and a new budget extends it) and ``summary["edit_budget"]`` records
+            where it stopped, the seconds per edit and the projection to every case.
     Returns:
         per-case results in case order, and the summary.
     """
     t0 = time.perf_counter()
     cases = list(cases)
     check_args(editor, handle, cases, setting, batch_size, eval_timing)
+    check_budget(edit_budget, setting)
     keys = case_keys(cases)
     if len(set(map(str, keys))) != len(keys):
         raise EditInputError("case ids are not unique; give every case its own case_id")
@@ -207,8 +218,10 @@ def run_benchmark(editor: Any, handle: ModelHandle, cases: Sequence[Any], *, set
     run = _Run(editor, handle, cases, keys, setting, batch_size, timing, protocols,
                Path(out_dir) if out_dir is not None else None, generation=generation or GenSettings(), scorer=scorer)
     run.lifelong = lifelong_for(run, checkpoints, collapse_guard)  # checks the checkpoints; idle when neither
-    header = {**run_header(editor, handle, cases, setting=setting, batch_size=batch_size, eval_timing=eval_timing,
-                           protocols=protocols, generation=run.generation), **run.lifelong.header()}
+    run.budget = edit_budget
+    run.header = header = {**run_header(editor, handle, cases, setting=setting, batch_size=batch_size,
+                                        eval_timing=eval_timing, protocols=protocols, generation=run.generation),
+                           **run.lifelong.header()}
     # one process per run directory: a second run on the same folder gets LockedError (lmedit.io)
     with folder_lock(run.out, what=f"run directory {run.out}") if run.out is not None else contextlib.nullcontext():
         if run.out is not None:
@@ -262,6 +275,8 @@ def _finish(run: _Run, header: dict[str, Any], start_digest: str, run_info: dict
     if run.drift is not None:
         summary["drift"] = run.drift.summary()
     summary.update(run.lifelong.summary(results))
+    if run.budget_record is not None:
+        summary["edit_budget"] = budget_summary(run.budget_record, results)
     if run.out is not None:
         write_json(run.out / SUMMARY_FILE, summary)
         atomic_write(run.out / TABLE_FILE, render_table(summary))
@@ -349,9 +364,14 @@ def _run_sequential(run: _Run) -> None:
     applied: list[Edit] = []
     later: dict[int, tuple[dict, dict, int]] = {}  # case index -> (efficiency, info, chunk): scored at the end
     chunks = run.chunks()
+    spent = 0.0  # seconds of editing in this sitting (the budget's measure)
     try:
         for k, chunk in enumerate(chunks):
             saved = load_chunk(run, k, chunk)
+            if saved is None and run.budget is not None and spent >= run.budget:
+                chunks = _end_early(run, k, spent, len(applied))
+                break
+            t = _clock()
             if saved is None:
                 edit, eff, err = _compute_apply(run, chunk)
                 edit, err = run.lifelong.check(k, chunk, edit, err)  # the collapse guard may roll it back
@@ -367,6 +387,7 @@ def _run_sequential(run: _Run) -> None:
                     run.chunk_stats.append({"chunk": k, "stats": edit.meta["stats"]})
             if saved is None:
                 save_chunk(run, k, chunk, edit, eff, err)
+                spent += _clock() - t
             todo, info = run.todo(chunk), _info(edit, k, err)
             if err or run.eval_timing == "immediate":
                 posts = [{} for _ in todo] if err else (run.score(todo) if todo else [])
@@ -383,3 +404,26 @@ def _run_sequential(run: _Run) -> None:
     finally:
         for edit in reversed(applied):
             edit.revert(run.handle)
+
+
+def _end_early(run: _Run, k: int, spent: float, n_applied: int) -> list[list[int]]:
+    """The edit budget is spent before chunk ``k``: the run becomes the run of its first cases (those of
+    chunks 0..k-1), with run.json saying so; returns its chunks."""
+    m = k * run.batch_size  # chunks are consecutive and whole up to k
+    log.warning("edit budget of %.0f s spent after %d of %d edits (%.0f s this sitting); scoring those %d "
+                "(resume with the full --n and a new budget to go on)", run.budget, m, len(run.cases), spent, m)
+    run.budget_record = {"seconds": run.budget, "spent": spent, "edits": m, "asked": len(run.cases)}
+    run.cases, run.keys = run.cases[:m], run.keys[:m]
+    for name in ("case_ids", "case_digests"):
+        if name in run.header:
+            run.header[name] = run.header[name][:m]
+    if run.out is not None:
+        write_json(run.out / RUN_FILE, run.header)
+    if run.drift is not None:  # the drift at the run's new end
+        run.drift.n_chunks = k
+        run.drift.checkpoint(k - 1, n_applied)
+    run.lifelong.end_early(m, k - 1)
+    if run.bar is not None:
+        run.bar.total = m
+        run.bar.refresh()
+    return run.chunks()

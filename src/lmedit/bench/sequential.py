@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,6 +140,27 @@ def refuse_if_collapsed(handle: ModelHandle, edit: Edit, guard: CollapseGuard, b
         "guard's ratio or turn the guard off to keep such edits", perplexity=ppl, limit=limit, option="collapse_guard")
 
 
+def check_budget(seconds: Any, setting: str) -> None:
+    """An edit budget must be a positive number of seconds, in a sequential run; else ValueError."""
+    if seconds is None:
+        return
+    if setting != "sequential":
+        raise ValueError("an edit budget belongs to sequential runs (it stops a long sequence where the time runs "
+                         "out); use setting='sequential' or leave it out")
+    number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+    if not (number and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"the edit budget must be a positive number of seconds, got {seconds!r}")
+
+
+def budget_summary(record: dict[str, Any], results: list[CaseResult]) -> dict[str, Any]:
+    """``summary["edit_budget"]``: where the budget stopped the run, the editor's seconds per edit over every
+    edit the run made (earlier sittings included) and the projection of editing all the cases asked for."""
+    secs = [r.efficiency["seconds"] for r in results if r.efficiency.get("seconds") is not None]
+    mean = sum(secs) / len(secs) if secs else None
+    return {**record, "edit_seconds_median": statistics.median(secs) if secs else None, "edit_seconds_mean": mean,
+            "projected_seconds": mean * record["asked"] if mean is not None else None}
+
+
 class Lifelong:
     """The checkpoints and the collapse guard of one sequential run (driven by the runner's loop)."""
 
@@ -217,6 +239,20 @@ class Lifelong:
         c = len(self.seen)
         if not self.checkpoints or c not in self._scored_here() or c in self.done:
             return
+        self._score_point(c, k)
+
+    def end_early(self, m: int, k: int) -> None:
+        """The run stops after its first ``m`` cases (chunk ``k`` was the last to run: the edit budget ran out).
+        Checkpoints past ``m`` are dropped and ``m`` becomes the last one, so the curves end where the editing
+        did; a final-timing run's last point is its final scoring, an immediate-timing run's is scored now."""
+        if not self.checkpoints:
+            return
+        self.checkpoints = (*(c for c in self.checkpoints if c < m), m)
+        if self.run.eval_timing == "immediate" and m not in self.done:
+            self._score_point(m, k)
+
+    def _score_point(self, c: int, k: int) -> None:
+        """Score every applied edit at checkpoint ``c`` (after chunk ``k``) and record the point."""
         run = self.run
         if run.drift is not None:
             run.drift.checkpoint(k, len(self.applied))

@@ -97,6 +97,11 @@ def render_table(summary: dict[str, Any]) -> str:
     lines.append(f"- wall time of the run: {summary.get('wall_seconds', 0.0):.1f} s" if not done else
                  f"- wall time of the last sitting: {summary.get('wall_seconds', 0.0):.1f} s (resumed with {done} "
                  "of the cases finished; earlier sittings are not counted)")
+    if b := summary.get("edit_budget"):
+        lines.append(f"- stopped by the edit budget ({b['seconds']:.0f} s, {b['spent']:.0f} s spent in the last "
+                     f"sitting) after {b['edits']} of the {b['asked']} edits asked for"
+                     + (f"; at {b['edit_seconds_mean']:.2f} s per edit (mean) all {b['asked']} would take about "
+                        f"{b['projected_seconds'] / 3600:.2f} h of editing" if b.get("projected_seconds") else ""))
     if summary.get("missing_protocols"):
         lines += ["", "Cases not scored with a protocol (left out of its means, not zeros): "
                   + ", ".join(f"{p}: {n}" for p, n in summary["missing_protocols"].items())]

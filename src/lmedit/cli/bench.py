@@ -55,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sequential: refuse and roll back an edit that pushes a probe perplexity (128 WikiText-2 "
                         "tokens) past RATIO x the unedited model's (on by default in sequential runs: 1.3)")
     p.add_argument("--no-collapse-guard", action="store_true", help="sequential: keep every edit (no guard)")
+    p.add_argument("--edit-budget", metavar="DURATION", type=duration,
+                   help="sequential: stop starting new edits once editing has taken this long in this sitting "
+                        "(e.g. 90m, 2h, 600s), then score the edits made as the run's end; --resume with a new "
+                        "budget goes on (scoring is not counted)")
     p.add_argument("--plot", action="store_true",
                    help="with --checkpoints: draw retention and drift against the number of edits to DIR/lifelong.png "
                         "(needs the viz extra: matplotlib)")
@@ -86,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.method} edits one request at a time; use --batch-size 1")
     protocols, generation = protocol_options(args)
     checkpoints, guard = lifelong_options(args)
+    if args.edit_budget is not None and args.setting != "sequential":
+        raise ValueError("--edit-budget belongs to sequential runs; add --setting sequential or leave it out")
     drift = None
     if args.drift_tokens and args.setting != "single":
         from ..metrics.drift import DriftSettings
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         run_benchmark(editor, handle, cases, setting=args.setting, batch_size=args.batch_size,
                       eval_timing=args.eval_timing, out_dir=out, resume=args.resume, progress=True, run_info=run_info,
                       protocols=protocols, generation=generation, drift=drift, checkpoints=checkpoints,
-                      collapse_guard=guard)
+                      collapse_guard=guard, edit_budget=args.edit_budget)
         judge = make_judge(args, out)
         if judge is not None:
             from ..bench.rescore import rescore_run
@@ -121,6 +127,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot: {lifelong_curves(summary, out / 'lifelong.png')}")
     print(f"\nresults: {out}/ (cases.jsonl, summary.json, table.md)")
     return 0
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90m``, ``2h``, ``1.5h``, ``600s`` or a bare number of seconds (argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90m, 2h or 600s") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"the duration must be positive, got {text!r}")
+    return value
 
 
 def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object]:
