@@ -182,6 +182,20 @@ def test_bench_with_ft_and_a_huge_learning_rate_keeps_going_without_the_bad_edit
     assert len(res.summary["lifelong"]["collapse_guard"]["refused"]) == 3
 
 
+def test_a_probe_longer_than_a_window_reads_its_text_in_windows_as_drift_does(tiny_llama, corpus):
+    """--guard-tokens 600: the probe's perplexity is the drift measurement's on the same 600 tokens (windows of
+    512), not one 600-token window past what a model may have been trained on."""
+    from lmedit.bench.sequential import PROBE_WINDOW
+    from lmedit.metrics.drift import DriftSettings, corpus_ids, perplexity
+
+    ids = corpus_ids(tiny_llama, DriftSettings(tokens=600, corpus=corpus))
+    assert len(ids) == 600 and PROBE_WINDOW == 512
+    assert probe_perplexity(tiny_llama, CollapseGuard(tokens=600, corpus=corpus)) == pytest.approx(
+        perplexity(tiny_llama, ids, window=512), rel=1e-6)
+    assert probe_perplexity(tiny_llama, CollapseGuard(tokens=128, corpus=corpus)) == pytest.approx(
+        perplexity(tiny_llama, ids[:128], window=128), rel=1e-6)
+
+
 @pytest.mark.parametrize("checkpoints,match", [
     ([10, 5], r"increasing order.*\[5, 10\]"),
     ([2, 2, 4], r"\[2\] appear more than once"),
@@ -220,11 +234,27 @@ def test_cli_bad_sequential_input_says_what_to_fix(tiny_dir, tmp_path, capsys):
         (["--n", "4", "--setting", "sequential", "--plot"], "add --checkpoints"),
         (["--n", "4", "--setting", "sequential", "--collapse-guard", "1.5", "--no-collapse-guard"], "contradict"),
         (["--n", "4", "--setting", "sequential", "--collapse-guard", "1"], "above 1"),
+        (["--n", "4", "--guard-tokens", "256"], "add --setting sequential"),
+        (["--n", "4", "--setting", "sequential", "--guard-tokens", "256", "--no-collapse-guard"], "contradict"),
+        (["--n", "4", "--setting", "sequential", "--guard-tokens", "4"], "at least 8 tokens"),
     ]
     for extra, msg in cases:
         assert main(base + extra) != 0
         assert msg in capsys.readouterr().err, extra
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_guard_options_reach_the_guard():
+    from argparse import Namespace
+
+    from lmedit.cli.bench import lifelong_options
+
+    args = dict(setting="sequential", checkpoints=None, collapse_guard=None, guard_tokens=None, plot=False, n=4,
+                batch_size=1, no_collapse_guard=False)
+    assert lifelong_options(Namespace(**args))[1] == CollapseGuard(ratio=1.3, tokens=128)
+    assert lifelong_options(Namespace(**{**args, "guard_tokens": 2048, "collapse_guard": 1.2}))[1] == CollapseGuard(
+        ratio=1.2, tokens=2048)
+    assert lifelong_options(Namespace(**{**args, "no_collapse_guard": True}))[1] is None
 
 
 def test_cli_sequence_longer_than_the_data(tiny_dir, tmp_path, capsys):

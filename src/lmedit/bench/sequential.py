@@ -63,13 +63,17 @@ CHECKPOINTS_FILE, CHECKPOINT_CASES_FILE, GUARD_FILE = "checkpoints.jsonl", "chec
 SCORE_SLICE = 32  # cases scored (and written) at a time at a checkpoint and in the final scoring
 
 
+PROBE_WINDOW = DriftSettings.window  # a longer probe reads its text in windows of this many tokens, as drift does
+
+
 @dataclass(frozen=True)
 class CollapseGuard:
     """Refuse an edit that pushes the probe perplexity past ``ratio`` × the unedited model's.
 
     Attributes:
         ratio: the allowed factor over the unedited model's probe perplexity (> 1).
-        tokens: probe length: the first this many tokens of the drift corpus, read as one window.
+        tokens: probe length: the first this many tokens of the drift corpus, read in windows of up to
+            :data:`PROBE_WINDOW` tokens (the drift measurement's window).
         corpus: a text file instead of the shared WikiText-2 test split.
     """
 
@@ -117,8 +121,9 @@ def check_checkpoints(checkpoints: Any, n: int, batch_size: int = 1) -> tuple[in
 
 def probe_perplexity(handle: ModelHandle, guard: CollapseGuard) -> float:
     """The collapse guard's probe on the model as it is now."""
-    ids = corpus_ids(handle, DriftSettings(tokens=guard.tokens, window=guard.tokens, corpus=guard.corpus))
-    return perplexity(handle, ids, window=guard.tokens)
+    window = min(guard.tokens, PROBE_WINDOW)
+    ids = corpus_ids(handle, DriftSettings(tokens=guard.tokens, window=window, corpus=guard.corpus))
+    return perplexity(handle, ids, window=window)
 
 
 def refuse_if_collapsed(handle: ModelHandle, edit: Edit, guard: CollapseGuard, base: float) -> float:

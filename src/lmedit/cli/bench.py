@@ -52,8 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sequential: after these numbers of edits, score every edit made so far again (retention: "
                         "all, oldest and newest tenth), with locality and drift; e.g. 10,100,1000")
     p.add_argument("--collapse-guard", type=float, metavar="RATIO", default=None,
-                   help="sequential: refuse and roll back an edit that pushes a probe perplexity (128 WikiText-2 "
-                        "tokens) past RATIO x the unedited model's (on by default in sequential runs: 1.3)")
+                   help="sequential: refuse and roll back an edit that pushes a probe perplexity (--guard-tokens "
+                        "WikiText-2 tokens) past RATIO x the unedited model's (on by default in sequential runs: 1.3)")
+    p.add_argument("--guard-tokens", type=int, metavar="N", default=None,
+                   help="sequential: the collapse guard's probe reads this many WikiText-2 tokens (default 128; "
+                        "more costs more per edit and bounds drift more tightly)")
     p.add_argument("--no-collapse-guard", action="store_true", help="sequential: keep every edit (no guard)")
     p.add_argument("--edit-budget", metavar="DURATION", type=duration,
                    help="sequential: stop starting new edits once editing has taken this long in this sitting "
@@ -144,16 +147,18 @@ def duration(text: str) -> float:
 
 
 def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object]:
-    """(checkpoints, CollapseGuard or None) from ``--checkpoints``, ``--collapse-guard`` and ``--no-collapse-guard``;
+    """(checkpoints, CollapseGuard or None) from ``--checkpoints``, ``--collapse-guard``, ``--guard-tokens`` and
+    ``--no-collapse-guard``;
     checked before anything loads (run_benchmark checks the checkpoints against the cases again)."""
     from ..bench.sequential import CollapseGuard, check_checkpoints
 
     sequential = args.setting == "sequential"
-    if not sequential and (args.checkpoints or args.collapse_guard is not None or args.plot):
-        raise ValueError("--checkpoints, --collapse-guard and --plot belong to sequential runs; add --setting "
-                         "sequential")
-    if args.collapse_guard is not None and args.no_collapse_guard:
-        raise ValueError("--collapse-guard and --no-collapse-guard contradict each other; keep one")
+    tuned = args.collapse_guard is not None or args.guard_tokens is not None
+    if not sequential and (args.checkpoints or tuned or args.plot):
+        raise ValueError("--checkpoints, --collapse-guard, --guard-tokens and --plot belong to sequential runs; add "
+                         "--setting sequential")
+    if tuned and args.no_collapse_guard:
+        raise ValueError("--collapse-guard / --guard-tokens and --no-collapse-guard contradict each other; keep one")
     if args.plot and not args.checkpoints:
         raise ValueError("--plot draws the checkpoints' curves; add --checkpoints (e.g. 10,50,100)")
     checkpoints = None
@@ -166,5 +171,6 @@ def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object
         check_checkpoints(checkpoints, args.n, args.batch_size)
     guard = None
     if sequential and not args.no_collapse_guard:
-        guard = CollapseGuard(ratio=1.3 if args.collapse_guard is None else args.collapse_guard)
+        guard = CollapseGuard(ratio=1.3 if args.collapse_guard is None else args.collapse_guard,
+                              tokens=128 if args.guard_tokens is None else args.guard_tokens)
     return checkpoints, guard
