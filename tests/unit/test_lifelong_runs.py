@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -285,6 +286,17 @@ def test_lifelong_plot(tmp_path):
                             "collapse_guard": {"ratio": 1.3, "base_perplexity": 20.0}}}
     path = lifelong_curves(summary, tmp_path / "lifelong.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from lmedit.table.plots import _latest_score, lifelong_comparison
+
+    old = point(10, 0.5)
+    del old["scores"]["current"]  # a run scored before "latest per fact" existed: every edit stands in
+    runs = {"a": summary["lifelong"], "b": {"checkpoints": [old]}}
+    assert lifelong_comparison(runs, tmp_path / "cmp.png", "t").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _latest_score(old["scores"], "reliability") == 50.0
+    assert math.isnan(_latest_score(old["scores"], "reliability@gen_em"))
+    with pytest.raises(ValueError, match="no run with a finished checkpoint"):
+        lifelong_comparison({"a": {"checkpoints": []}}, tmp_path / "none.png")
 
 
 def test_a_fact_edited_again_counts_once_under_its_latest_edit(tiny_llama, tmp_path, corpus):

@@ -191,3 +191,55 @@ def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def lifelong_comparison(runs: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """One figure for several sequential runs (label -> ``summary["lifelong"]`` or
+    ``lmedit.bench.sequential.progress(dir)``), against the number of edits asked for: the latest edit of each
+    fact's reliability and locality (teacher-forced solid, generated exact match dashed; a checkpoint scored
+    before "latest per fact" existed falls back to every edit), and perplexity over the unedited model's."""
+    plt = _pyplot()
+    if not runs or not any(life.get("checkpoints") for life in runs.values()):
+        raise ValueError("no run with a finished checkpoint to plot")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    cmap = plt.get_cmap("tab10")
+    handles = []
+    for j, (label, life) in enumerate(runs.items()):
+        points = life.get("checkpoints") or []
+        x = [p["edits"] for p in points]
+        color = cmap(j % 10)
+        for ax, metric in zip(axes[:2], ("reliability", "locality"), strict=True):
+            for suffix, style in (("", "-"), ("@gen_em", "--")):
+                ys = [_latest_score(p["scores"], metric + suffix) for p in points]
+                if not all(math.isnan(y) for y in ys):
+                    ax.plot(x, ys, style, marker="o", color=color)
+        drift = [(p["edits"], p["drift"]["ratio"]) for p in points if p.get("drift")]
+        if drift:
+            axes[2].plot([a for a, _ in drift], [b for _, b in drift], marker="o", color=color)
+        handles.append(plt.Line2D([], [], color=color, marker="o", label=label))
+    handles += [plt.Line2D([], [], color="black", linestyle="-", label="teacher-forced"),
+                plt.Line2D([], [], color="black", linestyle="--", label="generated, exact match")]
+    for ax, name in zip(axes, ("reliability, latest edit of each fact (x100)", "locality (x100)",
+                               "perplexity / unedited (drift corpus)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("edits made")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylim(0, 105)
+    axes[1].set_ylim(0, 105)
+    axes[2].axhline(1.0, color="grey", linewidth=0.8)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _latest_score(scores: dict[str, Any], name: str) -> float:
+    for part in ("current", "all"):
+        if name in scores.get(part, {}):
+            return 100 * scores[part][name]["mean"]
+    return math.nan
+
