@@ -245,6 +245,22 @@ def test_cli_bad_sequential_input_says_what_to_fix(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_each_sequential_edit_hands_the_freed_heap_back(tiny_llama, tmp_path, monkeypatch):
+    """glibc keeps freed memory in its heap: a sequential MEMIT run grew ~30 MB of RSS per edit without a trim
+    (benchmarks/sequential_memory.py), so the runner trims after every chunk."""
+    import sys
+
+    import lmedit.bench.run as run_mod
+    from lmedit.metrics.efficiency import release_freed_memory
+
+    assert release_freed_memory() is sys.platform.startswith("linux")
+    calls = []
+    monkeypatch.setattr(run_mod, "release_freed_memory", lambda: calls.append(1) or True)
+    run_benchmark(ToyEditor(), tiny_llama, _cases(3), setting="sequential", out_dir=tmp_path / "r",
+                  protocols=PROTOCOLS, collapse_guard=None)
+    assert len(calls) == 3
+
+
 def test_cli_guard_options_reach_the_guard():
     from argparse import Namespace
 

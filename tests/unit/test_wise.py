@@ -70,6 +70,25 @@ def test_edit_prompt_takes_side_memory_and_unrelated_text_main(llama):
     edit.revert(llama)
 
 
+def test_unrelated_windows_of_wikitext_join_the_built_in_sentences(llama):
+    from lmedit.config import ConfigError
+    from lmedit.data.paths import find_data_file
+    from lmedit.methods.wise import _windows
+
+    try:
+        find_data_file("corpus/wikitext-2_valid.tokens.txt")
+    except FileNotFoundError:
+        pytest.skip("WikiText-2 valid split not found (../shared/data)")
+    a = _windows(llama, REQS[0].text, 3)
+    assert a == _windows(llama, REQS[0].text, 3) and a != _windows(llama, REQS[1].text, 3)  # seeded by the edit
+    assert len(a) == 3 and all(len(w) == len(llama.tokens.bos) + 64 for w in a)
+    plain = wise().compute(llama, REQS[0]).meta["stats"]["unrelated_tokens"]
+    edit = wise(unrelated_windows=2).compute(llama, REQS[0])
+    assert edit.meta["stats"]["unrelated_tokens"] == plain + 2 * (len(llama.tokens.bos) + 64)
+    with pytest.raises(ConfigError, match="unrelated_windows must be ≥ 0"):
+        wise(unrelated_windows=-1)
+
+
 def test_training_routes_as_inference(llama):
     # an edit trains through the side memory only where the layer will route to it at inference (its answer
     # positions, and positions whose Δ reaches the shard's threshold): with the shard's τ and threshold and no

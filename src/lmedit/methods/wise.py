@@ -30,6 +30,7 @@ cheaper. Undo of any edit is exact; see ``_wise_memory``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ..hooks import get_module, set_module, trace
 from ..locate.pipeline import Phases
 from ..locate.suffix import replaying, with_input_of
 from ..locate.templates import context_templates, split_template
+from ..metrics.drift import WIKITEXT_VALID, text_ids
 from ..metrics.scoring import logits_at
 from ..registry import register_editor
 from ..types import EditRequest
@@ -88,6 +90,9 @@ class WISEConfig(Config):
     act_ratio: float = option(0.88, "a position uses a side memory when Δ ≥ act_ratio × its edits' smallest Δ")
     norm_constraint: float = option(1.0, "each side-memory entry stays within ± this of the main memory's")
     templates: int = option(10, "context-template rows per edit besides the bare prompt (0, 5 or 10)")
+    unrelated_windows: int = option(
+        0, "64-token windows of WikiText-2's valid split, drawn afresh for each edit (seeded by its prompt), whose "
+        "tokens the edit also trains to leave on the main memory, besides the built-in unrelated sentences (0: none)")
     replay: int = option(20, "earlier edits of the same shard (the newest this many) whose prompt and answer "
                          "train again with each new edit, so it cannot overwrite them (0: none)")
     shard_size: int = option(500, "edits per shard (the paper's save_freq); a full shard starts a fresh mask")
@@ -104,8 +109,9 @@ class WISEConfig(Config):
             raise ConfigError("WISEConfig needs margins alpha, beta, gamma ≥ 0 and norm_constraint > 0")
         if self.templates not in (0, 5, 10):
             raise ConfigError(f"templates must be 0, 5 or 10, got {self.templates}")
-        if self.replay < 0:
-            raise ConfigError(f"replay must be ≥ 0, got {self.replay}")
+        if self.replay < 0 or self.unrelated_windows < 0:
+            raise ConfigError(f"replay and unrelated_windows must be ≥ 0, got {self.replay} and "
+                              f"{self.unrelated_windows}")
         if self.shard_size < 1 or self.merge_every < 1:
             raise ConfigError("WISEConfig needs shard_size ≥ 1 and merge_every ≥ 1")
 
@@ -178,10 +184,15 @@ class WISE(DepthLayer, Editor):
         act_name = _activation_name(handle)
         act = activation_fn(act_name)
         with clock("unrelated"):
-            a_irr = _inputs_at(handle, path, list(IRRELEVANT))
+            a_irr = _inputs_at(handle, path, [handle.tokens.prompt_ids(t) for t in IRRELEVANT])
             with torch.no_grad():
                 main_irr = base(a_irr.to(handle.dtype)).float()
-            scale = float(act(main_irr).norm(dim=-1).mean())
+            scale = float(act(main_irr).norm(dim=-1).mean())  # the margins' unit: the built-in sentences only
+            if cfg.unrelated_windows:
+                a_text = _inputs_at(handle, path, _windows(handle, req.text, cfg.unrelated_windows))
+                with torch.no_grad():
+                    main_irr = torch.cat([main_irr, base(a_text.to(handle.dtype)).float()])
+                a_irr = torch.cat([a_irr, a_text])
         prompts, targets = _rows(handle, req, cfg.templates)
         earlier = memory.replay_rows(shard)[-cfg.replay:] if memory is not None and cfg.replay else []
         prompts += [p for p, _ in earlier]
@@ -239,6 +250,7 @@ class WISE(DepthLayer, Editor):
             set_module(handle.model, path, module)
         values = trainer.values.detach().float().cpu()
         stats = {"layer": layer, "shard": shard, "steps": len(losses), "replayed": len(earlier),
+                 "unrelated_tokens": int(a_irr.shape[0]),
                  "loss": [losses[0], losses[-1]],
                  "delta_edit_min": float(d_in.min()), "delta_unrelated_max": float(d_out.max()),
                  "scale": scale, "seconds": clock.seconds, "cpu_seconds": time.process_time() - cpu0}
@@ -269,9 +281,19 @@ def _rows(handle: ModelHandle, req: EditRequest, n: int) -> tuple[list[str], lis
     return prompts, [req.target_new] * len(prompts)
 
 
-def _inputs_at(handle: ModelHandle, path: str, texts: list[str]) -> torch.Tensor:
-    """The inputs of the module at ``path`` at every real token of ``texts`` ([tokens, d_in], float32)."""
-    ids, mask = handle.tokens.pad([handle.tokens.prompt_ids(t) for t in texts], "right")
+def _windows(handle: ModelHandle, seed_text: str, n: int, length: int = 64) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens of WikiText-2's valid split (its first 65,536 tokens; no drift number
+    reads that split), chosen by a generator seeded with ``seed_text``: the same edit gets the same windows."""
+    ids = text_ids(handle, WIKITEXT_VALID, 65_536)
+    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little"))
+    starts = torch.randperm(len(ids) // length, generator=gen)[:n].tolist()
+    return [handle.tokens.bos + ids[s * length:(s + 1) * length] for s in starts]
+
+
+def _inputs_at(handle: ModelHandle, path: str, rows: list[list[int]]) -> torch.Tensor:
+    """The inputs of the module at ``path`` at every real token of ``rows`` of token ids ([tokens, d_in],
+    float32)."""
+    ids, mask = handle.tokens.pad(rows, "right")
     inputs = {"input_ids": ids.to(handle.device), "attention_mask": mask.to(handle.device),
               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(handle.device)}
     with torch.no_grad(), trace(handle.model, path, input=True, output=False, stop=True) as t:

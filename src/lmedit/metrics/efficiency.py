@@ -28,6 +28,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+_TRIM: Any = None  # glibc's malloc_trim, looked up on first use; False where there is none
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's freed pages back to the system (glibc's ``malloc_trim(0)``; elsewhere nothing).
+
+    Editing one fact after another frees and allocates many tensors of varying sizes, and glibc keeps the
+    freed memory in its heap: a sequential MEMIT run on SmolLM2 grew by about 30 MB of resident memory per
+    edit (9 GB after 285 edits) while its live tensors grew by 0.7 MB, and with a trim after each edit it
+    stayed flat (docs/reliability.md). Returns whether a trim ran."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
+        except (OSError, AttributeError):
+            _TRIM = False
+    if not _TRIM:
+        return False
+    _TRIM(0)
+    return True
+
 
 @dataclass
 class Measurement:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..edits import Edit, EditError, EditMismatchError, PromptContext, WeightDelta
+from ..metrics.efficiency import release_freed_memory
 from ..types import EditInputError, EditRequest
 from . import teach
 from .errors import BadRequest, Conflict, NotFound, TooBusy, Unavailable
@@ -259,6 +260,7 @@ class Engine:
         self._stack.append((rec, edit))
         self.state = rec.state_after
         log.info("edit %s applied (%s); weights %s", rec.id, rec.method, self.state)
+        release_freed_memory()  # a server lives through many edits: give back what each one freed
         return rec
 
     def undo(self, edit_id: str) -> EditRecord:

@@ -222,7 +222,7 @@ def lifelong_comparison(runs: dict[str, dict[str, Any]], path: Path, title: str 
     for ax, name in zip(axes, ("reliability, latest edit of each fact (x100)", "locality (x100)",
                                "perplexity / unedited (drift corpus)"), strict=True):
         ax.set_xscale("log")
-        ax.set_xlabel("edits made")
+        ax.set_xlabel("edits asked (refused ones included)")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylim(0, 105)
