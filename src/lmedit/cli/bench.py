@@ -171,6 +171,6 @@ def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object
         check_checkpoints(checkpoints, args.n, args.batch_size)
     guard = None
     if sequential and not args.no_collapse_guard:
-        guard = CollapseGuard(ratio=1.3 if args.collapse_guard is None else args.collapse_guard,
-                              tokens=128 if args.guard_tokens is None else args.guard_tokens)
+        given = {"ratio": args.collapse_guard, "tokens": args.guard_tokens}
+        guard = CollapseGuard(**{k: v for k, v in given.items() if v is not None})  # the rest: its defaults
     return checkpoints, guard
