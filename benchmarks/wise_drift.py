@@ -32,14 +32,11 @@ def routing(handle, path: str, ids: list[int], window: int = 512) -> tuple[float
         x_ids = torch.tensor([handle.tokens.bos + ids[s:s + window]], device=handle.device)
         with trace(handle.model, path, input=True) as t:
             handle.model(input_ids=x_ids)
-        x = t.input
-        main = layer.base(x).float()
+        x, main = t.input, layer.base(t.input)
         choice = layer.route(x, main)[1][0]
         side += int((choice >= 0).sum())
         total += choice.numel()
-        for tau, _ in layer.memories():
-            delta = (layer.act(main + x.float() @ tau.T) - layer.act(main)).norm(dim=-1)
-            top = max(top, float(delta.max()))
+        top = max([top] + [float(delta.max()) for _, delta, _ in layer.deltas(x, main)])
     return side / total, top
 
 

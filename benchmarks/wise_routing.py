@@ -29,8 +29,7 @@ def probe(handle, layer, path: str, prompt: str, answer: str) -> tuple[float, fl
     with trace(handle.model, path, input=True, output=True) as t:
         out = handle.model(**batch.model_inputs(handle.device))
     x, main = t.input, layer.base(t.input)
-    deltas = torch.stack([(layer.act(main.float() + x.float() @ tau.T) - layer.act(main.float())).norm(dim=-1)[0]
-                          for tau, _ in layer.memories()]).max(0).values
+    deltas = torch.stack([delta[0] for _, delta, _ in layer.deltas(x, main)]).max(0).values
     side = layer.route(x, main)[1][0] >= 0
     pos = batch.pred_positions(0)
     ok = out.logits[0, pos].argmax(-1).tolist() == list(batch.labels[0])

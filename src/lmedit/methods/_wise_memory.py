@@ -24,7 +24,7 @@ applied. Edits trained after it on the same shard keep the values they learned w
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -218,18 +218,24 @@ class WiseLayer(ProjectionWrapper):
             return out
         return self.route(x, out)[0].to(out.dtype)
 
-    def route(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routed output (float32) for input ``x`` and main-memory output ``out``, and per position the
-        index into :meth:`memories` of the side memory used (-1: the main memory)."""
+    def deltas(self, x: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """For each side memory in force: its output W x + τ x (float32), the routing score
+        Δ = ‖σ(W x + τ x) − σ(W x)‖ per position, and its threshold θ (``out``: the main memory's W x)."""
         q, main = x.float(), out.float()
         if self._memories and self._memories[0][0].device != q.device:
             self._memories = [(t.to(q.device), th) for t, th in self._memories]
         main_act = self.act(main)
-        new, best = main, torch.full(main.shape[:-1], -1.0, device=q.device)
-        choice = torch.full(main.shape[:-1], -1, dtype=torch.long, device=q.device)
-        for i, (tau, theta) in enumerate(self._memories):
+        for tau, theta in self._memories:
             side = main + F.linear(q, tau)
-            delta = (self.act(side) - main_act).norm(dim=-1)
+            yield side, (self.act(side) - main_act).norm(dim=-1), theta
+
+    def route(self, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed output (float32) for input ``x`` and main-memory output ``out``, and per position the
+        index into :meth:`memories` of the side memory used (-1: the main memory)."""
+        main = out.float()
+        new, best = main, torch.full(main.shape[:-1], -1.0, device=x.device)
+        choice = torch.full(main.shape[:-1], -1, dtype=torch.long, device=x.device)
+        for i, (side, delta, theta) in enumerate(self.deltas(x, out)):
             fire = (delta >= theta) & (delta > best)
             new = torch.where(fire.unsqueeze(-1), side, new)
             best = torch.where(fire, delta, best)
