@@ -92,7 +92,8 @@ class WISEConfig(Config):
     templates: int = option(10, "context-template rows per edit besides the bare prompt (0, 5 or 10)")
     unrelated_windows: int = option(
         0, "64-token windows of WikiText-2's valid split, drawn afresh for each edit (seeded by its prompt), whose "
-        "tokens the edit also trains to leave on the main memory, besides the built-in unrelated sentences (0: none)")
+        "tokens the edit also trains to leave on the main memory, besides the built-in unrelated sentences (0: none)",
+        added=True)
     replay: int = option(20, "earlier edits of the same shard (the newest this many) whose prompt and answer "
                          "train again with each new edit, so it cannot overwrite them (0: none)")
     shard_size: int = option(500, "edits per shard (the paper's save_freq); a full shard starts a fresh mask")
