@@ -14,8 +14,10 @@ keys peft writes to ``adapter_model.safetensors``, adapter name removed) and ``e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -127,6 +129,37 @@ class LoraAdapter(Edit):
                 f"({n:,} parameters)"]
 
 
+_NO_CONVERSION = threading.Lock()
+
+
+@contextlib.contextmanager
+def _as_named():
+    """Keep peft from rewriting our adapter's targets for transformers v5.
+
+    peft >= 0.22 renames a config's targets when it injects into a model whose MoE layers changed shape between
+    transformers v4 and v5 (Mixtral, Qwen2-MoE), so that adapters trained on v4 checkpoints still load. Ours are
+    always built from the live model's own module names, so the renaming has nothing to do, and on a second
+    adapter it does harm: the target is a peft LoRA layer by then, not an ``nn.Linear``, so peft turns the
+    module target into a parameter target that names no parameter and refuses the adapter ("No `target_modules`
+    passed but also no `target_parameters` found"). Without that peft function this is a no-op.
+    """
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        yield
+        return
+    if not hasattr(conversion, "convert_peft_config_for_transformers"):
+        yield
+        return
+    with _NO_CONVERSION:
+        original = conversion.convert_peft_config_for_transformers
+        conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            conversion.convert_peft_config_for_transformers = original
+
+
 def inject(handle: ModelHandle, config: Any, name: str) -> None:
     """Add adapter ``name`` to the model (peft injects its LoRA layers on first use); all adapters active,
     none trainable."""
@@ -134,11 +167,12 @@ def inject(handle: ModelHandle, config: Any, name: str) -> None:
     model = handle.model
     tuner = _TUNERS.get(model)
     try:
-        if tuner is None:
-            _TUNERS[model] = tuner = peft.LoraModel(model, config, name)
-        else:
-            tuner.peft_config[name] = config
-            tuner.inject_adapter(model, name)
+        with _as_named():
+            if tuner is None:
+                _TUNERS[model] = tuner = peft.LoraModel(model, config, name)
+            else:
+                tuner.peft_config[name] = config
+                tuner.inject_adapter(model, name)
     except ValueError as e:
         if tuner is None or not tuner.peft_config.get(name):
             _TUNERS.pop(model, None)
