@@ -4,7 +4,7 @@
     python ../../lifelong_compare.py --out ../../../docs/img/lifelong_compare_zsre.png \\
         --title "Sequential ZsRE edits on SmolLM2-135M (each run as far as it went)" \\
         kv-memory=kv-memory-zsre-n998 GRACE=grace-zsre-n998 AlphaEdit=alphaedit-zsre-n998-partial \\
-        MEMIT=memit-zsre-n300 WISE=wise-zsre-n114 "LoRA, one FFN=lora-ffn19-zsre-n196"
+        MEMIT=memit-zsre-n598 WISE=wise-zsre-n114 "LoRA, one FFN=lora-ffn19-zsre-n196"
 
 Each argument is LABEL=RUN_DIR, a folder of `lmedit bench --setting sequential --checkpoints ...` (finished or
 stopped: its finished checkpoints are read with `lmedit.bench.sequential.progress`).
