@@ -12,13 +12,14 @@ perplexity with the edits applied against the unedited model's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 import torch
+from _replay import replayed
 
 import lmedit
-from lmedit.edits import Edit
 from lmedit.hooks import get_module, trace
 from lmedit.metrics.drift import DriftSettings, corpus_ids, perplexity
 
@@ -52,21 +53,18 @@ def main() -> None:
     ids = corpus_ids(handle, DriftSettings(tokens=args.tokens))
     base = perplexity(handle, ids)
     print(f"unedited perplexity on {len(ids)} tokens: {base:.2f}")
-    k, applied, path = 0, 0, None
+    edits, done, applied, path = replayed(args.run, handle), 0, 0, None
     for target in at:
-        while k < target and (args.run / "edits" / str(k) / "chunk.json").exists():
-            chunk = json.loads((args.run / "edits" / str(k) / "chunk.json").read_text())
-            if chunk.get("error") is None:
-                edit = Edit.load(args.run / "edits" / str(k))
-                edit.apply(handle)
+        for _k, edit in itertools.islice(edits, max(0, target - done)):
+            done += 1
+            if edit is not None:
                 path, applied = edit.path, applied + 1
-            k += 1
         if path is None:
             continue
         layer = get_module(handle.model, path)
         frac, top = routing(handle, path, ids)
         thetas = [round(th, 1) for _, th in layer.memories()]
-        print(f"after {k} cases ({applied} edits applied): thresholds {thetas}; WikiText tokens on a side memory "
+        print(f"after {done} cases ({applied} edits applied): thresholds {thetas}; WikiText tokens on a side memory "
               f"{100 * frac:.1f}%, largest Δ {top:.1f}; perplexity {perplexity(handle, ids):.2f} (unedited {base:.2f})",
               flush=True)
 

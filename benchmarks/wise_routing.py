@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from _replay import replayed, saved_cases
 
 import lmedit
 from lmedit.data import load_dataset
-from lmedit.edits import Edit
 from lmedit.hooks import get_module, trace
 from lmedit.methods.wise import IRRELEVANT
 
@@ -54,13 +54,6 @@ def computed(args, handle, cases) -> Iterator[tuple[int, object]]:
     editor = lmedit.get_editor("wise", **options)
     for i, case in enumerate(cases):
         yield i, editor.compute(handle, case.request).apply(handle)
-
-
-def replayed(run: Path, handle, n: int) -> Iterator[tuple[int, object | None]]:
-    """Apply a run's saved edits in order (None for a case whose edit the run refused)."""
-    for k in range(n):
-        chunk = json.loads((run / "edits" / str(k) / "chunk.json").read_text())
-        yield k, None if chunk.get("error") is not None else Edit.load(run / "edits" / str(k)).apply(handle)
 
 
 def report(handle, edit, cases, done: list[int], locality: list[str]) -> None:
@@ -98,7 +91,7 @@ def main() -> None:
     if args.run is not None:
         info = json.loads((args.run / "run.json").read_text())
         handle = lmedit.load_model(info["model"]["name"])
-        n = sum(1 for _ in (args.run / "edits").glob("*/chunk.json"))
+        n = saved_cases(args.run)
         cases = load_dataset("zsre", n=max(info["case_ids"][:n]) + 1)
         cases = [cases[i] for i in info["case_ids"][:n]]
         at = {int(a) for a in args.at.split(",") if a} or {n}
