@@ -95,7 +95,7 @@ def main() -> None:
         cases = load_dataset("zsre", n=max(info["case_ids"][:n]) + 1)
         cases = [cases[i] for i in info["case_ids"][:n]]
         at = {int(a) for a in args.at.split(",") if a} or {n}
-        edits = replayed(args.run, handle, n)
+        edits = replayed(args.run, handle, min(n, max(at)))
     else:
         handle = lmedit.load_model("smollm2-135m")
         cases = load_dataset("zsre", n=args.n)
