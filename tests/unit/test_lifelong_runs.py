@@ -29,7 +29,7 @@ PROTOCOLS = ("token_acc",)
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text(" The capital of France is Paris @-@ city . Tokyo is in Japan @,@ Asia . The river flows .\n" * 30)
+    path.write_text(" The capital of France is Paris @-@ city . Tokyo is in Japan @,@ Asia . The river flows .\n" * 60)
     return str(path)
 
 
@@ -64,9 +64,17 @@ def test_checkpoints_score_every_edit_made_so_far(tiny_llama, tmp_path, corpus, 
         assert [p["source"] for p in points] == ["scored"] * 3 and len(scored) == 2 + 4 + 6
     assert [r["case_id"] for r in scored if r["checkpoint"] == 4] == [0, 1, 2, 3]
     g = life["collapse_guard"]
-    assert g["probed"] == 6 and g["refused"] == [] and g["limit"] == pytest.approx(50 * g["base_perplexity"])
+    assert g["probed"] == 6 and g["refused"] == [] and g["windows"] == 16 and g["limit"] is None
+    assert len(g["base_perplexities"]) == 16 and g["base_perplexity"] == g["base_perplexities"][0]
+    probes = [r for r in _jsonl(out / "guard.jsonl") if "chunk" in r]
+    assert [r["window"] for r in probes] == [0, 1, 2, 3, 4, 5]  # chunk k reads window k mod 16
+    assert all(r["ratio"] == pytest.approx(r["perplexity"] / g["base_perplexities"][r["window"]]) for r in probes)
+    assert g["max_ratio"] == pytest.approx(max(r["ratio"] for r in probes))
+    for j, r in enumerate(probes):  # the estimate over all 16 windows: those read so far, 1.0 the others
+        assert r["estimate"] == pytest.approx(math.prod(q["ratio"] for q in probes[:j + 1]) ** (1 / 16))
+    assert [p["probe_ratio"] for p in points] == [probes[p["edits"] - 1]["estimate"] for p in points]
     table = (out / "table.md").read_text()
-    assert "Retention at the checkpoints" in table and "Collapse guard" in table
+    assert "Retention at the checkpoints" in table and "rotating over 16 windows (2048 tokens)" in table
 
 
 def test_checkpoints_resume_without_scoring_a_finished_checkpoint_again(tiny_llama, tmp_path, corpus):
@@ -122,8 +130,11 @@ def test_the_guard_refuses_a_collapsing_edit_and_the_run_records_it(tiny_llama, 
     assert "collapse guard, chunk 2 (case(s) 2)" in caplog.text
     assert all("error" not in r.info for i, r in enumerate(res.results) if i != 2)
     g = res.summary["lifelong"]["collapse_guard"]
-    assert [r["case_ids"] for r in g["refused"]] == [["2"]] and g["refused"][0]["probe_perplexity"] > g["limit"]
-    assert g["max_perplexity"] > g["limit"] and res.summary["n_errors"] == 1
+    assert [r["case_ids"] for r in g["refused"]] == [["2"]] and g["refused"][0]["probe_ratio"] > 1.3
+    assert "on probe window 3 of 16 (tokens 256–384 of the drift corpus)" in err
+    assert g["max_ratio"] == g["refused"][0]["probe_ratio"] and res.summary["n_errors"] == 1
+    refused = next(r for r in _jsonl(out / "guard.jsonl") if r.get("refused"))
+    assert refused["ratio_after_rollback"] == pytest.approx(1.0, abs=0.05)  # the window read again without it
     points = {p["edits"]: p for p in res.summary["lifelong"]["checkpoints"]}
     assert (points[4]["applied"], points[4]["refused"], points[5]["applied"], points[5]["refused"]) == (3, 1, 4, 1)
     assert points[4]["scores"]["all"]["reliability"]["cases"] == 3
@@ -183,6 +194,73 @@ def test_bench_with_ft_and_a_huge_learning_rate_keeps_going_without_the_bad_edit
     assert len(res.summary["lifelong"]["collapse_guard"]["refused"]) == 3
 
 
+def test_a_fixed_probe_guard_refuses_as_before_and_is_written_as_before(tiny_llama, tmp_path, corpus):
+    """windows=1: the guard of runs made before it rotated (the first 128 tokens, one limit); its run.json
+    entry has no "windows", so their folders resume unchanged."""
+    out = tmp_path / "run"
+    guard = CollapseGuard(ratio=1.3, corpus=corpus, windows=1)
+    assert guard.to_dict() == {"ratio": 1.3, "tokens": 128, "corpus": corpus}
+    assert CollapseGuard.from_dict(guard.to_dict()) == guard
+    assert CollapseGuard.from_dict(CollapseGuard(corpus=corpus).to_dict()).windows == 16
+    res = run_benchmark(BlowsUp(scale=0.01, big={1}), tiny_llama, _cases(3), setting="sequential", out_dir=out,
+                        protocols=PROTOCOLS, checkpoints=[3], collapse_guard=guard)
+    assert json.loads((out / "run.json").read_text())["collapse_guard"] == guard.to_dict()
+    g = res.summary["lifelong"]["collapse_guard"]
+    assert g["windows"] == 1 and g["limit"] == pytest.approx(1.3 * g["base_perplexity"])
+    assert [r["case_ids"] for r in g["refused"]] == [["1"]] and g["refused"][0]["probe_perplexity"] > g["limit"]
+    assert "probe window" not in res.results[1].info["error"]
+    assert [r.get("window") for r in _jsonl(out / "guard.jsonl") if "chunk" in r] == [None, None, None]
+    assert "limit" in (out / "table.md").read_text()
+
+
+def test_the_rotating_probe_reads_each_window_against_its_own_unedited_reading(tiny_llama, corpus, tmp_path):
+    from lmedit.bench.sequential import base_perplexities
+    from lmedit.metrics.drift import DriftSettings, corpus_ids, perplexity
+
+    guard = CollapseGuard(tokens=64, windows=4, corpus=corpus)
+    ids = corpus_ids(tiny_llama, DriftSettings(tokens=256, corpus=corpus))
+    bases = base_perplexities(tiny_llama, guard)
+    assert bases == pytest.approx([perplexity(tiny_llama, ids[64 * w:64 * (w + 1)], window=64) for w in range(4)],
+                                  rel=1e-6)
+    assert len(set(bases)) == 4  # four different stretches of text
+    with pytest.raises(ValueError, match="outside the guard's 4 window"):
+        probe_perplexity(tiny_llama, guard, 4)
+    short = tmp_path / "short.txt"
+    short.write_text(open(corpus).read()[:2000])
+    with pytest.raises(ValueError, match=r"16 windows of 128 tokens \(2048 tokens\) and its corpus is shorter.*"
+                                         "fewer windows"):
+        base_perplexities(tiny_llama, CollapseGuard(corpus=str(short)))
+    with pytest.raises(ValueError, match="windows must be a whole number of at least 1"):
+        CollapseGuard(windows=0)
+
+
+def test_the_guard_refuses_an_edit_that_puts_its_estimate_over_all_windows_past_the_limit(tiny_llama, corpus):
+    """Windows read earlier as 1.5× their unedited perplexity: an edit that changes nothing on its own window
+    still puts the estimate (geometric mean of the windows' latest ratios) at 1.5^(3/4) > 1.3 and is refused;
+    with the windows at 1.0 the same edit is kept."""
+    from lmedit.bench.sequential import _latest, base_perplexities, overall_ratio
+
+    h = tiny_llama
+    guard = CollapseGuard(tokens=64, windows=4, corpus=corpus)
+    bases = base_perplexities(h, guard)
+    before = h.state_digest()
+    edit = ToyEditor(scale=1e-6).compute(h, [_cases(1)[0].request]).apply(h)
+    assert refuse_if_collapsed(h, edit, guard, bases[3], window=3, latest=[1.0] * 4) == pytest.approx(bases[3],
+                                                                                                       rel=1e-3)
+    with pytest.raises(EditCollapseError, match=r"estimate over all 4 windows \(256 tokens, the others as last "
+                                                r"read\) at ×1\.35\d, past ×1\.3; the edit was rolled back") as e:
+        refuse_if_collapsed(h, edit, guard, bases[3], window=3, latest=[1.5, 1.5, 1.5, 1.0])
+    assert e.value.data["estimate"] == pytest.approx(1.5 ** 0.75, rel=1e-3)
+    assert h.state_digest() == before and h.applied_edits == ()
+    assert overall_ratio([2.0, 0.5, 1.0], 2, 4.0) == pytest.approx(4 ** (1 / 3))
+    assert overall_ratio([1.0, 1.0], 0, math.inf) == math.inf
+    records = [{"point": "before", "perplexity": 9.0, "windows": [9.0] * 3},
+               {"chunk": 0, "window": 0, "ratio": 1.1, "refused": False},
+               {"chunk": 1, "window": 1, "ratio": 2.0, "refused": True, "ratio_after_rollback": 1.2},
+               {"chunk": 3, "window": 0, "ratio": 1.25, "refused": False}]
+    assert _latest(records, 3) == [1.25, 1.2, 1.0]  # what a resumed run starts from
+
+
 def test_a_probe_longer_than_a_window_reads_its_text_in_windows_as_drift_does(tiny_llama, corpus):
     """--guard-tokens 600: the probe's perplexity is the drift measurement's on the same 600 tokens (windows of
     512), not one 600-token window past what a model may have been trained on."""
@@ -191,7 +269,7 @@ def test_a_probe_longer_than_a_window_reads_its_text_in_windows_as_drift_does(ti
 
     ids = corpus_ids(tiny_llama, DriftSettings(tokens=600, corpus=corpus))
     assert len(ids) == 600 and PROBE_WINDOW == 512
-    assert probe_perplexity(tiny_llama, CollapseGuard(tokens=600, corpus=corpus)) == pytest.approx(
+    assert probe_perplexity(tiny_llama, CollapseGuard(tokens=600, corpus=corpus, windows=1)) == pytest.approx(
         perplexity(tiny_llama, ids, window=512), rel=1e-6)
     assert probe_perplexity(tiny_llama, CollapseGuard(tokens=128, corpus=corpus)) == pytest.approx(
         perplexity(tiny_llama, ids[:128], window=128), rel=1e-6)
@@ -238,6 +316,9 @@ def test_cli_bad_sequential_input_says_what_to_fix(tiny_dir, tmp_path, capsys):
         (["--n", "4", "--guard-tokens", "256"], "add --setting sequential"),
         (["--n", "4", "--setting", "sequential", "--guard-tokens", "256", "--no-collapse-guard"], "contradict"),
         (["--n", "4", "--setting", "sequential", "--guard-tokens", "4"], "at least 8 tokens"),
+        (["--n", "4", "--guard-windows", "4"], "add --setting sequential"),
+        (["--n", "4", "--setting", "sequential", "--guard-windows", "0"], "at least 1"),
+        (["--n", "4", "--setting", "sequential", "--guard-windows", "2", "--no-collapse-guard"], "contradict"),
     ]
     for extra, msg in cases:
         assert main(base + extra) != 0
@@ -266,12 +347,35 @@ def test_cli_guard_options_reach_the_guard():
 
     from lmedit.cli.bench import lifelong_options
 
-    args = dict(setting="sequential", checkpoints=None, collapse_guard=None, guard_tokens=None, plot=False, n=4,
-                batch_size=1, no_collapse_guard=False)
-    assert lifelong_options(Namespace(**args))[1] == CollapseGuard(ratio=1.3, tokens=128)
+    args = dict(setting="sequential", checkpoints=None, collapse_guard=None, guard_tokens=None, guard_windows=None,
+                plot=False, n=4, batch_size=1, no_collapse_guard=False)
+    assert lifelong_options(Namespace(**args))[1] == CollapseGuard(ratio=1.3, tokens=128, windows=16)
     assert lifelong_options(Namespace(**{**args, "guard_tokens": 2048, "collapse_guard": 1.2}))[1] == CollapseGuard(
         ratio=1.2, tokens=2048)
+    assert lifelong_options(Namespace(**{**args, "guard_windows": 1}))[1] == CollapseGuard(windows=1)
     assert lifelong_options(Namespace(**{**args, "no_collapse_guard": True}))[1] is None
+
+
+def test_cli_resume_keeps_the_guard_of_the_run_folder(tmp_path):
+    """A run made with a fixed probe (before the default rotated), or with no guard, resumes as it was made;
+    a guard option given on resume is taken as asked (and a different guard is refused by the runner)."""
+    from argparse import Namespace
+
+    from lmedit.cli.bench import lifelong_options
+
+    old, off, new = tmp_path / "old", tmp_path / "off", tmp_path / "new"
+    old.mkdir()
+    off.mkdir()
+    (old / "run.json").write_text(json.dumps({"setting": "sequential",
+                                              "collapse_guard": {"ratio": 1.3, "tokens": 512, "corpus": None}}))
+    (off / "run.json").write_text(json.dumps({"setting": "sequential"}))
+    args = dict(setting="sequential", checkpoints=None, collapse_guard=None, guard_tokens=None, guard_windows=None,
+                plot=False, n=4, batch_size=1, no_collapse_guard=False, resume=True)
+    assert lifelong_options(Namespace(**args, out=str(old)))[1] == CollapseGuard(tokens=512, windows=1)
+    assert lifelong_options(Namespace(**args, out=str(off)))[1] is None
+    assert lifelong_options(Namespace(**args, out=str(new)))[1] == CollapseGuard()  # nothing there yet
+    assert lifelong_options(Namespace(**{**args, "guard_windows": 4}, out=str(old)))[1] == CollapseGuard(windows=4)
+    assert lifelong_options(Namespace(**{**args, "resume": False}, out=str(old)))[1] == CollapseGuard()
 
 
 def test_cli_sequence_longer_than_the_data(tiny_dir, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ._common import (
@@ -57,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guard-tokens", type=int, metavar="N", default=None,
                    help="sequential: the collapse guard's probe reads this many WikiText-2 tokens (default 128; "
                         "more costs more per edit and bounds drift more tightly)")
+    p.add_argument("--guard-windows", type=int, metavar="K", default=None,
+                   help="sequential: the probe rotates over K consecutive stretches of --guard-tokens tokens, one "
+                        "per edit, each against the unedited model's reading of it (default 16; 1: always the "
+                        "first stretch). A resumed run keeps its folder's guard unless a guard option is given")
     p.add_argument("--no-collapse-guard", action="store_true", help="sequential: keep every edit (no guard)")
     p.add_argument("--edit-budget", metavar="DURATION", type=duration,
                    help="sequential: stop starting new edits once editing has taken this long in this sitting "
@@ -153,12 +158,14 @@ def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object
     from ..bench.sequential import CollapseGuard, check_checkpoints
 
     sequential = args.setting == "sequential"
-    tuned = args.collapse_guard is not None or args.guard_tokens is not None
+    windows = getattr(args, "guard_windows", None)
+    tuned = args.collapse_guard is not None or args.guard_tokens is not None or windows is not None
     if not sequential and (args.checkpoints or tuned or args.plot):
-        raise ValueError("--checkpoints, --collapse-guard, --guard-tokens and --plot belong to sequential runs; add "
-                         "--setting sequential")
+        raise ValueError("--checkpoints, --collapse-guard, --guard-tokens, --guard-windows and --plot belong to "
+                         "sequential runs; add --setting sequential")
     if tuned and args.no_collapse_guard:
-        raise ValueError("--collapse-guard / --guard-tokens and --no-collapse-guard contradict each other; keep one")
+        raise ValueError("--collapse-guard / --guard-tokens / --guard-windows and --no-collapse-guard contradict "
+                         "each other; keep one")
     if args.plot and not args.checkpoints:
         raise ValueError("--plot draws the checkpoints' curves; add --checkpoints (e.g. 10,50,100)")
     checkpoints = None
@@ -171,6 +178,24 @@ def lifelong_options(args: argparse.Namespace) -> tuple[list[int] | None, object
         check_checkpoints(checkpoints, args.n, args.batch_size)
     guard = None
     if sequential and not args.no_collapse_guard:
-        given = {"ratio": args.collapse_guard, "tokens": args.guard_tokens}
+        given = {"ratio": args.collapse_guard, "tokens": args.guard_tokens, "windows": windows}
         guard = CollapseGuard(**{k: v for k, v in given.items() if v is not None})  # the rest: its defaults
+        if not tuned and getattr(args, "resume", False) and getattr(args, "out", None):
+            guard = saved_guard(Path(args.out), guard)  # a run made before a default changed still resumes
     return checkpoints, guard
+
+
+def saved_guard(out: Path, default: object) -> object:
+    """The collapse guard a resumed run in ``out`` was made with (None: it ran without one), or ``default``
+    where ``out`` holds no run yet."""
+    from ..bench.rundir import RUN_FILE
+    from ..bench.sequential import CollapseGuard
+
+    try:
+        header = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return default
+    if header.get("setting") != "sequential":
+        return default
+    cfg = header.get("collapse_guard")
+    return CollapseGuard.from_dict(cfg) if cfg else None

@@ -167,8 +167,8 @@ def lifelong_curves(summary: dict[str, Any], path: Path, title: str | None = Non
     left.set_title("retention: every edit so far, scored at the checkpoint", fontsize=9)
     drift = [(p["edits"], p["drift"]["ratio"]) for p in points if p.get("drift")]
     guard = summary["lifelong"].get("collapse_guard") or {}
-    probe = [(p["edits"], p["probe_perplexity"] / guard["base_perplexity"]) for p in points
-             if p.get("probe_perplexity") and guard.get("base_perplexity")]
+    probe = [(p["edits"], p.get("probe_ratio") or p["probe_perplexity"] / guard["base_perplexity"]) for p in points
+             if p.get("probe_ratio") or (p.get("probe_perplexity") and guard.get("base_perplexity"))]
     for series, label, marker in ((drift, "perplexity / unedited (drift corpus)", "o"),
                                   (probe, "probe perplexity / unedited (guard)", "^")):
         if series:
