@@ -73,6 +73,7 @@ def test_checkpoints_score_every_edit_made_so_far(tiny_llama, tmp_path, corpus, 
     for j, r in enumerate(probes):  # the estimate over all 16 windows: those read so far, 1.0 the others
         assert r["estimate"] == pytest.approx(math.prod(q["ratio"] for q in probes[:j + 1]) ** (1 / 16))
     assert [p["probe_ratio"] for p in points] == [probes[p["edits"] - 1]["estimate"] for p in points]
+    assert g["estimate"] == pytest.approx(probes[-1]["estimate"])
     table = (out / "table.md").read_text()
     assert "Retention at the checkpoints" in table and "rotating over 16 windows (2048 tokens)" in table
 

@@ -39,12 +39,13 @@ below) and ``guard.jsonl`` (the unedited probe, then one line per probed edit). 
                                 "ngram_entropy": 5.9} | null}],
      "collapse_guard": {"ratio": 1.3, "tokens": 128, "base_perplexity": 24.9, "limit": 32.4,
                         "windows": 16, "base_perplexities": [24.9, ...], "probed": 100,
-                        "max_perplexity": 25.3, "max_ratio": 1.02,
+                        "max_perplexity": 25.3, "max_ratio": 1.02, "estimate": 1.01,
                         "refused": [{"chunk", "case_ids", "edit", "probe_perplexity", "probe_ratio"}]} | null}
 
 (``limit`` is ``ratio × base_perplexity``, the first window's, and null for a rotating guard, whose limit is
-``ratio`` × each window's own reading; a checkpoint's ``probe_ratio`` is the guard's estimate over all its
-windows after the last kept edit, :func:`overall_ratio`.)
+``ratio`` × each window's own reading; ``estimate`` is the guard's estimate over all its windows at the end,
+:func:`overall_ratio` of each window's latest ratio, and a checkpoint's ``probe_ratio`` the estimate after
+its last kept edit.)
 """
 
 from __future__ import annotations
@@ -368,8 +369,8 @@ class Lifelong:
         append_jsonl(self.paths[CHECKPOINTS_FILE], [rec])
 
     def _last_probe(self) -> tuple[float, float] | None:
-        """(perplexity, ratio to its window's unedited reading) of the last kept probe; the unedited first
-        window before any."""
+        """(perplexity, the guard's estimate over all its windows right after it) of the last kept probe (a
+        fixed probe's estimate is its ratio); the unedited first window before any."""
         kept = [r for r in self.probes if "chunk" in r and not r.get("refused")]
         if kept:
             return kept[-1]["perplexity"], kept[-1].get("estimate") or _ratio(kept[-1], self.bases)
@@ -476,6 +477,7 @@ def _assemble(points: dict[int, dict[str, Any]], drift_records: list[dict[str, A
             "limit": guard.ratio * base_ppl if base_ppl and guard.windows == 1 else None,
             "probed": len(last), "max_perplexity": max(vals) if vals else None,
             "max_ratio": max(ratios) if ratios else None,
+            "estimate": overall_ratio(latest, 0, latest[0]) if (latest := _latest(probes, guard.windows)) else None,
             "refused": [{"chunk": r["chunk"], "case_ids": r["case_ids"], "edit": r.get("edit"),
                          "probe_perplexity": r["perplexity"], "probe_ratio": _ratio(r, bases)}
                         for r in last.values() if r.get("refused")]}
@@ -535,10 +537,11 @@ def guard_line(g: dict[str, Any]) -> str:
                 f"{len(g['refused'])} refused.")
     bases = g.get("base_perplexities") or [g["base_perplexity"]]
     worst = "–" if g.get("max_ratio") is None else f"×{g['max_ratio']:.3f}"
+    now = "" if g.get("estimate") is None else f", estimate over all windows now ×{g['estimate']:.3f}"
     return (f"Collapse guard: probe perplexity on {g['tokens']} tokens rotating over {g['windows']} windows "
             f"({g['tokens'] * g['windows']} tokens), each against its unedited reading ({min(bases):.4g}–"
             f"{max(bases):.4g}), limit ×{g['ratio']:g}; {g['probed']} edit(s) probed, highest {worst} of its "
-            f"window; {len(g['refused'])} refused.")
+            f"window{now}; {len(g['refused'])} refused.")
 
 
 def _cell(point: dict[str, Any], part: str, metric: str) -> str:
