@@ -495,11 +495,16 @@ def progress(run_dir: str | Path) -> dict[str, Any]:
     if (d / SUMMARY_FILE).exists() and "lifelong" in (done := json.loads((d / SUMMARY_FILE).read_text())):
         return done["lifelong"]
     header = json.loads((d / RUN_FILE).read_text())
-    cfg = header.get("collapse_guard")
     probes = read_jsonl(d / GUARD_FILE)
     points = {r["edits"]: r for r in read_jsonl(d / CHECKPOINTS_FILE)}
-    return _assemble(points, read_jsonl(d / DRIFT_FILE), probes, CollapseGuard.from_dict(cfg) if cfg else None,
-                     _bases(probes), header.get("eval_timing"))
+    return _assemble(points, read_jsonl(d / DRIFT_FILE), probes, guard_of(header), _bases(probes),
+                     header.get("eval_timing"))
+
+
+def guard_of(header: dict[str, Any]) -> CollapseGuard | None:
+    """The collapse guard a run was made with, from its run.json (None: it ran without one)."""
+    cfg = header.get("collapse_guard")
+    return CollapseGuard.from_dict(cfg) if cfg else None
 
 
 def curve_lines(lifelong: dict[str, Any]) -> list[str]:

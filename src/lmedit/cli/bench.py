@@ -189,13 +189,10 @@ def saved_guard(out: Path, default: object) -> object:
     """The collapse guard a resumed run in ``out`` was made with (None: it ran without one), or ``default``
     where ``out`` holds no run yet."""
     from ..bench.rundir import RUN_FILE
-    from ..bench.sequential import CollapseGuard
+    from ..bench.sequential import guard_of
 
     try:
         header = json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):
         return default
-    if header.get("setting") != "sequential":
-        return default
-    cfg = header.get("collapse_guard")
-    return CollapseGuard.from_dict(cfg) if cfg else None
+    return guard_of(header) if header.get("setting") == "sequential" else default
