@@ -132,8 +132,8 @@ def main() -> None:
 def write(args, edit: dict, profile: dict, variants, methods, got) -> None:
     cmd = "python benchmarks/value_speed.py " + " ".join(sys.argv[1:])
     lines = ["# Value optimisation: profile and variants (SmolLM2-135M, CPU)", "",
-             f"`{cmd}` on {platform.machine()}, {torch.get_num_threads()} threads, on a machine shared with other "
-             "jobs (absolute seconds vary with their load; ratios come from the interleaved runs).", "",
+             f"`{cmd}` on {platform.machine()}, {torch.get_num_threads()} threads (absolute seconds vary with the "
+             "machine's load; ratios come from the interleaved runs).", "",
              "## Where one ROME edit's time goes (first case, preset settings)", "",
              "| phase | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in edit["phases"].items()]

@@ -63,6 +63,11 @@ class LocateConfig(Config):
         "adam", "optimiser of the value optimisation: 'adam' (the papers'), or 'lbfgs' (L-BFGS with a backtracking "
         "line search, one forward per step; reaches the early-stop loss in fewer steps; v_lr sets its first step)",
         added=True)
+    v_matmuls: Literal["model", "bf16"] = option(
+        "model", "precision of the value optimisation's matrix products: 'model' (the model's own dtype), or "
+        "'bf16' (bfloat16 copies of the weights above the edit site, made once per optimisation: about 2x faster "
+        "products on a CPU with AVX-512 BF16; a value stops only once the model's own weights confirm its loss)",
+        added=True)
     answer_end: str = option(
         "", "text the value optimisation also teaches right after the new answer, e.g. '\\n': the edited model "
         "states the answer and ends its line instead of running on ('': the answer alone, as the papers)", added=True)
@@ -118,7 +123,7 @@ def value_options(cfg: Any) -> ValueOptions:
     return ValueOptions(steps=cfg.v_num_grad_steps, lr=cfg.v_lr, weight_decay=cfg.v_weight_decay,
                         clamp=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor, early_stop=cfg.v_early_stop,
                         confident_stop=getattr(cfg, "confident_stop", False), optimizer=cfg.v_optimizer,
-                        answer_end=getattr(cfg, "answer_end", ""))
+                        answer_end=getattr(cfg, "answer_end", ""), matmuls=getattr(cfg, "v_matmuls", "model"))
 
 
 def check_layers(handle, layers: Sequence[int]) -> list[int]:

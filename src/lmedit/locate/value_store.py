@@ -42,7 +42,8 @@ class ValueStore:
         from .. import __version__
 
         state = handle.state_digest()
-        opts = {k: v for k, v in dataclasses.asdict(options).items() if k != "answer_end" or v}  # added later
+        added = {"answer_end": "", "matmuls": "model"}  # options added later: their defaults keep old scopes
+        opts = {k: v for k, v in dataclasses.asdict(options).items() if k not in added or v != added[k]}
         parts = [state, str(handle.dtype), layer, sorted(sites), opts, templates, __version__]
         names = ("weights", "dtype", "layer", "sites", "options", "templates", "version")
         params = dict(zip(names, parts, strict=True))

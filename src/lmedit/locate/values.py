@@ -36,6 +36,7 @@ from torch import nn
 
 from ..hooks import get_module
 from ..types import EditRequest
+from .lowp import low_precision
 from .rows import Part, Problem, assemble, request_rows
 from .steppers import make_stepper
 from .suffix import Suffix, clean_pass, loss_logits, replaying
@@ -55,6 +56,7 @@ class ValueOptions:
     confident_stop: bool = False  # PMET: ×0.1 NLL once the target is the argmax, stop when KL ≤ 0.01
     optimizer: str = "adam"  # a name of .steppers.OPTIMIZERS
     answer_end: str = ""  # text taught right after the new answer ("": the answer alone, as the papers)
+    matmuls: str = "model"  # "bf16": the steps' matrix products in bfloat16 (.lowp), the stop confirmed in float32
 
 
 @dataclass
@@ -184,9 +186,16 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                 ctx, forward = contextlib.nullcontext(), suffix.logits
             steppers = [make_stepper(opts.optimizer, sites_.params(g), opts.lr, _radii(sites_, g, opts.clamp))
                         for g in range(n)]
-            with ctx:
+            # bf16 matrix products for the steps (suffix passes only); step 0's logits are the model's own
+            lowp = low_precision(handle, layer, suffix.head, opts.matmuls) if suffix is not None else None
+            confirm: set[int] = set()  # below the stop at bf16: the next pass reads them at model precision
+            precise = True
+            with ctx, lowp or contextlib.nullcontext():
                 for step in range(opts.steps):
                     if step > 0 or logits is None:
+                        precise = lowp is None or bool(confirm)
+                        if lowp is not None:
+                            lowp.enabled = not precise
                         logits = forward()
                     order = sites_.order
                     loss, confident = _losses(p, logits, kl_init[order], sites_, opts)  # [len(order)]
@@ -195,9 +204,14 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                         if g not in running:
                             continue
                         if value < opts.early_stop or confident[j]:  # stop at this δ
+                            if not precise and step < opts.steps - 1:
+                                confirm.add(g)  # δ stays; stops if the model's own weights agree
+                                continue
                             losses[g].append(value)
                             running.discard(g)
+                            confirm.discard(g)
                             continue
+                        confirm.discard(g)
                         wants_grad = steppers[g].evaluated(value)
                         losses[g].append(steppers[g].loss)  # the loss of the δ kept so far
                         if step == opts.steps - 1:
@@ -207,7 +221,7 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                         going.append(j)
                         if wants_grad:
                             grad.append(j)
-                    if not going:
+                    if not going and not confirm:
                         break
                     for j in grad:
                         steppers[order[j]].zero_grad()
@@ -216,8 +230,9 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                     for j in going:
                         steppers[order[j]].step()
                         _clamp(sites_, order[j], opts.clamp)
-                    if suffix is not None and len(going) < len(order):  # stopped requests leave the batch
-                        p = _drop_stopped(handle, parts, p, suffix, sites_, [order[j] for j in going])
+                    keep = [g for g in order if g in running]
+                    if suffix is not None and len(keep) < len(order):  # stopped requests leave the batch
+                        p = _drop_stopped(handle, parts, p, suffix, sites_, keep)
     finally:
         sites_.close()
     for g in range(n):

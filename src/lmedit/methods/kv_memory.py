@@ -88,7 +88,7 @@ class KVMemory(Editor):
         # same_fact 0.95: of the 200 first ZsRE records' key pairs, 70% of a fact's rewordings and none of the
         # 19,667 pairs of different subjects reach it (0.93: 81% and 7; docs/lifelong.md)
         "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS, "context_lengths": [[10, 5]],
-                         "threshold": 0.7, "v_optimizer": "lbfgs", "same_fact": 0.95},
+                         "threshold": 0.7, "v_optimizer": "lbfgs", "v_matmuls": "bf16", "same_fact": 0.95},
     }
     # tiny random models: layer 1 of 4 and no weight decay keep the value effective (as for ROME)
     quick: ClassVar[dict[str, Any]] = {"layers": [1], "v_num_grad_steps": 20, "v_weight_decay": 0.0,

@@ -72,9 +72,11 @@ class ROME(Editor):
         # every value step runs 7 rows instead of 22, ~2.3× faster per edit, at equal quality on 20 ZsRE cases
         # (94.1/84.5/95.7 against 93.7/79.2/96.2). L-BFGS reaches the early-stop loss in about half of Adam's
         # steps at equal quality (benchmarks/results/value_speed.md); v_optimizer is an added option, so this
-        # preset's config hash changes and cached SmolLM2 ROME cells are recomputed, not reused
+        # preset's config hash changes and cached SmolLM2 ROME cells are recomputed, not reused. bf16 matrix
+        # products in the value steps: 1.44x per edit, same steps, same quality on 10 cases
+        # (benchmarks/results/value_speed_bf16.md; the 200-case check in docs/speed.md)
         "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS, "context_lengths": [[10, 5]],
-                         "v_optimizer": "lbfgs"},
+                         "v_optimizer": "lbfgs", "v_matmuls": "bf16"},
         "gpt2": {"layers": [3], "v_num_grad_steps": 20, "v_weight_decay": 0.5},
         "gpt2-xl": {"layers": [17], "v_num_grad_steps": 20, "v_weight_decay": 0.5},
         "gpt-j-6b": {"layers": [5], "v_num_grad_steps": 20, "v_weight_decay": 0.5},
