@@ -2,14 +2,14 @@
 
 A value step is a forward and backward of a few rows through every layer above the edit site and the
 unembedding; on a CPU nearly all of it is the linear layers' matrix products (about 80% of a SmolLM2 ROME
-edit), and with AVX-512 BF16 a bfloat16 product of these shapes runs about 2.2× faster than float32
-(``benchmarks/results/value_speed.md``). :class:`Bf16Linears` gives every ``nn.Linear`` of layers ℓ.. and the
-unembedding a bfloat16 copy of its weight, made once per optimisation: inputs are rounded to bfloat16, the
-product accumulates in float32 inside the kernel, and its output goes back to the input's dtype, so norms,
-attention, the loss and δ itself stay float32. The model's own parameters are never written; the copies
-are dropped on exit. ``enabled = False`` runs a pass on the model's own weights: the value optimisation
-confirms at the model's precision that a value's loss is below the early stop before it stops
-(:mod:`lmedit.locate.values`).
+edit), and with AVX-512 BF16 a bfloat16 product of these shapes runs 2.1-2.5× faster than float32
+(``benchmarks/results/matmul_dtypes.md``; a whole ROME edit 1.44×, ``benchmarks/results/value_speed_bf16.md``).
+:class:`Bf16Linears` gives every ``nn.Linear`` of layers ℓ.. and the unembedding a bfloat16 copy of its
+weight, made once per optimisation: inputs are rounded to bfloat16, the product accumulates in float32 inside
+the kernel, and its output goes back to the input's dtype, so norms, attention, the loss and δ itself stay
+float32. The model's own parameters are never written; the copies are dropped on exit. ``enabled = False``
+runs a pass on the model's own weights: the value optimisation confirms at the model's precision that a
+value's loss is below the early stop before it stops (:mod:`lmedit.locate.values`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ norm output at those positions times the unembedding. Several requests can be op
 (``optimize_values(..., batch_size=)``): their losses are independent, so each δ still gets exactly its own
 gradient, Adam state and stopping step, and the larger matrix products make a value 1.5-1.7x cheaper on a
 2-core CPU (``benchmarks/joint_values.py``). All optimisation variables and losses are float32
-whatever the model dtype. The rows are built in :mod:`.rows`, the cheap forward passes run in :mod:`.suffix`.
+whatever the model dtype; ``matmuls="bf16"`` runs the steps' matrix products from bfloat16 copies of the weights
+(:mod:`.lowp`) and confirms a value's stop on the model's own weights. The rows are built in :mod:`.rows`, the
+cheap forward passes run in :mod:`.suffix`.
 """
 
 from __future__ import annotations

@@ -37,8 +37,7 @@ class EMMET(Editor):
     capabilities = Capabilities(batch=True, sequential=True, encoder_decoder=False)
     relative_cost: ClassVar[float] = 12.0  # see Editor.relative_cost
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # bf16 products in the value steps: 1.38x per MEMIT edit, MEMIT 98.3 / 78.9 / 98.4 on 100 ZsRE cases
-        # against 98.6 / 76.9 / 98.4 in float32 (docs/speed.md); EMMET and AlphaEdit share the same values
+        # bf16 value products: MEMIT's values, checked there (memit.py, docs/speed.md)
         "smollm2-135m": {"layers": [4], "v_num_grad_steps": SMOLLM2_VALUE_STEPS, "v_matmuls": "bf16"},
         "gpt2-xl": {"layers": [17], "mom2_update_weight": 10000, "clamp_norm_factor": 0.75,
                     "v_num_grad_steps": 20, "v_weight_decay": 0.5},
