@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import write_report
 
 RESULT = Path(__file__).parent / "results" / "matmul_dtypes.md"
 SHAPES = [  # (name, rows, out, in) of SmolLM2-135M's products in a ROME value step
@@ -78,9 +79,7 @@ def main() -> None:
     for name, m, o, i, (f, fb, b, bb), gflop in rows:
         lines.append(f"| {name} | {m} × {o} × {i} | {f:.3f} | {fb:.3f} | {b:.3f} | {bb:.3f} | {gflop / f * 1e3:.0f} "
                      f"| {f / b:.2f}× / {fb / bb:.2f}× |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

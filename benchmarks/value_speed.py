@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import write_report
 
 RESULT = Path(__file__).parent / "results" / "value_speed.md"
 METRICS = ("reliability", "generalization", "locality")
@@ -158,9 +159,7 @@ def write(args, edit: dict, profile: dict, variants, methods, got) -> None:
                          f"{statistics.median(r['s'] for r in rs):.2f} | {statistics.median(vals):.2f} | "
                          f"{ratio:.2f}× | {statistics.median(steps):g} ({min(steps)}-{max(steps)}) | "
                          f"{statistics.mean(r['loss'] for r in rs):.3f} | {scores} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":
