@@ -43,14 +43,14 @@ def best_ms(f, repeats: int) -> float:
     return best * 1e3
 
 
-def cpu_name() -> str:
+def cpu() -> tuple[str, bool]:
+    """(the CPU's model name, whether it has AVX-512 BF16), from /proc/cpuinfo where there is one."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine(), False
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    return (names[0] if names else platform.machine()), "avx512_bf16" in info
 
 
 def main() -> None:
@@ -69,10 +69,10 @@ def main() -> None:
         gflop = 2 * m * o * i / 1e9
         rows.append((name, m, o, i, times, gflop))
         print(name, [f"{t:.3f}" for t in times], flush=True)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name, bf16 = cpu()
     lines = ["# Matrix products of a value step: float32 against bfloat16 (one thread)", "",
-             f"`python benchmarks/matmul_dtypes.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
-             f"{cpu_name()}; AVX-512 BF16: {'yes' if 'avx512_bf16' in flags else 'no'}; torch {torch.__version__}; "
+             f"`{' '.join(['python benchmarks/matmul_dtypes.py', *sys.argv[1:]])}`", "",
+             f"{name}; AVX-512 BF16: {'yes' if bf16 else 'no'}; torch {torch.__version__}; "
              "best of 3 timings of repeated products, milliseconds per product.", "",
              "| product | rows × out × in | float32 x Wᵀ | float32 g W | bf16 x Wᵀ | bf16 g W | float32 GFLOP/s "
              "| bf16 speed-up (x Wᵀ / g W) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
