@@ -223,7 +223,7 @@ def _optimize_together(handle, parts: Sequence[Part], layer: int, sites: Sequenc
                         going.append(j)
                         if wants_grad:
                             grad.append(j)
-                    if not going and not confirm:
+                    if not running:  # every request stopped (those left are stepping or awaiting a check)
                         break
                     for j in grad:
                         steppers[order[j]].zero_grad()
